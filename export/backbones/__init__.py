@@ -1,0 +1,29 @@
+"""Backbones: name -> constructor returning an ``nn.Module`` whose forward gives the pyramid dict
+and whose ``feature_info`` declares it."""
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+from .base import FeatureInfo
+from .efficientnet_lite import efficientnet_lite0
+from .wide_resnet import wide_resnet50_2
+
+BACKBONES: dict[str, Callable[..., nn.Module]] = {
+    "wide_resnet50_2": wide_resnet50_2,
+    "efficientnet_lite0": efficientnet_lite0,
+}
+ALIASES = {"wrn50x2": "wide_resnet50_2", "wrn50_2": "wide_resnet50_2", "lite0": "efficientnet_lite0"}
+
+
+def create_backbone(name: str, weights: str | None = None, download: bool = True) -> nn.Module:
+    """Build backbone ``name`` in eval mode. ``weights``: a file path, ``"random"``, or None for
+    the backbone's default ImageNet weights (see :mod:`spade_edge.export.weights`)."""
+    key = ALIASES.get(name, name)
+    if key not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; choose from {sorted(BACKBONES)} (aliases {sorted(ALIASES)})")
+    return BACKBONES[key](weights=weights, download=download)
+
+
+__all__ = ["BACKBONES", "FeatureInfo", "create_backbone"]

@@ -1,0 +1,137 @@
+"""The detector: an image in; score, verdict, heat map and correspondences out."""
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .features import FeatureBackend, backend_from_model
+from .gallery import Gallery
+from .images import Geometry, ImageLike, Preprocess, load_image, map_to_original
+from .scoring import PixelScorer, scorer_for
+from .spade import Correspondence, SpadeConfig, image_knn, pixel_scores, smooth
+
+OK, NOT_OK = "OK", "NOT_OK"
+
+
+@dataclass
+class Prediction:
+    """What SPADE says about one image.
+
+    ``anomaly_map`` is at the model's input size (the crop the model saw); ``anomaly_map_full`` is
+    the same map on the original image (0 outside the inspected crop). ``verdict`` is None when
+    the gallery holds no threshold.
+    """
+
+    score: float
+    verdict: str | None
+    anomaly_map: np.ndarray
+    anomaly_map_full: np.ndarray
+    neighbors: list[str]
+    neighbor_distances: list[float]
+    correspondence: Correspondence
+    correspondence_names: list[str]
+    geometry: Geometry
+    input_image: np.ndarray  # what the model saw (S x S x 3 uint8)
+    timings: dict = field(default_factory=dict)
+    name: str | None = None
+
+    @property
+    def max_pixel_score(self) -> float:
+        return float(self.anomaly_map.max())
+
+    def worst_pixel(self) -> tuple[int, int]:
+        """(row, col) of the map maximum, in model-input pixels."""
+        r, c = np.unravel_index(int(np.argmax(self.anomaly_map)), self.anomaly_map.shape)
+        return int(r), int(c)
+
+    def to_dict(self) -> dict:
+        """A JSON-ready summary (no maps)."""
+        r, c = self.worst_pixel()
+        img, mr, mc = self.correspondence.at(r, c)
+        return {
+            "image": self.name,
+            "score": round(self.score, 6),
+            "verdict": self.verdict,
+            "max_pixel_score": round(self.max_pixel_score, 6),
+            "worst_pixel": {"row": r, "col": c, "matched_image": self.correspondence_names[img],
+                            "matched_row": round(mr, 1), "matched_col": round(mc, 1)},
+            "neighbors": self.neighbors[:5],
+            "timings_ms": {k: round(v * 1e3, 2) for k, v in self.timings.items()},
+        }
+
+
+class Detector:
+    """SPADE on one feature backend, one gallery and one pixel scorer.
+
+    >>> det = Detector.load("model.onnx", "parts.gallery")
+    >>> p = det.predict("part.png"); p.score, p.verdict, p.anomaly_map.shape
+    """
+
+    def __init__(self, backend: FeatureBackend, gallery: Gallery, scorer: PixelScorer | None = None,
+                 config: SpadeConfig | None = None, preprocess: Preprocess | None = None):
+        gallery.check_model(backend.info)
+        self.backend, self.gallery = backend, gallery
+        self.scorer = scorer or scorer_for("cpu")
+        stored = gallery.manifest.get("config")
+        self.config = config or (SpadeConfig.from_dict(stored) if stored else SpadeConfig())
+        self.config.level_names(backend.info)  # validates the level subset now, not per image
+        pre = gallery.manifest.get("preprocess")
+        self.preprocess = preprocess or (Preprocess(**pre) if pre else Preprocess(backend.info.input_size))
+        th = gallery.thresholds
+        if th.get("config") and th["config"] != self.config.to_dict():
+            warnings.warn("scoring settings differ from those the gallery's thresholds were computed "
+                          "with; verdicts may be off (rebuild the gallery or recompute thresholds)", stacklevel=2)
+
+    @classmethod
+    def load(cls, model: str | os.PathLike, gallery: str | os.PathLike | Gallery, device: str = "cpu",
+             threads: int | None = None, **config) -> "Detector":
+        """Open ``model`` (ONNX) and ``gallery`` for ``device``; keyword arguments override the
+        gallery's stored :class:`SpadeConfig` (k_image, k_gallery, kappa, mode, levels, sigma)."""
+        g = gallery if isinstance(gallery, Gallery) else Gallery.load(gallery)
+        cfg = None
+        if config:
+            base = g.manifest.get("config") or {}
+            cfg = SpadeConfig.from_dict({**base, **config})
+        return cls(backend_from_model(model, device, threads), g, scorer_for(device), cfg)
+
+    def prepare(self, image: ImageLike, name: str | None = None) -> tuple[np.ndarray, Geometry]:
+        """Decode, validate and fit an image to the model input."""
+        return self.preprocess(load_image(image, name))
+
+    def predict(self, image: ImageLike, name: str | None = None) -> Prediction:
+        """Score one image (path, bytes, PIL image or uint8 array)."""
+        t0 = time.perf_counter()
+        x, geom = self.prepare(image, name)
+        t1 = time.perf_counter()
+        out = self.backend(x[None])
+        t2 = time.perf_counter()
+        p = self.predict_features({k: v[0] for k, v in out.items()}, x, geom)
+        p.timings = {"preprocess": t1 - t0, "backbone": t2 - t1, **p.timings}
+        p.name = name if name is not None else (os.fspath(image) if isinstance(image, (str, os.PathLike)) else None)
+        return p
+
+    def predict_features(self, features: dict[str, np.ndarray], x: np.ndarray, geom: Geometry) -> Prediction:
+        """Score one image from its extracted features (used by :meth:`predict` and the gallery builder)."""
+        info, cfg, g = self.backend.info, self.config, self.gallery
+        t0 = time.perf_counter()
+        dist, idx = image_knn(features[info.global_name], g, max(cfg.k_image, cfg.k_gallery))
+        score = float(dist[: cfg.k_image].mean())
+        neighbors = idx[: cfg.k_gallery]
+        t1 = time.perf_counter()
+        raw, corr = pixel_scores(features, g, neighbors, info, cfg, self.scorer)
+        t2 = time.perf_counter()
+        amap = smooth(raw, cfg.sigma)
+        full = map_to_original(amap, geom)
+        t3 = time.perf_counter()
+        thr = g.thresholds.get("image")
+        verdict = None if thr is None else (NOT_OK if score > thr else OK)
+        return Prediction(
+            score=score, verdict=verdict, anomaly_map=amap, anomaly_map_full=full,
+            neighbors=[g.names[i] for i in neighbors], neighbor_distances=[float(d) for d in dist[: cfg.k_gallery]],
+            correspondence=corr, correspondence_names=g.names, geometry=geom, input_image=x,
+            timings={"image_knn": t1 - t0, "pixel_scoring": t2 - t1, "map": t3 - t2},
+        )

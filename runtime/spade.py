@@ -1,0 +1,161 @@
+"""SPADE's two stages on features, independent of how the features were computed.
+
+Image stage: Euclidean kNN over global features; score = mean distance to the ``k_image`` nearest.
+Pixel stage (paper eq. 3): every test pixel feature against every pixel feature of the
+``k_gallery`` retrieved normal images; d(y, p) = mean of the ``kappa`` smallest squared distances.
+``mode="concat"``: the paper's concatenated pyramid on the finest grid; ``mode="per-level"``:
+each level at its own resolution, maps upsampled and averaged (the best-known re-implementation,
+there with kappa = 1 and unsquared distances).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import numpy as np
+
+from .gallery import Gallery
+from .modelinfo import ModelInfo
+from .resample import gaussian_blur, upsample_hwc, upsample_map
+from .scoring import PixelScorer
+
+MODES = ("concat", "per-level")
+
+
+@dataclass(frozen=True)
+class SpadeConfig:
+    """Scoring settings. Defaults follow the paper (K = 50, kappa = 1, concatenated pyramid, sigma = 4).
+    K's larger than the gallery are clipped to its size."""
+
+    k_image: int = 50
+    k_gallery: int = 50
+    kappa: int = 1
+    mode: str = "concat"
+    levels: tuple[str, ...] | None = None  # None: every level the model has
+    sigma: float = 4.0
+
+    def __post_init__(self):
+        for name in ("k_image", "k_gallery", "kappa"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.sigma < 0:
+            raise ValueError(f"sigma must be >= 0, got {self.sigma}")
+        if self.levels is not None:
+            object.__setattr__(self, "levels", tuple(self.levels))
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["levels"] = list(self.levels) if self.levels else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SpadeConfig":
+        d = dict(d)
+        if d.get("levels") is not None:
+            d["levels"] = tuple(d["levels"])
+        return cls(**d)
+
+    def level_names(self, info: ModelInfo) -> list[str]:
+        names = [lv.name for lv in info.levels]
+        if self.levels is None:
+            return names
+        unknown = set(self.levels) - set(names)
+        if unknown:
+            raise ValueError(f"unknown level(s) {sorted(unknown)}; the model has {names}")
+        return [n for n in names if n in self.levels]
+
+
+@dataclass
+class Correspondence:
+    """For every cell of a feature grid, the gallery image and location that matched it best.
+
+    ``image`` indexes the gallery's image names; ``y``, ``x`` are grid cells of that image;
+    ``stride`` converts grid cells to model-input pixels (cell centre = (y + 0.5) * stride).
+    """
+
+    image: np.ndarray
+    y: np.ndarray
+    x: np.ndarray
+    stride: float
+
+    def at(self, row: float, col: float) -> tuple[int, float, float]:
+        """(gallery image index, row, col in model-input pixels) that matched input pixel (row, col)."""
+        h, w = self.image.shape
+        i = min(int(row / self.stride), h - 1)
+        j = min(int(col / self.stride), w - 1)
+        return int(self.image[i, j]), (self.y[i, j] + 0.5) * self.stride, (self.x[i, j] + 0.5) * self.stride
+
+
+def image_knn(global_feature: np.ndarray, gallery: Gallery, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` nearest gallery images by Euclidean distance of global features: (distances, indices), ascending."""
+    f = np.asarray(global_feature, np.float32).ravel()
+    g = gallery.global_features
+    k = min(k, len(gallery))
+    approx = gallery.global_sqnorm - 2.0 * (np.asarray(g, np.float32) @ f) + f @ f
+    idx = np.argpartition(approx, k - 1)[:k] if k < len(approx) else np.arange(len(approx))
+    exact = np.linalg.norm(np.asarray(g[idx], np.float64) - f, axis=1)  # re-computed: no cancellation
+    order = np.argsort(exact, kind="stable")
+    return exact[order], idx[order]
+
+
+def _hwc(feature_chw: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(feature_chw, np.float32).transpose(1, 2, 0))
+
+
+def pixel_scores(
+    features: dict[str, np.ndarray],
+    gallery: Gallery,
+    neighbors: Sequence[int],
+    info: ModelInfo,
+    config: SpadeConfig,
+    scorer: PixelScorer,
+) -> tuple[np.ndarray, Correspondence]:
+    """Pixel anomaly map at the model's input size (before smoothing), and the correspondences.
+
+    ``features``: the test image's levels as (C, h, w) arrays.
+    """
+    names = config.level_names(info)
+    stride = {lv.name: lv.stride for lv in info.levels}
+    s = info.input_size
+    finest = min(names, key=lambda n: stride[n])
+    neighbors = np.asarray(neighbors)
+
+    if config.mode == "concat":
+        h0, w0 = features[finest].shape[1:]
+        query = np.concatenate([upsample_hwc(_hwc(features[n]), h0, w0) for n in names], axis=2)
+
+        def blocks():
+            for j in neighbors:
+                yield np.concatenate([upsample_hwc(gallery.levels[n][j], h0, w0) for n in names], axis=2).reshape(h0 * w0, -1)
+
+        top = scorer.topk(query.reshape(h0 * w0, -1), blocks(), config.kappa)
+        grid = top.distances.mean(axis=1).reshape(h0, w0)
+        score = upsample_map(grid, s, s)
+        corr = _correspondence(top.indices[:, 0], neighbors, (h0, w0), (h0, w0), s / w0)
+        return score, corr
+
+    score = np.zeros((s, s), np.float32)
+    corr = None
+    for n in names:
+        q = _hwc(features[n])
+        h, w = q.shape[:2]
+        g = gallery.levels[n]
+        top = scorer.topk(q.reshape(h * w, -1), (g[j].reshape(-1, g.shape[-1]) for j in neighbors), config.kappa)
+        score += upsample_map(top.distances.mean(axis=1).reshape(h, w), s, s)
+        if n == finest:
+            corr = _correspondence(top.indices[:, 0], neighbors, (h, w), g.shape[1:3], stride[n])
+    return score / len(names), corr
+
+
+def _correspondence(idx, neighbors, query_grid, gallery_grid, stride) -> Correspondence:
+    per_image = gallery_grid[0] * gallery_grid[1]
+    image = neighbors[idx // per_image].reshape(query_grid)
+    loc = idx % per_image
+    return Correspondence(image, (loc // gallery_grid[1]).reshape(query_grid), (loc % gallery_grid[1]).reshape(query_grid), float(stride))
+
+
+def smooth(score_map: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian smoothing of the upsampled map (sigma = 4 in the paper)."""
+    return gaussian_blur(score_map, sigma)
