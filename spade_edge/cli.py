@@ -1,0 +1,198 @@
+"""The ``spade-edge`` command line."""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+
+
+def _friendly_errors(fn):
+    """Known failures print one clear line (exit 1) instead of a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from .runtime.errors import SpadeError
+
+        try:
+            return fn(*args, **kwargs)
+        except (SpadeError, FileNotFoundError, ValueError) as exc:
+            raise click.ClickException(str(exc)) from exc
+
+    return wrapper
+
+
+def scoring_options(fn):
+    """Options of SPADE's scoring; unset ones keep the gallery's stored settings."""
+    opts = [
+        click.option("--k-image", type=click.IntRange(1), help="Nearest normal images averaged into the image score."),
+        click.option("--k-gallery", type=click.IntRange(1), help="Nearest normal images whose pixels form the pixel gallery."),
+        click.option("--kappa", type=click.IntRange(1), help="Nearest gallery pixels averaged per test pixel."),
+        click.option("--mode", type=click.Choice(["concat", "per-level"]),
+                     help="concat: the paper's concatenated pyramid; per-level: score levels apart, average."),
+        click.option("--levels", help="Comma-separated subset of pyramid levels (default: all)."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def _scoring_overrides(k_image, k_gallery, kappa, mode, levels) -> dict:
+    d = {"k_image": k_image, "k_gallery": k_gallery, "kappa": kappa, "mode": mode,
+         "levels": tuple(levels.split(",")) if levels else None}
+    return {k: v for k, v in d.items() if v is not None}
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="spade-edge")
+def main():
+    """SPADE anomaly inspection at the edge: export a backbone, build a gallery of normal parts,
+    score new parts (verdict, score, heat map, and which normal part each pixel matched).
+
+    \b
+    Typical flow:
+      spade-edge export --backbone wide_resnet50_2 --out model.onnx
+      spade-edge gallery build --model model.onnx --images good/ --out parts.gallery
+      spade-edge infer --model model.onnx --gallery parts.gallery part1.png --heatmaps out/
+    Try it on real solar-cell images first:  spade-edge demo
+    """
+
+
+@main.command()
+@click.option("--backbone", "-b", default="wide_resnet50_2", show_default=True,
+              help="wide_resnet50_2 (SPADE's, alias wrn50x2) or efficientnet_lite0 (alias lite0).")
+@click.option("--out", "-o", type=click.Path(dir_okay=False, path_type=Path), required=True, help="ONNX file to write.")
+@click.option("--weights", help="State-dict file to load, or 'random' for random initialisation. "
+              "Default: the backbone's ImageNet weights (packaged, or torch's cache).")
+@click.option("--no-download", is_flag=True, help="Never try to download weights.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of random initialisation.")
+@click.option("--parity/--no-parity", default=True, show_default=True, help="Compare ONNX Runtime with PyTorch after export.")
+@_friendly_errors
+def export(backbone, out, weights, no_download, seed, parity):
+    """Export a backbone's feature pyramid to ONNX (uint8 NHWC input, pre-processing and
+    description inside the graph, dynamic batch)."""
+    import numpy as np
+    import torch
+
+    from .export.backbones import create_backbone
+    from .export.onnx_export import onnx_from_backbone
+    from .export.weights import WeightsNotFoundError
+
+    torch.manual_seed(seed)
+    try:
+        net = create_backbone(backbone, weights=weights, download=not no_download)
+    except WeightsNotFoundError as exc:
+        raise click.ClickException(str(exc)) from exc
+    info = onnx_from_backbone(net, backbone, out)
+    click.echo(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB): {info.backbone}, input uint8 "
+               f"(N,{info.input_size},{info.input_size},3), levels "
+               + ", ".join(f"{lv.name}({lv.channels}, /{lv.stride})" for lv in info.levels)
+               + f", {info.global_name}({info.global_channels}); fingerprint {info.fingerprint[:23]}")
+    if parity:
+        from .export.parity import compare_with_torch
+
+        imgs = np.random.default_rng(seed).integers(0, 256, (2, info.input_size, info.input_size, 3), dtype=np.uint8)
+        result = compare_with_torch(net, out, imgs)
+        click.echo(str(result))
+        if not result:
+            sys.exit(1)
+
+
+@main.group()
+def gallery():
+    """Build and inspect galleries of normal parts."""
+
+
+@gallery.command("build")
+@click.option("--model", "-m", type=click.Path(exists=True, dir_okay=False), required=True, help="ONNX model from 'export'.")
+@click.option("--images", "-i", type=click.Path(exists=True, file_okay=False), required=True, help="Folder of normal images.")
+@click.option("--out", "-o", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Gallery file to write.")
+@click.option("--holdout", type=click.FloatRange(0, 1, max_open=True), default=0.2, show_default=True,
+              help="Share of images kept out of the gallery to set the thresholds.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the held-out split.")
+@click.option("--crop/--no-crop", default=True, show_default=True,
+              help="Resize+centre-crop (paper) or resize the whole image (keeps the borders in view).")
+@click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True)
+@click.option("--threads", type=click.IntRange(1), help="CPU threads for ONNX Runtime.")
+@scoring_options
+@_friendly_errors
+def gallery_build(model, images, out, holdout, seed, crop, batch_size, threads, **scoring):
+    """Extract features of normal images into a gallery (no torch needed)."""
+    from .runtime.build import gallery_from_images
+    from .runtime.features import backend_from_model
+    from .runtime.images import Preprocess, list_images
+    from .runtime.spade import SpadeConfig
+
+    backend = backend_from_model(model, threads=threads)
+    config = SpadeConfig(**_scoring_overrides(**scoring))
+    g = gallery_from_images(backend, list_images(images), out, holdout=holdout, seed=seed,
+                            preprocess=Preprocess(backend.info.input_size, crop), config=config, batch_size=batch_size)
+    th = g.thresholds
+    click.echo(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB): {len(g)} images"
+               + (f", image threshold {th['image']:.4f} from {len(th['heldout'])} held-out" if th else ", no thresholds (holdout 0)"))
+
+
+@gallery.command("info")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@_friendly_errors
+def gallery_info(path):
+    """Print what a gallery holds (checks every checksum)."""
+    from .runtime.gallery import Gallery
+
+    g = Gallery.load(path)
+    m = g.manifest
+    click.echo(json.dumps({
+        "images": len(g), "model": m["model"]["backbone"], "fingerprint": g.fingerprint,
+        "precision": m.get("precision"), "preprocess": m.get("preprocess"), "config": m.get("config"),
+        "thresholds": {k: v for k, v in g.thresholds.items() if k in ("image", "pixel", "rule")},
+        "arrays": {k: f"{v['dtype']} {v['shape']}" for k, v in m["arrays"].items()},
+        "build": m.get("build"),
+    }, indent=2))
+
+
+@main.command()
+@click.option("--model", "-m", type=click.Path(exists=True, dir_okay=False), required=True)
+@click.option("--gallery", "-g", "gallery_path", type=click.Path(exists=True, dir_okay=False), required=True)
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--heatmaps", type=click.Path(file_okay=False, path_type=Path),
+              help="Write a PNG per image: input, heat map overlay, matched normal image.")
+@click.option("--threads", type=click.IntRange(1), help="CPU threads for ONNX Runtime.")
+@scoring_options
+@_friendly_errors
+def infer(model, gallery_path, images, heatmaps, threads, **scoring):
+    """Score images; print one JSON line per image (score, verdict, worst pixel and its match)."""
+    from .runtime.detector import Detector
+
+    det = Detector.load(model, gallery_path, threads=threads, **_scoring_overrides(**scoring))
+    for path in images:
+        p = det.predict(path)
+        line = p.to_dict()
+        if heatmaps:
+            from .render import save_heatmap
+
+            line["heatmap"] = str(save_heatmap(p, det.gallery, heatmaps))
+        click.echo(json.dumps(line))
+
+
+@main.command()
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default="spade-edge-demo", show_default=True)
+@click.option("--gallery-size", type=click.IntRange(10), default=100, show_default=True, help="Normal cells for the gallery.")
+@click.option("--test-size", type=click.IntRange(2), default=40, show_default=True, help="Normal and defective test cells, each.")
+@click.option("--threads", type=click.IntRange(1), help="CPU threads for ONNX Runtime.")
+@_friendly_errors
+def demo(out, gallery_size, test_size, threads):
+    """Run everything on real data: EfficientNet-Lite0 (ImageNet weights) exported to ONNX, a
+    gallery of normal ELPV solar cells, held-out normal and defective cells scored, heat maps written."""
+    from .demo import DemoPlan, run_demo
+
+    s = run_demo(out, DemoPlan(n_gallery=gallery_size, n_test=test_size, threads=threads), echo=click.echo)
+    click.echo(
+        f"\nimage AUROC {s['image_auroc']:.3f} (image-stage score), {s['max_pixel_auroc']:.3f} (max pixel score); "
+        f"verdicts right on {s['verdict_accuracy']:.0%} of test cells; {s['ms_per_image']:.0f} ms per image\n"
+        f"heat maps: {s['heatmaps']}/{{normal,defective}}/*.png\nsummary: {Path(out) / 'summary.json'}  "
+        f"(total {s['seconds']:.0f} s)"
+    )

@@ -1,0 +1,46 @@
+"""Data sets the toolkit knows: ELPV solar cells (PyPI ``elpv-dataset``) and synthetic defects."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+
+from .runtime.errors import require
+
+
+def elpv_root() -> Path:
+    """Folder holding ELPV's labels.csv and images/."""
+    elpv = require("elpv_dataset", "demo", "The ELPV solar-cell data set")
+    return Path(elpv.__file__).parent / "data"
+
+
+def elpv_cells(probability: float | None = None, cell_type: str | None = None) -> list[Path]:
+    """ELPV image paths, filtered by defect probability (0, 1/3, 2/3, 1) and type ('mono', 'poly')."""
+    root = elpv_root()
+    out = []
+    with open(root / "labels.csv") as f:
+        for row in csv.reader(f, delimiter=" ", skipinitialspace=True):
+            path, prob, kind = row[0], float(row[1]), row[2]
+            if probability is not None and abs(prob - probability) > 0.01:
+                continue
+            if cell_type is not None and kind != cell_type:
+                continue
+            out.append(root / path)
+    return out
+
+
+def paste_defect(image: np.ndarray, rng: np.random.Generator, size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A copy of ``image`` (H, W[, 3] uint8) with a dark, textured blob pasted at a random place,
+    and its mask. A simple stand-in for a stain or a chip; realistic defects come with evaluation."""
+    h, w = image.shape[:2]
+    size = size or max(6, min(h, w) // 6)
+    cy, cx = rng.integers(size, h - size), rng.integers(size, w - size)
+    yy, xx = np.mgrid[:h, :w]
+    r = size * (1 + 0.25 * np.sin(np.arctan2(yy - cy, xx - cx) * 3 + rng.uniform(0, 6)))
+    mask = (yy - cy) ** 2 + (xx - cx) ** 2 <= r**2
+    out = image.copy().astype(np.int16)
+    noise = rng.integers(-30, 30, size=mask.sum())
+    val = np.clip(25 + noise, 0, 255)
+    out[mask] = val[:, None] if out.ndim == 3 else val
+    return out.astype(np.uint8), mask
