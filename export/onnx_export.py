@@ -22,6 +22,7 @@ from spade_edge.runtime.modelinfo import METADATA_KEY, ModelInfo
 from .backbones import FeatureInfo
 
 OPSET = 18
+MAX_BATCH = 256
 
 
 class WithPreprocess(nn.Module):
@@ -72,21 +73,22 @@ def onnx_from_backbone(net: nn.Module, backbone: str, out: str | os.PathLike, op
     dummy = torch.zeros(2, s, s, 3, dtype=torch.uint8)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    names = info.names()
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        raw = Path(tmp) / "raw.onnx"
-        with torch.no_grad(), warnings.catch_warnings():
-            # 'same' padding reads H, W while tracing; they are fixed by design (only batch is dynamic)
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            torch.onnx.export(
-                wrapper, (dummy,), str(raw), input_names=["image"], output_names=names,
-                dynamic_axes={n: {0: "batch"} for n in ["image", *names]}, opset_version=opset, dynamo=False,
-            )
-        model = onnx.load(str(raw))
-        onnx.helper.set_model_props(model, {METADATA_KEY: meta.to_json()})
-        model.doc_string = f"spade-edge feature extractor: {backbone}"
-        onnx.checker.check_model(model, full_check=True)
-        staged = Path(tmp) / "model.onnx"
-        onnx.save(model, str(staged))
-        os.replace(staged, out)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's own chatter; problems surface as errors or in parity
+        program = torch.onnx.export(
+            wrapper, (dummy,), None, input_names=["image"], output_names=info.names(), opset_version=opset,
+            dynamic_shapes={"image": {0: torch.export.Dim("batch", min=1, max=MAX_BATCH)}}, dynamo=True,
+            verbose=False,
+        )
+    model = program.model_proto
+    onnx.helper.set_model_props(model, {METADATA_KEY: meta.to_json()})
+    model.doc_string = f"spade-edge feature extractor: {backbone}"
+    onnx.checker.check_model(model, full_check=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent)
+    os.close(fd)
+    try:
+        onnx.save(model, tmp)
+        os.replace(tmp, out)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
     return meta

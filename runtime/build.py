@@ -120,7 +120,7 @@ def gallery_from_images(
             "pixel": float(np.quantile(np.concatenate(pixels), PIXEL_QUANTILE)),
             "rule": f"image: max held-out normal score; pixel: {PIXEL_QUANTILE:.1%} quantile of held-out normal pixels",
             "heldout": [paths[i].name for i in hold_idx],
-            "heldout_scores": [round(float(s), 6) for s in scores],
+            "heldout_scores": [float(s) for s in scores],
             "config": config.to_dict(),
         }
     gallery.save(out)

@@ -78,10 +78,11 @@ def export(backbone, out, weights, no_download, seed, parity):
     import numpy as np
     import torch
 
-    from .export.backbones import create_backbone
+    from .export.backbones import canonical_name, create_backbone
     from .export.onnx_export import onnx_from_backbone
     from .export.weights import WeightsNotFoundError
 
+    backbone = canonical_name(backbone)
     torch.manual_seed(seed)
     try:
         net = create_backbone(backbone, weights=weights, download=not no_download)
@@ -167,15 +168,25 @@ def infer(model, gallery_path, images, heatmaps, threads, **scoring):
     """Score images; print one JSON line per image (score, verdict, worst pixel and its match)."""
     from .runtime.detector import Detector
 
+    from .runtime.errors import ImageError
+
     det = Detector.load(model, gallery_path, threads=threads, **_scoring_overrides(**scoring))
+    failed = 0
     for path in images:
-        p = det.predict(path)
+        try:
+            p = det.predict(path)
+        except ImageError as exc:  # one bad file must not stop the others
+            failed += 1
+            click.echo(json.dumps({"image": path, "error": str(exc)}))
+            continue
         line = p.to_dict()
         if heatmaps:
             from .render import save_heatmap
 
             line["heatmap"] = str(save_heatmap(p, det.gallery, heatmaps))
         click.echo(json.dumps(line))
+    if failed:
+        raise click.ClickException(f"{failed} of {len(images)} images could not be scored (see their 'error' lines)")
 
 
 @main.command()

@@ -31,11 +31,13 @@ def elpv_cells(probability: float | None = None, cell_type: str | None = None) -
 
 
 def paste_defect(image: np.ndarray, rng: np.random.Generator, size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """A copy of ``image`` (H, W[, 3] uint8) with a dark, textured blob pasted at a random place,
-    and its mask. A simple stand-in for a stain or a chip; realistic defects come with evaluation."""
+    """A copy of ``image`` (H, W[, 3] uint8) with a dark, textured blob pasted at a random place
+    well inside the borders (so a centre crop keeps it), and its mask. A simple stand-in for a
+    stain or a chip; realistic defects come with evaluation."""
     h, w = image.shape[:2]
-    size = size or max(6, min(h, w) // 6)
-    cy, cx = rng.integers(size, h - size), rng.integers(size, w - size)
+    size = size or max(4, min(h, w) // 10)
+    my, mx = int(0.15 * h) + size, int(0.15 * w) + size
+    cy, cx = rng.integers(my, h - my + 1), rng.integers(mx, w - mx + 1)
     yy, xx = np.mgrid[:h, :w]
     r = size * (1 + 0.25 * np.sin(np.arctan2(yy - cy, xx - cx) * 3 + rng.uniform(0, 6)))
     mask = (yy - cy) ** 2 + (xx - cx) ** 2 <= r**2
@@ -44,3 +46,18 @@ def paste_defect(image: np.ndarray, rng: np.random.Generator, size: int | None =
     val = np.clip(25 + noise, 0, 255)
     out[mask] = val[:, None] if out.ndim == 3 else val
     return out.astype(np.uint8), mask
+
+
+def mvtec_category(root: str | Path) -> tuple[list[Path], list[tuple[Path, str, Path | None]]]:
+    """Read one category in the MVTec AD layout: ``train/good/*``, ``test/<type>/*`` and
+    ``ground_truth/<type>/<stem>_mask.png``. Returns (train images, [(test image, type, mask or None)])."""
+    from .runtime.images import list_images
+
+    root = Path(root)
+    train = list_images(root / "train" / "good")
+    tests = []
+    for folder in sorted(p for p in (root / "test").iterdir() if p.is_dir()):
+        for img in list_images(folder):
+            mask = root / "ground_truth" / folder.name / f"{img.stem}_mask.png"
+            tests.append((img, folder.name, mask if mask.is_file() else None))
+    return train, tests

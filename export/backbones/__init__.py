@@ -17,13 +17,18 @@ BACKBONES: dict[str, Callable[..., nn.Module]] = {
 ALIASES = {"wrn50x2": "wide_resnet50_2", "wrn50_2": "wide_resnet50_2", "lite0": "efficientnet_lite0"}
 
 
-def create_backbone(name: str, weights: str | None = None, download: bool = True) -> nn.Module:
-    """Build backbone ``name`` in eval mode. ``weights``: a file path, ``"random"``, or None for
-    the backbone's default ImageNet weights (see :mod:`spade_edge.export.weights`)."""
+def canonical_name(name: str) -> str:
+    """The registry name of backbone ``name`` (aliases resolved); raises on unknown names."""
     key = ALIASES.get(name, name)
     if key not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; choose from {sorted(BACKBONES)} (aliases {sorted(ALIASES)})")
-    return BACKBONES[key](weights=weights, download=download)
+    return key
 
 
-__all__ = ["BACKBONES", "FeatureInfo", "create_backbone"]
+def create_backbone(name: str, weights: str | None = None, download: bool = True) -> nn.Module:
+    """Build backbone ``name`` in eval mode. ``weights``: a file path, ``"random"``, or None for
+    the backbone's default ImageNet weights (see :mod:`spade_edge.export.weights`)."""
+    return BACKBONES[canonical_name(name)](weights=weights, download=download)
+
+
+__all__ = ["BACKBONES", "FeatureInfo", "canonical_name", "create_backbone"]

@@ -1,0 +1,71 @@
+import numpy as np
+import pytest
+
+from spade_edge.runtime.scoring import NumpyScorer
+
+
+def brute_force(q, g, kappa):
+    d = ((q[:, None, :].astype(np.float64) - g[None].astype(np.float64)) ** 2).sum(-1)
+    idx = np.argsort(d, axis=1, kind="stable")[:, :kappa]
+    return np.take_along_axis(d, idx, 1), idx
+
+
+@pytest.mark.parametrize("kappa", [1, 3, 10])
+@pytest.mark.parametrize("block_bytes", [1 << 10, 1 << 24])
+def test_topk_matches_brute_force(kappa, block_bytes):
+    rng = np.random.default_rng(kappa)
+    q = rng.normal(size=(50, 16)).astype(np.float32)
+    g = rng.normal(size=(333, 16)).astype(np.float32)
+    ref_d, ref_i = brute_force(q, g, kappa)
+    blocks = [g[:100], g[100:101], g[101:]]  # uneven blocks, one of a single row
+    top = NumpyScorer(block_bytes=block_bytes).topk(q, blocks, kappa)
+    np.testing.assert_allclose(top.distances, ref_d, rtol=1e-5)
+    np.testing.assert_array_equal(top.indices, ref_i)
+
+
+def test_close_neighbours_keep_their_digits():
+    # a gallery far from the origin with a near-duplicate: the GEMM expansion alone would lose it
+    rng = np.random.default_rng(0)
+    g = (rng.normal(size=(200, 64)) + 300).astype(np.float32)
+    q = g[:5] + np.float32(1e-3)
+    top = NumpyScorer().topk(q, [g], 1)
+    np.testing.assert_array_equal(top.indices[:, 0], np.arange(5))
+    np.testing.assert_allclose(top.distances[:, 0], ((q - g[:5]).astype(np.float64) ** 2).sum(1), rtol=1e-3)
+
+
+def test_low_precision_blocks_are_widened_per_block():
+    rng = np.random.default_rng(1)
+    q = rng.normal(size=(20, 8)).astype(np.float32)
+    g = rng.normal(size=(64, 8)).astype(np.float16)
+    ref_d, ref_i = brute_force(q, g.astype(np.float32), 2)
+    top = NumpyScorer().topk(q, [g], 2)
+    np.testing.assert_array_equal(top.indices, ref_i)
+
+
+def test_rejects_bad_arguments():
+    q = np.zeros((3, 4), np.float32)
+    with pytest.raises(ValueError, match="kappa"):
+        NumpyScorer().topk(q, [np.zeros((5, 4), np.float32)], 0)
+    with pytest.raises(ValueError, match="expected"):
+        NumpyScorer().topk(q, [np.zeros((5, 3), np.float32)], 1)
+    with pytest.raises(ValueError, match="fewer than kappa"):
+        NumpyScorer().topk(q, [np.zeros((2, 4), np.float32)], 3)
+
+
+def test_distance_block_is_bounded(monkeypatch):
+    # the scorer must never form a distance matrix larger than its budget
+    import spade_edge.runtime.scoring.numpy as mod
+
+    seen = []
+    real = mod._merge
+
+    def spy(q, qn, g, offset, best_d, best_i):
+        seen.append(q.shape[0] * g.shape[0] * 4)
+        return real(q, qn, g, offset, best_d, best_i)
+
+    monkeypatch.setattr(mod, "_merge", spy)
+    rng = np.random.default_rng(2)
+    budget = 64 << 10
+    q = rng.normal(size=(128, 8)).astype(np.float32)
+    mod.NumpyScorer(block_bytes=budget).topk(q, [rng.normal(size=(5000, 8)).astype(np.float32)], 1)
+    assert len(seen) > 1 and max(seen) <= budget
