@@ -20,22 +20,23 @@ from .spade import SpadeConfig
 PIXEL_QUANTILE = 0.999
 
 
-def _progress(iterable, total: int, desc: str, show: bool):
+def progress(iterable, total: int, desc: str, show: bool = True, unit: str = "img"):
+    """A progress bar on a terminal (none in logs, none when ``show`` is false)."""
     if not show:
         return iterable
     from tqdm import tqdm
 
-    return tqdm(iterable, total=total, desc=desc, unit="img", leave=False)
+    return tqdm(iterable, total=total, desc=desc, unit=unit, leave=False, disable=None)
 
 
 def extract(backend: FeatureBackend, images: Sequence, preprocess: Preprocess, batch_size: int = 8,
-            progress: bool = True, desc: str = "features"):
+            show: bool = True, desc: str = "features"):
     """Features of ``images`` (paths or arrays): returns (list of per-image feature dicts with
     levels as (h, w, C) and the global vector, list of model inputs, list of geometries)."""
     info = backend.info
     feats, inputs, geoms = [], [], []
     batches = range(0, len(images), batch_size)
-    for s in _progress(batches, len(batches), desc, progress):
+    for s in progress(batches, len(batches), desc, show, unit="batch"):
         chunk = images[s : s + batch_size]
         prepared = [preprocess(load_image(im)) for im in chunk]
         x = np.stack([p[0] for p in prepared])
@@ -59,7 +60,7 @@ def gallery_from_images(
     config: SpadeConfig | None = None,
     batch_size: int = 8,
     thumbnails: bool = True,
-    progress: bool = True,
+    show_progress: bool = True,
 ) -> Gallery:
     """Build a gallery from normal images and write it to ``out``.
 
@@ -82,7 +83,7 @@ def gallery_from_images(
     hold_idx, train_idx = sorted(order[:n_hold]), sorted(order[n_hold:])
 
     # decode everything first: a bad file stops the build before anything is written
-    feats, inputs, _ = extract(backend, [str(paths[i]) for i in train_idx], preprocess, batch_size, progress, "gallery")
+    feats, inputs, _ = extract(backend, [str(paths[i]) for i in train_idx], preprocess, batch_size, show_progress, "gallery")
     names = [paths[i].name for i in train_idx]
     if len(set(names)) != len(names):
         names = [str(paths[i]) for i in train_idx]
@@ -108,7 +109,7 @@ def gallery_from_images(
 
     if n_hold:
         det = Detector(backend, gallery, config=config, preprocess=preprocess)
-        hfeats, hinputs, hgeoms = extract(backend, [str(paths[i]) for i in hold_idx], preprocess, batch_size, progress, "thresholds")
+        hfeats, hinputs, hgeoms = extract(backend, [str(paths[i]) for i in hold_idx], preprocess, batch_size, show_progress, "thresholds")
         scores, pixels = [], []
         for f, x, geom in zip(hfeats, hinputs, hgeoms):
             chw = {k: (v.transpose(2, 0, 1) if v.ndim == 3 else v) for k, v in f.items()}

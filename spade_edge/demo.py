@@ -36,7 +36,7 @@ def run_demo(out: Path = DEFAULT_OUT, plan: DemoPlan = DemoPlan(), echo=print) -
     from .metrics import roc_auc
     from .render import save_heatmap
     from .runtime import Detector, SpadeConfig
-    from .runtime.build import gallery_from_images
+    from .runtime.build import gallery_from_images, progress
     from .runtime.features import backend_from_model
 
     out = Path(out)
@@ -74,10 +74,8 @@ def run_demo(out: Path = DEFAULT_OUT, plan: DemoPlan = DemoPlan(), echo=print) -
     det = Detector(backend, gallery)
     heat = out / "heatmaps"
     rows = []
-    from tqdm import tqdm
-
     for label, paths in ((0, test_ok), (1, test_bad)):
-        for p in tqdm(paths, desc="normal" if label == 0 else "defective", unit="img", leave=False):
+        for p in progress(paths, len(paths), "normal" if label == 0 else "defective"):
             pred = det.predict(str(p))
             save_heatmap(pred, gallery, heat / ("defective" if label else "normal"))
             rows.append({"label": label, **pred.to_dict()})

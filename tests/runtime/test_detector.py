@@ -29,7 +29,7 @@ def tiny(tmp_path):
 def test_build_and_predict(tiny, tmp_path):
     model, images = tiny
     backend = backend_from_model(model)
-    g = gallery_from_images(backend, images, tmp_path / "g.gallery", config=SpadeConfig(k_image=2, k_gallery=3), progress=False)
+    g = gallery_from_images(backend, images, tmp_path / "g.gallery", config=SpadeConfig(k_image=2, k_gallery=3), show_progress=False)
     assert len(g) == 10 and len(g.thresholds["heldout"]) == 2
     assert g.thresholds["image"] == pytest.approx(max(g.thresholds["heldout_scores"]), rel=1e-5)
     det = Detector.load(model, tmp_path / "g.gallery")
@@ -45,7 +45,7 @@ def test_build_and_predict(tiny, tmp_path):
 
 def test_overriding_settings_warns_about_thresholds(tiny, tmp_path):
     model, images = tiny
-    gallery_from_images(backend_from_model(model), images, tmp_path / "g.gallery", progress=False)
+    gallery_from_images(backend_from_model(model), images, tmp_path / "g.gallery", show_progress=False)
     with pytest.warns(UserWarning, match="thresholds"):
         Detector.load(model, tmp_path / "g.gallery", kappa=2)
     with warnings.catch_warnings():
@@ -55,7 +55,7 @@ def test_overriding_settings_warns_about_thresholds(tiny, tmp_path):
 
 def test_gallery_from_another_model_is_refused(tiny, tmp_path):
     model, images = tiny
-    gallery_from_images(backend_from_model(model), images, tmp_path / "g.gallery", progress=False)
+    gallery_from_images(backend_from_model(model), images, tmp_path / "g.gallery", show_progress=False)
     other = tmp_path / "other.onnx"
     tiny_onnx(other, fingerprint="sha256:another")
     with pytest.raises(MismatchError, match="rebuild the gallery"):
@@ -65,14 +65,14 @@ def test_gallery_from_another_model_is_refused(tiny, tmp_path):
 def test_bad_image_stops_build_before_writing(tiny, tmp_path):
     model, images = tiny
     out = tmp_path / "g.gallery"
-    gallery_from_images(backend_from_model(model), images, out, progress=False)
+    gallery_from_images(backend_from_model(model), images, out, show_progress=False)
     before = out.read_bytes()
     images[3].write_bytes(images[3].read_bytes()[:60])  # truncate one file
     with pytest.raises(ImageError, match=images[3].name):
-        gallery_from_images(backend_from_model(model), images, out, progress=False)
+        gallery_from_images(backend_from_model(model), images, out, show_progress=False)
     assert out.read_bytes() == before
     with pytest.raises(ImageError, match=images[3].name):
-        gallery_from_images(backend_from_model(model), images, tmp_path / "new.gallery", progress=False)
+        gallery_from_images(backend_from_model(model), images, tmp_path / "new.gallery", show_progress=False)
     assert not (tmp_path / "new.gallery").exists()
 
 
