@@ -123,17 +123,11 @@ def pixel_scores(
     neighbors = np.asarray(neighbors)
 
     if config.mode == "concat":
-        h0, w0 = features[finest].shape[1:]
-        query = np.concatenate([upsample_hwc(_hwc(features[n]), h0, w0) for n in names], axis=2)
-
-        def blocks():
-            for j in neighbors:
-                yield np.concatenate([upsample_hwc(gallery.levels[n][j], h0, w0) for n in names], axis=2).reshape(h0 * w0, -1)
-
-        top = scorer.topk(query.reshape(h0 * w0, -1), blocks(), config.kappa)
-        grid = top.distances.mean(axis=1).reshape(h0, w0)
-        score = upsample_map(grid, s, s)
-        corr = _correspondence(top.indices[:, 0], neighbors, (h0, w0), (h0, w0), s / w0)
+        grid = features[finest].shape[1:]
+        top = scorer.topk(concat_rows(features, names, grid), (gallery_rows(gallery, j, names, grid) for j in neighbors),
+                          config.kappa)
+        score = upsample_map(top.distances.mean(axis=1).reshape(grid), s, s)
+        corr = _correspondence(top.indices[:, 0], neighbors, grid, grid, s / grid[1])
         return score, corr
 
     score = np.zeros((s, s), np.float32)
@@ -141,12 +135,26 @@ def pixel_scores(
     for n in names:
         q = _hwc(features[n])
         h, w = q.shape[:2]
-        g = gallery.levels[n]
-        top = scorer.topk(q.reshape(h * w, -1), (g[j].reshape(-1, g.shape[-1]) for j in neighbors), config.kappa)
+        top = scorer.topk(q.reshape(h * w, -1), (gallery_rows(gallery, j, [n]) for j in neighbors), config.kappa)
         score += upsample_map(top.distances.mean(axis=1).reshape(h, w), s, s)
         if n == finest:
-            corr = _correspondence(top.indices[:, 0], neighbors, (h, w), g.shape[1:3], stride[n])
+            corr = _correspondence(top.indices[:, 0], neighbors, (h, w), gallery.levels[n].shape[1:3], stride[n])
     return score / len(names), corr
+
+
+def concat_rows(features: dict[str, np.ndarray], names: Sequence[str], grid: tuple[int, int]) -> np.ndarray:
+    """Test pixels of the concatenated pyramid: levels (C, h, w) upsampled to ``grid``, as (P, D) rows."""
+    return np.concatenate([upsample_hwc(_hwc(features[n]), *grid) for n in names], axis=2).reshape(grid[0] * grid[1], -1)
+
+
+def gallery_rows(gallery: Gallery, j: int, names: Sequence[str], grid: tuple[int, int] | None = None) -> np.ndarray:
+    """Pixels of gallery image ``j``: one level at native resolution (``grid`` None), or the
+    concatenated pyramid upsampled to ``grid``; (M, D) rows."""
+    if grid is None:
+        (n,) = names
+        g = gallery.levels[n][j]
+        return g.reshape(-1, g.shape[-1])
+    return np.concatenate([upsample_hwc(gallery.levels[n][j], *grid) for n in names], axis=2).reshape(grid[0] * grid[1], -1)
 
 
 def _correspondence(idx, neighbors, query_grid, gallery_grid, stride) -> Correspondence:

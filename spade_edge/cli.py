@@ -207,3 +207,70 @@ def demo(out, gallery_size, test_size, threads):
         f"heat maps: {s['heatmaps']}/{{normal,defective}}/*.png\nsummary: {Path(out) / 'summary.json'}  "
         f"(total {s['seconds']:.0f} s)"
     )
+
+
+@main.command()
+@click.option("--data", "-d", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="An MVTec AD category (train/good, test/<type>, ground_truth/<type>) or a folder of them.")
+@click.option("--model", "-m", type=click.Path(exists=True, dir_okay=False),
+              help="ONNX model (default: EfficientNet-Lite0 with ImageNet weights, exported on first use).")
+@click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), default="spade-edge-eval", show_default=True)
+@click.option("--crop/--no-crop", default=True, show_default=True, help="Resize+centre-crop, or resize the whole image.")
+@click.option("--threads", type=click.IntRange(1), help="CPU threads for ONNX Runtime.")
+@scoring_options
+@_friendly_errors
+def evaluate(data, model, out, crop, threads, **scoring):
+    """Build a gallery from train/good, score test/*, and write metrics (image and pixel AUROC,
+    AUPRO, F1-max), curves, per-defect-type tables, timings and the worst cases: per-category
+    JSON, report.md and a self-contained report.html."""
+    from .evaluate import evaluate as run_eval
+    from .runtime.features import backend_from_model
+    from .runtime.images import Preprocess
+    from .runtime.spade import SpadeConfig
+
+    if model is None:
+        from .bench.models import lite0_onnx
+
+        model = lite0_onnx()
+    backend = backend_from_model(model, threads=threads)
+    config = SpadeConfig(**_scoring_overrides(**scoring))
+    results = run_eval(backend, data, out, config, Preprocess(backend.info.input_size, crop), echo=click.echo)
+    for r in results:
+        m = r.metrics
+        click.echo(f"{r.name}: image AUROC {m['image_auroc']}, pixel AUROC {m['pixel_auroc']}, AUPRO {m['aupro']}")
+    click.echo(f"report: {out / 'report.html'} and {out / 'report.md'}")
+
+
+@main.group()
+def bench():
+    """Benchmarks that measure and print tables (and write them as JSON and Markdown)."""
+
+
+@bench.command("accuracy")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default="bench-results", show_default=True)
+@click.option("--cell-types", default="mono,poly", show_default=True, help="Comma-separated ELPV cell types.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the gallery / test split.")
+@click.option("--pixel-images", type=click.IntRange(2), default=100, show_default=True,
+              help="Normal and synthetic-defect cells each in the pixel-level benchmark.")
+@click.option("--limit", type=click.IntRange(1), help="Cap test images per group (a quick look; not the protocol).")
+@click.option("--threads", type=click.IntRange(1), help="CPU threads for ONNX Runtime.")
+@_friendly_errors
+def bench_accuracy(out, cell_types, seed, pixel_images, limit, threads):
+    """ELPV image-level benchmark and synthetic-defect pixel-level benchmark with real Lite0
+    weights (protocol in docs/results.md). Every K, kappa, pixel mode and level subset in one pass."""
+    from .bench.accuracy import Protocol, markdown, run
+    from .bench.models import lite0_onnx
+    from .runtime.features import backend_from_model
+
+    backend = backend_from_model(lite0_onnx(), threads=threads)
+    proto = Protocol(cell_types=tuple(cell_types.split(",")), seed=seed, n_pixel=pixel_images, limit=limit)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for kind in proto.cell_types:
+        results.update(run(backend, Protocol(**{**proto.__dict__, "cell_types": (kind,)}), echo=click.echo))
+        (out / f"elpv-{kind}.json").write_text(json.dumps({"protocol": proto.__dict__, **results[kind]}, indent=1))
+    # tables over every cell type measured so far in this folder
+    merged = {p.stem.split("-", 1)[1]: json.loads(p.read_text()) for p in sorted(out.glob("elpv-*.json"))}
+    table = markdown(merged, [lv.name for lv in backend.info.levels], proto.ks)
+    (out / "accuracy.md").write_text(table)
+    click.echo(table)

@@ -61,3 +61,36 @@ def mvtec_category(root: str | Path) -> tuple[list[Path], list[tuple[Path, str, 
             mask = root / "ground_truth" / folder.name / f"{img.stem}_mask.png"
             tests.append((img, folder.name, mask if mask.is_file() else None))
     return train, tests
+
+
+def write_elpv_category(root: str | Path, cell_type: str = "mono", n_train: int = 20, n_good: int = 5,
+                        n_per_type: int = 3, seed: int = 0) -> Path:
+    """Write an MVTec-AD-layout category of real ELPV normal cells, with synthetic defects of every
+    kind (crack, inactive, fingers, scratch) and their masks: a small real-image test set."""
+    from PIL import Image
+
+    from .synthetic import KINDS, add_defect
+
+    root = Path(root)
+    cells = elpv_cells(0.0, cell_type)
+    rng = np.random.default_rng(seed)
+    rng.shuffle(cells)
+    need = n_train + n_good + n_per_type * len(KINDS)
+    if need > len(cells):
+        raise ValueError(f"asked for {need} cells, ELPV has {len(cells)} normal {cell_type} cells")
+    it = iter(cells)
+    for sub in ["train/good", "test/good", *[f"test/{k}" for k in KINDS], *[f"ground_truth/{k}" for k in KINDS]]:
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for _ in range(n_train):
+        p = next(it)
+        Image.open(p).save(root / "train/good" / p.name)
+    for _ in range(n_good):
+        p = next(it)
+        Image.open(p).save(root / "test/good" / p.name)
+    for kind in KINDS:
+        for _ in range(n_per_type):
+            p = next(it)
+            img, mask, _ = add_defect(np.asarray(Image.open(p)), rng, kind)
+            Image.fromarray(img).save(root / "test" / kind / p.name)
+            Image.fromarray(mask.astype(np.uint8) * 255).save(root / "ground_truth" / kind / f"{p.stem}_mask.png")
+    return root

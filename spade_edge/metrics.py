@@ -70,7 +70,9 @@ def f1_max(labels, scores) -> F1Max:
 def label_regions(masks: np.ndarray) -> tuple[np.ndarray, int]:
     """Connected ground-truth regions (8-connectivity, as the MVTec AD evaluation), numbered
     across the whole stack of masks (N, H, W): (labels, number of regions)."""
-    from scipy import ndimage
+    from .runtime.errors import require
+
+    ndimage = require("scipy.ndimage", "eval", "PRO / AUPRO (connected regions)")
 
     labels = np.zeros(masks.shape, np.int64)
     n = 0

@@ -10,7 +10,7 @@ def brute_force(q, g, kappa):
     return np.take_along_axis(d, idx, 1), idx
 
 
-@pytest.mark.parametrize("kappa", [1, 3, 10])
+@pytest.mark.parametrize("kappa", [1, 3, 8, 10])
 @pytest.mark.parametrize("block_bytes", [1 << 10, 1 << 24])
 def test_topk_matches_brute_force(kappa, block_bytes):
     rng = np.random.default_rng(kappa)
@@ -59,9 +59,9 @@ def test_distance_block_is_bounded(monkeypatch):
     seen = []
     real = mod._merge
 
-    def spy(q, qn, g, offset, best_d, best_i):
+    def spy(q, g, offset, best_d, best_i):
         seen.append(q.shape[0] * g.shape[0] * 4)
-        return real(q, qn, g, offset, best_d, best_i)
+        return real(q, g, offset, best_d, best_i)
 
     monkeypatch.setattr(mod, "_merge", spy)
     rng = np.random.default_rng(2)

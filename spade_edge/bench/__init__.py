@@ -1,0 +1,1 @@
+"""Benchmarks: commands that measure, print tables, and write the numbers they print."""
