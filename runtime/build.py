@@ -1,8 +1,11 @@
-"""Gallery builder: features of normal images through the runtime (no torch), thresholds from a
-held-out share of them, written atomically."""
+"""Gallery builder: features of normal images through the runtime (no torch), compressed as the
+:class:`Storage` settings say, thresholds from a held-out share of the images, written atomically.
+Galleries grow and shrink on the device (:func:`add_images`, :func:`remove_images`) without a
+rebuild: new images are encoded with the codecs fitted at build time."""
 from __future__ import annotations
 
 import datetime
+import math
 import os
 from pathlib import Path
 from typing import Sequence
@@ -10,10 +13,11 @@ from typing import Sequence
 import numpy as np
 
 from .. import __version__
+from .codec import LevelCodec, Storage, fit_codec, kcenter
 from .detector import Detector
-from .errors import ImageError
+from .errors import GalleryError, ImageError
 from .features import FeatureBackend
-from .gallery import Gallery
+from .gallery import Gallery, LevelStore
 from .images import Preprocess, load_image
 from .spade import SpadeConfig
 
@@ -50,6 +54,29 @@ def extract(backend: FeatureBackend, images: Sequence, preprocess: Preprocess, b
     return feats, inputs, geoms
 
 
+def _thumbnails(inputs, size: int) -> np.ndarray:
+    from PIL import Image
+
+    return np.stack([np.asarray(Image.fromarray(x).resize((size, size), Image.BILINEAR)) for x in inputs])
+
+
+def encode_level(maps: Sequence[np.ndarray], codec: LevelCodec, storage: Storage):
+    """Encode (h, w, C) maps of one level: (data, offsets or None, yx or None)."""
+    h, w = maps[0].shape[:2]
+    projected = [codec.project(m) for m in maps]
+    if storage.coreset >= 1.0:
+        return np.stack([codec.encode(p, storage.precision) for p in projected]), None, None
+    keep = max(1, math.ceil(storage.coreset * h * w))
+    rows, yx, counts = [], [], []
+    for p in projected:
+        flat = p.reshape(h * w, -1)
+        idx = np.sort(kcenter(flat, keep))
+        rows.append(codec.encode(flat[idx], storage.precision))
+        yx.append(np.stack([idx // w, idx % w], 1).astype(np.int16))
+        counts.append(len(idx))
+    return np.concatenate(rows), np.r_[0, np.cumsum(counts)].astype(np.int64), np.concatenate(yx)
+
+
 def gallery_from_images(
     backend: FeatureBackend,
     images: Sequence[str | os.PathLike],
@@ -58,15 +85,18 @@ def gallery_from_images(
     seed: int = 0,
     preprocess: Preprocess | None = None,
     config: SpadeConfig | None = None,
+    storage: Storage | None = None,
     batch_size: int = 8,
     thumbnails: bool = True,
     show_progress: bool = True,
+    codecs: dict[str, LevelCodec] | None = None,
 ) -> Gallery:
     """Build a gallery from normal images and write it to ``out``.
 
-    A seeded ``holdout`` share of the images is kept out of the gallery and scored against it;
-    the image threshold is the highest held-out score (no false alarm on held-out normal parts)
-    and the pixel threshold the 99.9th percentile of held-out pixel scores.
+    A seeded ``holdout`` share of the images is kept out of the gallery and scored against it
+    (through the compressed gallery, as the runtime will score); the image threshold is the highest
+    held-out score (no false alarm on held-out normal parts), the pixel threshold the 99.9th
+    percentile of held-out pixel scores. ``codecs`` reuses fitted codecs instead of fitting them.
     """
     paths = [Path(p) for p in images]
     if len(paths) < 2:
@@ -76,7 +106,11 @@ def gallery_from_images(
     info = backend.info
     preprocess = preprocess or Preprocess(info.input_size)
     config = config or SpadeConfig()
+    storage = storage or Storage()
     config.level_names(info)
+    if storage.coreset < 1.0 and config.mode == "concat":
+        raise ValueError("a coreset keeps a subset of each image's pixels, which the concatenated pyramid cannot "
+                         "use: pass mode='per-level' (--mode per-level) with --coreset")
     order = np.random.default_rng(seed).permutation(len(paths))
     n_hold = int(round(holdout * len(paths)))
     n_hold = min(max(n_hold, 1 if holdout > 0 else 0), len(paths) - 1)
@@ -87,25 +121,28 @@ def gallery_from_images(
     names = [paths[i].name for i in train_idx]
     if len(set(names)) != len(names):
         names = [str(paths[i]) for i in train_idx]
-    levels = {lv.name: np.stack([f[lv.name] for f in feats]) for lv in info.levels}
+    levels = {}
+    codecs = dict(codecs or {})
+    for lv in info.levels:
+        maps = [f[lv.name] for f in feats]
+        if lv.name not in codecs:
+            codecs[lv.name] = fit_codec(np.concatenate([m.reshape(-1, m.shape[-1]) for m in maps]), storage)
+        data, offsets, yx = encode_level(maps, codecs[lv.name], storage)
+        levels[lv.name] = LevelStore(data, maps[0].shape[:2], codecs[lv.name], offsets, yx)
     glob = np.stack([f[info.global_name] for f in feats]).astype(np.float32)
-    thumbs = None
-    if thumbnails:
-        t = max(32, info.input_size // 2)
-        from PIL import Image
-
-        thumbs = np.stack([np.asarray(Image.fromarray(x).resize((t, t), Image.BILINEAR)) for x in inputs])
     manifest = {
         "model": {"backbone": info.backbone, "fingerprint": info.fingerprint, "input_size": info.input_size,
                   "levels": [lv.__dict__ for lv in info.levels], "global": info.global_name},
         "preprocess": preprocess.to_dict(),
         "config": config.to_dict(),
-        "precision": "fp32",
+        "storage": storage.to_dict(),
         "build": {"tool": f"spade-edge {__version__}", "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   "images": len(paths), "holdout": holdout, "seed": seed, "source": str(paths[0].parent.resolve())},
         "thresholds": {},
     }
+    thumbs = _thumbnails(inputs, max(32, info.input_size // 2)) if thumbnails else None
     gallery = Gallery(names, glob, levels, manifest, thumbs)
+    del feats
 
     if n_hold:
         det = Detector(backend, gallery, config=config, preprocess=preprocess)
@@ -126,3 +163,79 @@ def gallery_from_images(
         }
     gallery.save(out)
     return Gallery.load(out)
+
+
+def _level_chunks(store: LevelStore, keep: np.ndarray) -> tuple[list, list | None, np.ndarray | None]:
+    """Memory-mapped slices of the images ``keep`` (sorted indices): data chunks, yx chunks, offsets."""
+    runs = np.split(keep, np.flatnonzero(np.diff(keep) != 1) + 1) if len(keep) else []
+    if not store.coreset:
+        return [store.data[r[0] : r[-1] + 1] for r in runs], None, None
+    o = store.offsets
+    data = [store.data[o[r[0]] : o[r[-1] + 1]] for r in runs]
+    yx = [store.yx[o[r[0]] : o[r[-1] + 1]] for r in runs]
+    counts = o[keep + 1] - o[keep]
+    return data, yx, np.r_[0, np.cumsum(counts)].astype(np.int64)
+
+
+def _rewrite(gallery: Gallery, keep: np.ndarray, out: Path, new: dict | None = None, new_names=(), why: str = "") -> Gallery:
+    """Write ``gallery`` restricted to images ``keep`` plus ``new`` encoded images, streaming the old arrays."""
+    arrays: dict = {"global": [gallery.global_features[keep]]}
+    for k, st in gallery.levels.items():
+        data, yx, offsets = _level_chunks(st, keep)
+        if new:
+            data = data + [new[k][0]]
+            if st.coreset:
+                yx = yx + [new[k][2]]
+                offsets = np.r_[offsets, offsets[-1] + new[k][1][1:]]
+        arrays[f"level/{k}"] = data
+        for part in ("proj", "center", "scale"):
+            if getattr(st.codec, part) is not None:
+                arrays[f"{part}/{k}"] = getattr(st.codec, part)
+        if st.coreset:
+            arrays[f"offsets/{k}"] = offsets
+            arrays[f"yx/{k}"] = yx
+    if new:
+        arrays["global"].append(new["global"])
+    if gallery.thumbnails is not None:
+        arrays["thumbnails"] = [gallery.thumbnails[keep]] + ([new["thumbnails"]] if new else [])
+    names = [gallery.names[i] for i in keep] + list(new_names)
+    manifest = dict(gallery.manifest)
+    manifest["history"] = list(manifest.get("history", [])) + [why]
+    result = Gallery(names, gallery.global_features, gallery.levels, manifest, gallery.thumbnails)
+    result.save(out, arrays)
+    return Gallery.load(out)
+
+
+def add_images(gallery_path: str | os.PathLike, backend: FeatureBackend, images: Sequence[str | os.PathLike],
+               out: str | os.PathLike | None = None, batch_size: int = 8, show_progress: bool = True) -> Gallery:
+    """Add normal images to a gallery (encoded with its stored codecs; thresholds kept as they are)."""
+    gallery = Gallery.load(gallery_path)
+    gallery.check_model(backend.info)
+    paths = [Path(p) for p in images]
+    names = [p.name for p in paths]
+    dup = sorted(set(names) & set(gallery.names)) or sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise GalleryError(f"already in the gallery or given twice: {', '.join(dup[:5])}; rename or remove them first")
+    storage = Storage(**gallery.storage) if "projection" in gallery.storage else Storage()
+    pre = Preprocess(**gallery.manifest["preprocess"])
+    feats, inputs, _ = extract(backend, [str(p) for p in paths], pre, batch_size, show_progress, "add")
+    new: dict = {"global": np.stack([f[backend.info.global_name] for f in feats]).astype(np.float32)}
+    for k, st in gallery.levels.items():
+        new[k] = encode_level([f[k] for f in feats], st.codec, storage)
+    if gallery.thumbnails is not None:
+        new["thumbnails"] = _thumbnails(inputs, gallery.thumbnails.shape[1])
+    keep = np.arange(len(gallery))
+    return _rewrite(gallery, keep, Path(out or gallery_path), new, names, f"added {len(paths)} images")
+
+
+def remove_images(gallery_path: str | os.PathLike, names: Sequence[str], out: str | os.PathLike | None = None) -> Gallery:
+    """Remove images by name (all named images must be present; at least one must stay)."""
+    gallery = Gallery.load(gallery_path)
+    missing = sorted(set(names) - set(gallery.names))
+    if missing:
+        raise GalleryError(f"not in the gallery: {', '.join(missing[:5])}")
+    drop = set(names)
+    keep = np.array([i for i, n in enumerate(gallery.names) if n not in drop], np.int64)
+    if len(keep) == 0:
+        raise GalleryError("removing every image would leave an empty gallery")
+    return _rewrite(gallery, keep, Path(out or gallery_path), why=f"removed {len(drop)} images")

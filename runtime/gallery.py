@@ -25,6 +25,7 @@ from typing import Iterable
 
 import numpy as np
 
+from .codec import LevelCodec
 from .errors import GalleryError, MismatchError
 from .modelinfo import ModelInfo
 
@@ -39,20 +40,71 @@ def _pad(n: int) -> int:
 
 
 @dataclass
+class LevelStore:
+    """One pyramid level as stored: dense ``data`` (N, h, w, C') or, for a coreset, kept rows
+    (M, C') with ``offsets`` (N + 1,) per image and their grid cells ``yx`` (M, 2)."""
+
+    data: np.ndarray
+    grid: tuple[int, int]
+    codec: LevelCodec = field(default_factory=LevelCodec)
+    offsets: np.ndarray | None = None
+    yx: np.ndarray | None = None
+
+    @property
+    def coreset(self) -> bool:
+        return self.offsets is not None
+
+    @property
+    def channels(self) -> int:
+        return self.data.shape[-1]
+
+    def count(self) -> int:
+        return len(self.offsets) - 1 if self.coreset else len(self.data)
+
+    def rows(self, j: int) -> np.ndarray:
+        """Pixel features of gallery image ``j`` as float32 (m, C') rows (decoded one image at a time)."""
+        if self.coreset:
+            return self.codec.decode(self.data[self.offsets[j] : self.offsets[j + 1]])
+        return self.codec.decode(self.data[j]).reshape(-1, self.channels)
+
+    def dense(self, j: int) -> np.ndarray:
+        """Gallery image ``j`` as a float32 (h, w, C') map (dense storage only)."""
+        if self.coreset:
+            raise ValueError("a coreset gallery keeps a subset of pixels; the concatenated pyramid needs them all "
+                             "(use mode='per-level', or build the gallery without --coreset)")
+        return self.codec.decode(self.data[j])
+
+    def cells(self, j: int, r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Grid cells (y, x) of rows ``r`` of image ``j``."""
+        if self.coreset:
+            yx = np.asarray(self.yx[self.offsets[j] + r])
+            return yx[..., 0].astype(np.int64), yx[..., 1].astype(np.int64)
+        return r // self.grid[1], r % self.grid[1]
+
+
+@dataclass
 class Gallery:
     """Features of normal images, as stored; arrays may be read-only memory maps.
 
-    ``levels`` maps level name to (N, h, w, C); ``global_features`` is (N, C_global).
-    ``manifest`` holds everything else (model, pre-processing, thresholds, build settings).
+    ``levels`` maps level name to :class:`LevelStore`; ``global_features`` is (N, C_global)
+    float32 (kept exact: it is small and decides which images are retrieved).
+    ``manifest`` holds everything else (model, pre-processing, storage, thresholds, build settings).
     """
 
     names: list[str]
     global_features: np.ndarray
-    levels: dict[str, np.ndarray]
+    levels: dict[str, LevelStore]
     manifest: dict
     thumbnails: np.ndarray | None = None
     path: Path | None = None
     _global_sqnorm: np.ndarray | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_arrays(cls, names: list[str], global_features: np.ndarray, levels: dict[str, np.ndarray],
+                    manifest: dict, thumbnails: np.ndarray | None = None) -> "Gallery":
+        """An fp32 gallery from dense (N, h, w, C) level arrays."""
+        stores = {k: LevelStore(np.asarray(v), tuple(v.shape[1:3])) for k, v in levels.items()}
+        return cls(list(names), np.asarray(global_features, np.float32), stores, manifest, thumbnails)
 
     def __len__(self) -> int:
         return len(self.names)
@@ -64,6 +116,10 @@ class Gallery:
     @property
     def thresholds(self) -> dict:
         return self.manifest.get("thresholds", {})
+
+    @property
+    def storage(self) -> dict:
+        return self.manifest.get("storage", {"precision": "fp32"})
 
     @property
     def global_sqnorm(self) -> np.ndarray:
@@ -78,51 +134,72 @@ class Gallery:
         m = self.manifest["model"]
         if m["fingerprint"] != info.fingerprint:
             raise MismatchError(
-                f"gallery {self.path or ''} was built with model '{m['backbone']}' "
+                f"gallery {self.path or ''} was built with model '{m.get('backbone')}' "
                 f"(fingerprint {m['fingerprint'][:19]}), but the model given is '{info.backbone}' "
                 f"(fingerprint {info.fingerprint[:19]}); rebuild the gallery with this model"
             )
 
+    def nbytes(self) -> dict[str, int]:
+        """Stored bytes by part: pixel levels (with their index and codec), global features, thumbnails."""
+        lv = sum(a.nbytes for k, a in self._arrays().items() if not k.startswith(("global", "thumbnails")))
+        return {"levels": lv, "global": self.global_features.nbytes,
+                "thumbnails": 0 if self.thumbnails is None else self.thumbnails.nbytes}
+
     # -- file I/O -----------------------------------------------------------------------------
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write atomically to ``path``."""
+    def _arrays(self) -> dict[str, np.ndarray]:
         arrays: dict[str, np.ndarray] = {"global": self.global_features}
-        arrays.update({f"level/{k}": v for k, v in self.levels.items()})
+        for k, st in self.levels.items():
+            arrays[f"level/{k}"] = st.data
+            for part in ("proj", "center", "scale"):
+                if getattr(st.codec, part) is not None:
+                    arrays[f"{part}/{k}"] = getattr(st.codec, part)
+            if st.coreset:
+                arrays[f"offsets/{k}"] = st.offsets
+                arrays[f"yx/{k}"] = st.yx
         if self.thumbnails is not None:
             arrays["thumbnails"] = self.thumbnails
-        return write_gallery(path, self.names, arrays, self.manifest)
+        return arrays
+
+    def save(self, path: str | os.PathLike, arrays: dict | None = None) -> Path:
+        """Write atomically to ``path`` (``arrays``: chunked replacements, see :func:`write_gallery`)."""
+        manifest = dict(self.manifest, levels={k: {"grid": list(st.grid)} for k, st in self.levels.items()})
+        for key in ("format", "names", "arrays"):
+            manifest.pop(key, None)
+        return write_gallery(path, self.names, arrays or self._arrays(), manifest)
 
     @classmethod
     def load(cls, path: str | os.PathLike, verify: bool = True) -> "Gallery":
         """Memory-map a gallery file; with ``verify`` every checksum is checked first."""
         path = Path(path)
         manifest, arrays = read_gallery(path, verify=verify)
-        levels = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("level/")}
-        return cls(
-            names=manifest["names"],
-            global_features=arrays["global"],
-            levels=levels,
-            manifest=manifest,
-            thumbnails=arrays.get("thumbnails"),
-            path=path,
-        )
+        levels = {}
+        for k, spec in manifest["levels"].items():
+            codec = LevelCodec(**{part: arrays.get(f"{part}/{k}") for part in ("proj", "center", "scale")})
+            levels[k] = LevelStore(arrays[f"level/{k}"], tuple(spec["grid"]), codec,
+                                   arrays.get(f"offsets/{k}"), arrays.get(f"yx/{k}"))
+        return cls(manifest["names"], arrays["global"], levels, manifest, arrays.get("thumbnails"), path)
 
 
-def write_gallery(path: str | os.PathLike, names: list[str], arrays: dict[str, np.ndarray], manifest: dict) -> Path:
+def write_gallery(path: str | os.PathLike, names: list[str], arrays: dict[str, np.ndarray | list[np.ndarray]],
+                  manifest: dict) -> Path:
+    """Write a gallery atomically. An array may be given as a list of chunks stacked along axis 0
+    (e.g. memory-mapped slices of an old gallery plus new rows): it is streamed, never assembled."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    arrays = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
+    chunks = {k: [np.ascontiguousarray(c) for c in (v if isinstance(v, list) else [v])] for k, v in arrays.items()}
     table, offset = {}, 0
-    for key, arr in arrays.items():
-        table[key] = {
-            "dtype": arr.dtype.str,
-            "shape": list(arr.shape),
-            "offset": offset,
-            "nbytes": arr.nbytes,
-            "sha256": hashlib.sha256(memoryview(arr).cast("B")).hexdigest(),
-        }
-        offset += arr.nbytes + _pad(arr.nbytes)
+    for key, parts in chunks.items():
+        first = parts[0]
+        if any(c.dtype != first.dtype or c.shape[1:] != first.shape[1:] for c in parts):
+            raise ValueError(f"chunks of array '{key}' differ in dtype or trailing shape")
+        h = hashlib.sha256()
+        for c in parts:
+            h.update(memoryview(c).cast("B"))
+        nbytes = sum(c.nbytes for c in parts)
+        shape = [sum(len(c) for c in parts), *first.shape[1:]] if first.ndim else []
+        table[key] = {"dtype": first.dtype.str, "shape": shape, "offset": offset, "nbytes": nbytes, "sha256": h.hexdigest()}
+        offset += nbytes + _pad(nbytes)
     header = dict(manifest, format=FORMAT_VERSION, names=list(names), arrays=table)
     blob = json.dumps(header, indent=1, sort_keys=True).encode()
     blob += b" " * _pad(_PREFIX.size + len(blob))
@@ -131,9 +208,10 @@ def write_gallery(path: str | os.PathLike, names: list[str], arrays: dict[str, n
         with os.fdopen(fd, "wb") as f:
             f.write(_PREFIX.pack(MAGIC, len(blob), hashlib.sha256(blob).digest()))
             f.write(blob)
-            for arr in arrays.values():
-                f.write(memoryview(arr).cast("B"))
-                f.write(b"\0" * _pad(arr.nbytes))
+            for key, parts in chunks.items():
+                for c in parts:
+                    f.write(memoryview(c).cast("B"))
+                f.write(b"\0" * _pad(table[key]["nbytes"]))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -114,7 +114,8 @@ def pixel_scores(
 ) -> tuple[np.ndarray, Correspondence]:
     """Pixel anomaly map at the model's input size (before smoothing), and the correspondences.
 
-    ``features``: the test image's levels as (C, h, w) arrays.
+    ``features``: the test image's levels as (C, h, w) arrays. Test features go through the
+    gallery's stored projection; gallery features are decoded one image at a time.
     """
     names = config.level_names(info)
     stride = {lv.name: lv.stride for lv in info.levels}
@@ -124,44 +125,54 @@ def pixel_scores(
 
     if config.mode == "concat":
         grid = features[finest].shape[1:]
-        top = scorer.topk(concat_rows(features, names, grid), (gallery_rows(gallery, j, names, grid) for j in neighbors),
-                          config.kappa)
+        top = scorer.topk(concat_rows(features, gallery, names, grid),
+                          (gallery_rows(gallery, j, names, grid) for j in neighbors), config.kappa)
         score = upsample_map(top.distances.mean(axis=1).reshape(grid), s, s)
-        corr = _correspondence(top.indices[:, 0], neighbors, grid, grid, s / grid[1])
+        per_image = np.full(len(neighbors), grid[0] * grid[1])
+        corr = _correspondence(top.indices[:, 0], neighbors, per_image, grid, s / grid[1], lambda j, r: (r // grid[1], r % grid[1]))
         return score, corr
 
     score = np.zeros((s, s), np.float32)
     corr = None
     for n in names:
-        q = _hwc(features[n])
+        store = gallery.levels[n]
+        q = store.codec.project(_hwc(features[n]))
         h, w = q.shape[:2]
-        top = scorer.topk(q.reshape(h * w, -1), (gallery_rows(gallery, j, [n]) for j in neighbors), config.kappa)
+        blocks = [store.rows(j) for j in neighbors] if store.coreset else (store.rows(j) for j in neighbors)
+        top = scorer.topk(q.reshape(h * w, -1), blocks, config.kappa)
         score += upsample_map(top.distances.mean(axis=1).reshape(h, w), s, s)
         if n == finest:
-            corr = _correspondence(top.indices[:, 0], neighbors, (h, w), gallery.levels[n].shape[1:3], stride[n])
+            per_image = np.array([len(b) for b in blocks]) if store.coreset else np.full(len(neighbors), h * w)
+            corr = _correspondence(top.indices[:, 0], neighbors, per_image, (h, w), stride[n], store.cells)
     return score / len(names), corr
 
 
-def concat_rows(features: dict[str, np.ndarray], names: Sequence[str], grid: tuple[int, int]) -> np.ndarray:
-    """Test pixels of the concatenated pyramid: levels (C, h, w) upsampled to ``grid``, as (P, D) rows."""
-    return np.concatenate([upsample_hwc(_hwc(features[n]), *grid) for n in names], axis=2).reshape(grid[0] * grid[1], -1)
+def concat_rows(features: dict[str, np.ndarray], gallery: Gallery, names: Sequence[str], grid: tuple[int, int]) -> np.ndarray:
+    """Test pixels of the concatenated pyramid: each level (C, h, w) projected as the gallery
+    stores it and upsampled to ``grid`` (both linear, so the order does not matter), as (P, D) rows."""
+    return np.concatenate([upsample_hwc(gallery.levels[n].codec.project(_hwc(features[n])), *grid) for n in names],
+                          axis=2).reshape(grid[0] * grid[1], -1)
 
 
 def gallery_rows(gallery: Gallery, j: int, names: Sequence[str], grid: tuple[int, int] | None = None) -> np.ndarray:
-    """Pixels of gallery image ``j``: one level at native resolution (``grid`` None), or the
-    concatenated pyramid upsampled to ``grid``; (M, D) rows."""
+    """Pixels of gallery image ``j``: one level as stored (``grid`` None), or the concatenated
+    pyramid upsampled to ``grid``; float32 (M, D) rows."""
     if grid is None:
         (n,) = names
-        g = gallery.levels[n][j]
-        return g.reshape(-1, g.shape[-1])
-    return np.concatenate([upsample_hwc(gallery.levels[n][j], *grid) for n in names], axis=2).reshape(grid[0] * grid[1], -1)
+        return gallery.levels[n].rows(j)
+    return np.concatenate([upsample_hwc(gallery.levels[n].dense(j), *grid) for n in names], axis=2).reshape(grid[0] * grid[1], -1)
 
 
-def _correspondence(idx, neighbors, query_grid, gallery_grid, stride) -> Correspondence:
-    per_image = gallery_grid[0] * gallery_grid[1]
-    image = neighbors[idx // per_image].reshape(query_grid)
-    loc = idx % per_image
-    return Correspondence(image, (loc // gallery_grid[1]).reshape(query_grid), (loc % gallery_grid[1]).reshape(query_grid), float(stride))
+def _correspondence(idx, neighbors, per_image, query_grid, stride, cells) -> Correspondence:
+    """Turn indices into the concatenated blocks into (gallery image, y, x) per query cell."""
+    starts = np.r_[0, np.cumsum(per_image)]
+    k = np.searchsorted(starts, idx, side="right") - 1
+    image = neighbors[k]
+    ys, xs = np.empty(len(idx), np.int64), np.empty(len(idx), np.int64)
+    for kk in np.unique(k):
+        sel = k == kk
+        ys[sel], xs[sel] = cells(int(neighbors[kk]), idx[sel] - starts[kk])
+    return Correspondence(image.reshape(query_grid), ys.reshape(query_grid), xs.reshape(query_grid), float(stride))
 
 
 def smooth(score_map: np.ndarray, sigma: float) -> np.ndarray:

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import click
+import numpy as np
 
 from . import __version__
 
@@ -117,42 +118,110 @@ def gallery():
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the held-out split.")
 @click.option("--crop/--no-crop", default=True, show_default=True,
               help="Resize+centre-crop (paper) or resize the whole image (keeps the borders in view).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
+              help="Stored precision of pixel features (int8: per-channel symmetric scales).")
+@click.option("--projection", type=click.Choice(["none", "pca", "random"]), default="none", show_default=True,
+              help="Channel reduction fitted on the normal features, applied to test features too.")
+@click.option("--keep", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
+              help="Share of each level's channels kept by --projection.")
+@click.option("--coreset", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
+              help="Share of each image's pixels kept by greedy k-center (needs --mode per-level).")
 @click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True)
 @click.option("--threads", type=click.IntRange(1), help="CPU threads for ONNX Runtime.")
 @scoring_options
 @_friendly_errors
-def gallery_build(model, images, out, holdout, seed, crop, batch_size, threads, **scoring):
+def gallery_build(model, images, out, holdout, seed, crop, precision, projection, keep, coreset, batch_size, threads,
+                  **scoring):
     """Extract features of normal images into a gallery (no torch needed)."""
     from .runtime.build import gallery_from_images
+    from .runtime.codec import Storage
     from .runtime.features import backend_from_model
     from .runtime.images import Preprocess, list_images
     from .runtime.spade import SpadeConfig
 
     backend = backend_from_model(model, threads=threads)
     config = SpadeConfig(**_scoring_overrides(**scoring))
-    g = gallery_from_images(backend, list_images(images), out, holdout=holdout, seed=seed,
+    storage = Storage(precision=precision, projection=projection, keep=keep, coreset=coreset, seed=seed)
+    g = gallery_from_images(backend, list_images(images), out, holdout=holdout, seed=seed, storage=storage,
                             preprocess=Preprocess(backend.info.input_size, crop), config=config, batch_size=batch_size)
     th = g.thresholds
     click.echo(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB): {len(g)} images"
                + (f", image threshold {th['image']:.4f} from {len(th['heldout'])} held-out" if th else ", no thresholds (holdout 0)"))
 
 
+def _describe(g) -> dict:
+    m = g.manifest
+    sizes = g.nbytes()
+    n = max(len(g), 1)
+    fp32 = sum(int(np.prod(st.grid)) * (st.codec.proj.shape[0] if st.codec.proj is not None else st.channels) * 4
+               for st in g.levels.values())
+    return {
+        "images": len(g), "model": m["model"].get("backbone"), "fingerprint": g.fingerprint,
+        "storage": g.storage, "preprocess": m.get("preprocess"), "config": m.get("config"),
+        "bytes_per_image": {"pixel_levels": round(sizes["levels"] / n), "global": round(sizes["global"] / n),
+                            "thumbnails": round(sizes["thumbnails"] / n), "fp32_native_levels": fp32,
+                            "compression": round(fp32 / max(sizes["levels"] / n, 1), 2)},
+        "file_bytes": g.path.stat().st_size if g.path else None,
+        "thresholds": {k: v for k, v in g.thresholds.items() if k in ("image", "pixel", "rule")},
+        "arrays": {k: f"{v['dtype']} {v['shape']}" for k, v in m["arrays"].items()},
+        "build": m.get("build"), "history": m.get("history", []),
+    }
+
+
 @gallery.command("info")
 @click.argument("path", type=click.Path(exists=True, dir_okay=False))
 @_friendly_errors
 def gallery_info(path):
-    """Print what a gallery holds (checks every checksum)."""
+    """Print what a gallery holds: images, storage, bytes per image, settings (checks every checksum)."""
     from .runtime.gallery import Gallery
 
-    g = Gallery.load(path)
-    m = g.manifest
-    click.echo(json.dumps({
-        "images": len(g), "model": m["model"]["backbone"], "fingerprint": g.fingerprint,
-        "precision": m.get("precision"), "preprocess": m.get("preprocess"), "config": m.get("config"),
-        "thresholds": {k: v for k, v in g.thresholds.items() if k in ("image", "pixel", "rule")},
-        "arrays": {k: f"{v['dtype']} {v['shape']}" for k, v in m["arrays"].items()},
-        "build": m.get("build"),
-    }, indent=2))
+    click.echo(json.dumps(_describe(Gallery.load(path)), indent=2))
+
+
+@gallery.command("verify")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@click.option("--model", "-m", type=click.Path(exists=True, dir_okay=False), help="Also check it belongs to this model.")
+@_friendly_errors
+def gallery_verify(path, model):
+    """Check every checksum (and, with --model, the model fingerprint); exit 1 on any problem."""
+    from .runtime.gallery import Gallery
+
+    g = Gallery.load(path, verify=True)
+    if model:
+        from .runtime.features import backend_from_model
+
+        g.check_model(backend_from_model(model).info)
+    click.echo(f"{path}: OK ({len(g)} images, {len(g.manifest['arrays'])} arrays verified"
+               + (", model matches)" if model else ")"))
+
+
+@gallery.command("add")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--model", "-m", type=click.Path(exists=True, dir_okay=False), required=True)
+@click.option("--threads", type=click.IntRange(1), help="CPU threads for ONNX Runtime.")
+@_friendly_errors
+def gallery_add(path, images, model, threads):
+    """Add normal images (files or folders) without a rebuild; stored codecs and thresholds are kept."""
+    from .runtime.build import add_images
+    from .runtime.features import backend_from_model
+    from .runtime.images import list_images
+
+    files = [f for p in images for f in (list_images(p) if Path(p).is_dir() else [Path(p)])]
+    g = add_images(path, backend_from_model(model, threads=threads), files)
+    click.echo(f"{path}: {len(g)} images (+{len(files)})")
+
+
+@gallery.command("remove")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@click.argument("names", nargs=-1, required=True)
+@_friendly_errors
+def gallery_remove(path, names):
+    """Remove images by name (as 'gallery info' or 'infer' report them)."""
+    from .runtime.build import remove_images
+
+    g = remove_images(path, list(names))
+    click.echo(f"{path}: {len(g)} images (-{len(names)})")
 
 
 @main.command()

@@ -43,7 +43,7 @@ def random_gallery(info: ModelInfo, n: int, rng: np.random.Generator) -> Gallery
     levels = {lv.name: rng.normal(size=(n, *info.grid(lv), lv.channels)).astype(np.float32) for lv in info.levels}
     glob = rng.normal(size=(n, info.global_channels)).astype(np.float32)
     manifest = {"model": {"backbone": info.backbone, "fingerprint": info.fingerprint}, "thresholds": {}}
-    return Gallery([f"img{i:03d}.png" for i in range(n)], glob, levels, manifest)
+    return Gallery.from_arrays([f"img{i:03d}.png" for i in range(n)], glob, levels, manifest)
 
 
 def random_features(info: ModelInfo, rng: np.random.Generator) -> dict[str, np.ndarray]:

@@ -22,9 +22,9 @@ def test_round_trip_is_memory_mapped(saved):
     h = Gallery.load(path)
     assert h.names == g.names and h.fingerprint == g.fingerprint
     assert isinstance(h.global_features, np.memmap) and not h.global_features.flags.writeable
-    for name, arr in g.levels.items():
-        assert isinstance(h.levels[name], np.memmap)
-        np.testing.assert_array_equal(h.levels[name], arr)
+    for name, store in g.levels.items():
+        assert isinstance(h.levels[name].data, np.memmap)
+        np.testing.assert_array_equal(h.levels[name].data, store.data)
     np.testing.assert_array_equal(h.thumbnails, g.thumbnails)
 
 

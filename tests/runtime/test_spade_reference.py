@@ -39,7 +39,7 @@ def reference(test, gallery, info, k_image, k_gallery, kappa, mode):
                 out[y, x] = np.sort(d)[:kappa].mean()
         return out
 
-    gal_levels = {n: [np.asarray(gallery.levels[n][j], np.float64).transpose(2, 0, 1) for j in retrieved] for n in names}
+    gal_levels = {n: [np.asarray(gallery.levels[n].data[j], np.float64).transpose(2, 0, 1) for j in retrieved] for n in names}
     if mode == "concat":
         h0, w0 = test[names[0]].shape[1:]
         t = np.concatenate([upsample(test[n], (h0, w0)) for n in names])
@@ -75,7 +75,7 @@ def test_correspondence_points_at_the_matching_pixel():
     gallery = random_gallery(info, 4, rng)
     test = random_features(info, rng)
     cfg = SpadeConfig(k_image=4, k_gallery=4, mode="per-level")
-    gallery.levels["a"][2, 5, 6] = test["a"][:, 1, 3]
+    gallery.levels["a"].data[2, 5, 6] = test["a"][:, 1, 3]
     _, corr = pixel_scores(test, gallery, np.arange(4), info, cfg, NumpyScorer())
     assert (corr.image[1, 3], corr.y[1, 3], corr.x[1, 3]) == (2, 5, 6)
     img, row, col = corr.at(1 * 4 + 1, 3 * 4 + 2)  # a model-input pixel inside grid cell (1, 3)
