@@ -77,6 +77,24 @@ def encode_level(maps: Sequence[np.ndarray], codec: LevelCodec, storage: Storage
     return np.concatenate(rows), np.r_[0, np.cumsum(counts)].astype(np.int64), np.concatenate(yx)
 
 
+def gallery_from_features(feats: Sequence[dict], names: Sequence[str], info, storage: Storage | None = None,
+                          codecs: dict[str, LevelCodec] | None = None) -> Gallery:
+    """An in-memory gallery from extracted features (as :func:`extract` returns them): codecs are
+    fitted on these features unless given, then every image is encoded."""
+    storage = storage or Storage()
+    codecs = dict(codecs or {})
+    levels = {}
+    for lv in info.levels:
+        maps = [f[lv.name] for f in feats]
+        if lv.name not in codecs:
+            codecs[lv.name] = fit_codec(np.concatenate([m.reshape(-1, m.shape[-1]) for m in maps]), storage)
+        data, offsets, yx = encode_level(maps, codecs[lv.name], storage)
+        levels[lv.name] = LevelStore(data, maps[0].shape[:2], codecs[lv.name], offsets, yx)
+    glob = np.stack([f[info.global_name] for f in feats]).astype(np.float32)
+    manifest = {"model": {"backbone": info.backbone, "fingerprint": info.fingerprint}, "storage": storage.to_dict()}
+    return Gallery(list(names), glob, levels, manifest)
+
+
 def gallery_from_images(
     backend: FeatureBackend,
     images: Sequence[str | os.PathLike],
@@ -121,15 +139,7 @@ def gallery_from_images(
     names = [paths[i].name for i in train_idx]
     if len(set(names)) != len(names):
         names = [str(paths[i]) for i in train_idx]
-    levels = {}
-    codecs = dict(codecs or {})
-    for lv in info.levels:
-        maps = [f[lv.name] for f in feats]
-        if lv.name not in codecs:
-            codecs[lv.name] = fit_codec(np.concatenate([m.reshape(-1, m.shape[-1]) for m in maps]), storage)
-        data, offsets, yx = encode_level(maps, codecs[lv.name], storage)
-        levels[lv.name] = LevelStore(data, maps[0].shape[:2], codecs[lv.name], offsets, yx)
-    glob = np.stack([f[info.global_name] for f in feats]).astype(np.float32)
+    gallery = gallery_from_features(feats, names, info, storage, codecs)
     manifest = {
         "model": {"backbone": info.backbone, "fingerprint": info.fingerprint, "input_size": info.input_size,
                   "levels": [lv.__dict__ for lv in info.levels], "global": info.global_name},
@@ -140,8 +150,8 @@ def gallery_from_images(
                   "images": len(paths), "holdout": holdout, "seed": seed, "source": str(paths[0].parent.resolve())},
         "thresholds": {},
     }
-    thumbs = _thumbnails(inputs, max(32, info.input_size // 2)) if thumbnails else None
-    gallery = Gallery(names, glob, levels, manifest, thumbs)
+    gallery.manifest = manifest
+    gallery.thumbnails = _thumbnails(inputs, max(32, info.input_size // 2)) if thumbnails else None
     del feats
 
     if n_hold:

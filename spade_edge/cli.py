@@ -343,3 +343,31 @@ def bench_accuracy(out, cell_types, seed, pixel_images, limit, threads):
     table = markdown(merged, [lv.name for lv in backend.info.levels], proto.ks)
     (out / "accuracy.md").write_text(table)
     click.echo(table)
+
+
+@bench.command("gallery")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default="bench-results", show_default=True)
+@click.option("--cell-types", default="mono,poly", show_default=True, help="Comma-separated ELPV cell types.")
+@click.option("--pixel-images", type=click.IntRange(2), default=100, show_default=True)
+@click.option("--limit", type=click.IntRange(1), help="Cap test images per group (a quick look; not the protocol).")
+@click.option("--threads", type=click.IntRange(1), help="CPU threads for ONNX Runtime.")
+@scoring_options
+@_friendly_errors
+def bench_gallery(out, cell_types, pixel_images, limit, threads, **scoring):
+    """Every storage setting against fp32: bytes per normal image, load time, resident memory,
+    image / pixel AUROC and AUPRO on the ELPV benchmarks; and the cost of loading a 1 GiB gallery."""
+    from .bench.gallery import big_gallery_load, markdown, run
+    from .bench.models import lite0_onnx
+    from .runtime.features import backend_from_model
+    from .runtime.spade import SpadeConfig
+
+    backend = backend_from_model(lite0_onnx(), threads=threads)
+    config = SpadeConfig(**_scoring_overrides(**scoring))
+    results = run(backend, config, cell_types=tuple(cell_types.split(",")), n_pixel=pixel_images, limit=limit,
+                  echo=click.echo)
+    big = big_gallery_load()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gallery.json").write_text(json.dumps({"config": config.to_dict(), "results": results, "big": big}, indent=1))
+    table = markdown(results, big)
+    (out / "gallery.md").write_text(table)
+    click.echo(table)

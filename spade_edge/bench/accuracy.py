@@ -21,7 +21,7 @@ import numpy as np
 
 from ..datasets import elpv_cells
 from ..metrics import aupro, pixel_roc_auc, roc_auc
-from ..runtime.build import extract, progress
+from ..runtime.build import extract, gallery_from_features, progress
 from ..runtime.features import FeatureBackend
 from ..runtime.gallery import Gallery
 from ..runtime.images import Preprocess
@@ -52,12 +52,6 @@ class Scores:
 
     def add(self, key: str, v: float) -> None:
         self.values.setdefault(key, []).append(float(v))
-
-
-def _gallery(feats, info) -> Gallery:
-    levels = {lv.name: np.stack([f[lv.name] for f in feats]) for lv in info.levels}
-    glob = np.stack([f[info.global_name] for f in feats])
-    return Gallery([str(i) for i in range(len(feats))], glob, levels, {"model": {"fingerprint": info.fingerprint}})
 
 
 def level_subsets(names):
@@ -126,6 +120,27 @@ class Sweep:
                     finish(f"per-level[{'+'.join(subset)}] K={k} kappa={kappa}", raw)
 
 
+def split(kind: str, seed: int) -> tuple[list, list]:
+    """The protocol's split of one cell type's normal cells: (gallery half, normal test half)."""
+    normal = elpv_cells(0.0, kind)
+    np.random.default_rng(seed).shuffle(normal)
+    half = len(normal) // 2
+    return normal[:half], normal[half:]
+
+
+def synthetic_set(clean_paths, seed: int, pre: Preprocess) -> tuple[list[np.ndarray], np.ndarray]:
+    """One synthetic defect per cell (kinds in turn): the images, and their masks as the model sees them."""
+    from ..runtime.images import load_image
+
+    rng = np.random.default_rng(seed + 1)
+    imgs, masks = [], []
+    for i, p in enumerate(clean_paths):
+        img, mask, _ = add_defect(load_image(str(p))[:, :, 0], rng, KINDS[i % len(KINDS)])
+        imgs.append(img)
+        masks.append(pre(np.repeat(mask[:, :, None].astype(np.uint8) * 255, 3, 2))[0][:, :, 0] > 127)
+    return imgs, np.stack(masks)
+
+
 def _cells(kind, prob, limit):
     cells = elpv_cells(prob, kind)
     return cells[:limit] if limit else cells
@@ -138,15 +153,12 @@ def run(backend: FeatureBackend, proto: Protocol = Protocol(), echo=print) -> di
     results = {}
     for kind in proto.cell_types:
         t0 = time.perf_counter()
-        normal = elpv_cells(0.0, kind)
-        np.random.default_rng(proto.seed).shuffle(normal)
-        half = len(normal) // 2
-        train, test_ok = normal[:half], normal[half:]
+        train, test_ok = split(kind, proto.seed)
         if proto.limit:
             test_ok = test_ok[: max(proto.limit, 2 * proto.n_pixel)]
         echo(f"[{kind}] gallery: {len(train)} normal cells")
         gfeats, _, _ = extract(backend, [str(p) for p in train], pre, desc=f"{kind} gallery")
-        gallery = _gallery(gfeats, info)
+        gallery = gallery_from_features(gfeats, [str(i) for i in range(len(gfeats))], info)
         del gfeats
         default_keys = ("concat K=50 kappa=1",)
         sweep = Sweep(gallery, info, proto, keep_maps=tuple(f"concat K={k} kappa=1" for k in proto.ks) + tuple(
@@ -177,17 +189,10 @@ def run(backend: FeatureBackend, proto: Protocol = Protocol(), echo=print) -> di
                             for key, v in sc.values.items()}
 
         # pixel level: synthetic defects on other held-out normal cells
-        rng = np.random.default_rng(proto.seed + 1)
-        syn_imgs, syn_masks = [], []
-        from ..runtime.images import load_image
-
-        for i, p in enumerate(test_ok[n_pix : 2 * n_pix]):
-            img, mask, _ = add_defect(load_image(str(p))[:, :, 0], rng, KINDS[i % len(KINDS)])
-            syn_imgs.append(img)
-            syn_masks.append(pre(np.repeat(mask[:, :, None].astype(np.uint8) * 255, 3, 2))[0][:, :, 0] > 127)
+        syn_imgs, syn_masks = synthetic_set(test_ok[n_pix : 2 * n_pix], proto.seed, pre)
         bad_maps: dict = {}
-        Scores_ = score_paths(syn_imgs, f"{kind} synthetic", bad_maps)
-        masks = np.concatenate([np.zeros((n_pix, info.input_size, info.input_size), bool), np.stack(syn_masks)])
+        score_paths(syn_imgs, f"{kind} synthetic", bad_maps)
+        masks = np.concatenate([np.zeros((n_pix, info.input_size, info.input_size), bool), syn_masks])
         pixel = {}
         for key in ok_maps:
             maps = np.concatenate([np.stack(ok_maps[key]), np.stack(bad_maps[key])]).astype(np.float32)
