@@ -141,7 +141,8 @@ def gallery_from_images(
         names = [str(paths[i]) for i in train_idx]
     gallery = gallery_from_features(feats, names, info, storage, codecs)
     manifest = {
-        "model": {"backbone": info.backbone, "fingerprint": info.fingerprint, "input_size": info.input_size,
+        "model": {"backbone": info.backbone, "fingerprint": info.fingerprint, "precision": info.precision,
+                  "input_size": info.input_size,
                   "levels": [lv.__dict__ for lv in info.levels], "global": info.global_name},
         "preprocess": preprocess.to_dict(),
         "config": config.to_dict(),

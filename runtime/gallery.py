@@ -130,8 +130,15 @@ class Gallery:
         return self._global_sqnorm
 
     def check_model(self, info: ModelInfo) -> None:
-        """Refuse a model this gallery was not built with."""
+        """Refuse a model of another family (other weights); warn when the same weights run at
+        another precision than the gallery was built with (its features drift a little)."""
         m = self.manifest["model"]
+        built = m.get("precision", "fp32")
+        if m["fingerprint"] == info.fingerprint and built != info.precision:
+            import warnings
+
+            warnings.warn(f"gallery was built with the {built} model, this model is {info.precision}: scores "
+                          f"shift slightly; build the gallery with the model that scores", stacklevel=3)
         if m["fingerprint"] != info.fingerprint:
             raise MismatchError(
                 f"gallery {self.path or ''} was built with model '{m.get('backbone')}' "

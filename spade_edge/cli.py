@@ -310,6 +310,71 @@ def evaluate(data, model, out, crop, threads, **scoring):
     click.echo(f"report: {out / 'report.html'} and {out / 'report.md'}")
 
 
+@main.command()
+@click.option("--model", "-m", type=click.Path(exists=True, dir_okay=False), required=True, help="fp32 model from 'export'.")
+@click.option("--out", "-o", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Model file to write.")
+@click.option("--precision", type=click.Choice(["int8", "fp16"]), default="int8", show_default=True)
+@click.option("--images", "-i", type=click.Path(exists=True, file_okay=False), help="Normal images to calibrate on (int8).")
+@click.option("--count", type=click.IntRange(1), default=64, show_default=True, help="Calibration images used (a seeded sample).")
+@click.option("--method", type=click.Choice(["minmax", "percentile", "entropy"]), default="minmax", show_default=True)
+@click.option("--percentile", type=click.FloatRange(0, 100, min_open=True), default=99.999, show_default=True)
+@click.option("--exclude", multiple=True, help="Node kept in float (repeatable); see --list-nodes.")
+@click.option("--auto-exclude", type=click.IntRange(0), default=0, show_default=True,
+              help="Keep this many of the most sensitive Conv layers in float.")
+@click.option("--crop/--no-crop", default=True, show_default=True)
+@click.option("--report", type=click.Path(file_okay=False, path_type=Path),
+              help="Write a drift report here (features, latency; ELPV accuracy with --accuracy).")
+@click.option("--accuracy", is_flag=True, help="With --report: image and pixel AUROC of both models on the ELPV benchmarks.")
+@click.option("--limit", type=click.IntRange(1), help="With --accuracy: cap test images per set (quick look).")
+@_friendly_errors
+def calibrate(model, out, precision, images, count, method, percentile, exclude, auto_exclude, crop, report, accuracy, limit):
+    """Write a reduced-precision model: INT8 Q/DQ calibrated on normal images (symmetric, per-channel
+    weights; TensorRT 10/11 and ONNX Runtime accept it) or FP16 for strongly typed TensorRT."""
+    from .calibration.common import read_info
+    from .runtime.images import Preprocess
+
+    import onnx
+
+    info = read_info(onnx.load(model, load_external_data=False))
+    if precision == "int8":
+        from .calibration.int8 import Int8Options, int8_from_onnx
+        from .calibration.reader import calibration_images
+
+        if not images:
+            raise click.UsageError("--images is required for int8 calibration")
+        paths = calibration_images(images, count)
+        res = int8_from_onnx(model, paths, out, Int8Options(method, percentile, tuple(exclude), auto_exclude),
+                             Preprocess(info.input_size, crop))
+        kept = f"; kept in float: {', '.join(res.excluded)}" if res.excluded else ""
+        click.echo(f"wrote {out}: int8 Q/DQ, {method} on {len(paths)} images{kept}")
+    else:
+        from .calibration.fp16 import fp16_from_onnx
+
+        fp16_from_onnx(model, out)
+        click.echo(f"wrote {out}: fp16 (uint8 input, float32 outputs)")
+    if report:
+        from .bench.accuracy import split
+        from .calibration.drift import drift_report
+        from .datasets import elpv_cells
+        from .runtime.features import backend_from_model
+
+        ref, test = backend_from_model(model), backend_from_model(out)
+        _, normal = split("mono", 0)
+        acc = None
+        if accuracy:
+            from .bench.gallery import protocol_data, score_setting
+            from .runtime.codec import Storage
+            from .runtime.spade import SpadeConfig
+
+            acc = {}
+            for kind in ("mono", "poly"):
+                scores = {name: score_setting(b, protocol_data(b, kind, limit=limit, echo=click.echo), Storage(),
+                                              SpadeConfig(), f"{kind} {name}") for name, b in (("fp32", ref), ("reduced", test))}
+                acc[f"ELPV {kind}"] = scores
+        r = drift_report(ref, test, normal[:32], elpv_cells(1.0, "mono")[:32], report, acc)
+        click.echo((report / "drift.md").read_text())
+
+
 @main.group()
 def bench():
     """Benchmarks that measure and print tables (and write them as JSON and Markdown)."""

@@ -7,6 +7,7 @@ import gc
 import re
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -56,63 +57,87 @@ def big_gallery_load(size: int = 1 << 30) -> dict:
         return {"bytes": g.levels["x"].data.nbytes, "load_s": t, "rss_growth_bytes": grew}
 
 
-def run(backend: FeatureBackend, config: SpadeConfig, settings: dict[str, Storage] = SETTINGS,
-        cell_types=("mono", "poly"), seed: int = 0, n_pixel: int = 100, limit: int | None = None, echo=print) -> dict:
+@dataclass
+class ProtocolData:
+    """Features of one cell type's ELPV protocol sets, extracted once."""
+
+    train_names: list[str]
+    gallery: list[dict]
+    tests: dict[str, list[dict]]  # normal, defective (p = 1.0), synthetic
+    masks: np.ndarray  # (2 * n_pix, S, S): zeros for the clean cells, then the synthetic masks
+    n_pix: int
+
+
+def protocol_data(backend: FeatureBackend, kind: str, seed: int = 0, n_pixel: int = 100, limit: int | None = None,
+                  echo=print) -> ProtocolData:
+    info = backend.info
+    pre = Preprocess(info.input_size)
+    train, test_ok = split(kind, seed)
+    bad = _cells(kind, 1.0, limit)
+    if limit:
+        test_ok = test_ok[: max(limit, 2 * n_pixel)]
+    n_pix = min(n_pixel, len(test_ok) // 2)
+    syn_imgs, syn_masks = synthetic_set(test_ok[n_pix : 2 * n_pix], seed, pre)
+    echo(f"[{kind}] features: {len(train)} gallery, {len(test_ok)} normal, {len(bad)} defective, {n_pix} synthetic")
+    return ProtocolData(
+        [p.name for p in train],
+        extract(backend, [str(p) for p in train], pre, desc=f"{kind} gallery")[0],
+        {"normal": extract(backend, [str(p) for p in test_ok], pre, desc=f"{kind} normal")[0],
+         "defective": extract(backend, [str(p) for p in bad], pre, desc=f"{kind} defective")[0],
+         "synthetic": extract(backend, syn_imgs, pre, desc=f"{kind} synthetic")[0]},
+        np.concatenate([np.zeros((n_pix, info.input_size, info.input_size), bool), syn_masks]), n_pix)
+
+
+def score_setting(backend: FeatureBackend, data: ProtocolData, storage: Storage, config: SpadeConfig,
+                  desc: str = "") -> dict:
+    """Build the gallery with ``storage``, score every protocol set; sizes, load cost and accuracy."""
     info = backend.info
     pre = Preprocess(info.input_size)
     geom = Geometry(info.input_size, info.input_size, 0, 0, info.input_size, info.input_size)
+    blank = np.zeros((info.input_size, info.input_size, 3), np.uint8)
+    if storage.coreset < 1 and config.mode == "concat":
+        config = SpadeConfig.from_dict({**config.to_dict(), "mode": "per-level"})
+    with tempfile.TemporaryDirectory() as tmp:
+        g = gallery_from_features(data.gallery, data.train_names, info, storage)
+        g.manifest.update({"config": config.to_dict(), "preprocess": pre.to_dict()})
+        path = g.save(Path(tmp) / "g.gallery")
+        gc.collect()
+        before, t0 = rss(), time.perf_counter()
+        g = Gallery.load(path)
+        load_s, grew = time.perf_counter() - t0, rss() - before
+        det = Detector(backend, g, config=config, preprocess=pre)
+        scored = {}
+        for part, feats in data.tests.items():
+            out = []
+            for f in progress(feats, len(feats), f"{desc} {part}"):
+                chw = {k: (v.transpose(2, 0, 1) if v.ndim == 3 else v) for k, v in f.items()}
+                p = det.predict_features(chw, blank, geom)
+                keep_map = part == "synthetic" or len(out) < data.n_pix
+                out.append((p.score, p.max_pixel_score, p.anomaly_map if keep_map else None))
+            scored[part] = out
+        nb = g.nbytes()
+    ok, bd = scored["normal"], scored["defective"]
+    labels = [0] * len(ok) + [1] * len(bd)
+    maps = np.stack([m for _, _, m in ok[: data.n_pix]] + [m for _, _, m in scored["synthetic"]])
+    return {
+        "storage": storage.to_dict(), "mode": config.mode,
+        "level_bytes_per_image": nb["levels"] / len(data.train_names),
+        "global_bytes_per_image": nb["global"] / len(data.train_names),
+        "load_s": load_s, "rss_growth_bytes": grew,
+        "image_auroc": roc_auc(labels, [s for s, _, _ in ok + bd]),
+        "max_pixel_auroc": roc_auc(labels, [m for _, m, _ in ok + bd]),
+        "pixel_auroc": pixel_roc_auc(data.masks, maps), "aupro": aupro(data.masks, maps),
+    }
+
+
+def run(backend: FeatureBackend, config: SpadeConfig, settings: dict[str, Storage] = SETTINGS,
+        cell_types=("mono", "poly"), seed: int = 0, n_pixel: int = 100, limit: int | None = None, echo=print) -> dict:
     results: dict = {}
     for kind in cell_types:
-        train, test_ok = split(kind, seed)
-        bad = _cells(kind, 1.0, limit)
-        if limit:
-            test_ok = test_ok[: max(limit, 2 * n_pixel)]
-        n_pix = min(n_pixel, len(test_ok) // 2)
-        syn_imgs, syn_masks = synthetic_set(test_ok[n_pix : 2 * n_pix], seed, pre)
-        echo(f"[{kind}] features: {len(train)} gallery, {len(test_ok)} normal, {len(bad)} defective, {n_pix} synthetic")
-        gfeats, _, _ = extract(backend, [str(p) for p in train], pre, desc=f"{kind} gallery")
-        tests = {
-            "normal": extract(backend, [str(p) for p in test_ok], pre, desc=f"{kind} normal")[0],
-            "defective": extract(backend, [str(p) for p in bad], pre, desc=f"{kind} defective")[0],
-            "synthetic": extract(backend, syn_imgs, pre, desc=f"{kind} synthetic")[0],
-        }
-        masks = np.concatenate([np.zeros((n_pix, info.input_size, info.input_size), bool), syn_masks])
+        data = protocol_data(backend, kind, seed, n_pixel, limit, echo)
         rows = {}
         for name, storage in settings.items():
-            cfg = config
-            if storage.coreset < 1 and cfg.mode == "concat":
-                cfg = SpadeConfig.from_dict({**config.to_dict(), "mode": "per-level"})
-            with tempfile.TemporaryDirectory() as tmp:
-                g = gallery_from_features(gfeats, [str(p.name) for p in train], info, storage)
-                g.manifest.update({"config": cfg.to_dict(), "preprocess": pre.to_dict()})
-                path = g.save(Path(tmp) / "g.gallery")
-                gc.collect()
-                before, t0 = rss(), time.perf_counter()
-                g = Gallery.load(path)
-                load_s, grew = time.perf_counter() - t0, rss() - before
-                det = Detector(backend, g, config=cfg, preprocess=pre)
-                scored = {}
-                for part, feats in tests.items():
-                    out = []
-                    for f in progress(feats, len(feats), f"{kind} {name} {part}"):
-                        chw = {k: (v.transpose(2, 0, 1) if v.ndim == 3 else v) for k, v in f.items()}
-                        p = det.predict_features(chw, np.zeros((info.input_size,) * 2 + (3,), np.uint8), geom)
-                        out.append((p.score, p.max_pixel_score, p.anomaly_map if part == "synthetic" or len(out) < n_pix else None))
-                    scored[part] = out
-                nb = g.nbytes()
-            ok, bd = scored["normal"], scored["defective"]
-            labels = [0] * len(ok) + [1] * len(bd)
-            maps = np.stack([m for _, _, m in ok[:n_pix]] + [m for _, _, m in scored["synthetic"]])
-            rows[name] = {
-                "storage": storage.to_dict(), "mode": cfg.mode,
-                "level_bytes_per_image": nb["levels"] / len(train),
-                "global_bytes_per_image": nb["global"] / len(train),
-                "load_s": load_s, "rss_growth_bytes": grew,
-                "image_auroc": roc_auc(labels, [s for s, _, _ in ok + bd]),
-                "max_pixel_auroc": roc_auc(labels, [m for _, m, _ in ok + bd]),
-                "pixel_auroc": pixel_roc_auc(masks, maps), "aupro": aupro(masks, maps),
-            }
-            r = rows[name]
+            r = rows[name] = score_setting(backend, data, storage, config, f"{kind} {name}")
             echo(f"[{kind}] {name:>20}: {r['level_bytes_per_image'] / 1e3:8.1f} kB/image  max-pixel AUROC "
                  f"{r['max_pixel_auroc']:.3f}  pixel AUROC {r['pixel_auroc']:.3f}  AUPRO {r['aupro']:.3f}")
         results[kind] = rows

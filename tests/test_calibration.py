@@ -1,0 +1,125 @@
+"""INT8 Q/DQ and FP16 models: structure, parity bounds, and how the runtime takes them."""
+import shutil
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from spade_edge.calibration.drift import feature_drift
+from spade_edge.calibration.fp16 import fp16_from_onnx
+from spade_edge.calibration.int8 import Int8Options, int8_from_onnx, preprocessing_nodes
+from spade_edge.calibration.reader import calibration_images
+from spade_edge.runtime import Detector
+from spade_edge.runtime.build import gallery_from_images
+from spade_edge.runtime.errors import ImageError
+from spade_edge.runtime.features import backend_from_model
+from spade_edge.runtime.modelinfo import ModelInfo
+
+
+@pytest.fixture(scope="module")
+def calib_dir(elpv_normal, tmp_path_factory):
+    d = tmp_path_factory.mktemp("calib")
+    for p in elpv_normal[40:72]:
+        shutil.copy(p, d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def int8_model(lite0_onnx, calib_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("q") / "lite0.int8.onnx"
+    res = int8_from_onnx(lite0_onnx, calibration_images(calib_dir), out, Int8Options(auto_exclude=2), show_progress=False)
+    return out, res
+
+
+def test_qdq_structure(int8_model, lite0_onnx):
+    path, res = int8_model
+    model = onnx.load(str(path))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    quantized = 0
+    for conv in convs:
+        w = producer.get(conv.input[1])
+        if conv.name in res.excluded:
+            assert w is None or w.op_type != "DequantizeLinear"
+            continue
+        assert w is not None and w.op_type == "DequantizeLinear", f"{conv.name}: weight not quantized"
+        scale = inits[w.input[1]]
+        out_channels = inits[w.input[0]].shape[0]
+        assert inits[w.input[0]].dtype == np.int8 and scale.shape == (out_channels,), f"{conv.name}: not per channel"
+        x = producer[conv.input[0]]
+        assert x.op_type == "DequantizeLinear", f"{conv.name}: activation not quantized"
+        quantized += 1
+    assert quantized == len(convs) - 2 and len(res.excluded) == 2
+    for n in model.graph.node:  # symmetric: every zero point is 0
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 2:
+            assert not inits[n.input[2]].any(), f"{n.name}: zero point is not 0"
+    # pre-processing stays in float: nothing quantized before the first Conv
+    head = [n for n in model.graph.node if n.name in set(preprocessing_nodes(onnx.load(str(lite0_onnx))))]
+    assert {n.op_type for n in head} >= {"Cast", "Mul", "Add"}
+    assert all(producer[i].op_type != "DequantizeLinear" for n in head for i in n.input if i in producer)
+
+
+def test_int8_and_fp16_parity_bounds(lite0_onnx, int8_model, tmp_path, elpv_normal):
+    from spade_edge.datasets import elpv_cells
+
+    ref = backend_from_model(lite0_onnx)
+    images = elpv_normal[100:108] + elpv_cells(1.0, "mono")[:8]
+    q = feature_drift(ref, backend_from_model(int8_model[0]), images)
+    half = tmp_path / "lite0.fp16.onnx"
+    fp16_from_onnx(lite0_onnx, half)
+    h = feature_drift(ref, backend_from_model(half), images)
+    for level in ("stage2", "stage3", "stage5", "global"):
+        # stated bounds: int8 per-pixel cosine >= 0.95 on average (Lite0 is a hard case: depthwise
+        # convolutions, ReLU6), fp16 >= 0.999 with relative error <= 2%
+        assert q[level]["cosine_mean"] >= 0.95, (level, q[level])
+        assert h[level]["cosine_mean"] >= 0.999 and h[level]["rel_error"] <= 0.02, (level, h[level])
+
+
+def test_fp16_model_keeps_its_io(lite0_onnx, tmp_path):
+    half = tmp_path / "h.onnx"
+    fp16_from_onnx(lite0_onnx, half)
+    model = onnx.load(str(half))
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    assert {o.type.tensor_type.elem_type for o in model.graph.output} == {onnx.TensorProto.FLOAT}
+    assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer)
+
+
+def test_runtime_takes_a_calibrated_model_like_fp32(lite0_onnx, int8_model, elpv_normal, tmp_path):
+    fp32, int8 = backend_from_model(lite0_onnx), backend_from_model(int8_model[0])
+    assert int8.info.fingerprint == fp32.info.fingerprint and int8.info.precision == "int8"
+    assert int8.info.extra["calibration"]["method"] == "minmax"
+    g = gallery_from_images(int8, elpv_normal[:8], tmp_path / "q.gallery", show_progress=False)
+    assert g.manifest["model"]["precision"] == "int8"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Detector(int8, g).predict(elpv_normal[9])  # same model: no warning
+    with pytest.warns(UserWarning, match="built with the int8 model"):
+        Detector(fp32, g)
+
+
+def test_reader_refuses_empty_and_mixed_folders(tmp_path, elpv_normal):
+    from PIL import Image
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ImageError, match="no image files"):
+        calibration_images(empty)
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    Image.open(elpv_normal[0]).save(mixed / "a.png")
+    Image.open(elpv_normal[1]).resize((200, 120)).save(mixed / "b.png")
+    with pytest.raises(ImageError, match="differ in size"):
+        calibration_images(mixed)
+    with pytest.warns(UserWarning, match="at least 32"):
+        calibration_images(mixed, count=1)
+
+
+def test_refuses_to_calibrate_twice_and_unknown_nodes(int8_model, lite0_onnx, calib_dir, tmp_path):
+    with pytest.raises(ValueError, match="already int8"):
+        int8_from_onnx(int8_model[0], calibration_images(calib_dir), tmp_path / "x.onnx", show_progress=False)
+    with pytest.raises(ValueError, match="no node named"):
+        int8_from_onnx(lite0_onnx, calibration_images(calib_dir), tmp_path / "x.onnx",
+                       Int8Options(exclude=("nope",)), show_progress=False)
