@@ -31,6 +31,7 @@ from ..runtime.spade import concat_rows, gallery_rows, image_knn
 from ..synthetic import KINDS, add_defect
 
 GROUPS = {"1.0": 1.0, "0.67": 2 / 3, "0.33": 1 / 3}
+N_LOO = 20  # gallery images scored leave-one-out: the normal statistics that combined scores divide by
 
 
 @dataclass(frozen=True)
@@ -85,9 +86,12 @@ class Sweep:
                 out[k, kappa] = pool[:, :kappa].mean(axis=1).reshape(grid)
         return out
 
-    def __call__(self, feats: dict, scores: Scores, maps: dict | None = None) -> None:
+    def __call__(self, feats: dict, scores: Scores, maps: dict | None = None, exclude: int | None = None) -> None:
         s = self.info.input_size
-        dist, idx = image_knn(feats[self.info.global_name], self.g, self.kmax)
+        dist, idx = image_knn(feats[self.info.global_name], self.g, self.kmax + (exclude is not None))
+        if exclude is not None:  # a gallery image scored against the others (leave-one-out)
+            keep = idx != exclude
+            dist, idx = dist[keep][: self.kmax], idx[keep][: self.kmax]
         self.neighbors = idx
         for k in self.p.ks:
             scores.add(f"image K={k}", dist[: min(k, self.kmax)].mean())
@@ -103,12 +107,12 @@ class Sweep:
                 maps.setdefault(key, []).append(amap.astype(np.float16))
 
         grid = feats[self.finest].shape[:2]
-        per = self._per_neighbor(concat_rows(chw, self.names, grid), lambda j: gallery_rows(self.g, j, self.names, grid))
+        per = self._per_neighbor(concat_rows(chw, self.g, self.names, grid), lambda j: gallery_rows(self.g, j, self.names, grid))
         for (k, kappa), m in self._grid_maps(per, grid).items():
             finish(f"concat K={k} kappa={kappa}", upsample_map(m, s, s))
         level_maps = {}
         for n in self.names:
-            f = feats[n]
+            f = self.g.levels[n].codec.project(feats[n])
             per = self._per_neighbor(f.reshape(-1, f.shape[-1]), lambda j: gallery_rows(self.g, j, [n]))
             for key, m in self._grid_maps(per, f.shape[:2]).items():
                 level_maps[n, key] = upsample_map(m, s, s)
@@ -159,8 +163,6 @@ def run(backend: FeatureBackend, proto: Protocol = Protocol(), echo=print) -> di
         echo(f"[{kind}] gallery: {len(train)} normal cells")
         gfeats, _, _ = extract(backend, [str(p) for p in train], pre, desc=f"{kind} gallery")
         gallery = gallery_from_features(gfeats, [str(i) for i in range(len(gfeats))], info)
-        del gfeats
-        default_keys = ("concat K=50 kappa=1",)
         sweep = Sweep(gallery, info, proto, keep_maps=tuple(f"concat K={k} kappa=1" for k in proto.ks) + tuple(
             f"per-level[{'+'.join(n.name for n in info.levels)}] K={k} kappa=1" for k in proto.ks))
 
@@ -172,6 +174,11 @@ def run(backend: FeatureBackend, proto: Protocol = Protocol(), echo=print) -> di
                     sweep(f, sc, maps)
             return sc
 
+        # normal statistics without touching the test sets: gallery images scored leave-one-out
+        loo = Scores()
+        for i in progress(range(N_LOO), N_LOO, f"{kind} leave-one-out"):
+            sweep(gfeats[i], loo, exclude=i)
+        del gfeats
         ok_maps: dict = {}
         n_pix = min(proto.n_pixel, len(test_ok) // 2)
         ok_scores = score_paths([str(p) for p in test_ok[:n_pix]], f"{kind} normal (pixel set)", ok_maps)
@@ -179,12 +186,14 @@ def run(backend: FeatureBackend, proto: Protocol = Protocol(), echo=print) -> di
         for key, v in rest.values.items():
             ok_scores.values[key].extend(v)
         image = {}
+        per_image = {"normal": ok_scores.values, "leave_one_out": loo.values}
         counts = {"normal": len(test_ok)}
         for group, prob in GROUPS.items():
             bad = _cells(kind, prob, proto.limit)
             counts[group] = len(bad)
             echo(f"[{kind}] {len(test_ok)} normal vs {len(bad)} defective (p={group})")
             sc = score_paths([str(p) for p in bad], f"{kind} p={group}")
+            per_image[group] = sc.values
             image[group] = {key: roc_auc([0] * len(ok_scores.values[key]) + [1] * len(v), ok_scores.values[key] + v)
                             for key, v in sc.values.items()}
 
@@ -200,7 +209,7 @@ def run(backend: FeatureBackend, proto: Protocol = Protocol(), echo=print) -> di
                           "image_auroc": roc_auc([0] * n_pix + [1] * n_pix, maps.reshape(len(maps), -1).max(1))}
         counts["synthetic"] = n_pix
         results[kind] = {"image": image, "pixel": pixel, "counts": counts, "seconds": time.perf_counter() - t0,
-                         "default": default_keys[0]}
+                         "scores": per_image}
         echo(f"[{kind}] done in {results[kind]['seconds']:.0f} s")
     return results
 
@@ -212,9 +221,36 @@ def headline_keys(level_names, ks=(1, 5, 50)) -> list[str]:
             + [f"per-level[{all_levels}] K={k} kappa=1" for k in ks])
 
 
+def combined(r: dict, image_key: str, pixel_key: str) -> dict[str, float]:
+    """AUROC per group of image score / its normal median + pixel score / its normal median (the
+    medians from gallery images scored leave-one-out: no test image is used to combine)."""
+    s, loo = r["scores"], r["scores"]["leave_one_out"]
+    mi, mp = float(np.median(loo[image_key])), float(np.median(loo[pixel_key]))
+
+    def comb(part):
+        return list(np.asarray(s[part][image_key]) / mi + np.asarray(s[part][pixel_key]) / mp)
+
+    ok = comb("normal")
+    return {g: roc_auc([0] * len(ok) + [1] * len(s[g][image_key]), ok + comb(g)) for g in GROUPS}
+
+
+def add_combinations(results: dict, ks=(1, 5, 50)) -> None:
+    """Add 'image K=a + concat K=b kappa=1' style settings to every result (in place)."""
+    for r in results.values():
+        if "scores" not in r:
+            continue
+        pixel_keys = [k for k in r["image"]["1.0"] if not k.startswith("image") and "kappa=1" in k
+                      and ("concat" in k or k.count("+") == 2)]
+        for ki in ks:
+            for pk in pixel_keys:
+                for g, v in combined(r, f"image K={ki}", pk).items():
+                    r["image"][g][f"image K={ki} + {pk}"] = v
+
+
 def markdown(results: dict, level_names, ks=(1, 5, 50), top: int = 12) -> str:
     """Tables of one benchmark run (results of :func:`run`, possibly merged across cell types)."""
     lines = []
+    add_combinations(results, ks)
     kinds = list(results)
     for kind in kinds:
         r = results[kind]
