@@ -125,8 +125,9 @@ def pixel_scores(
 
     if config.mode == "concat":
         grid = features[finest].shape[1:]
-        top = scorer.topk(concat_rows(features, gallery, names, grid),
-                          (gallery_rows(gallery, j, names, grid) for j in neighbors), config.kappa)
+        query = [gallery.levels[n].codec.project(_hwc(features[n])) for n in names]
+        top = scorer.topk_pyramid(query, ([gallery.levels[n].dense(j) for n in names] for j in neighbors), grid,
+                                  config.kappa)
         score = upsample_map(top.distances.mean(axis=1).reshape(grid), s, s)
         per_image = np.full(len(neighbors), grid[0] * grid[1])
         corr = _correspondence(top.indices[:, 0], neighbors, per_image, grid, s / grid[1], lambda j, r: (r // grid[1], r % grid[1]))

@@ -31,5 +31,20 @@ class PixelScorer(ABC):
     def topk(self, query: np.ndarray, blocks: Iterable[np.ndarray], kappa: int) -> TopK:
         """Search ``query`` (P, D) against the rows of ``blocks``; return the kappa nearest."""
 
+    def topk_pyramid(self, query: list[np.ndarray], images: Iterable[list[np.ndarray]], grid: tuple[int, int],
+                     kappa: int) -> TopK:
+        """The concatenated pyramid: ``query`` and every gallery image are lists of (h_l, w_l, C_l)
+        level maps, compared as if each were bilinearly upsampled to ``grid`` and concatenated.
+        Row indices count ``grid`` cells image after image. This default upsamples and concatenates;
+        scorers may compute the same distances more cheaply."""
+        return self.topk(concat_upsampled(query, grid), (concat_upsampled(g, grid) for g in images), kappa)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+def concat_upsampled(levels: list[np.ndarray], grid: tuple[int, int]) -> np.ndarray:
+    """(h_l, w_l, C_l) maps -> their bilinear upsampling to ``grid``, concatenated: (H*W, sum C_l)."""
+    from ..resample import upsample_hwc
+
+    return np.concatenate([upsample_hwc(x, *grid) for x in levels], axis=2).reshape(grid[0] * grid[1], -1)
