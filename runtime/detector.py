@@ -90,7 +90,11 @@ class Detector:
     def load(cls, model: str | os.PathLike, gallery: str | os.PathLike | Gallery, device: str = "cpu",
              threads: int | None = None, **config) -> "Detector":
         """Open ``model`` (ONNX) and ``gallery`` for ``device``; keyword arguments override the
-        gallery's stored :class:`SpadeConfig` (k_image, k_gallery, kappa, mode, levels, sigma)."""
+        gallery's stored :class:`SpadeConfig` (k_image, k_gallery, kappa, mode, levels, sigma).
+        ``threads`` bounds ONNX Runtime and the scorer's BLAS alike."""
+        from .threads import set_threads
+
+        set_threads(threads)  # numpy's BLAS in the scorer; ONNX Runtime gets the same number below
         g = gallery if isinstance(gallery, Gallery) else Gallery.load(gallery)
         cfg = None
         if config:

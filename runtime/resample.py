@@ -27,6 +27,18 @@ def interp_matrix(n_out: int, n_in: int) -> np.ndarray:
     return m
 
 
+@lru_cache(maxsize=64)
+def taps(n_out: int, n_in: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The rows of :func:`interp_matrix` as two taps: (i0, i1, w0, w1), out = w0 x[i0] + w1 x[i1]."""
+    m = interp_matrix(n_out, n_in)
+    rows = np.arange(n_out)
+    i0 = np.argmax(m > 0, axis=1)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    w0 = m[rows, i0].copy()
+    w1 = np.where(i1 != i0, m[rows, i1], 0.0).astype(np.float32)
+    return i0, i1, w0, w1
+
+
 def upsample_map(x: np.ndarray, height: int, width: int) -> np.ndarray:
     """Bilinear resize of a 2-D map."""
     return interp_matrix(height, x.shape[0]) @ x.astype(np.float32) @ interp_matrix(width, x.shape[1]).T
@@ -34,11 +46,17 @@ def upsample_map(x: np.ndarray, height: int, width: int) -> np.ndarray:
 
 def upsample_hwc(x: np.ndarray, height: int, width: int) -> np.ndarray:
     """Bilinear resize of a channels-last feature map (h, w, C) -> (height, width, C)."""
+    x = np.asarray(x, np.float32)
     if x.shape[:2] == (height, width):
-        return np.asarray(x, np.float32)
-    a_h, a_w = interp_matrix(height, x.shape[0]), interp_matrix(width, x.shape[1])
-    t = np.tensordot(a_h, np.asarray(x, np.float32), axes=(1, 0))  # (H, w, C)
-    return np.ascontiguousarray(np.tensordot(a_w, t, axes=(1, 1)).transpose(1, 0, 2))
+        return x
+    # two taps per axis: cheaper than a dense product with the interpolation matrix
+    a0, a1, u0, u1 = taps(height, x.shape[0])
+    b0, b1, v0, v1 = taps(width, x.shape[1])
+    t = x[a0] * u0[:, None, None]
+    t += x[a1] * u1[:, None, None]
+    out = t[:, b0] * v0[None, :, None]
+    out += t[:, b1] * v1[None, :, None]
+    return out
 
 
 def gaussian_kernel(sigma: float, truncate: float = 4.0) -> np.ndarray:

@@ -436,3 +436,38 @@ def bench_gallery(out, cell_types, pixel_images, limit, threads, **scoring):
     table = markdown(results, big)
     (out / "gallery.md").write_text(table)
     click.echo(table)
+
+
+@bench.command("speed")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default="bench-results", show_default=True)
+@click.option("--repeats", type=click.IntRange(1), default=3, show_default=True, help="Runs per measurement (median).")
+@click.option("--threads", type=click.IntRange(1), help="Threads for BLAS, OpenMP (faiss) and ONNX Runtime alike.")
+@click.option("--quick", is_flag=True, help="K = 5 only, no backbones, no end to end (a smoke run).")
+@_friendly_errors
+def bench_speed(out, repeats, threads, quick):
+    """Pixel scoring against faiss-cpu IndexFlatL2, torch.cdist + topk and plain numpy at SPADE's
+    shapes; ONNX Runtime fp32 / int8 against PyTorch eager; WRN50x2 end to end. One run, ratios."""
+    from .bench import speed
+    from .runtime.threads import set_threads
+
+    set_threads(threads)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    r = {"machine": speed.machine(), "gemm_gflops": speed.gemm_rate(3136, 1792)}
+    r["scoring"] = {}
+    for backbone in speed.SHAPES:
+        for k in ((5,) if quick else (5, 50)):
+            click.echo(f"scoring {backbone} K={k} ...")
+            r["scoring"][f"{backbone} concat K={k}"] = speed.scoring(backbone, k, repeats if k == 5 else 1)
+    if not quick:
+        click.echo("backbones ...")
+        r["backbones"] = speed.backbones(repeats)
+        click.echo("end to end ...")
+        r["end_to_end"] = speed.end_to_end()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "speed.json").write_text(json.dumps(r, indent=1))
+    table = speed.markdown(r)
+    (out / "speed.md").write_text(table)
+    click.echo(table)

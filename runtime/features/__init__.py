@@ -8,7 +8,10 @@ from .base import FeatureBackend
 
 def backend_from_model(path: str | os.PathLike, device: str = "cpu", threads: int | None = None) -> FeatureBackend:
     """The feature backend for ``path`` on ``device`` ('cpu' or 'auto' in this build)."""
+    from ..threads import set_threads
     from .onnxruntime import OnnxRuntimeBackend
+
+    set_threads(threads)
 
     if device == "auto":
         device = "cpu"

@@ -7,7 +7,7 @@ from typing import Iterable
 
 import numpy as np
 
-from ..resample import interp_matrix
+from ..resample import interp_matrix, taps
 from .base import PixelScorer, TopK, concat_upsampled
 
 # a coarse level's interpolated dot products cost about as much as a GEMM with this many channels
@@ -46,47 +46,59 @@ class NumpyScorer(PixelScorer):
 
     def topk_pyramid(self, query, images, grid, kappa):
         """Exact concatenated-pyramid distances at per-level cost (docs/speed.md):
-        ||concat_l U_l q_l - concat_l U_l g_l||^2 = |Uq|^2 + |Ug|^2 - 2 sum_l U_l (q_l g_l^T) U_l^T,
-        with U_l the bilinear upsampling of level l: the dot products of a coarse level are taken at
-        its native resolution and interpolated, instead of multiplying upsampled features."""
+        ||concat_l U_l q_l - concat_l U_l g_l||^2 = |Uq|^2 + |Ug|^2 - 2 sum_l (U_l Q_l) G_l^T U_l^T,
+        with U_l the bilinear upsampling of level l. Gallery-side upsampling of the coarse levels'
+        dot products runs along rows of the fine grid, a few rows at a time, so the P x P distance
+        matrix is never formed (each slab stays in cache)."""
+        big_h, big_w = grid
         fine = [q.shape[:2] == tuple(grid) for q in query]
-        p = grid[0] * grid[1]
         d_all = sum(q.shape[2] for q in query)
         c_fine = sum(q.shape[2] for q, f in zip(query, fine) if f)
-        if c_fine + INTERP_CHANNELS * (len(query) - sum(fine)) >= 0.8 * d_all:
+        if not c_fine or c_fine + INTERP_CHANNELS * (len(query) - sum(fine)) >= 0.8 * d_all:
             return super().topk_pyramid(query, images, grid, kappa)  # narrow pyramids: the plain GEMM wins
-        q_up = concat_upsampled(query, grid)
-        q_fine = np.concatenate([q.reshape(p, -1) for q, f in zip(query, fine) if f], axis=1) if c_fine else None
-        coarse = [(i, q.reshape(-1, q.shape[2]), interp_matrix(grid[0], q.shape[0]), interp_matrix(grid[1], q.shape[1]))
-                  for i, (q, f) in enumerate(zip(query, fine)) if not f]
+        p = big_h * big_w
+        q_up = concat_upsampled(query, grid)  # (P, D): norms and exact distances of the candidates
+        q_fine = np.ascontiguousarray(np.concatenate([q.reshape(p, -1) for q, f in zip(query, fine) if f], axis=1))
+        q_coarse = [(i, np.ascontiguousarray(q_up[:, _channel_slice(query, i)])) for i, f in enumerate(fine) if not f]
+        rows = max(1, min(big_h, (2 << 20) // (4 * p * big_w)))  # fine-grid rows per slab: ~2 MB, stays in cache
         best_d = np.full((p, kappa), np.inf, np.float32)
         best_i = np.full((p, kappa), -1, np.int64)
+        tmp = np.empty((p, big_w), np.float32)
         offset = 0
         for g in images:
-            g_up = concat_upsampled(g, grid)  # for |Ug|^2 and the exact distances of the candidates
-            s = q_fine @ np.concatenate([g[i].reshape(p, -1) for i, f in enumerate(fine) if f], axis=1).T \
-                if c_fine else np.zeros((p, p), np.float32)
-            for i, ql, ah, aw in coarse:
-                s += _interp2(ql @ g[i].reshape(-1, g[i].shape[2]).T, ah, aw, g[i].shape[:2])
-            s *= -2.0
-            s += np.einsum("ij,ij->i", g_up, g_up)[None, :]
-            cand = _smallest(s, min(kappa, p))
-            diff = q_up[:, None, :] - g_up[cand]
-            exact = np.einsum("pkd,pkd->pk", diff, diff)
-            best_d, best_i = _keep(best_d, best_i, exact, cand + offset)
+            g_up = concat_upsampled(g, grid)
+            b = np.einsum("ij,ij->i", g_up, g_up).reshape(big_h, big_w)
+            g_fine = np.concatenate([g[i] for i, f in enumerate(fine) if f], axis=2).reshape(p, -1)
+            # coarse level l: T[p, y, X] = sum_x <(U q)_p, g_(y,x)> A_w[X, x]; rows y -> Y in the slabs below
+            coarse = []
+            for i, qc in q_coarse:
+                h, w, c = g[i].shape
+                t = ((qc @ g[i].reshape(h * w, c).T).reshape(p * h, w) @ interp_matrix(big_w, w).T).reshape(p, h, big_w)
+                coarse.append((t, taps(big_h, h)))
+            cand_d = np.full((p, kappa), np.inf, np.float32)
+            cand_i = np.full((p, kappa), -1, np.int64)
+            for y0 in range(0, big_h, rows):
+                y1 = min(y0 + rows, big_h)
+                slab = q_fine @ g_fine[y0 * big_w : y1 * big_w].T  # (P, r * W): the fine levels
+                slab3 = slab.reshape(p, y1 - y0, big_w)
+                for t, (i0, i1, w0, w1) in coarse:
+                    for r, y in enumerate(range(y0, y1)):  # two source rows per fine row
+                        slab3[:, r] += np.multiply(t[:, i0[y]], w0[y], out=tmp)
+                        if w1[y]:
+                            slab3[:, r] += np.multiply(t[:, i1[y]], w1[y], out=tmp)
+                slab *= -2.0
+                slab += b[y0:y1].reshape(1, -1)
+                idx, val = _smallest(slab, min(kappa, slab.shape[1]))
+                cand_d, cand_i = _keep(cand_d, cand_i, val, idx + y0 * big_w)
+            diff = q_up[:, None, :] - g_up[cand_i]  # exact distances of this image's candidates
+            best_d, best_i = _keep(best_d, best_i, np.einsum("pkd,pkd->pk", diff, diff), cand_i + offset)
             offset += p
         return TopK(best_d, best_i)
 
 
-def _interp2(d: np.ndarray, ah: np.ndarray, aw: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-    """U d U^T for U = kron(ah, aw): a (h*w, h*w) dot-product matrix taken to the (H*W, H*W) grid."""
-    h, w = hw
-    big_h, big_w = ah.shape[0], aw.shape[0]
-    n = h * w
-    t = np.tensordot(ah, d.reshape(h, w, n), axes=(1, 0))  # (H, w, n)
-    left = np.tensordot(aw, t, axes=(1, 1)).transpose(1, 0, 2).reshape(big_h * big_w, h, w)  # (P, h, w)
-    t = np.tensordot(left, ah, axes=(1, 1))  # (P, w, H)
-    return np.tensordot(t, aw, axes=(1, 1)).reshape(big_h * big_w, big_h * big_w)  # (P, H, W)
+def _channel_slice(levels, i) -> slice:
+    start = sum(x.shape[2] for x in levels[:i])
+    return slice(start, start + levels[i].shape[2])
 
 
 def _keep(best_d, best_i, new_d, new_i):
@@ -98,18 +110,22 @@ def _keep(best_d, best_i, new_d, new_i):
     return np.take_along_axis(all_d, order, 1), np.take_along_axis(all_i, order, 1)
 
 
-def _smallest(d: np.ndarray, k: int) -> np.ndarray:
-    """Column indices of the k smallest entries of each row (unordered); may overwrite ``d``."""
+def _smallest(d: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(column indices, values) of the k smallest entries of each row (unordered); may overwrite ``d``."""
+    rows = np.arange(d.shape[0])
     if k == 1:
-        return np.argmin(d, axis=1)[:, None]
+        idx = np.argmin(d, axis=1)
+        return idx[:, None], d[rows, idx][:, None]
     if k <= 8:  # a few argmin passes beat argpartition's full reshuffle
-        rows = np.arange(d.shape[0])
-        out = np.empty((d.shape[0], k), np.int64)
+        idx = np.empty((d.shape[0], k), np.int64)
+        val = np.empty((d.shape[0], k), d.dtype)
         for i in range(k):
-            out[:, i] = np.argmin(d, axis=1)
-            d[rows, out[:, i]] = np.inf
-        return out
-    return np.argpartition(d, k - 1, axis=1)[:, :k]
+            idx[:, i] = np.argmin(d, axis=1)
+            val[:, i] = d[rows, idx[:, i]]
+            d[rows, idx[:, i]] = np.inf
+        return idx, val
+    idx = np.argpartition(d, k - 1, axis=1)[:, :k]
+    return idx, np.take_along_axis(d, idx, 1)
 
 
 def _merge(q, g, offset, best_d, best_i):
@@ -118,7 +134,7 @@ def _merge(q, g, offset, best_d, best_i):
     # scaling the small block by -2 saves a pass over the large product
     d = q @ (g * np.float32(-2.0)).T
     d += np.einsum("ij,ij->i", g, g)[None, :]
-    cand = _smallest(d, min(kappa, g.shape[0]))
+    cand, _ = _smallest(d, min(kappa, g.shape[0]))
     # exact distances of the candidates: (P, k, D) is small next to the (P, M) block
     diff = q[:, None, :] - g[cand]
     return _keep(best_d, best_i, np.einsum("pkd,pkd->pk", diff, diff), cand + offset)

@@ -1,0 +1,23 @@
+"""One thread setting for everything that computes: BLAS (numpy's matrix products in the scorer),
+OpenMP, and ONNX Runtime (passed to its session), so they do not oversubscribe the cores."""
+from __future__ import annotations
+
+_limiter = None
+
+
+def set_threads(n: int | None) -> None:
+    """Limit BLAS and OpenMP pools of this process to ``n`` threads (None: leave them)."""
+    global _limiter
+    if not n:
+        return
+    from threadpoolctl import threadpool_limits
+
+    _limiter = threadpool_limits(limits=int(n))  # kept: the limit holds until the process ends
+
+
+def thread_info() -> list[dict]:
+    """What each native thread pool is and how many threads it uses."""
+    from threadpoolctl import threadpool_info
+
+    return [{k: d.get(k) for k in ("user_api", "internal_api", "num_threads", "architecture", "prefix")}
+            for d in threadpool_info()]
