@@ -1,7 +1,8 @@
 """Static INT8 quantization into explicit Q/DQ form (what TensorRT 10/11 and ONNX Runtime accept):
 symmetric int8 activations (zero point 0), per-channel symmetric int8 weights, calibrated on
-normal images. The pre-processing at the head of the graph (cast, normalise, transpose) stays in
-float; chosen layers, or the N most sensitive ones, can be kept in float too."""
+normal images. The pre-processing at the head of the graph (cast, normalise, transpose) and the
+nodes that produce the outputs stay in float; chosen layers, or the N most sensitive ones, can
+be kept in float too."""
 from __future__ import annotations
 
 import os
@@ -55,6 +56,14 @@ def preprocessing_nodes(model) -> list[str]:
     return head
 
 
+def output_nodes(model) -> list[str]:
+    """Nodes whose result is a model output: the pyramid taps and the pooled vector. They run in
+    float: their outputs go straight to the scorer, so rounding them would cost accuracy and save
+    no time."""
+    outputs = {o.name for o in model.graph.output}
+    return [n.name for n in model.graph.node if outputs & set(n.output)]
+
+
 def _quantize(pre_path: Path, out: Path, reader, opts: Int8Options, exclude: list[str]) -> None:
     q = require("onnxruntime.quantization", "cpu", "INT8 calibration")
     extra = {"ActivationSymmetric": True, "WeightSymmetric": True}
@@ -101,7 +110,7 @@ def int8_from_onnx(model_path: str | os.PathLike, images: list[Path], out: str |
         pre = Path(tmp) / "pre.onnx"
         q.quant_pre_process(os.fspath(model_path), str(pre), skip_symbolic_shape=True)
         pre_model = onnx.load(str(pre))
-        exclude = preprocessing_nodes(pre_model) + list(opts.exclude)
+        exclude = preprocessing_nodes(pre_model) + output_nodes(pre_model) + list(opts.exclude)
         unknown = set(opts.exclude) - {n.name for n in pre_model.graph.node}
         if unknown:
             raise ValueError(f"no node named {sorted(unknown)[:3]} in the model; 'spade-edge calibrate --list-nodes' lists them")
