@@ -19,7 +19,7 @@ from .errors import GalleryError, ImageError
 from .features import FeatureBackend
 from .gallery import Gallery, LevelStore
 from .images import Preprocess, load_image
-from .spade import SpadeConfig
+from .spade import SpadeConfig, final_score
 
 PIXEL_QUANTILE = 0.999
 
@@ -156,18 +156,23 @@ def gallery_from_images(
     del feats
 
     if n_hold:
-        det = Detector(backend, gallery, config=config, preprocess=preprocess)
+        # held-out normal images, scored as the runtime will score (through the stored form)
+        det = Detector(backend, gallery, config=SpadeConfig.from_dict({**config.to_dict(), "score": "image"}),
+                       preprocess=preprocess)
         hfeats, hinputs, hgeoms = extract(backend, [str(paths[i]) for i in hold_idx], preprocess, batch_size, show_progress, "thresholds")
-        scores, pixels = [], []
+        image_scores, max_pixels, pixels = [], [], []
         for f, x, geom in zip(hfeats, hinputs, hgeoms):
             chw = {k: (v.transpose(2, 0, 1) if v.ndim == 3 else v) for k, v in f.items()}
             p = det.predict_features(chw, x, geom)
-            scores.append(p.score)
+            image_scores.append(p.image_score)
+            max_pixels.append(p.max_pixel_score)
             pixels.append(p.anomaly_map.ravel())
+        manifest["normal"] = {"image": float(np.median(image_scores)), "max_pixel": float(np.median(max_pixels))}
+        scores = [final_score(config.score, i, m, manifest["normal"]) for i, m in zip(image_scores, max_pixels)]
         manifest["thresholds"] = {
             "image": float(max(scores)),
             "pixel": float(np.quantile(np.concatenate(pixels), PIXEL_QUANTILE)),
-            "rule": f"image: max held-out normal score; pixel: {PIXEL_QUANTILE:.1%} quantile of held-out normal pixels",
+            "rule": f"image: max held-out normal {config.score} score; pixel: {PIXEL_QUANTILE:.1%} quantile of held-out normal pixels",
             "heldout": [paths[i].name for i in hold_idx],
             "heldout_scores": [float(s) for s in scores],
             "config": config.to_dict(),

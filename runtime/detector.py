@@ -12,7 +12,7 @@ from .features import FeatureBackend, backend_from_model
 from .gallery import Gallery
 from .images import Geometry, ImageLike, Preprocess, load_image, map_to_original
 from .scoring import PixelScorer, scorer_for
-from .spade import Correspondence, SpadeConfig, image_knn, pixel_scores, smooth
+from .spade import Correspondence, SpadeConfig, final_score, image_knn, pixel_scores, smooth
 
 OK, NOT_OK = "OK", "NOT_OK"
 
@@ -38,6 +38,7 @@ class Prediction:
     input_image: np.ndarray  # what the model saw (S x S x 3 uint8)
     timings: dict = field(default_factory=dict)
     name: str | None = None
+    image_score: float = 0.0  # the image stage's (mean distance to the K nearest), whatever ``score`` is
 
     @property
     def max_pixel_score(self) -> float:
@@ -56,6 +57,7 @@ class Prediction:
             "image": self.name,
             "score": round(self.score, 6),
             "verdict": self.verdict,
+            "image_score": round(self.image_score, 6),
             "max_pixel_score": round(self.max_pixel_score, 6),
             "worst_pixel": {"row": r, "col": c, "matched_image": self.correspondence_names[img],
                             "matched_row": round(mr, 1), "matched_col": round(mc, 1)},
@@ -81,6 +83,8 @@ class Detector:
         self.config.level_names(backend.info)  # validates the level subset now, not per image
         pre = gallery.manifest.get("preprocess")
         self.preprocess = preprocess or (Preprocess(**pre) if pre else Preprocess(backend.info.input_size))
+        if self.config.score == "combined" and not gallery.manifest.get("normal"):
+            raise ValueError("score='combined' needs the normal statistics a gallery built with --holdout > 0 stores")
         th = gallery.thresholds
         if th.get("config") and th["config"] != self.config.to_dict():
             warnings.warn("scoring settings differ from those the gallery's thresholds were computed "
@@ -123,7 +127,7 @@ class Detector:
         info, cfg, g = self.backend.info, self.config, self.gallery
         t0 = time.perf_counter()
         dist, idx = image_knn(features[info.global_name], g, max(cfg.k_image, cfg.k_gallery))
-        score = float(dist[: cfg.k_image].mean())
+        image_score = float(dist[: cfg.k_image].mean())
         neighbors = idx[: cfg.k_gallery]
         t1 = time.perf_counter()
         raw, corr = pixel_scores(features, g, neighbors, info, cfg, self.scorer)
@@ -131,10 +135,11 @@ class Detector:
         amap = smooth(raw, cfg.sigma)
         full = map_to_original(amap, geom)
         t3 = time.perf_counter()
+        score = final_score(cfg.score, image_score, float(amap.max()), g.manifest.get("normal"))
         thr = g.thresholds.get("image")
         verdict = None if thr is None else (NOT_OK if score > thr else OK)
         return Prediction(
-            score=score, verdict=verdict, anomaly_map=amap, anomaly_map_full=full,
+            score=score, verdict=verdict, anomaly_map=amap, anomaly_map_full=full, image_score=image_score,
             neighbors=[g.names[i] for i in neighbors], neighbor_distances=[float(d) for d in dist[: cfg.k_gallery]],
             correspondence=corr, correspondence_names=g.names, geometry=geom, input_image=x,
             timings={"image_knn": t1 - t0, "pixel_scoring": t2 - t1, "map": t3 - t2},

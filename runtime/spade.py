@@ -20,6 +20,7 @@ from .resample import gaussian_blur, upsample_hwc, upsample_map
 from .scoring import PixelScorer
 
 MODES = ("concat", "per-level")
+SCORES = ("image", "max-pixel", "combined")
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class SpadeConfig:
     mode: str = "concat"
     levels: tuple[str, ...] | None = None  # None: every level the model has
     sigma: float = 4.0
+    score: str = "image"  # the image score: kNN stage, map maximum, or both over their normal medians
 
     def __post_init__(self):
         for name in ("k_image", "k_gallery", "kappa"):
@@ -40,6 +42,8 @@ class SpadeConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.score not in SCORES:
+            raise ValueError(f"score must be one of {SCORES}, got {self.score!r}")
         if self.sigma < 0:
             raise ValueError(f"sigma must be >= 0, got {self.sigma}")
         if self.levels is not None:
@@ -174,6 +178,18 @@ def _correspondence(idx, neighbors, per_image, query_grid, stride, cells) -> Cor
         sel = k == kk
         ys[sel], xs[sel] = cells(int(neighbors[kk]), idx[sel] - starts[kk])
     return Correspondence(image.reshape(query_grid), ys.reshape(query_grid), xs.reshape(query_grid), float(stride))
+
+
+def final_score(kind: str, image_score: float, max_pixel: float, normal: dict | None) -> float:
+    """The image score SPADE reports: the image stage's, the anomaly map's maximum, or their sum
+    after dividing each by its median on held-out normal images (``normal``)."""
+    if kind == "image":
+        return image_score
+    if kind == "max-pixel":
+        return max_pixel
+    if not normal:
+        raise ValueError("score='combined' needs normal statistics: build the gallery with a held-out share (--holdout > 0)")
+    return image_score / normal["image"] + max_pixel / normal["max_pixel"]
 
 
 def smooth(score_map: np.ndarray, sigma: float) -> np.ndarray:

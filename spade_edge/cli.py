@@ -36,15 +36,17 @@ def scoring_options(fn):
         click.option("--mode", type=click.Choice(["concat", "per-level"]),
                      help="concat: the paper's concatenated pyramid; per-level: score levels apart, average."),
         click.option("--levels", help="Comma-separated subset of pyramid levels (default: all)."),
+        click.option("--score", type=click.Choice(["image", "max-pixel", "combined"]),
+                     help="Image score: the kNN stage, the anomaly map's maximum, or both over their normal medians."),
     ]
     for opt in reversed(opts):
         fn = opt(fn)
     return fn
 
 
-def _scoring_overrides(k_image, k_gallery, kappa, mode, levels) -> dict:
+def _scoring_overrides(k_image, k_gallery, kappa, mode, levels, score) -> dict:
     d = {"k_image": k_image, "k_gallery": k_gallery, "kappa": kappa, "mode": mode,
-         "levels": tuple(levels.split(",")) if levels else None}
+         "levels": tuple(levels.split(",")) if levels else None, "score": score}
     return {k: v for k, v in d.items() if v is not None}
 
 

@@ -95,6 +95,8 @@ def score_setting(backend: FeatureBackend, data: ProtocolData, storage: Storage,
     pre = Preprocess(info.input_size)
     geom = Geometry(info.input_size, info.input_size, 0, 0, info.input_size, info.input_size)
     blank = np.zeros((info.input_size, info.input_size, 3), np.uint8)
+    # the gallery bench compares storage through both raw scores; no held-out normal statistics here
+    config = SpadeConfig.from_dict({**config.to_dict(), "score": "image"})
     if storage.coreset < 1 and config.mode == "concat":
         config = SpadeConfig.from_dict({**config.to_dict(), "mode": "per-level"})
     with tempfile.TemporaryDirectory() as tmp:

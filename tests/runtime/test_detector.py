@@ -90,3 +90,19 @@ def test_backend_checks_its_input(tiny):
         backend(np.zeros((1, 32, 32, 3), np.float32))
     out = backend(np.zeros((3, 32, 32, 3), np.uint8))  # dynamic batch
     assert out["a"].shape == (3, 3, 8, 8) and out["global"].shape == (3, 3)
+
+
+def test_combined_score_uses_heldout_medians(tiny, tmp_path):
+    model, images = tiny
+    cfg = SpadeConfig(k_image=2, k_gallery=3, score="combined")
+    g = gallery_from_images(backend_from_model(model), images, tmp_path / "g.gallery", config=cfg, holdout=0.25,
+                            show_progress=False)
+    normal = g.manifest["normal"]
+    assert normal["image"] > 0 and normal["max_pixel"] > 0
+    p = Detector.load(model, tmp_path / "g.gallery").predict(images[0])
+    assert p.score == pytest.approx(p.image_score / normal["image"] + p.max_pixel_score / normal["max_pixel"], rel=1e-6)
+    assert g.thresholds["image"] == pytest.approx(max(g.thresholds["heldout_scores"]))
+    with pytest.raises(ValueError, match="held-out"):
+        gallery_from_images(backend_from_model(model), images, tmp_path / "h.gallery", config=cfg, holdout=0.0,
+                            show_progress=False)
+        Detector.load(model, tmp_path / "h.gallery")
