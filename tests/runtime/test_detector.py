@@ -102,7 +102,7 @@ def test_combined_score_uses_heldout_medians(tiny, tmp_path):
     p = Detector.load(model, tmp_path / "g.gallery").predict(images[0])
     assert p.score == pytest.approx(p.image_score / normal["image"] + p.max_pixel_score / normal["max_pixel"], rel=1e-6)
     assert g.thresholds["image"] == pytest.approx(max(g.thresholds["heldout_scores"]))
-    with pytest.raises(ValueError, match="held-out"):
+    with pytest.raises(ValueError, match="holdout"):
         gallery_from_images(backend_from_model(model), images, tmp_path / "h.gallery", config=cfg, holdout=0.0,
                             show_progress=False)
         Detector.load(model, tmp_path / "h.gallery")
