@@ -319,6 +319,8 @@ def evaluate(data, model, out, crop, threads, **scoring):
 @click.option("--images", "-i", type=click.Path(exists=True, file_okay=False), help="Normal images to calibrate on (int8).")
 @click.option("--count", type=click.IntRange(1), default=64, show_default=True, help="Calibration images used (a seeded sample).")
 @click.option("--method", type=click.Choice(["minmax", "percentile", "entropy"]), default="minmax", show_default=True)
+@click.option("--quantizer", type=click.Choice(["ort", "modelopt"]), default="ort", show_default=True,
+              help="ONNX Runtime's quantization tools, or NVIDIA ModelOpt (extra 'modelopt').")
 @click.option("--percentile", type=click.FloatRange(0, 100, min_open=True), default=99.999, show_default=True)
 @click.option("--exclude", multiple=True, help="Node kept in float (repeatable); see --list-nodes.")
 @click.option("--auto-exclude", type=click.IntRange(0), default=0, show_default=True,
@@ -329,7 +331,8 @@ def evaluate(data, model, out, crop, threads, **scoring):
 @click.option("--accuracy", is_flag=True, help="With --report: image and pixel AUROC of both models on the ELPV benchmarks.")
 @click.option("--limit", type=click.IntRange(1), help="With --accuracy: cap test images per set (quick look).")
 @_friendly_errors
-def calibrate(model, out, precision, images, count, method, percentile, exclude, auto_exclude, crop, report, accuracy, limit):
+def calibrate(model, out, precision, images, count, method, quantizer, percentile, exclude, auto_exclude, crop, report,
+              accuracy, limit):
     """Write a reduced-precision model: INT8 Q/DQ calibrated on normal images (symmetric, per-channel
     weights; TensorRT 10/11 and ONNX Runtime accept it) or FP16 for strongly typed TensorRT."""
     from .calibration.common import read_info
@@ -345,10 +348,13 @@ def calibrate(model, out, precision, images, count, method, percentile, exclude,
         if not images:
             raise click.UsageError("--images is required for int8 calibration")
         paths = calibration_images(images, count)
-        res = int8_from_onnx(model, paths, out, Int8Options(method, percentile, tuple(exclude), auto_exclude),
-                             Preprocess(info.input_size, crop))
+        quantize = int8_from_onnx
+        if quantizer == "modelopt":
+            from .calibration.modelopt import int8_with_modelopt as quantize
+        res = quantize(model, paths, out, Int8Options(method, percentile, tuple(exclude), auto_exclude),
+                       Preprocess(info.input_size, crop))
         kept = f"; kept in float: {', '.join(res.excluded)}" if res.excluded else ""
-        click.echo(f"wrote {out}: int8 Q/DQ, {method} on {len(paths)} images{kept}")
+        click.echo(f"wrote {out}: int8 Q/DQ ({quantizer}), {method} on {len(paths)} images{kept}")
     else:
         from .calibration.fp16 import fp16_from_onnx
 

@@ -123,3 +123,21 @@ def test_refuses_to_calibrate_twice_and_unknown_nodes(int8_model, lite0_onnx, ca
     with pytest.raises(ValueError, match="no node named"):
         int8_from_onnx(lite0_onnx, calibration_images(calib_dir), tmp_path / "x.onnx",
                        Int8Options(exclude=("nope",)), show_progress=False)
+
+
+def test_modelopt_writes_the_same_kind_of_model(lite0_onnx, calib_dir, tmp_path, elpv_normal):
+    pytest.importorskip("modelopt.onnx.quantization", reason="NVIDIA ModelOpt (extra 'modelopt') is not installed")
+    from spade_edge.calibration.modelopt import int8_with_modelopt
+
+    out = tmp_path / "mo.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        int8_with_modelopt(lite0_onnx, calibration_images(calib_dir), out, show_progress=False)
+    backend = backend_from_model(out)
+    assert backend.info.precision == "int8" and backend.info.extra["calibration"]["quantizer"] == "modelopt"
+    model = onnx.load(str(out))
+    assert sum(n.op_type == "QuantizeLinear" for n in model.graph.node) > 10
+    drift = feature_drift(backend_from_model(lite0_onnx), backend, elpv_normal[100:106])
+    assert all(d["cosine_mean"] >= 0.95 for d in drift.values()), drift
+    with pytest.raises(ValueError, match="ModelOpt calibrates with"):
+        int8_with_modelopt(lite0_onnx, calibration_images(calib_dir), out, Int8Options(method="percentile"))
