@@ -138,6 +138,6 @@ def test_modelopt_writes_the_same_kind_of_model(lite0_onnx, calib_dir, tmp_path,
     model = onnx.load(str(out))
     assert sum(n.op_type == "QuantizeLinear" for n in model.graph.node) > 10
     drift = feature_drift(backend_from_model(lite0_onnx), backend, elpv_normal[100:106])
-    assert all(d["cosine_mean"] >= 0.95 for d in drift.values()), drift
+    assert all(d["cosine_mean"] >= 0.9 for d in drift.values()), drift  # stated bound for ModelOpt on Lite0
     with pytest.raises(ValueError, match="ModelOpt calibrates with"):
         int8_with_modelopt(lite0_onnx, calibration_images(calib_dir), out, Int8Options(method="percentile"))

@@ -124,7 +124,12 @@ def _smallest(d: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
             val[:, i] = d[rows, idx[:, i]]
             d[rows, idx[:, i]] = np.inf
         return idx, val
-    idx = np.argpartition(d, k - 1, axis=1)[:, :k]
+    # the k-th value, then everything below it and the lowest-index ties at it: ties resolve the
+    # same way as on the GPU kernel and in the argmin passes (lower gallery index first)
+    kth = np.partition(d, k - 1, axis=1)[:, k - 1 : k]
+    less, eq = d < kth, d == kth
+    need = k - less.sum(axis=1, keepdims=True)
+    idx = np.nonzero(less | (eq & (np.cumsum(eq, axis=1) <= need)))[1].reshape(d.shape[0], k)
     return idx, np.take_along_axis(d, idx, 1)
 
 

@@ -88,3 +88,16 @@ def test_pyramid_at_per_level_cost_equals_naive_concatenation(kappa, monkeypatch
     top = mod.NumpyScorer().topk_pyramid(q, gallery, (16, 16), kappa)
     np.testing.assert_array_equal(top.indices, ref_i)
     np.testing.assert_allclose(top.distances, ref_d, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kappa", [1, 3, 10, 20])
+def test_ties_resolve_to_the_lower_gallery_index(kappa):
+    # duplicated gallery rows give exactly equal distances; the lower index must come first
+    rng = np.random.default_rng(kappa)
+    base = rng.integers(-3, 4, size=(40, 6)).astype(np.float32)
+    g = np.concatenate([base, base, base])  # every row three times
+    q = rng.integers(-3, 4, size=(25, 6)).astype(np.float32)
+    ref_d, ref_i = brute_force(q, g, kappa)
+    top = NumpyScorer(block_bytes=2048).topk(q, [g[:50], g[50:]], kappa)
+    np.testing.assert_array_equal(top.indices, ref_i)
+    np.testing.assert_allclose(top.distances, ref_d, rtol=1e-6)
