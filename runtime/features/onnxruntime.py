@@ -9,22 +9,44 @@ from ..errors import ModelError, require
 from ..modelinfo import ModelInfo
 from .base import FeatureBackend
 
-PROVIDERS = {"cpu": ["CPUExecutionProvider"]}
+def providers(device: str, device_id: int = 0, fp16: bool = False, cache_dir: str | None = None) -> list:
+    """ONNX Runtime execution providers for ``device``, best first, CPU last as the fallback
+    for any node a GPU provider does not take."""
+    cuda = ("CUDAExecutionProvider", {"device_id": device_id})
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if device == "cuda":
+        return [cuda, "CPUExecutionProvider"]
+    if device == "tensorrt":
+        opts = {"device_id": device_id, "trt_fp16_enable": fp16, "trt_int8_enable": False,
+                "trt_engine_cache_enable": cache_dir is not None}
+        if cache_dir is not None:
+            opts["trt_engine_cache_path"] = str(cache_dir)
+            opts["trt_timing_cache_enable"] = True
+            opts["trt_timing_cache_path"] = str(cache_dir)
+        return [("TensorrtExecutionProvider", opts), cuda, "CPUExecutionProvider"]
+    raise ValueError(f"ONNX Runtime backend supports devices cpu, cuda, tensorrt; not {device!r}")
 
 
-def session_from_onnx(path: str | os.PathLike, device: str = "cpu", threads: int | None = None):
-    """An ``onnxruntime.InferenceSession`` for ``path`` on ``device``."""
-    ort = require("onnxruntime", "cpu", "Running an ONNX model")
+def session_from_onnx(path: str | os.PathLike, device: str = "cpu", threads: int | None = None, device_id: int = 0,
+                      fp16: bool = False, cache_dir: str | None = None):
+    """An ``onnxruntime.InferenceSession`` for ``path`` on ``device`` (provider options: GPU
+    ``device_id``, TensorRT ``fp16``, TensorRT engine/timing ``cache_dir``)."""
+    ort = require("onnxruntime", "cpu" if device == "cpu" else "gpu", "Running an ONNX model")
     if not os.path.isfile(path):
         raise ModelError(f"{path}: no such model file; export one with 'spade-edge export'")
-    if device not in PROVIDERS:
-        raise ValueError(f"ONNX Runtime backend supports devices {sorted(PROVIDERS)}, not {device!r}")
+    wanted = providers(device, device_id, fp16, cache_dir)
+    names = [p[0] if isinstance(p, tuple) else p for p in wanted]
+    missing = [n for n in names[:-1] if n not in ort.get_available_providers()]
+    if missing:
+        raise ModelError(f"this onnxruntime has no {', '.join(missing)}; install onnxruntime-gpu "
+                         f"(pip install 'spade-edge[gpu]', or NVIDIA's Jetson wheel) or use --device cpu")
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = int(threads)
         opts.inter_op_num_threads = 1
     try:
-        return ort.InferenceSession(os.fspath(path), sess_options=opts, providers=PROVIDERS[device])
+        return ort.InferenceSession(os.fspath(path), sess_options=opts, providers=wanted)
     except Exception as exc:
         raise ModelError(f"{path}: ONNX Runtime cannot load this model ({exc})") from exc
 
