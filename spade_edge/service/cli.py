@@ -1,0 +1,193 @@
+"""``spade-edge serve`` and ``spade-edge watch``: plain click commands, registered on the main
+group with ``main.add_command`` (and runnable alone as ``python -m spade_edge.service``)."""
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import click
+
+from ..runtime.device import DEVICES
+
+
+def _model_options(fn):
+    """Model, gallery, device and the scoring settings a deployment may override."""
+    opts = [
+        click.option("--model", "-m", type=click.Path(exists=True, dir_okay=False), required=True,
+                     help="ONNX model (exported by 'spade-edge export')."),
+        click.option("--gallery", "-g", type=click.Path(exists=True, dir_okay=False), required=True,
+                     help="Gallery of normal parts built with this model."),
+        click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
+                     help="Where the model and the scorer run."),
+        click.option("--threads", type=click.IntRange(1), help="CPU threads for ONNX Runtime and BLAS."),
+        click.option("--k-image", type=click.IntRange(1), help="Override the gallery's k_image."),
+        click.option("--k-gallery", type=click.IntRange(1), help="Override the gallery's k_gallery."),
+        click.option("--kappa", type=click.IntRange(1), help="Override the gallery's kappa."),
+        click.option("--mode", type=click.Choice(["concat", "per-level"]), help="Override the gallery's mode."),
+        click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
+                     show_default=True, help="debug also logs every request."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def _load_options(device, threads, k_image, k_gallery, kappa, mode) -> dict:
+    over = {"k_image": k_image, "k_gallery": k_gallery, "kappa": kappa, "mode": mode}
+    return {"device": device, "threads": threads, **{k: v for k, v in over.items() if v is not None}}
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _size(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        w, h = (int(v) for v in value.lower().split("x"))
+    except ValueError:
+        raise click.BadParameter("use WIDTHxHEIGHT, e.g. 2448x2048") from None
+    return w, h
+
+
+def _on_signals(handler, *signums) -> None:
+    for s in signums:
+        signal.signal(s, handler)
+
+
+@click.command()
+@_model_options
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (0.0.0.0 or :: to accept the line's network).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="0: any free port.")
+@click.option("--queue-size", type=click.IntRange(1), default=8, show_default=True,
+              help="Requests in the service at once; past that 503 with Retry-After.")
+@click.option("--deadline", type=click.FloatRange(0.001), default=10.0, show_default=True,
+              help="Seconds from arrival to answer (a request may ask for less with ?deadline_ms=).")
+@click.option("--max-mb", type=click.FloatRange(0.001), default=32.0, show_default=True, help="Largest request body, MiB.")
+@click.option("--max-pixels", type=click.IntRange(1), default=40_000_000, show_default=True,
+              help="Largest image, width x height.")
+@click.option("--expect-size", callback=_size, metavar="WxH", help="Refuse (422) images of any other size.")
+@click.option("--heatmap-cache", type=click.IntRange(0), default=32, show_default=True,
+              help="Heat maps kept for GET /heatmaps/<id>.png.")
+@click.option("--warmup", type=click.IntRange(0), default=2, show_default=True,
+              help="Predictions run before the service reports ready.")
+@click.option("--reload/--no-reload", "allow_reload", default=True, show_default=True, help="Allow POST /reload.")
+def serve(model, gallery, device, threads, k_image, k_gallery, kappa, mode, log_level, host, port, queue_size,
+          deadline, max_mb, max_pixels, expect_size, heatmap_cache, warmup, allow_reload):
+    """Run the inspection service over HTTP.
+
+    \b
+    POST /inspect   image bytes (or multipart field 'image'); JSON verdict, score, threshold,
+                    latency, nearest normal images; ?heatmap=1 (URL) or ?heatmap=inline
+    GET  /health    200 once the model and gallery are loaded and warmed up, else 503
+    GET  /metrics   Prometheus text: requests by outcome, latency histogram, queue depth
+    POST /reload    JSON {"model": ..., "gallery": ...} (both optional): swap without dropping
+                    a request (SIGHUP reloads the same paths)
+    """
+    from .inspector import InspectionService, ServiceConfig
+    from .server import make_server
+
+    _logging(log_level)
+    log = logging.getLogger("spade_edge.service")
+    try:
+        cfg = ServiceConfig(queue_size=queue_size, deadline=deadline, max_bytes=int(max_mb * (1 << 20)),
+                            max_pixels=max_pixels, expect_size=expect_size, heatmap_cache=heatmap_cache,
+                            warmup=warmup, allow_reload=allow_reload)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    if max_pixels > 89_478_485:  # Pillow's own bomb guard would refuse what we accept
+        from PIL import Image
+
+        Image.MAX_IMAGE_PIXELS = max_pixels
+    svc = InspectionService(cfg, **_load_options(device, threads, k_image, k_gallery, kappa, mode))
+    try:
+        httpd = make_server(svc, host, port)
+    except OSError as exc:
+        raise click.ClickException(f"cannot listen on {host}:{port}: {exc}") from exc
+    http_thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True)
+    http_thread.start()
+    shown = f"[{host}]" if ":" in host else host
+    click.echo(f"spade-edge serve: listening on http://{shown}:{httpd.server_address[1]} (loading)", err=True)
+
+    stop = threading.Event()
+    _on_signals(lambda *_: stop.set(), signal.SIGTERM, signal.SIGINT)
+
+    def reload_same(*_):
+        def run():
+            try:
+                svc.reload()
+            except Exception as exc:  # noqa: BLE001 - logged; the service keeps its current model
+                log.error("reload on SIGHUP failed, still serving the previous generation: %s", exc)
+
+        threading.Thread(target=run, daemon=True).start()
+
+    _on_signals(reload_same, signal.SIGHUP)
+    code = 0
+    try:
+        info = svc.load(model, gallery)
+        click.echo("spade-edge serve: ready " + json.dumps(info), err=True)
+        while not stop.wait(0.5):
+            pass
+        log.info("stopping: finishing admitted requests")
+    except Exception as exc:  # noqa: BLE001 - a failed first load ends the process (systemd restarts it)
+        log.error("cannot start: %s", exc)
+        code = 1
+    finally:
+        svc.close(drain_timeout=cfg.deadline + 5)
+        httpd.shutdown()
+        httpd.server_close()
+    if code:
+        raise click.ClickException(f"cannot start: {svc.error}")
+
+
+@click.command()
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@_model_options
+@click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path),
+              help="Where results.jsonl and heatmaps/ go [default: FOLDER/spade-edge-out].")
+@click.option("--heatmaps", type=click.Choice(["all", "not-ok", "none"]), default="all", show_default=True,
+              help="Which images get a heat-map PNG.")
+@click.option("--interval", type=click.FloatRange(0.01), default=1.0, show_default=True, help="Seconds between scans.")
+@click.option("--settle", type=click.FloatRange(0), default=1.0, show_default=True,
+              help="Seconds a file must stay unchanged before it is read (still being copied otherwise).")
+@click.option("--recursive", is_flag=True, help="Also watch sub-folders.")
+@click.option("--done-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Move processed images here (failed ones to DONE_DIR/failed).")
+@click.option("--once", is_flag=True, help="Process what is there now, then exit.")
+@click.option("--quiet", "-q", is_flag=True, help="Do not echo result lines on stdout.")
+def watch(folder, model, gallery, device, threads, k_image, k_gallery, kappa, mode, log_level, out, heatmaps,
+          interval, settle, recursive, done_dir, once, quiet):
+    """Score every image dropped into FOLDER, once, even across restarts.
+
+    One JSON line per image in OUT/results.jsonl (and on stdout), heat maps in OUT/heatmaps/.
+    A file is read once it has stopped changing; images already in results.jsonl are skipped.
+    """
+    from ..runtime.detector import Detector
+    from ..runtime.errors import SpadeError
+    from .watch import WatchConfig, Watcher
+
+    _logging(log_level)
+    try:
+        det = Detector.load(model, gallery, **_load_options(device, threads, k_image, k_gallery, kappa, mode))
+        cfg = WatchConfig(interval=interval, settle=settle, heatmaps=heatmaps, recursive=recursive, done_dir=done_dir)
+        emit = None if quiet else (lambda rec: click.echo(json.dumps(rec)))
+        watcher = Watcher(det, folder, out, cfg, emit)
+    except (SpadeError, ValueError, OSError, RuntimeError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    _on_signals(lambda *_: watcher.stop(), signal.SIGTERM, signal.SIGINT)
+    with watcher:
+        click.echo(f"spade-edge watch: {watcher.folder} -> {watcher.out} "
+                   f"({len(watcher.done)} images already recorded)", err=True)
+        if once:
+            n = watcher.run_once()
+        else:
+            watcher.run()
+            n = watcher.processed
+    click.echo(f"spade-edge watch: {n} images processed", err=True)

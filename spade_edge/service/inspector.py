@@ -1,0 +1,406 @@
+"""The model side of the inspection service: the current detector, bounded admission, one
+worker thread, atomic reload and the metrics. No HTTP here (that is :mod:`.server`).
+
+- Admission: at most ``queue_size`` requests are in the service at once (decoding, waiting or
+  running); past that :meth:`InspectionService.admit` refuses at once (the server answers 503 with
+  ``Retry-After``), so memory stays flat under overload.
+- One worker thread runs the model and the scorer, one image at a time: the accelerator and the
+  CPU's BLAS are not shared between requests.
+- A reload loads and warms the new model and gallery in the caller's thread while the worker
+  goes on with the current ones, then swaps them in one assignment. A request is served entirely
+  by the generation that was current when it was admitted: nothing is dropped or mixed.
+- Every request has a deadline; one still waiting when it passes is dropped unrun.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from . import metrics as m
+
+log = logging.getLogger("spade_edge.service")
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """Limits and behaviour of the service (one frozen object, checked once)."""
+
+    queue_size: int = 8  # requests in the service at once: decoding, waiting or running
+    deadline: float = 10.0  # seconds from arrival to answer, unless the request asks for less
+    max_deadline: float = 120.0  # a request's own deadline is clipped to this
+    max_bytes: int = 32 << 20  # request body
+    max_pixels: int = 40_000_000  # decoded image (width x height)
+    expect_size: tuple[int, int] | None = None  # (width, height) every image must have, if set
+    min_side: int = 8
+    neighbors: int = 5  # nearest normal images listed in a response
+    heatmap_cache: int = 32  # heat maps kept for GET /heatmaps/<id>.png (oldest dropped)
+    warmup: int = 2  # predictions run before the service says it is ready (and after a reload)
+    allow_reload: bool = True
+    read_timeout: float = 10.0  # seconds a client may take to send its request
+    max_connections: int = 64  # open connections; past that a new one is answered 503 and closed
+    retry_after: int = 1  # seconds, in 503 answers
+
+    def __post_init__(self):
+        for name in ("queue_size", "max_bytes", "max_pixels", "min_side", "max_connections"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.deadline <= 0 or self.read_timeout <= 0:
+            raise ValueError("deadline and read_timeout must be positive")
+        if self.neighbors < 0 or self.heatmap_cache < 0 or self.warmup < 0:
+            raise ValueError("neighbors, heatmap_cache and warmup cannot be negative")
+
+
+class HttpError(Exception):
+    """An answer other than 200, with the sentence the client sees."""
+
+    def __init__(self, status: int, message: str, outcome: str = "bad_request", retry_after: int | None = None,
+                 close: bool = False):
+        super().__init__(message)
+        self.status, self.message, self.outcome = int(status), message, outcome
+        self.retry_after, self.close = retry_after, close
+
+
+class ReloadBusy(Exception):
+    pass
+
+
+@dataclass
+class Loaded:
+    """What the service runs: a detector and where it came from."""
+
+    detector: object
+    model: str
+    gallery: str
+    generation: int
+    loaded_at: float
+
+    def describe(self) -> dict:
+        det = self.detector
+        info = getattr(getattr(det, "backend", None), "info", None)
+        g = getattr(det, "gallery", None)
+        return {
+            "generation": self.generation,
+            "model": self.model,
+            "gallery": self.gallery,
+            "backbone": getattr(info, "backbone", None),
+            "model_fingerprint": getattr(info, "fingerprint", None),
+            "gallery_images": len(g) if g is not None else None,
+            "thresholds": {k: (g.thresholds.get(k) if g is not None else None) for k in ("image", "pixel")},
+            "loaded_at": round(self.loaded_at, 3),
+        }
+
+
+class _Slots:
+    """Admission control: a fixed number of tickets; a ticket is returned exactly once."""
+
+    def __init__(self, n: int):
+        self.capacity, self.used = n, 0
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+
+    def try_acquire(self) -> "_Ticket | None":
+        with self._lock:
+            if self.used >= self.capacity:
+                return None
+            self.used += 1
+            return _Ticket(self)
+
+    def _release(self) -> None:
+        with self._lock:
+            self.used -= 1
+            if self.used == 0:
+                self._idle.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        with self._lock:
+            return self._idle.wait_for(lambda: self.used == 0, timeout)
+
+
+class _Ticket:
+    __slots__ = ("_slots", "_held", "_lock")
+
+    def __init__(self, slots: _Slots):
+        self._slots, self._held, self._lock = slots, True, threading.Lock()
+
+    def release(self) -> None:
+        with self._lock:
+            if not self._held:
+                return
+            self._held = False
+        self._slots._release()
+
+
+class _Job:
+    """One admitted image on its way through the worker."""
+
+    def __init__(self, loaded: Loaded, x: np.ndarray, geom, name: str | None, heatmap: bool, deadline: float,
+                 ticket: _Ticket):
+        self.loaded, self.x, self.geom, self.name, self.heatmap = loaded, x, geom, name, heatmap
+        self.deadline, self.ticket = deadline, ticket
+        self.enqueued = time.perf_counter()
+        self.started = 0.0
+        self.state = "queued"  # queued -> running -> done | cancelled | expired
+        self.result = None  # (Prediction, heat-map PNG bytes or None)
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+        self._lock = threading.Lock()
+
+    def claim(self) -> bool:
+        with self._lock:
+            if self.state != "queued":
+                return False
+            if time.perf_counter() >= self.deadline:
+                self.state = "expired"
+                return False
+            self.state = "running"
+            self.started = time.perf_counter()
+            return True
+
+    def cancel(self) -> bool:
+        """Drop the job if the worker has not started it (True), else let it finish (False)."""
+        with self._lock:
+            if self.state == "queued":
+                self.state = "cancelled"
+                return True
+            return False
+
+
+def _warmup_image(det) -> np.ndarray:
+    s = int(det.backend.info.input_size)
+    rng = np.random.default_rng(0)
+    return np.clip(rng.normal(128, 20, (s, s, 3)), 0, 255).astype(np.uint8)
+
+
+def sd_notify(state: str) -> bool:
+    """Tell systemd (Type=notify) about our state; a no-op outside systemd."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return False
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.connect(addr)
+            s.sendall(state.encode())
+        return True
+    except OSError:
+        return False
+
+
+class InspectionService:
+    """The model side of the service: current detector, admission, worker, reload, metrics.
+
+    ``loader(model, gallery)`` returns a detector (default: :meth:`Detector.load` with
+    ``load_options``). HTTP lives in :func:`make_server`; this class knows nothing of it.
+    """
+
+    def __init__(self, config: ServiceConfig | None = None, loader: Callable | None = None, **load_options):
+        self.config = config or ServiceConfig()
+        self._loader = loader or self._default_loader
+        self._load_options = load_options
+        self._current: Loaded | None = None
+        self._lock = threading.Lock()
+        self._reload_lock = threading.Lock()
+        self._slots = _Slots(self.config.queue_size)
+        self._queue: queue.Queue = queue.Queue()  # bounded by the slots, not by itself
+        self._heatmaps: OrderedDict[str, bytes] = OrderedDict()
+        self._heatmaps_lock = threading.Lock()
+        self.state = "starting"  # starting -> ready -> stopping; or failed
+        self.error: str | None = None
+        self.started_at = time.time()
+        self._worker = threading.Thread(target=self._work, name="spade-edge-worker", daemon=True)
+        self._worker.start()
+        self._init_metrics()
+
+    # --- loading -----------------------------------------------------------------------------
+    def _default_loader(self, model: str, gallery: str):
+        from ..runtime.detector import Detector
+
+        return Detector.load(model, gallery, **self._load_options)
+
+    def _load_and_warm(self, model: str, gallery: str) -> tuple[object, float, float]:
+        t0 = time.perf_counter()
+        det = self._loader(model, gallery)
+        t1 = time.perf_counter()
+        if self.config.warmup:
+            img = _warmup_image(det)
+            for _ in range(self.config.warmup):
+                det.predict(img, name="warm-up")
+        return det, t1 - t0, time.perf_counter() - t1
+
+    def load(self, model: str | os.PathLike, gallery: str | os.PathLike) -> dict:
+        """First load (the service is not ready before it returns); raises what the loader raises."""
+        model, gallery = os.fspath(model), os.fspath(gallery)
+        try:
+            det, t_load, t_warm = self._load_and_warm(model, gallery)
+        except BaseException as exc:
+            self.state, self.error = "failed", f"{type(exc).__name__}: {exc}"
+            raise
+        with self._lock:
+            self._current = Loaded(det, model, gallery, 1, time.time())
+            self.state = "ready"
+        self._m_generation.set(1)
+        log.info("ready: %s + %s (load %.2f s, warm-up %.2f s)", model, gallery, t_load, t_warm)
+        sd_notify(f"READY=1\nSTATUS=serving {os.path.basename(model)} + {os.path.basename(gallery)}")
+        return {**self._current.describe(), "load_ms": round(t_load * 1e3, 1), "warmup_ms": round(t_warm * 1e3, 1)}
+
+    def reload(self, model: str | None = None, gallery: str | None = None) -> dict:
+        """Load (and warm up) a new model and/or gallery while the current one keeps serving, then
+        swap. Unset paths keep the current ones (re-read from disk: a gallery changed in place
+        with 'gallery add' is picked up). Raises :class:`ReloadBusy` if a reload is under way."""
+        if not self._reload_lock.acquire(blocking=False):
+            raise ReloadBusy("another reload is in progress; try again when it has finished")
+        try:
+            cur = self.current
+            if cur is None:
+                raise ReloadBusy("the service has not finished its first load")
+            model = os.fspath(model) if model else cur.model
+            gallery = os.fspath(gallery) if gallery else cur.gallery
+            sd_notify("RELOADING=1")
+            try:
+                det, t_load, t_warm = self._load_and_warm(model, gallery)
+            except BaseException:
+                self._m_reloads.inc(outcome="failed")
+                sd_notify("READY=1")
+                raise
+            with self._lock:
+                new = Loaded(det, model, gallery, self._current.generation + 1, time.time())
+                self._current = new  # the swap: requests admitted from now on use ``new``
+            self._m_generation.set(new.generation)
+            self._m_reloads.inc(outcome="ok")
+            sd_notify(f"READY=1\nSTATUS=serving {os.path.basename(model)} + {os.path.basename(gallery)}")
+            log.info("reloaded: generation %d, %s + %s", new.generation, model, gallery)
+            return {**new.describe(), "load_ms": round(t_load * 1e3, 1), "warmup_ms": round(t_warm * 1e3, 1)}
+        finally:
+            self._reload_lock.release()
+
+    @property
+    def current(self) -> Loaded | None:
+        with self._lock:
+            return self._current
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready"
+
+    # --- admission and the worker ---------------------------------------------------------------
+    def admit(self) -> _Ticket:
+        """A ticket for one request, or an :class:`HttpError` 503 (not ready / queue full)."""
+        if not self.ready:
+            raise HttpError(503, f"service is {self.state}" + (f": {self.error}" if self.error else ""),
+                            "not_ready", retry_after=self.config.retry_after, close=True)
+        t = self._slots.try_acquire()
+        if t is None:
+            raise HttpError(503, f"queue full ({self._slots.capacity} requests in service); retry shortly",
+                            "queue_full", retry_after=self.config.retry_after, close=True)
+        return t
+
+    @property
+    def queue_depth(self) -> int:
+        return self._slots.used
+
+    def submit(self, job: _Job) -> None:
+        self._queue.put(job)
+
+    def _work(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            if not job.claim():  # cancelled or past its deadline: never run
+                job.ticket.release()
+                job.done.set()
+                continue
+            try:
+                job.result = self._infer(job)
+            except BaseException as exc:  # noqa: BLE001 - reported to the client, the worker goes on
+                job.error = exc
+            finally:
+                self._m_busy.observe(time.perf_counter() - job.started)
+                job.ticket.release()  # before done.set(): a client that answers at once finds the slot free
+                with job._lock:
+                    if job.state == "running":
+                        job.state = "done"
+                job.done.set()
+
+    def _infer(self, job: _Job):
+        det = job.loaded.detector
+        t0 = time.perf_counter()
+        out = det.backend(job.x[None])
+        t1 = time.perf_counter()
+        p = det.predict_features({k: v[0] for k, v in out.items()}, job.x, job.geom)
+        p.timings = {"backbone": t1 - t0, **p.timings}
+        p.name = job.name
+        png = None
+        if job.heatmap:
+            from ..render import heatmap_panel
+
+            t2 = time.perf_counter()
+            buf = io.BytesIO()
+            heatmap_panel(p, det.gallery).save(buf, format="PNG", compress_level=1)
+            png = buf.getvalue()
+            p.timings["heatmap"] = time.perf_counter() - t2
+        return p, png
+
+    # --- heat maps ------------------------------------------------------------------------------
+    def keep_heatmap(self, rid: str, png: bytes) -> None:
+        if not self.config.heatmap_cache:
+            return
+        with self._heatmaps_lock:
+            self._heatmaps[rid] = png
+            while len(self._heatmaps) > self.config.heatmap_cache:
+                self._heatmaps.popitem(last=False)
+
+    def heatmap(self, rid: str) -> bytes | None:
+        with self._heatmaps_lock:
+            return self._heatmaps.get(rid)
+
+    # --- shutdown -------------------------------------------------------------------------------
+    def close(self, drain_timeout: float = 30.0) -> None:
+        """Stop admitting, let admitted requests finish (up to ``drain_timeout``), stop the worker."""
+        if self.state != "failed":
+            self.state = "stopping"
+        sd_notify("STOPPING=1")
+        self._slots.wait_idle(drain_timeout)
+        self._queue.put(None)
+        self._worker.join(timeout=drain_timeout)
+
+    # --- metrics --------------------------------------------------------------------------------
+    OUTCOMES = ("ok", "not_ok", "no_verdict", "bad_request", "unsupported_media_type", "too_large",
+                "unprocessable", "queue_full", "not_ready", "deadline", "error")
+
+    def _init_metrics(self) -> None:
+        r = self.registry = m.Registry()
+        self._m_requests = r.add(m.Counter(
+            "spade_edge_inspect_requests_total", "POST /inspect answers by outcome.", ("outcome",),
+            preset=[{"outcome": o} for o in self.OUTCOMES]))
+        self._m_latency = r.add(m.Histogram(
+            "spade_edge_inspect_latency_seconds", "Arrival to answer of successful inspections (seconds)."))
+        self._m_busy = r.add(m.Histogram(
+            "spade_edge_worker_busy_seconds", "Worker time per image: model, scoring, heat map (seconds)."))
+        r.add(m.Gauge("spade_edge_queue_depth", "Requests in the service now (decoding, waiting or running).",
+                      fn=lambda: self._slots.used))
+        r.add(m.Gauge("spade_edge_queue_capacity", "Requests admitted at once; past it 503.",
+                      fn=lambda: self._slots.capacity))
+        r.add(m.Gauge("spade_edge_ready", "1 once the model and gallery are loaded and warmed up.",
+                      fn=lambda: 1.0 if self.ready else 0.0))
+        self._m_generation = r.add(m.Gauge("spade_edge_model_generation", "Loads so far (1 = first, +1 per reload)."))
+        self._m_reloads = r.add(m.Counter("spade_edge_reloads_total", "POST /reload by outcome.", ("outcome",),
+                                          preset=[{"outcome": "ok"}, {"outcome": "failed"}]))
+        self._m_connections_refused = r.add(m.Counter(
+            "spade_edge_connections_refused_total", "Connections answered 503 because max_connections were open."))
+        r.add(m.Gauge("process_resident_memory_bytes", "Resident memory (VmRSS) of the service process.",
+                      fn=m.resident_memory_bytes))
+        r.add(m.Gauge("process_start_time_seconds", "Start of the service, Unix time.", fn=lambda: self.started_at))
+
+    def count(self, outcome: str) -> None:
+        self._m_requests.inc(outcome=outcome)
