@@ -379,7 +379,7 @@ def calibrate(model, out, precision, images, count, method, quantizer, percentil
                 scores = {name: score_setting(b, protocol_data(b, kind, limit=limit, echo=click.echo), Storage(),
                                               SpadeConfig(), f"{kind} {name}") for name, b in (("fp32", ref), ("reduced", test))}
                 acc[f"ELPV {kind}"] = scores
-        r = drift_report(ref, test, normal[:32], elpv_cells(1.0, "mono")[:32], report, acc)
+        drift_report(ref, test, normal[:32], elpv_cells(1.0, "mono")[:32], report, acc)
         click.echo((report / "drift.md").read_text())
 
 

@@ -15,7 +15,6 @@ from spade_edge.runtime import Detector
 from spade_edge.runtime.build import gallery_from_images
 from spade_edge.runtime.errors import ImageError
 from spade_edge.runtime.features import backend_from_model
-from spade_edge.runtime.modelinfo import ModelInfo
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ import warnings
 import numpy as np
 import pytest
 
-from spade_edge.runtime import Detector, Gallery, SpadeConfig
+from spade_edge.runtime import Detector, SpadeConfig
 from spade_edge.runtime.build import gallery_from_images
 from spade_edge.runtime.errors import ImageError, MismatchError, ModelError
 from spade_edge.runtime.features import backend_from_model
