@@ -77,6 +77,7 @@ class Detector:
                  config: SpadeConfig | None = None, preprocess: Preprocess | None = None):
         gallery.check_model(backend.info)
         self.backend, self.gallery = backend, gallery
+        self.device = "cpu"
         self.scorer = scorer or scorer_for("cpu")
         stored = gallery.manifest.get("config")
         self.config = config or (SpadeConfig.from_dict(stored) if stored else SpadeConfig())
@@ -91,20 +92,25 @@ class Detector:
                           "with; verdicts may be off (rebuild the gallery or recompute thresholds)", stacklevel=2)
 
     @classmethod
-    def load(cls, model: str | os.PathLike, gallery: str | os.PathLike | Gallery, device: str = "cpu",
+    def load(cls, model: str | os.PathLike, gallery: str | os.PathLike | Gallery, device: str = "auto",
              threads: int | None = None, **config) -> "Detector":
-        """Open ``model`` (ONNX) and ``gallery`` for ``device``; keyword arguments override the
+        """Open ``model`` (ONNX, or a TensorRT engine) and ``gallery`` on ``device`` ('auto' picks
+        TensorRT, CUDA or the CPU, and ``det.device`` says which and why); keyword arguments override the
         gallery's stored :class:`SpadeConfig` (k_image, k_gallery, kappa, mode, levels, sigma).
         ``threads`` bounds ONNX Runtime and the scorer's BLAS alike."""
+        from .device import resolve_device
         from .threads import set_threads
 
         set_threads(threads)  # numpy's BLAS in the scorer; ONNX Runtime gets the same number below
+        device, why = resolve_device(device)
         g = gallery if isinstance(gallery, Gallery) else Gallery.load(gallery)
         cfg = None
         if config:
             base = g.manifest.get("config") or {}
             cfg = SpadeConfig.from_dict({**base, **config})
-        return cls(backend_from_model(model, device, threads), g, scorer_for(device), cfg)
+        det = cls(backend_from_model(model, device, threads), g, scorer_for(device), cfg)
+        det.device = why
+        return det
 
     def prepare(self, image: ImageLike, name: str | None = None) -> tuple[np.ndarray, Geometry]:
         """Decode, validate and fit an image to the model input."""

@@ -27,6 +27,11 @@ def _friendly_errors(fn):
     return wrapper
 
 
+def device_option(fn):
+    return click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]), default="auto",
+                        show_default=True, help="Where to run: auto picks TensorRT, then CUDA, then the CPU, and says which.")(fn)
+
+
 def scoring_options(fn):
     """Options of SPADE's scoring; unset ones keep the gallery's stored settings."""
     opts = [
@@ -232,16 +237,18 @@ def gallery_remove(path, names):
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--heatmaps", type=click.Path(file_okay=False, path_type=Path),
               help="Write a PNG per image: input, heat map overlay, matched normal image.")
-@click.option("--threads", type=click.IntRange(1), help="CPU threads for ONNX Runtime.")
+@click.option("--threads", type=click.IntRange(1), help="CPU threads for ONNX Runtime and the scorer.")
+@device_option
 @scoring_options
 @_friendly_errors
-def infer(model, gallery_path, images, heatmaps, threads, **scoring):
+def infer(model, gallery_path, images, heatmaps, threads, device, **scoring):
     """Score images; print one JSON line per image (score, verdict, worst pixel and its match)."""
     from .runtime.detector import Detector
 
     from .runtime.errors import ImageError
 
-    det = Detector.load(model, gallery_path, threads=threads, **_scoring_overrides(**scoring))
+    det = Detector.load(model, gallery_path, device=device, threads=threads, **_scoring_overrides(**scoring))
+    click.echo(f"device: {det.device}", err=True)
     failed = 0
     for path in images:
         try:

@@ -43,7 +43,7 @@ def test_defects_score_higher_and_are_located(category, lite0_onnx, tmp_path):
     res = runner.invoke(main, ["infer", "--model", str(lite0_onnx), "--gallery", str(gallery), "--heatmaps", str(heat),
                                *[str(p) for p, _, _ in tests]])
     assert res.exit_code == 0, res.output
-    lines = [json.loads(line) for line in res.output.splitlines()]
+    lines = [json.loads(line) for line in res.stdout.splitlines()]
     by_type = {t: [r for r, (_, tt, _) in zip(lines, tests) if tt == t] for t in ("good", "spot")}
     assert min(r["max_pixel_score"] for r in by_type["spot"]) > max(r["max_pixel_score"] for r in by_type["good"])
     assert min(r["score"] for r in by_type["spot"]) > max(r["score"] for r in by_type["good"])

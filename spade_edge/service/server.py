@@ -43,6 +43,19 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "spade-edge"
     sys_version = ""
 
+    default_request_version = "HTTP/1.0"  # a garbled request line still gets a status line
+
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own errors (bad request line, header too long...) as JSON like ours."""
+        short, long = self.responses.get(code, ("error", ""))
+        text = message or short
+        if explain or long:
+            text = f"{text}: {explain or long}"
+        try:
+            self._json(code, {"error": text, "status": code}, close=True)
+        except OSError:
+            self.close_connection = True
+
     def setup(self):
         self.timeout = self.service.config.read_timeout
         super().setup()
