@@ -78,7 +78,7 @@ class Detector:
         gallery.check_model(backend.info)
         self.backend, self.gallery = backend, gallery
         self.device = "cpu"
-        self.scorer = scorer or scorer_for("cpu")
+        self.scorer = scorer or scorer_for(backend.device)
         stored = gallery.manifest.get("config")
         self.config = config or (SpadeConfig.from_dict(stored) if stored else SpadeConfig())
         self.config.level_names(backend.info)  # validates the level subset now, not per image

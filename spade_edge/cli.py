@@ -134,11 +134,12 @@ def gallery():
 @click.option("--coreset", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
               help="Share of each image's pixels kept by greedy k-center (needs --mode per-level).")
 @click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True)
-@click.option("--threads", type=click.IntRange(1), help="CPU threads for ONNX Runtime.")
+@click.option("--threads", type=click.IntRange(1), help="CPU threads for ONNX Runtime and the scorer.")
+@device_option
 @scoring_options
 @_friendly_errors
 def gallery_build(model, images, out, holdout, seed, crop, precision, projection, keep, coreset, batch_size, threads,
-                  **scoring):
+                  device, **scoring):
     """Extract features of normal images into a gallery (no torch needed)."""
     from .runtime.build import gallery_from_images
     from .runtime.codec import Storage
@@ -146,7 +147,7 @@ def gallery_build(model, images, out, holdout, seed, crop, precision, projection
     from .runtime.images import Preprocess, list_images
     from .runtime.spade import SpadeConfig
 
-    backend = backend_from_model(model, threads=threads)
+    backend = backend_from_model(model, device=device, threads=threads)
     config = SpadeConfig(**_scoring_overrides(**scoring))
     storage = Storage(precision=precision, projection=projection, keep=keep, coreset=coreset, seed=seed)
     g = gallery_from_images(backend, list_images(images), out, holdout=holdout, seed=seed, storage=storage,
@@ -207,15 +208,16 @@ def gallery_verify(path, model):
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("--model", "-m", type=click.Path(exists=True, dir_okay=False), required=True)
 @click.option("--threads", type=click.IntRange(1), help="CPU threads for ONNX Runtime.")
+@device_option
 @_friendly_errors
-def gallery_add(path, images, model, threads):
+def gallery_add(path, images, model, threads, device):
     """Add normal images (files or folders) without a rebuild; stored codecs and thresholds are kept."""
     from .runtime.build import add_images
     from .runtime.features import backend_from_model
     from .runtime.images import list_images
 
     files = [f for p in images for f in (list_images(p) if Path(p).is_dir() else [Path(p)])]
-    g = add_images(path, backend_from_model(model, threads=threads), files)
+    g = add_images(path, backend_from_model(model, device=device, threads=threads), files)
     click.echo(f"{path}: {len(g)} images (+{len(files)})")
 
 
@@ -294,10 +296,11 @@ def demo(out, gallery_size, test_size, threads):
               help="ONNX model (default: EfficientNet-Lite0 with ImageNet weights, exported on first use).")
 @click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), default="spade-edge-eval", show_default=True)
 @click.option("--crop/--no-crop", default=True, show_default=True, help="Resize+centre-crop, or resize the whole image.")
-@click.option("--threads", type=click.IntRange(1), help="CPU threads for ONNX Runtime.")
+@click.option("--threads", type=click.IntRange(1), help="CPU threads for ONNX Runtime and the scorer.")
+@device_option
 @scoring_options
 @_friendly_errors
-def evaluate(data, model, out, crop, threads, **scoring):
+def evaluate(data, model, out, crop, threads, device, **scoring):
     """Build a gallery from train/good, score test/*, and write metrics (image and pixel AUROC,
     AUPRO, F1-max), curves, per-defect-type tables, timings and the worst cases: per-category
     JSON, report.md and a self-contained report.html."""
@@ -310,7 +313,7 @@ def evaluate(data, model, out, crop, threads, **scoring):
         from .bench.models import lite0_onnx
 
         model = lite0_onnx()
-    backend = backend_from_model(model, threads=threads)
+    backend = backend_from_model(model, device=device, threads=threads)
     config = SpadeConfig(**_scoring_overrides(**scoring))
     results = run_eval(backend, data, out, config, Preprocess(backend.info.input_size, crop), echo=click.echo)
     for r in results:

@@ -18,6 +18,7 @@ class FeatureBackend(ABC):
     Output: ``{level name: (N, C, h, w) float32, ..., info.global_name: (N, C_global)}``."""
 
     name: str = "base"
+    device: str = "cpu"  # where the features come out: the detector scores on the same device
     info: ModelInfo
 
     def __call__(self, batch: np.ndarray) -> dict[str, np.ndarray]:

@@ -56,15 +56,15 @@ class OnnxRuntimeBackend(FeatureBackend):
 
     name = "onnxruntime"
 
-    def __init__(self, session, source: str = "model"):
-        self.session = session
+    def __init__(self, session, source: str = "model", device: str = "cpu"):
+        self.session, self.device = session, device
         meta = session.get_modelmeta().custom_metadata_map
         self.info = ModelInfo.from_metadata(meta, source)
         self._outputs = [o.name for o in session.get_outputs()]
 
     @classmethod
     def from_path(cls, path: str | os.PathLike, device: str = "cpu", threads: int | None = None) -> "OnnxRuntimeBackend":
-        return cls(session_from_onnx(path, device, threads), source=os.fspath(path))
+        return cls(session_from_onnx(path, device, threads), source=os.fspath(path), device=device)
 
     def _infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         values = self.session.run(self._outputs, {self.info.input_name: batch})

@@ -63,10 +63,10 @@ class HttpError(Exception):
     """An answer other than 200, with the sentence the client sees."""
 
     def __init__(self, status: int, message: str, outcome: str = "bad_request", retry_after: int | None = None,
-                 close: bool = False):
+                 close: bool = False, **extra):
         super().__init__(message)
         self.status, self.message, self.outcome = int(status), message, outcome
-        self.retry_after, self.close = retry_after, close
+        self.retry_after, self.close, self.extra = retry_after, close, extra
 
 
 class ReloadBusy(Exception):
@@ -107,12 +107,14 @@ class _Slots:
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
 
-    def try_acquire(self) -> "_Ticket | None":
+    def try_acquire(self) -> tuple["_Ticket | None", int]:
+        """(a ticket or None, the number in use when asked)."""
         with self._lock:
-            if self.used >= self.capacity:
-                return None
+            used = self.used
+            if used >= self.capacity:
+                return None, used
             self.used += 1
-            return _Ticket(self)
+            return _Ticket(self), used
 
     def _release(self) -> None:
         with self._lock:
@@ -297,11 +299,12 @@ class InspectionService:
         """A ticket for one request, or an :class:`HttpError` 503 (not ready / queue full)."""
         if not self.ready:
             raise HttpError(503, f"service is {self.state}" + (f": {self.error}" if self.error else ""),
-                            "not_ready", retry_after=self.config.retry_after, close=True)
-        t = self._slots.try_acquire()
+                            "not_ready", retry_after=self.config.retry_after)
+        t, used = self._slots.try_acquire()
         if t is None:
-            raise HttpError(503, f"queue full ({self._slots.capacity} requests in service); retry shortly",
-                            "queue_full", retry_after=self.config.retry_after, close=True)
+            raise HttpError(503, f"queue full ({used} of {self._slots.capacity} requests in service); retry shortly",
+                            "queue_full", retry_after=self.config.retry_after, queue_depth=used,
+                            queue_capacity=self._slots.capacity)
         return t
 
     @property

@@ -81,19 +81,53 @@ class _Handler(BaseHTTPRequestHandler):
     def _json(self, status: int, obj: dict, headers: dict | None = None, close: bool = False) -> None:
         self._send(status, (json.dumps(obj) + "\n").encode(), "application/json", headers, close)
 
-    def _error(self, e: HttpError) -> None:
+    def _error(self, e: HttpError, unread: int | None = None) -> None:
+        """Answer ``e``. ``unread``: bytes of body still on the wire; they are read and dropped
+        after the answer (so the client gets it at once and the connection stays usable) when
+        they are within --max-bytes, else the connection is closed."""
         headers = {"Retry-After": e.retry_after} if e.retry_after is not None else None
-        body = {"error": e.message, "status": e.status}
-        if e.outcome == "queue_full":
-            body["queue_depth"], body["queue_capacity"] = self.service.queue_depth, self.service.config.queue_size
+        body = {"error": e.message, "status": e.status, **e.extra}
         if e.status >= 500 and e.outcome not in ("queue_full", "not_ready"):
             log.warning("%s %s: %d %s", self.command, self.path, e.status, e.message)
         else:
             log.info("%s %s: %d %s", self.command, self.path, e.status, e.message)
+        close = e.close or (unread is not None and unread > self.service.config.max_bytes)
         try:
-            self._json(e.status, body, headers, close=e.close)
+            self._json(e.status, body, headers, close=close)
+            if close:
+                self._linger()
+            elif unread:
+                self._discard(unread)
         except OSError:  # the client left
             self.close_connection = True
+
+    def _discard(self, n: int) -> None:
+        left = n
+        try:
+            while left > 0:
+                c = self.rfile.read(min(left, 1 << 16))
+                if not c:
+                    break
+                left -= len(c)
+        except OSError:
+            pass
+        if left:
+            self.close_connection = True
+
+    def _linger(self, limit: int = 1 << 20, seconds: float = 0.5) -> None:
+        """Before closing, read (and drop) what the client is still sending for a moment: closing
+        a socket with unread bytes resets the connection, and the client may lose our answer."""
+        try:
+            self.wfile.flush()
+            self.connection.settimeout(seconds)
+            end, got = time.monotonic() + seconds, 0
+            while got < limit and time.monotonic() < end:
+                c = self.connection.recv(1 << 16)
+                if not c:
+                    break
+                got += len(c)
+        except OSError:
+            pass
 
     def _content_length(self) -> int:
         if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
@@ -132,10 +166,13 @@ class _Handler(BaseHTTPRequestHandler):
                     raise HttpError(413, self._too_large_message(), "too_large", close=True)
                 if not self.service.ready:
                     self.service.admit()  # raises the 503 with the reason
-                if self.service.queue_depth >= self.service.config.queue_size:
-                    raise HttpError(503, "queue full; retry shortly", "queue_full",
-                                    retry_after=self.service.config.retry_after, close=True)
+                depth, cap = self.service.queue_depth, self.service.config.queue_size
+                if depth >= cap:
+                    raise HttpError(503, f"queue full ({depth} of {cap} requests in service); retry shortly",
+                                    "queue_full", retry_after=self.service.config.retry_after,
+                                    queue_depth=depth, queue_capacity=cap)
             except HttpError as e:
+                e.close = True  # the client has not sent its body: this connection ends here
                 self.service.count(e.outcome)
                 self._error(e)
                 return False
@@ -227,12 +264,12 @@ class _Handler(BaseHTTPRequestHandler):
     def _inspect(self, url):
         svc, cfg = self.service, self.service.config
         t0 = time.perf_counter()
-        ticket, body_read = None, False
+        ticket, body_read, n = None, False, None
         try:
             q = {k: v[-1] for k, v in parse_qs(url.query).items()}
             n = self._content_length()
             if n > cfg.max_bytes:
-                raise HttpError(413, self._too_large_message(), "too_large", close=True)
+                raise HttpError(413, self._too_large_message(), "too_large")  # closed: too much to read
             ticket = svc.admit()
             deadline_s = cfg.deadline
             wanted = q.get("deadline_ms") or self.headers.get("X-Deadline-Ms")
@@ -299,9 +336,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(200, out)
         except HttpError as e:
             svc.count(e.outcome)
-            if not body_read:
-                e.close = True  # the unread body would otherwise be taken for the next request
-            self._error(e)
+            if not body_read and n is None:
+                e.close = True  # unknown body length: the connection cannot be reused
+            self._error(e, unread=None if body_read else n)
         except Exception as exc:  # noqa: BLE001 - one bad request must not take the thread down silently
             log.exception("unexpected error in /inspect")
             svc.count("error")
