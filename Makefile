@@ -15,8 +15,16 @@ $(VENV)/.demo: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q -e '.[export,cpu,demo]'
 	touch $@
 
+# TensorRT's Python bindings install without a GPU: the API contract tests check every TensorRT
+# name the code uses against 10.3 (JetPack 6), 10.16 and 11.4, each in its own folder
+TRT_API := $(VENV)/tensorrt-api
 $(VENV)/.test: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q --target $(TRT_API)/10.3 tensorrt-cu12-bindings==10.3.0
+	$(BIN)/pip install -q --target $(TRT_API)/10.16 tensorrt-cu12-bindings==10.16.1.11
+	$(BIN)/pip install -q --no-deps --target $(TRT_API)/10.16 tensorrt-cu12==10.16.1.11
+	$(BIN)/pip install -q --target $(TRT_API)/11.4 tensorrt-cu13-bindings==11.4.0.106
+	$(BIN)/pip install -q --no-deps --target $(TRT_API)/11.4 tensorrt-cu13==11.4.0.106
 	touch $@
 
 demo: $(VENV)/.demo

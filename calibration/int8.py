@@ -66,7 +66,8 @@ def output_nodes(model) -> list[str]:
 
 def _quantize(pre_path: Path, out: Path, reader, opts: Int8Options, exclude: list[str]) -> None:
     q = require("onnxruntime.quantization", "cpu", "INT8 calibration")
-    extra = {"ActivationSymmetric": True, "WeightSymmetric": True}
+    # int32 biases cannot be dequantized by TensorRT's parser: keep them in float
+    extra = {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False}
     if opts.method == "percentile":
         extra["CalibPercentile"] = opts.percentile
     q.quantize_static(

@@ -30,8 +30,8 @@ import sys
 from functools import lru_cache
 from pathlib import Path
 
-from spade_edge.runtime.errors import ModelError, require
-from spade_edge.runtime.modelinfo import METADATA_KEY, ModelInfo
+from spade_edge.runtime.errors import ModelError, SpadeError, require
+from spade_edge.runtime.modelinfo import ModelInfo
 
 log = logging.getLogger(__name__)
 
@@ -395,7 +395,7 @@ def trtexec_args(onnx: str | os.PathLike, out: str | os.PathLike, precision: str
     """The trtexec arguments that build what :func:`engine_from_onnx` builds."""
     info = model_info_from_onnx(onnx)
     plan = build_plan(precision, info.precision, version)
-    shape = lambda n: f"{info.input_name}:" + "x".join(map(str, _shape(info, n)))  # noqa: E731
+    shape = lambda n: f"{info.input_name}:" + "x".join(map(str, _shape(info, n)))
     args = ["trtexec", f"--onnx={os.fspath(onnx)}", f"--saveEngine={os.fspath(out)}", f"--minShapes={shape(1)}",
             f"--optShapes={shape(max_batch)}", f"--maxShapes={shape(max_batch)}",
             f"--memPoolSize=workspace:{int(workspace_mb)}M", *plan.trtexec_flags]
@@ -564,7 +564,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             rec = check_engine(a.engine, a.onnx)
             print(f"{a.engine}: ok ({rec['engine']['precision']}, TensorRT {rec['tensorrt']}, {rec['gpu']['name']})")
-    except ModelError as exc:
+    except (SpadeError, ValueError) as exc:  # refusals and missing extras: a message, not a traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

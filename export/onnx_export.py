@@ -36,7 +36,8 @@ class WithPreprocess(nn.Module):
         self.register_buffer("shift", (-torch.tensor(info.mean) * 255.0 / std).view(1, 3, 1, 1))
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        x = image.permute(0, 3, 1, 2).to(torch.float32) * self.scale + self.shift
+        # cast first: TensorRT takes uint8 only as a network input feeding a Cast
+        x = image.to(torch.float32).permute(0, 3, 1, 2) * self.scale + self.shift
         out = self.net(x)
         return tuple(out[n] for n in self.info.names())
 

@@ -393,6 +393,32 @@ def calibrate(model, out, precision, images, count, method, quantizer, percentil
         click.echo((report / "drift.md").read_text())
 
 
+@main.command("build-engine")
+@click.option("--model", "-m", type=click.Path(exists=True, dir_okay=False), required=True,
+              help="ONNX model (fp32; FP16 / INT8 Q/DQ from 'calibrate' for those precisions on TensorRT 11).")
+@click.option("--out", "-o", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Engine file to write.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True)
+@click.option("--max-batch", type=click.IntRange(1), default=8, show_default=True, help="Optimization profile: batch 1..N.")
+@click.option("--workspace-mb", type=click.IntRange(1), default=1024, show_default=True)
+@click.option("--timing-cache", type=click.Path(dir_okay=False), help="Timing cache kept between builds.")
+@_friendly_errors
+def build_engine(model, out, precision, max_batch, workspace_mb, timing_cache):
+    """Build a TensorRT engine on this machine's GPU (TensorRT 10 and 11 handled by version), with
+    a sidecar recording the model and TensorRT version it came from. Prints the trtexec equivalent."""
+    import importlib.util
+
+    from .export.engine import engine_from_onnx, parse_version, trtexec_command
+
+    args = (model, out, precision, max_batch, workspace_mb, timing_cache)
+    if importlib.util.find_spec("tensorrt") is None:  # say what to run on the device anyway
+        for v in ("10.3", "11.4"):
+            click.echo(f"trtexec equivalent (TensorRT {v}): " + trtexec_command(*args, version=parse_version(v)))
+    else:
+        click.echo("trtexec equivalent: " + trtexec_command(*args))
+    engine_from_onnx(*args)
+    click.echo(f"wrote {out} and {out}.json")
+
+
 @main.group()
 def bench():
     """Benchmarks that measure and print tables (and write them as JSON and Markdown)."""
@@ -489,3 +515,10 @@ def bench_speed(out, repeats, threads, quick):
     table = speed.markdown(r)
     (out / "speed.md").write_text(table)
     click.echo(table)
+
+
+# the inspection service and the watch folder live in spade_edge.service
+from .service.cli import serve, watch  # noqa: E402
+
+main.add_command(serve)
+main.add_command(watch)

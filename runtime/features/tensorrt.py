@@ -99,6 +99,7 @@ class TensorRTBackend(FeatureBackend):
     or jetson/build-engine.sh. Batches larger than the engine's profile are run in slices."""
 
     name = "tensorrt"
+    device = "tensorrt"  # the detector scores on the GPU too
 
     def __init__(self, engine_path: str | os.PathLike, onnx_path: str | os.PathLike | None = None, device: int = 0):
         from spade_edge.export.engine import check_engine, make_logger
@@ -136,7 +137,7 @@ class TensorRTBackend(FeatureBackend):
             self.context.set_tensor_address(n, self._device[n][1])  # fixed addresses: set once
 
     @classmethod
-    def from_path(cls, engine_path, onnx_path=None, device: int = 0) -> "TensorRTBackend":
+    def from_path(cls, engine_path, onnx_path=None, device: int = 0) -> TensorRTBackend:
         return cls(engine_path, onnx_path, device)
 
     def _run(self, batch: np.ndarray) -> dict[str, np.ndarray]:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 import click
@@ -70,7 +72,8 @@ def _on_signals(handler, *signums) -> None:
               help="Requests in the service at once; past that 503 with Retry-After.")
 @click.option("--deadline", type=click.FloatRange(0.001), default=10.0, show_default=True,
               help="Seconds from arrival to answer (a request may ask for less with ?deadline_ms=).")
-@click.option("--max-mb", type=click.FloatRange(0.001), default=32.0, show_default=True, help="Largest request body, MiB.")
+@click.option("--max-mb", type=click.FloatRange(0.001), default=32.0, show_default=True,
+              help="Largest request body, MiB.")
 @click.option("--max-pixels", type=click.IntRange(1), default=40_000_000, show_default=True,
               help="Largest image, width x height.")
 @click.option("--expect-size", callback=_size, metavar="WxH", help="Refuse (422) images of any other size.")
@@ -91,7 +94,7 @@ def serve(model, gallery, device, threads, k_image, k_gallery, kappa, mode, log_
     POST /reload    JSON {"model": ..., "gallery": ...} (both optional): swap without dropping
                     a request (SIGHUP reloads the same paths)
     """
-    from .inspector import InspectionService, ServiceConfig
+    from .inspector import InspectionService, ServiceConfig, sd_notify
     from .server import make_server
 
     _logging(log_level)
@@ -133,8 +136,14 @@ def serve(model, gallery, device, threads, k_image, k_gallery, kappa, mode, log_
     try:
         info = svc.load(model, gallery)
         click.echo("spade-edge serve: ready " + json.dumps(info), err=True)
+        # systemd's watchdog (WatchdogSec=): pinged while the worker is not stuck on one image, so a
+        # hung device gets the service restarted
+        watchdog = int(os.environ.get("WATCHDOG_USEC", "0") or 0) / 1e6
+        last_ping = 0.0
         while not stop.wait(0.5):
-            pass
+            if watchdog and not svc.stalled and time.monotonic() - last_ping > watchdog / 3:
+                sd_notify("WATCHDOG=1")
+                last_ping = time.monotonic()
         log.info("stopping: finishing admitted requests")
     except Exception as exc:  # noqa: BLE001 - a failed first load ends the process (systemd restarts it)
         log.error("cannot start: %s", exc)

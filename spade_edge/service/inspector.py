@@ -30,6 +30,7 @@ from . import metrics as m
 
 log = logging.getLogger("spade_edge.service")
 
+
 @dataclass(frozen=True)
 class ServiceConfig:
     """Limits and behaviour of the service (one frozen object, checked once)."""
@@ -48,6 +49,12 @@ class ServiceConfig:
     read_timeout: float = 10.0  # seconds a client may take to send its request
     max_connections: int = 64  # open connections; past that a new one is answered 503 and closed
     retry_after: int = 1  # seconds, in 503 answers
+    # seconds one image may hold the worker before health says 'stalled' (0: max(60 s, 3 x deadline))
+    stall_after: float = 0.0
+
+    @property
+    def stall_seconds(self) -> float:
+        return self.stall_after or max(60.0, 3 * self.deadline)
 
     def __post_init__(self):
         for name in ("queue_size", "max_bytes", "max_pixels", "min_side", "max_connections"):
@@ -91,6 +98,7 @@ class Loaded:
             "generation": self.generation,
             "model": self.model,
             "gallery": self.gallery,
+            "device": getattr(det, "device", None),
             "backbone": getattr(info, "backbone", None),
             "model_fingerprint": getattr(info, "fingerprint", None),
             "gallery_images": len(g) if g is not None else None,
@@ -217,6 +225,7 @@ class InspectionService:
         self._heatmaps: OrderedDict[str, bytes] = OrderedDict()
         self._heatmaps_lock = threading.Lock()
         self.state = "starting"  # starting -> ready -> stopping; or failed
+        self._busy_since: float | None = None
         self.error: str | None = None
         self.started_at = time.time()
         self._worker = threading.Thread(target=self._work, name="spade-edge-worker", daemon=True)
@@ -294,6 +303,12 @@ class InspectionService:
     def ready(self) -> bool:
         return self.state == "ready"
 
+    @property
+    def stalled(self) -> bool:
+        """One image has held the worker far longer than any should (a hung device)."""
+        since = self._busy_since
+        return since is not None and time.monotonic() - since > self.config.stall_seconds
+
     # --- admission and the worker ---------------------------------------------------------------
     def admit(self) -> _Ticket:
         """A ticket for one request, or an :class:`HttpError` 503 (not ready / queue full)."""
@@ -323,11 +338,13 @@ class InspectionService:
                 job.ticket.release()
                 job.done.set()
                 continue
+            self._busy_since = time.monotonic()
             try:
                 job.result = self._infer(job)
             except BaseException as exc:  # noqa: BLE001 - reported to the client, the worker goes on
                 job.error = exc
             finally:
+                self._busy_since = None
                 self._m_busy.observe(time.perf_counter() - job.started)
                 job.ticket.release()  # before done.set(): a client that answers at once finds the slot free
                 with job._lock:

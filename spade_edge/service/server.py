@@ -195,6 +195,8 @@ class _Handler(BaseHTTPRequestHandler):
                 if png is None:
                     raise HttpError(404, "no such heat map (only the most recent ones are kept)")
                 return self._send(200, png, "image/png")
+            if url.path in ("/inspect", "/reload"):
+                raise HttpError(405, f"{url.path} takes POST", close=True)
             if url.path == "/":
                 return self._json(200, {"service": "spade-edge", "endpoints": {
                     "POST /inspect": "image bytes or multipart field 'image'; ?heatmap=1|inline, ?name=, ?deadline_ms=",
@@ -203,6 +205,9 @@ class _Handler(BaseHTTPRequestHandler):
             raise HttpError(404, f"no such endpoint: GET {url.path}")
         except HttpError as e:
             self._error(e)
+        except Exception as exc:  # noqa: BLE001 - answered, logged; the server goes on
+            log.exception("unexpected error in GET %s", url.path)
+            self._error(HttpError(500, f"internal error: {type(exc).__name__}: {exc}", "error", close=True))
 
     do_HEAD = do_GET
 
@@ -216,6 +221,9 @@ class _Handler(BaseHTTPRequestHandler):
             raise HttpError(404, f"no such endpoint: POST {url.path}", close=True)
         except HttpError as e:
             self._error(e)
+        except Exception as exc:  # noqa: BLE001 - answered, logged; the server goes on
+            log.exception("unexpected error in POST %s", url.path)
+            self._error(HttpError(500, f"internal error: {type(exc).__name__}: {exc}", "error", close=True))
 
     def _method_not_allowed(self):
         self._error(HttpError(405, f"{self.command} is not supported here", close=True))
@@ -231,7 +239,10 @@ class _Handler(BaseHTTPRequestHandler):
             body.update(cur.describe())
         if svc.error:
             body["error"] = svc.error
-        if svc.ready:
+        if svc.ready and svc.stalled:
+            body["status"] = "stalled"
+            body["error"] = f"one image has held the worker for more than {svc.config.stall_seconds:.0f} s"
+        elif svc.ready:
             return self._json(200, body)
         return self._json(503, body, {"Retry-After": svc.config.retry_after})
 
@@ -256,9 +267,12 @@ class _Handler(BaseHTTPRequestHandler):
             result = svc.reload(req.get("model"), req.get("gallery"))
         except ReloadBusy as exc:
             raise HttpError(409, str(exc), retry_after=svc.config.retry_after) from exc
-        except (SpadeError, OSError, ValueError) as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever the files did, the old generation keeps serving
+            if not isinstance(exc, (SpadeError, OSError, ValueError)):
+                log.exception("reload failed")
             raise HttpError(422, f"reload failed, still serving generation "
-                                 f"{svc.current.generation if svc.current else '-'}: {exc}", "unprocessable") from exc
+                                 f"{svc.current.generation if svc.current else '-'}: {type(exc).__name__}: {exc}",
+                            "unprocessable") from exc
         self._json(200, result)
 
     def _inspect(self, url):

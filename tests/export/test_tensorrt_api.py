@@ -9,6 +9,15 @@ for checking that every TensorRT name the code uses exists in that version, and 
 Where the bindings are looked for: the current environment, every folder under
 ``<venv>/tensorrt-api/`` (one ``pip install --target`` per version: two versions of the same
 module cannot share an environment), and the folders in ``SPADE_EDGE_TRT_SITES`` (os.pathsep).
+The test setup installs them so (10.3 is JetPack 6's; its ``tensorrt`` wrapper on PyPI is an sdist
+that downloads, so that folder holds the bindings alone, imported as ``tensorrt_bindings``)::
+
+    pip install --target .venv/tensorrt-api/10.3 tensorrt-cu12-bindings==10.3.0
+    pip install --target .venv/tensorrt-api/10.16 tensorrt-cu12-bindings==10.16.1.11
+    pip install --no-deps --target .venv/tensorrt-api/10.16 tensorrt-cu12==10.16.1.11
+    pip install --target .venv/tensorrt-api/11.4 tensorrt-cu13-bindings==11.4.0.106
+    pip install --no-deps --target .venv/tensorrt-api/11.4 tensorrt-cu13==11.4.0.106
+
 The plain tests below (trtexec command lines, sidecar checks, version routing) run everywhere.
 """
 from __future__ import annotations
@@ -24,8 +33,8 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
-
 from spade_edge.export import engine as eng
 from spade_edge.export.engine import EngineError
 
@@ -221,7 +230,6 @@ class FakeVersion:
 
 def _model(tmp_path, precision="fp32", name="m.onnx") -> Path:
     import onnx
-
     from spade_edge.runtime.modelinfo import METADATA_KEY, ModelInfo
 
     path = tmp_path / name
@@ -358,7 +366,7 @@ def test_check_engine_refuses_what_does_not_match(tmp_path, monkeypatch, capsys)
 def test_tensorrt_backend_refuses_a_stale_engine_before_touching_tensorrt(tmp_path, monkeypatch):
     from spade_edge.runtime.features.tensorrt import TensorRTBackend
 
-    model, engine = _engine(tmp_path, monkeypatch)
+    _, engine = _engine(tmp_path, monkeypatch)
     with pytest.raises(EngineError, match="ONNX SHA-256 differs"):
         TensorRTBackend(engine, _model(tmp_path, "int8", "q.onnx"))
 
@@ -384,3 +392,219 @@ def test_build_engine_script_dry_run(tmp_path):
     bad = subprocess.run(["bash", str(script), str(model), str(tmp_path / "h.engine"), "int8", "4"],
                          capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode != 0 and "strongly typed" in bad.stderr
+
+
+# ---------------------------------------------------------------------------- the glue's logic, on a CPU stand-in
+# Not TensorRT: a stand-in with the same names (checked against the real bindings above) whose
+# "engine" runs the ONNX model with ONNX Runtime, and host memory standing in for device memory.
+# It exercises what no GPU-less machine could otherwise run: flags and profile handed to the
+# builder, timing cache round trip, sidecar, buffers, tensor addresses, batch slicing, copies.
+
+class _StandIn:
+    """A ``tensorrt`` module stand-in, recording what the builder is asked."""
+
+    def __init__(self, version="10.3.0"):
+        import ctypes
+        import enum
+
+        import onnxruntime as ort
+
+        rec = self.calls = {}
+        self.__version__ = version
+
+        class ILogger:
+            Severity = enum.IntEnum("Severity", "INTERNAL_ERROR ERROR WARNING INFO VERBOSE", start=0)
+
+            def __init__(self):
+                pass
+
+        self.ILogger = ILogger
+        self.TensorIOMode = enum.Enum("TensorIOMode", "NONE INPUT OUTPUT")
+        self.NetworkDefinitionCreationFlag = SimpleNamespace(EXPLICIT_BATCH=0, STRONGLY_TYPED=1)
+        self.BuilderFlag = SimpleNamespace(FP16=0, INT8=1)
+        self.MemoryPoolType = SimpleNamespace(WORKSPACE=0)
+        self.nptype = lambda dtype: dtype
+
+        class Cache:
+            def __init__(self, data):
+                self.data = bytes(data)
+
+            def serialize(self):
+                return self.data + b"+timings"
+
+        class Config:
+            set_memory_pool_limit = lambda self, pool, size: rec.setdefault("workspace", size)
+            set_flag = lambda self, flag: rec.setdefault("builder_flags", []).append(flag)
+            add_optimization_profile = lambda self, p: rec.setdefault("profile", p.shapes)
+            create_timing_cache = lambda self, data: Cache(data)
+
+            def set_timing_cache(self, cache, ignore_mismatch):
+                self.cache = cache
+                rec["cache_in"] = cache.data
+                return True
+
+            def get_timing_cache(self):
+                return self.cache
+
+        class Profile:
+            def set_shape(self, name, lo, opt, hi):
+                self.shapes = {name: (lo, opt, hi)}
+
+        class Builder:
+            def __init__(self, logger):
+                rec["logger"] = logger
+
+            create_network = lambda self, flags: rec.setdefault("network_flags", flags) and SimpleNamespace()
+            create_builder_config = lambda self: Config()
+            create_optimization_profile = lambda self: Profile()
+
+            def build_serialized_network(self, network, config):
+                hi = next(iter(rec["profile"].values()))[2]
+                return json.dumps({"onnx": rec["onnx"], "max_batch": hi[0]}).encode()
+
+        class OnnxParser:
+            num_errors = 0
+
+            def __init__(self, network, logger):
+                pass
+
+            def parse_from_file(self, path):
+                rec["onnx"] = path
+                return True
+
+        class Engine:
+            def __init__(self, blob):
+                spec = json.loads(bytes(blob))
+                self.session, self.max_batch = ort.InferenceSession(spec["onnx"]), spec["max_batch"]
+                i = self.session.get_inputs()[0]
+                self.io = [(i.name, np.uint8, i.shape)] + [(o.name, np.float32, o.shape) for o in self.session.get_outputs()]
+                self.num_io_tensors = len(self.io)
+
+            get_tensor_name = lambda self, k: self.io[k][0]
+            get_tensor_dtype = lambda self, n: {a: b for a, b, _ in self.io}[n]
+            create_execution_context = lambda self: Context(self)
+
+            def get_tensor_mode(self, name):
+                return self_.TensorIOMode.INPUT if name == self.io[0][0] else self_.TensorIOMode.OUTPUT
+
+            def get_tensor_profile_shape(self, name, profile):
+                s = self.io[0][2][1:]
+                return [(1, *s), (self.max_batch, *s), (self.max_batch, *s)]
+
+        class Context:
+            def __init__(self, engine):
+                self.engine, self.addresses, self.batch = engine, {}, None
+
+            def set_input_shape(self, name, shape):
+                assert shape[0] <= self.engine.max_batch
+                self.batch = tuple(shape)
+                return True
+
+            def get_tensor_shape(self, name):
+                shape = {a: c for a, _, c in self.engine.io}[name]
+                return (self.batch[0], *shape[1:])
+
+            def set_tensor_address(self, name, ptr):
+                self.addresses[name] = ptr
+                return True
+
+            def execute_async_v3(self, stream):
+                (iname, _, _), *outs = self.engine.io
+                n = int(np.prod(self.batch))
+                x = np.frombuffer((ctypes.c_uint8 * n).from_address(self.addresses[iname]), np.uint8).reshape(self.batch)
+                for (name, _, _), y in zip(outs, self.engine.session.run(None, {iname: x})):
+                    y = np.ascontiguousarray(y, np.float32)
+                    ctypes.memmove(self.addresses[name], y.ctypes.data, y.nbytes)
+                rec["runs"] = rec.get("runs", 0) + 1
+                return True
+
+        class Runtime:
+            def __init__(self, logger):
+                pass
+
+            deserialize_cuda_engine = lambda self, blob: Engine(blob)
+
+        self_ = self
+        self.Builder, self.OnnxParser, self.Runtime = Builder, OnnxParser, Runtime
+
+
+class _HostMemory:
+    """Device memory stood in for by host memory (same interface as the CuPy / pycuda helpers)."""
+
+    handle = 0
+
+    def device(self, nbytes):
+        buf = np.zeros(nbytes, np.uint8)
+        return buf, buf.ctypes.data
+
+    def pinned(self, shape, dtype):
+        return np.zeros(shape, dtype)
+
+    def to_device(self, ptr, host, nbytes):
+        import ctypes
+
+        ctypes.memmove(ptr, host.ctypes.data, nbytes)
+
+    def to_host(self, host, ptr, nbytes):
+        import ctypes
+
+        ctypes.memmove(host.ctypes.data, ptr, nbytes)
+
+    def synchronize(self):
+        pass
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("version, precision, model_precision, flags, builder_flags",
+                         [("10.3.0", "fp16", "fp32", 1 << 0, [0]), ("11.4.0", "int8", "int8", 1 << 1, [])])
+def test_build_and_run_glue_on_a_cpu_stand_in(tmp_path, monkeypatch, version, precision, model_precision, flags,
+                                              builder_flags):
+    from spade_edge.runtime.features import tensorrt as trt_backend
+    from spade_edge.runtime.features.onnxruntime import OnnxRuntimeBackend
+
+    stand_in = _StandIn(version)
+    monkeypatch.setitem(sys.modules, "tensorrt", stand_in)
+    monkeypatch.setattr(eng, "tensorrt_version", lambda: eng.parse_version(version))
+    monkeypatch.setattr(eng, "gpu_identity", lambda device=0: dict(GPU))
+    monkeypatch.setattr(trt_backend, "cuda_memory", lambda device=0: _HostMemory())
+    model = tmp_path / "tiny.onnx"
+    tiny_onnx(model, size=32)
+    if model_precision != "fp32":
+        model = _relabel(model, model_precision)
+    cache = tmp_path / "timing.cache"
+    cache.write_bytes(b"old")
+    out = eng.engine_from_onnx(model, tmp_path / "e" / "tiny.engine", precision, max_batch=3, workspace_mb=64,
+                               timing_cache=cache)
+    c = stand_in.calls
+    assert c["network_flags"] == flags and c.get("builder_flags", []) == builder_flags
+    assert c["workspace"] == 64 << 20 and c["profile"] == {"image": ((1, 32, 32, 3), (3, 32, 32, 3), (3, 32, 32, 3))}
+    assert c["cache_in"] == b"old" and cache.read_bytes() == b"old+timings"
+    rec = eng.check_engine(out, model)
+    assert rec["build"]["tool"] == "tensorrt-python" and rec["engine"]["precision"] == precision
+
+    x = np.random.default_rng(0).integers(0, 256, (7, 32, 32, 3), dtype=np.uint8)
+    want = OnnxRuntimeBackend.from_path(model)(x)
+    with trt_backend.TensorRTBackend(out, model) as backend:
+        assert backend.info.precision == precision and backend.max_batch == 3
+        got = backend(x)  # slices of 3, 3, 1
+        assert c["runs"] == 3 and set(got) == set(want)
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k])
+        first = backend(x[:1])
+        assert all(np.array_equal(first[k], want[k][:1]) for k in want)
+        assert all(v.shape == (0, *want[k].shape[1:]) for k, v in backend(x[:0]).items())
+
+
+def _relabel(path: Path, precision: str) -> Path:
+    import onnx
+    from spade_edge.runtime.modelinfo import METADATA_KEY, ModelInfo
+
+    model = onnx.load(str(path))
+    info = ModelInfo.from_metadata({p.key: p.value for p in model.metadata_props})
+    del model.metadata_props[:]
+    onnx.helper.set_model_props(model, {METADATA_KEY: dataclasses.replace(info, precision=precision).to_json()})
+    out = path.with_name(f"{path.stem}.{precision}.onnx")
+    onnx.save(model, str(out))
+    return out

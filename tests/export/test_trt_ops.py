@@ -6,7 +6,6 @@ declares (static but for the batch, no tensor over 2^31-1 elements)."""
 from __future__ import annotations
 
 import pytest
-
 from spade_edge.export.engine import MAX_ELEMENTS, TRT_ONNX_OPS, tensorrt_onnx_problems
 from spade_edge.export.onnx_export import MAX_BATCH
 
@@ -27,7 +26,6 @@ def models(lite0_onnx, elpv_normal, tmp_path_factory):
             out = folder / f"{backbone}.{precision}.onnx"
             if precision == "fp32":
                 import torch
-
                 from spade_edge.export.backbones import create_backbone
                 from spade_edge.export.onnx_export import onnx_from_backbone
 
@@ -73,7 +71,8 @@ def _io(name, dtype, shape):
 
 def test_checker_passes_a_good_graph_and_names_each_problem():
     import numpy as np
-    from onnx import TensorProto as T, helper, numpy_helper
+    from onnx import TensorProto as T
+    from onnx import helper, numpy_helper
 
     good = _graph([helper.make_node("Cast", ["image"], ["f"], to=T.FLOAT),
                    helper.make_node("Transpose", ["f"], ["y"], perm=[0, 3, 1, 2])],
@@ -104,7 +103,7 @@ def test_checker_passes_a_good_graph_and_names_each_problem():
     found = "\n".join(tensorrt_onnx_problems(model, 2))
     for expected in ("opset 21 is outside", "DequantizeLinear node '': input is INT32", "zero point must be a constant 0",
                      "Unique node 'u': operator not supported", "custom domain 'com.microsoft'",
-                     f"over TensorRT's 2^31-1"):
+                     "over TensorRT's 2^31-1"):
         assert expected in found, (expected, found)
     assert 2 * (1 << 29) * 4 > MAX_ELEMENTS
 

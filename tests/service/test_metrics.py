@@ -11,7 +11,7 @@ def test_counter_gauge_histogram_render_in_the_text_format():
     r = m.Registry()
     c = r.add(m.Counter("x_requests_total", "Requests.", ("outcome",), preset=[{"outcome": "ok"}]))
     g = r.add(m.Gauge("x_depth", "Depth."))
-    f = r.add(m.Gauge("x_fn", "From a function.", fn=lambda: 2.5))
+    r.add(m.Gauge("x_fn", "From a function.", fn=lambda: 2.5))
     h = r.add(m.Histogram("x_seconds", "Latency.", buckets=(0.1, 1.0)))
     c.inc(outcome="ok")
     c.inc(3, outcome='we"ird\nlabel')

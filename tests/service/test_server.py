@@ -222,6 +222,7 @@ def test_errors_are_4xx_and_the_connection_stays_usable(serve, assets):
     assert request(rs.url, "PUT", "/inspect", b"x")[0] == 405
     assert request(rs.url, "POST", "/nope", b"x")[0] == 404
     assert request(rs.url, path="/nope")[0] == 404
+    assert request(rs.url, path="/inspect")[0] == 405
     status, _, body = request(rs.url, "POST", "/inspect", b"x" * 100, {"Transfer-Encoding": "chunked"})
     assert status in (400, 411)
 
@@ -234,6 +235,7 @@ def test_too_large_body_is_refused_before_reading(serve, assets):
 
 def test_reload_swaps_generation_and_refuses_bad_input(serve, assets):
     rs, _ = serve()
+    (assets["dir"] / "corrupt.onnx").write_bytes(b"\x08\x01garbage" * 10)
     data = assets["images"]["normal3.png"].read_bytes()
     status, _, body = request(rs.url, "POST", "/reload", json.dumps({"gallery": str(assets["gallery_b"])}).encode())
     info = json.loads(body)
@@ -244,6 +246,7 @@ def test_reload_swaps_generation_and_refuses_bad_input(serve, assets):
     cases = [
         (json.dumps({"gallery": "/nonexistent/x.gallery"}).encode(), 422, "no such gallery"),
         (json.dumps({"model": str(assets["other_model"])}).encode(), 422, "rebuild the gallery"),
+        (json.dumps({"model": str(assets["dir"] / "corrupt.onnx")}).encode(), 422, "reload failed"),
         (b"{not json", 400, "not JSON"),
         (json.dumps({"gallery": "x", "extra": 1}).encode(), 400, "must be JSON"),
         (json.dumps(["x"]).encode(), 400, "must be JSON"),
@@ -255,7 +258,7 @@ def test_reload_swaps_generation_and_refuses_bad_input(serve, assets):
     status, _, body = request(rs.url, "POST", "/reload")  # no body: re-read the same files
     assert status == 200 and json.loads(body)["generation"] == 3
     vals = parse_metrics(request(rs.url, path="/metrics")[2].decode())
-    assert vals['spade_edge_reloads_total{outcome="ok"}'] == 2 and vals['spade_edge_reloads_total{outcome="failed"}'] == 2
+    assert vals['spade_edge_reloads_total{outcome="ok"}'] == 2 and vals['spade_edge_reloads_total{outcome="failed"}'] == 3
     assert vals["spade_edge_model_generation"] == 3
 
 
@@ -300,3 +303,27 @@ def test_open_connections_are_capped(serve, assets):
     wait_for(lambda: request(rs.url, path="/health")[0] == 200)
     vals = parse_metrics(request(rs.url, path="/metrics")[2].decode())
     assert vals["spade_edge_connections_refused_total"] >= 1
+
+
+def test_health_says_stalled_when_one_image_holds_the_worker(serve, assets):
+    rs, gate = serve(ServiceConfig(stall_after=0.3, deadline=30), gated=True)
+    gate.open.clear()
+    t = threading.Thread(target=lambda: post_image(rs.url, assets["images"]["normal0.png"].read_bytes()))
+    t.start()
+    wait_for(lambda: rs.service._busy_since is not None)
+    time.sleep(0.4)
+    status, _, body = request(rs.url, path="/health")
+    assert status == 503 and json.loads(body)["status"] == "stalled"
+    gate.open.set()
+    t.join()
+    assert request(rs.url, path="/health")[0] == 200
+
+
+def test_a_client_that_stalls_mid_body_gets_400_and_frees_its_slot(serve, assets):
+    rs, _ = serve(ServiceConfig(read_timeout=0.5, queue_size=1))
+    with socket.create_connection(("127.0.0.1", rs.httpd.port), timeout=10) as s:
+        s.sendall(b"POST /inspect HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n0123456789")
+        answer = s.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 400") and b"not received in time" in answer
+    wait_for(lambda: rs.service.queue_depth == 0)
+    assert post_image(rs.url, assets["images"]["normal0.png"].read_bytes())[0] == 200
