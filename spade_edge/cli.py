@@ -459,10 +459,11 @@ def bench_accuracy(out, cell_types, seed, pixel_images, limit, threads):
 @click.option("--cell-types", default="mono,poly", show_default=True, help="Comma-separated ELPV cell types.")
 @click.option("--pixel-images", type=click.IntRange(2), default=100, show_default=True)
 @click.option("--limit", type=click.IntRange(1), help="Cap test images per group (a quick look; not the protocol).")
+@click.option("--settings", help="Comma-separated storage settings to measure (default: all; fp32 is always measured).")
 @click.option("--threads", type=click.IntRange(1), help="CPU threads for ONNX Runtime.")
 @scoring_options
 @_friendly_errors
-def bench_gallery(out, cell_types, pixel_images, limit, threads, **scoring):
+def bench_gallery(out, cell_types, pixel_images, limit, settings, threads, **scoring):
     """Every storage setting against fp32: bytes per normal image, load time, resident memory,
     image / pixel AUROC and AUPRO on the ELPV benchmarks; and the cost of loading a 1 GiB gallery."""
     from .bench.gallery import big_gallery_load, markdown, run
@@ -470,15 +471,25 @@ def bench_gallery(out, cell_types, pixel_images, limit, threads, **scoring):
     from .runtime.features import backend_from_model
     from .runtime.spade import SpadeConfig
 
+    from .bench.gallery import SETTINGS
+
+    chosen = dict(SETTINGS)
+    if settings:
+        names = ["fp32"] + [n.strip() for n in settings.split(",") if n.strip() != "fp32"]
+        unknown = [n for n in names if n not in SETTINGS]
+        if unknown:
+            raise click.BadParameter(f"unknown setting(s) {unknown}; choose from {list(SETTINGS)}")
+        chosen = {n: SETTINGS[n] for n in names}
     backend = backend_from_model(lite0_onnx(), threads=threads)
     config = SpadeConfig(**_scoring_overrides(**scoring))
-    results = run(backend, config, cell_types=tuple(cell_types.split(",")), n_pixel=pixel_images, limit=limit,
-                  echo=click.echo)
+    kinds = tuple(cell_types.split(","))
+    results = run(backend, config, chosen, cell_types=kinds, n_pixel=pixel_images, limit=limit, echo=click.echo)
     big = big_gallery_load()
     out.mkdir(parents=True, exist_ok=True)
-    (out / "gallery.json").write_text(json.dumps({"config": config.to_dict(), "results": results, "big": big}, indent=1))
+    tag = "-".join(kinds)
+    (out / f"gallery-{tag}.json").write_text(json.dumps({"config": config.to_dict(), "results": results, "big": big}, indent=1))
     table = markdown(results, big)
-    (out / "gallery.md").write_text(table)
+    (out / f"gallery-{tag}.md").write_text(table)
     click.echo(table)
 
 
