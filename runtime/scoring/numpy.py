@@ -11,8 +11,9 @@ from ..resample import interp_matrix, taps
 from .base import PixelScorer, TopK, concat_upsampled
 
 # a coarse level's interpolated dot products cost about as much as a GEMM with this many channels
-# (memory-bound passes over a grid x grid matrix); measured on WRN50x2 and Lite0 shapes
-INTERP_CHANNELS = 48
+# (memory-bound passes over a grid x grid matrix): Lite0 (24 + 2 x 64 > 0.8 x 176) stays on the plain
+# product, WRN50x2 (256 + 2 x 64 < 0.8 x 1792) takes the per-level path; see docs/speed.md
+INTERP_CHANNELS = 64
 
 
 class NumpyScorer(PixelScorer):

@@ -59,12 +59,15 @@ def scoring(backbone: str, k: int, repeats: int, peers: bool = True, seed: int =
     flops = 2.0 * p * p * k * d  # the naive concatenation's count, for every method
     out = {"shape": f"Q={p} G={k}x{p} D={d}", "gflop": flops / 1e9}
     ours = NumpyScorer()
-    top = ours.topk_pyramid(q, gal, grid, 1)
-    out["ours_s"] = median_time(lambda: ours.topk_pyramid(q, gal, grid, 1), repeats)
-    if not peers:
-        return out
+    # what the runtime does: gallery stored per level at native resolution, upsampled as it goes
+    out["ours_levels_s"] = median_time(lambda: ours.topk_pyramid(q, gal, grid, 1), repeats)
     qx = concat_upsampled(q, grid)
     gx = np.concatenate([concat_upsampled(g, grid) for g in gal])
+    # the same data every peer gets: concatenated, upsampled rows
+    top = ours.topk(qx, [gx], 1)
+    out["ours_s"] = median_time(lambda: ours.topk(qx, [gx], 1), repeats)
+    if not peers:
+        return out
 
     def plain():  # the textbook expansion over the whole gallery at once
         dist = (qx**2).sum(1)[:, None] - 2 * qx @ gx.T + (gx**2).sum(1)[None, :]
@@ -169,14 +172,17 @@ def markdown(r: dict) -> str:
     lines = [f"Machine: {m['cpu']}, {m['cores']} cores; numpy {m['numpy']}; thread pools: "
              + ", ".join(f"{p['internal_api']} x{p['num_threads']}" for p in m["pools"]), "",
              f"numpy fp32 GEMM ceiling at these shapes: {r['gemm_gflops']:.0f} GFLOP/s", "",
-             "| pixel scoring, kappa = 1 | GFLOP (naive) | ours s | faiss s | torch s | numpy s | ours vs faiss | ours GFLOP/s | share of GEMM | same neighbours |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "Same data for every method: one test image's concatenated, upsampled pixel features against K gallery "
+             "images' (rows of D channels). 'ours, from levels' starts from the stored native-resolution levels "
+             "(what the runtime does, upsampling included).", "",
+             "| pixel scoring, kappa = 1 | GFLOP (naive) | ours s | ours, from levels s | faiss s | torch s | numpy s | ours vs faiss | ours GFLOP/s | share of GEMM | same neighbours |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, s in r["scoring"].items():
         rate = s["gflop"] / s["ours_s"]
         peer = (f"{s['faiss_s']:.2f} | {s['torch_s']:.2f} | {s['numpy_s']:.2f} | {s['faiss_s'] / s['ours_s']:.2f}x"
                 if "faiss_s" in s else "- | - | - | -")
         same = f"{s['same_neighbours_as_faiss']:.3f}" if "faiss_s" in s else "-"
-        lines.append(f"| {name} ({s['shape']}) | {s['gflop']:.0f} | {s['ours_s']:.2f} | {peer} | {rate:.0f} | "
+        lines.append(f"| {name} ({s['shape']}) | {s['gflop']:.0f} | {s['ours_s']:.2f} | {s['ours_levels_s']:.2f} | {peer} | {rate:.0f} | "
                      f"{rate / r['gemm_gflops']:.0%} | {same} |")
     if "backbones" in r:
         lines += ["", "| backbone | ORT fp32 ms | ORT int8 ms | PyTorch eager ms | ORT fp32 vs PyTorch | int8 / fp32 |",
