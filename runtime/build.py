@@ -160,15 +160,15 @@ def gallery_from_images(
         det = Detector(backend, gallery, config=SpadeConfig.from_dict({**config.to_dict(), "score": "image"}),
                        preprocess=preprocess)
         hfeats, hinputs, hgeoms = extract(backend, [str(paths[i]) for i in hold_idx], preprocess, batch_size, show_progress, "thresholds")
-        image_scores, max_pixels, pixels = [], [], []
+        image_scores, maps = [], []
         for f, x, geom in zip(hfeats, hinputs, hgeoms):
             chw = {k: (v.transpose(2, 0, 1) if v.ndim == 3 else v) for k, v in f.items()}
             p = det.predict_features(chw, x, geom)
             image_scores.append(p.image_score)
-            max_pixels.append(p.max_pixel_score)
-            pixels.append(p.anomaly_map.ravel())
-        manifest["normal"] = {"image": float(np.median(image_scores)), "max_pixel": float(np.median(max_pixels))}
-        scores = [final_score(config.score, i, m, manifest["normal"]) for i, m in zip(image_scores, max_pixels)]
+            maps.append(p.anomaly_map)
+        manifest["normal"] = {"image": float(np.median(image_scores)), "max_pixel": float(np.median([m.max() for m in maps]))}
+        scores = [final_score(config.score, i, m, manifest["normal"]) for i, m in zip(image_scores, maps)]
+        pixels = [m.ravel() for m in maps]
         manifest["thresholds"] = {
             "image": float(max(scores)),
             "pixel": float(np.quantile(np.concatenate(pixels), PIXEL_QUANTILE)),

@@ -141,7 +141,7 @@ class Detector:
         amap = smooth(raw, cfg.sigma)
         full = map_to_original(amap, geom)
         t3 = time.perf_counter()
-        score = final_score(cfg.score, image_score, float(amap.max()), g.manifest.get("normal"))
+        score = final_score(cfg.score, image_score, amap, g.manifest.get("normal"))
         thr = g.thresholds.get("image")
         verdict = None if thr is None else (NOT_OK if score > thr else OK)
         return Prediction(

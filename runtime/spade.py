@@ -20,7 +20,8 @@ from .resample import gaussian_blur, upsample_hwc, upsample_map
 from .scoring import PixelScorer
 
 MODES = ("concat", "per-level")
-SCORES = ("image", "max-pixel", "combined")
+SCORES = ("image", "max-pixel", "top-pixels", "combined")
+TOP_SHARE = 0.01  # 'top-pixels': the mean of the highest 1% of the anomaly map
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,7 @@ class SpadeConfig:
     mode: str = "concat"
     levels: tuple[str, ...] | None = None  # None: every level the model has
     sigma: float = 4.0
-    score: str = "image"  # the image score: kNN stage, map maximum, or both over their normal medians
+    score: str = "image"  # image score: kNN stage, map maximum, mean of its top 1%, or kNN + maximum
 
     def __post_init__(self):
         for name in ("k_image", "k_gallery", "kappa"):
@@ -180,13 +181,23 @@ def _correspondence(idx, neighbors, per_image, query_grid, stride, cells) -> Cor
     return Correspondence(image.reshape(query_grid), ys.reshape(query_grid), xs.reshape(query_grid), float(stride))
 
 
-def final_score(kind: str, image_score: float, max_pixel: float, normal: dict | None) -> float:
-    """The image score SPADE reports: the image stage's, the anomaly map's maximum, or their sum
-    after dividing each by its median on held-out normal images (``normal``)."""
+def top_pixels(amap: np.ndarray, share: float = TOP_SHARE) -> float:
+    """Mean of the highest ``share`` of the map's pixels (steadier than the single maximum)."""
+    flat = amap.ravel()
+    n = max(1, int(flat.size * share))
+    return float(np.partition(flat, flat.size - n)[-n:].mean())
+
+
+def final_score(kind: str, image_score: float, amap: np.ndarray, normal: dict | None) -> float:
+    """The image score SPADE reports: the image stage's, the anomaly map's maximum or the mean of its
+    top 1%, or image stage + maximum, each divided by its median on held-out normal images (``normal``)."""
     if kind == "image":
         return image_score
     if kind == "max-pixel":
-        return max_pixel
+        return float(amap.max())
+    if kind == "top-pixels":
+        return top_pixels(amap)
+    max_pixel = float(amap.max())
     if not normal:
         raise ValueError("score='combined' needs normal statistics: build the gallery with a held-out share (--holdout > 0)")
     return image_score / normal["image"] + max_pixel / normal["max_pixel"]

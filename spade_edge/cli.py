@@ -41,8 +41,9 @@ def scoring_options(fn):
         click.option("--mode", type=click.Choice(["concat", "per-level"]),
                      help="concat: the paper's concatenated pyramid; per-level: score levels apart, average."),
         click.option("--levels", help="Comma-separated subset of pyramid levels (default: all)."),
-        click.option("--score", type=click.Choice(["image", "max-pixel", "combined"]),
-                     help="Image score: the kNN stage, the anomaly map's maximum, or both over their normal medians."),
+        click.option("--score", type=click.Choice(["image", "max-pixel", "top-pixels", "combined"]),
+                     help="Image score: the kNN stage, the anomaly map's maximum, the mean of its top 1%, "
+                          "or kNN stage + maximum over their normal medians."),
     ]
     for opt in reversed(opts):
         fn = opt(fn)
