@@ -44,7 +44,6 @@ class NumpyScorer(PixelScorer):
             raise ValueError(f"gallery has {offset} features, fewer than kappa = {kappa}")
         return TopK(best_d, best_i)
 
-
     def topk_pyramid(self, query, images, grid, kappa):
         """Exact concatenated-pyramid distances at per-level cost (docs/speed.md):
         ||concat_l U_l q_l - concat_l U_l g_l||^2 = |Uq|^2 + |Ug|^2 - 2 sum_l (U_l Q_l) G_l^T U_l^T,
