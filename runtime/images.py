@@ -156,11 +156,11 @@ def map_to_original(score_map: np.ndarray, geom: Geometry) -> np.ndarray:
     """Resample a square score map onto the original image; pixels outside the crop get 0."""
     Image = _pil()
     out = np.zeros((geom.height, geom.width), np.float32)
-    t, l = int(round(geom.top)), int(round(geom.left))
-    ch = min(int(round(geom.crop_height)), geom.height - t)
-    cw = min(int(round(geom.crop_width)), geom.width - l)
+    top, left = int(round(geom.top)), int(round(geom.left))
+    ch = min(int(round(geom.crop_height)), geom.height - top)
+    cw = min(int(round(geom.crop_width)), geom.width - left)
     resized = Image.fromarray(np.ascontiguousarray(score_map, dtype=np.float32)).resize((cw, ch), Image.BILINEAR)
-    out[t : t + ch, l : l + cw] = np.asarray(resized)
+    out[top : top + ch, left : left + cw] = np.asarray(resized)
     return out
 
 
