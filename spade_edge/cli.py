@@ -283,7 +283,8 @@ def demo(out, gallery_size, test_size, threads):
 
     s = run_demo(out, DemoPlan(n_gallery=gallery_size, n_test=test_size, threads=threads), echo=click.echo)
     click.echo(
-        f"\nimage AUROC {s['image_auroc']:.3f} (image-stage score), {s['max_pixel_auroc']:.3f} (max pixel score); "
+        f"\nimage AUROC {s['image_auroc']:.3f} (the image score: mean of the top 1% of the anomaly map); "
+        f"{s['image_stage_auroc']:.3f} from the image stage alone, {s['max_pixel_auroc']:.3f} from the map maximum; "
         f"verdicts right on {s['verdict_accuracy']:.0%} of test cells; {s['ms_per_image']:.0f} ms per image\n"
         f"heat maps: {s['heatmaps']}/{{normal,defective}}/*.png\nsummary: {Path(out) / 'summary.json'}  "
         f"(total {s['seconds']:.0f} s)"

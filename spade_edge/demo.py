@@ -83,6 +83,7 @@ def run_demo(out: Path = DEFAULT_OUT, plan: DemoPlan = DemoPlan(), echo=print) -
     verdict_ok = sum((r["verdict"] == "NOT_OK") == bool(r["label"]) for r in rows)
     summary = {
         "image_auroc": roc_auc(labels, [r["score"] for r in rows]),
+        "image_stage_auroc": roc_auc(labels, [r["image_score"] for r in rows]),
         "max_pixel_auroc": roc_auc(labels, [r["max_pixel_score"] for r in rows]),
         "verdict_accuracy": verdict_ok / len(rows),
         "parity_max_rel": max(d.max_rel for d in parity.diffs),
