@@ -91,7 +91,8 @@ def gallery_from_features(feats: Sequence[dict], names: Sequence[str], info, sto
         data, offsets, yx = encode_level(maps, codecs[lv.name], storage)
         levels[lv.name] = LevelStore(data, maps[0].shape[:2], codecs[lv.name], offsets, yx)
     glob = np.stack([f[info.global_name] for f in feats]).astype(np.float32)
-    manifest = {"model": {"backbone": info.backbone, "fingerprint": info.fingerprint}, "storage": storage.to_dict()}
+    manifest = {"model": {"backbone": info.backbone, "fingerprint": info.fingerprint, "precision": info.precision},
+                "storage": storage.to_dict()}
     return Gallery(list(names), glob, levels, manifest)
 
 
