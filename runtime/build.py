@@ -72,7 +72,8 @@ def encode_level(maps: Sequence[np.ndarray], codec: LevelCodec, storage: Storage
         flat = p.reshape(h * w, -1)
         idx = np.sort(kcenter(flat, keep))
         rows.append(codec.encode(flat[idx], storage.precision))
-        yx.append(np.stack([idx // w, idx % w], 1).astype(np.int16))
+        # grid cells fit a byte on every backbone here (56 x 56); wider grids take two
+        yx.append(np.stack([idx // w, idx % w], 1).astype(np.uint8 if max(h, w) <= 256 else np.uint16))
         counts.append(len(idx))
     return np.concatenate(rows), np.r_[0, np.cumsum(counts)].astype(np.int64), np.concatenate(yx)
 

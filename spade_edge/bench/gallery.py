@@ -31,6 +31,7 @@ SETTINGS = {
     "int8 + random 1/4": Storage(precision="int8", projection="random", keep=0.25),
     "fp16 + coreset 1/8": Storage(precision="fp16", coreset=0.125),
     "int8 + coreset 1/4": Storage(precision="int8", coreset=0.25),
+    "int8 + coreset 1/5": Storage(precision="int8", coreset=0.2),
 }
 
 
