@@ -19,7 +19,7 @@ from .errors import GalleryError, ImageError
 from .features import FeatureBackend
 from .gallery import Gallery, LevelStore
 from .images import Preprocess, load_image
-from .spade import SpadeConfig, final_score
+from .spade import SpadeConfig, final_score, top_pixels
 
 PIXEL_QUANTILE = 0.999
 
@@ -168,7 +168,8 @@ def gallery_from_images(
             p = det.predict_features(chw, x, geom)
             image_scores.append(p.image_score)
             maps.append(p.anomaly_map)
-        manifest["normal"] = {"image": float(np.median(image_scores)), "max_pixel": float(np.median([m.max() for m in maps]))}
+        manifest["normal"] = {"image": float(np.median(image_scores)),
+                              "top_pixels": float(np.median([top_pixels(m) for m in maps]))}
         scores = [final_score(config.score, i, m, manifest["normal"]) for i, m in zip(image_scores, maps)]
         pixels = [m.ravel() for m in maps]
         manifest["thresholds"] = {

@@ -85,7 +85,8 @@ class Detector:
         pre = gallery.manifest.get("preprocess")
         self.preprocess = preprocess or (Preprocess(**pre) if pre else Preprocess(backend.info.input_size))
         if self.config.score == "combined" and not gallery.manifest.get("normal"):
-            raise ValueError("score='combined' needs the normal statistics a gallery built with --holdout > 0 stores")
+            raise ValueError("score='combined' needs the normal statistics a gallery built with --holdout > 0 stores; "
+                             "rebuild it so, or pass another score (--score top-pixels)")
         th = gallery.thresholds
         if th.get("config") and th["config"] != self.config.to_dict():
             warnings.warn("scoring settings differ from those the gallery's thresholds were computed "

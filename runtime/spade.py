@@ -26,18 +26,18 @@ TOP_SHARE = 0.01  # 'top-pixels': the mean of the highest 1% of the anomaly map
 
 @dataclass(frozen=True)
 class SpadeConfig:
-    """Scoring settings. Defaults chosen on the ELPV benchmark (docs/results.md): the paper's
-    pixel stage (K = 50 images, kappa = 1, concatenated pyramid, sigma = 4), the image scored by the
-    mean of the top 1% of its anomaly map, and K = 5 for the image-stage distance reported beside
-    it. K's larger than the gallery are clipped to its size."""
+    """Scoring settings. Defaults chosen on the ELPV benchmark (docs/results.md): K = 50 images for
+    the pixel gallery, kappa = 1, levels scored apart and averaged, sigma = 4, and the image scored by
+    the image stage (K = 5) plus the mean of the top 1% of the anomaly map, each over its median on
+    held-out normal images. K's larger than the gallery are clipped to its size."""
 
     k_image: int = 5
     k_gallery: int = 50
     kappa: int = 1
-    mode: str = "concat"
+    mode: str = "per-level"
     levels: tuple[str, ...] | None = None  # None: every level the model has
     sigma: float = 4.0
-    score: str = "top-pixels"  # image score: kNN stage, map maximum, mean of its top 1%, or kNN + maximum
+    score: str = "combined"  # image score: kNN stage, map maximum, mean of its top 1%, or kNN + top 1%
 
     def __post_init__(self):
         for name in ("k_image", "k_gallery", "kappa"):
@@ -192,17 +192,16 @@ def top_pixels(amap: np.ndarray, share: float = TOP_SHARE) -> float:
 
 def final_score(kind: str, image_score: float, amap: np.ndarray, normal: dict | None) -> float:
     """The image score SPADE reports: the image stage's, the anomaly map's maximum or the mean of its
-    top 1%, or image stage + maximum, each divided by its median on held-out normal images (``normal``)."""
+    top 1%, or image stage + top 1%, each divided by its median on held-out normal images (``normal``)."""
     if kind == "image":
         return image_score
     if kind == "max-pixel":
         return float(amap.max())
     if kind == "top-pixels":
         return top_pixels(amap)
-    max_pixel = float(amap.max())
     if not normal:
         raise ValueError("score='combined' needs normal statistics: build the gallery with a held-out share (--holdout > 0)")
-    return image_score / normal["image"] + max_pixel / normal["max_pixel"]
+    return image_score / normal["image"] + top_pixels(amap) / normal["top_pixels"]
 
 
 def smooth(score_map: np.ndarray, sigma: float) -> np.ndarray:

@@ -43,7 +43,7 @@ def scoring_options(fn):
         click.option("--levels", help="Comma-separated subset of pyramid levels (default: all)."),
         click.option("--score", type=click.Choice(["image", "max-pixel", "top-pixels", "combined"]),
                      help="Image score: the kNN stage, the anomaly map's maximum, the mean of its top 1%, "
-                          "or kNN stage + maximum over their normal medians."),
+                          "or kNN stage + top 1% over their normal medians (default)."),
     ]
     for opt in reversed(opts):
         fn = opt(fn)
@@ -283,7 +283,7 @@ def demo(out, gallery_size, test_size, threads):
 
     s = run_demo(out, DemoPlan(n_gallery=gallery_size, n_test=test_size, threads=threads), echo=click.echo)
     click.echo(
-        f"\nimage AUROC {s['image_auroc']:.3f} (the image score: mean of the top 1% of the anomaly map); "
+        f"\nimage AUROC {s['image_auroc']:.3f} (the image score: image stage + top 1% of the anomaly map); "
         f"{s['image_stage_auroc']:.3f} from the image stage alone, {s['max_pixel_auroc']:.3f} from the map maximum; "
         f"verdicts right on {s['verdict_accuracy']:.0%} of test cells; {s['ms_per_image']:.0f} ms per image\n"
         f"heat maps: {s['heatmaps']}/{{normal,defective}}/*.png\nsummary: {Path(out) / 'summary.json'}  "

@@ -63,7 +63,8 @@ def evaluate_category(backend: FeatureBackend, category: Path, out: Path, config
     out.mkdir(parents=True, exist_ok=True)
     echo(f"[{category.name}] gallery from {len(train)} normal images, {len(tests)} test images")
     t0 = time.perf_counter()
-    gallery = gallery_from_images(backend, train, out / f"{category.name}.gallery", holdout=0.0, config=config,
+    # 10% of train/good held out: thresholds, and the normal medians of the default combined score
+    gallery = gallery_from_images(backend, train, out / f"{category.name}.gallery", holdout=0.1, config=config,
                                   preprocess=preprocess)
     build_s = time.perf_counter() - t0
     det = Detector(backend, gallery, config=config, preprocess=preprocess)

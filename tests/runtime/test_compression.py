@@ -31,7 +31,7 @@ def setup(tmp_path):
 
 
 def build(backend, images, out, **kw):
-    kw.setdefault("config", SpadeConfig(k_image=3, k_gallery=4, mode="per-level"))
+    kw.setdefault("config", SpadeConfig(k_image=3, k_gallery=4, mode="per-level", score="top-pixels"))
     return gallery_from_images(backend, images, out, holdout=0.0, show_progress=False, **kw)
 
 
@@ -79,7 +79,7 @@ def test_pca_keeping_every_channel_preserves_distances():
 def test_projected_gallery_scores_through_the_same_projection(setup, tmp_path, storage):
     backend, images = setup
     g = build(backend, images[:12], tmp_path / "p.gallery", storage=storage,
-              config=SpadeConfig(k_image=3, k_gallery=4, mode="concat"))
+              config=SpadeConfig(k_image=3, k_gallery=4, mode="concat", score="top-pixels"))
     assert g.levels["a"].channels == 2 and g.levels["a"].codec.proj.shape == (3, 2)
     det = Detector(backend, g)
     same = det.predict(str(images[0]))  # an image of the gallery matches itself: distance ~ 0
@@ -161,18 +161,22 @@ def test_killed_build_leaves_the_previous_gallery(setup, tmp_path):
     many = tmp_path / "many"
     many.mkdir()
     rng = np.random.default_rng(1)
-    for i in range(400):
-        Image.fromarray(rng.integers(0, 255, (300, 300, 3), dtype=np.uint8)).save(many / f"{i:03d}.png")
+    for i in range(40):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(many / f"{i:03d}.png")
+    # every batch of features takes a while, so the kill lands in the middle of the build
     code = textwrap.dedent(f"""
-        from spade_edge.runtime.build import gallery_from_images
+        import time
+        import spade_edge.runtime.build as build
         from spade_edge.runtime.features import backend_from_model
         from spade_edge.runtime.images import list_images
-        gallery_from_images(backend_from_model({str(tmp_path / 'tiny.onnx')!r}), list_images({str(many)!r}),
-                            {str(out)!r}, show_progress=False)
+        slow = build.extract
+        build.extract = lambda *a, **k: (time.sleep(10), slow(*a, **k))[1]
+        build.gallery_from_images(backend_from_model({str(tmp_path / 'tiny.onnx')!r}), list_images({str(many)!r}),
+                                  {str(out)!r}, show_progress=False)
     """)
     proc = subprocess.Popen([sys.executable, "-c", code])
     try:
-        proc.wait(timeout=1.5)
+        proc.wait(timeout=3.0)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()

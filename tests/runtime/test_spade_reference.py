@@ -98,6 +98,6 @@ def test_image_score_kinds_known_answers():
     assert final_score("image", 2.5, amap, None) == 2.5
     assert final_score("max-pixel", 2.5, amap, None) == 9999.0
     assert final_score("top-pixels", 2.5, amap, None) == pytest.approx(9949.5)  # mean of 9900..9999
-    assert final_score("combined", 2.0, amap, {"image": 4.0, "max_pixel": 9999.0}) == pytest.approx(1.5)
+    assert final_score("combined", 2.0, amap, {"image": 4.0, "top_pixels": 9949.5}) == pytest.approx(1.5)
     with pytest.raises(ValueError, match="holdout"):
         final_score("combined", 2.0, amap, None)
