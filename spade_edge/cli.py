@@ -126,14 +126,15 @@ def gallery():
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the held-out split.")
 @click.option("--crop/--no-crop", default=True, show_default=True,
               help="Resize+centre-crop (paper) or resize the whole image (keeps the borders in view).")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="int8", show_default=True,
               help="Stored precision of pixel features (int8: per-channel symmetric scales).")
 @click.option("--projection", type=click.Choice(["none", "pca", "random"]), default="none", show_default=True,
               help="Channel reduction fitted on the normal features, applied to test features too.")
 @click.option("--keep", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
               help="Share of each level's channels kept by --projection.")
-@click.option("--coreset", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
-              help="Share of each image's pixels kept by greedy k-center (needs --mode per-level).")
+@click.option("--coreset", type=click.FloatRange(0, 1, min_open=True), default=0.2, show_default=True,
+              help="Share of each image's pixels kept by greedy k-center (per-level mode; 1 keeps all, "
+                   "which --mode concat needs).")
 @click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True)
 @click.option("--threads", type=click.IntRange(1), help="CPU threads for ONNX Runtime and the scorer.")
 @device_option
