@@ -74,9 +74,25 @@ class _Handler(BaseHTTPRequestHandler):
         if close:
             self.send_header("Connection", "close")
             self.close_connection = True
-        self.end_headers()
+        # headers and body in one write, so a client sees the whole answer together
+        self._headers_buffer.append(b"\r\n")
         if self.command != "HEAD":
-            self.wfile.write(body)
+            self._headers_buffer.append(body)
+        self.flush_headers()
+        if close:
+            self._linger()
+
+    def _linger(self) -> None:
+        """Closing with unread request bytes makes the kernel reset the connection, which can destroy
+        the answer in flight: end our side, then drain what the client still sends, briefly."""
+        try:
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_WR)
+            self.connection.settimeout(0.2)
+            while self.connection.recv(65536):
+                pass
+        except OSError:
+            pass
 
     def _json(self, status: int, obj: dict, headers: dict | None = None, close: bool = False) -> None:
         self._send(status, (json.dumps(obj) + "\n").encode(), "application/json", headers, close)
