@@ -68,6 +68,10 @@ def resolve_weights(
 
 
 def load_state_dict(path: Path) -> dict:
+    """Tensors of an upstream checkpoint (torchvision's and the Lite0 package's .pth files are in
+    torch's format). ``weights_only=True`` is torch's restricted loader: tensors and plain
+    containers only, never arbitrary objects. spade-edge's own artifacts (ONNX models, galleries,
+    engine sidecars) are ONNX, raw arrays and JSON, and never go through this."""
     state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]

@@ -54,6 +54,12 @@ def extract(backend: FeatureBackend, images: Sequence, preprocess: Preprocess, b
     return feats, inputs, geoms
 
 
+def as_backend_output(features: dict) -> dict:
+    """One image's features as :func:`extract` keeps them (levels (h, w, C)) back in the backend's
+    layout (levels (C, h, w)), which :meth:`Detector.predict_features` takes."""
+    return {k: (v.transpose(2, 0, 1) if v.ndim == 3 else v) for k, v in features.items()}
+
+
 def _thumbnails(inputs, size: int) -> np.ndarray:
     from PIL import Image
 
@@ -164,8 +170,7 @@ def gallery_from_images(
         hfeats, hinputs, hgeoms = extract(backend, [str(paths[i]) for i in hold_idx], preprocess, batch_size, show_progress, "thresholds")
         image_scores, maps = [], []
         for f, x, geom in zip(hfeats, hinputs, hgeoms):
-            chw = {k: (v.transpose(2, 0, 1) if v.ndim == 3 else v) for k, v in f.items()}
-            p = det.predict_features(chw, x, geom)
+            p = det.predict_features(as_backend_output(f), x, geom)
             image_scores.append(p.image_score)
             maps.append(p.anomaly_map)
         manifest["normal"] = {"image": float(np.median(image_scores)),

@@ -4,7 +4,6 @@ every storage setting against fp32, on the ELPV protocol of :mod:`spade_edge.ben
 from __future__ import annotations
 
 import gc
-import re
 import tempfile
 import time
 from dataclasses import dataclass
@@ -13,13 +12,14 @@ from pathlib import Path
 import numpy as np
 
 from ..metrics import aupro, pixel_roc_auc, roc_auc
-from ..runtime.build import extract, gallery_from_features, progress
+from ..runtime.build import as_backend_output, extract, gallery_from_features, progress
 from ..runtime.codec import Storage
 from ..runtime.detector import Detector
 from ..runtime.features import FeatureBackend
 from ..runtime.gallery import Gallery, write_gallery
 from ..runtime.images import Geometry, Preprocess
 from ..runtime.spade import SpadeConfig
+from ..service.metrics import resident_memory_bytes as rss
 from .accuracy import _cells, split, synthetic_set
 
 SETTINGS = {
@@ -33,10 +33,6 @@ SETTINGS = {
     "int8 + coreset 1/4": Storage(precision="int8", coreset=0.25),
     "int8 + coreset 1/5": Storage(precision="int8", coreset=0.2),
 }
-
-
-def rss() -> int:
-    return int(re.search(r"VmRSS:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) * 1024
 
 
 def big_gallery_load(size: int = 1 << 30) -> dict:
@@ -113,8 +109,7 @@ def score_setting(backend: FeatureBackend, data: ProtocolData, storage: Storage,
         for part, feats in data.tests.items():
             out = []
             for f in progress(feats, len(feats), f"{desc} {part}"):
-                chw = {k: (v.transpose(2, 0, 1) if v.ndim == 3 else v) for k, v in f.items()}
-                p = det.predict_features(chw, blank, geom)
+                p = det.predict_features(as_backend_output(f), blank, geom)
                 keep_map = part == "synthetic" or len(out) < data.n_pix
                 out.append((p.score, p.max_pixel_score, p.anomaly_map if keep_map else None))
             scored[part] = out
