@@ -49,14 +49,10 @@ def upsample_hwc(x: np.ndarray, height: int, width: int) -> np.ndarray:
     x = np.asarray(x, np.float32)
     if x.shape[:2] == (height, width):
         return x
-    # two taps per axis: cheaper than a dense product with the interpolation matrix
-    a0, a1, u0, u1 = taps(height, x.shape[0])
-    b0, b1, v0, v1 = taps(width, x.shape[1])
-    t = x[a0] * u0[:, None, None]
-    t += x[a1] * u1[:, None, None]
-    out = t[:, b0] * v0[None, :, None]
-    out += t[:, b1] * v1[None, :, None]
-    return out
+    # one product per axis: BLAS beats two-tap gathers several times over (docs/speed.md)
+    h, w, c = x.shape
+    t = (interp_matrix(height, h) @ x.reshape(h, w * c)).reshape(height, w, c)
+    return np.matmul(interp_matrix(width, w), t)
 
 
 def gaussian_kernel(sigma: float, truncate: float = 4.0) -> np.ndarray:

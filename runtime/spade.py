@@ -10,7 +10,7 @@ there with kappa = 1 and unsquared distances).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -133,8 +133,7 @@ def pixel_scores(
     if config.mode == "concat":
         grid = features[finest].shape[1:]
         query = [gallery.levels[n].codec.project(_hwc(features[n])) for n in names]
-        top = scorer.topk_pyramid(query, ([gallery.levels[n].dense(j) for n in names] for j in neighbors), grid,
-                                  config.kappa)
+        top = scorer.topk_pyramid(query, _DecodedPyramids(gallery, names, neighbors), grid, config.kappa)
         score = upsample_map(top.distances.mean(axis=1).reshape(grid), s, s)
         per_image = np.full(len(neighbors), grid[0] * grid[1])
         corr = _correspondence(top.indices[:, 0], neighbors, per_image, grid, s / grid[1], lambda j, r: (r // grid[1], r % grid[1]))
@@ -153,6 +152,19 @@ def pixel_scores(
             per_image = np.array([len(b) for b in blocks]) if store.coreset else np.full(len(neighbors), h * w)
             corr = _correspondence(top.indices[:, 0], neighbors, per_image, (h, w), stride[n], store.cells)
     return score / len(names), corr
+
+
+class _DecodedPyramids(Sequence):
+    """The neighbours' level maps, decoded each time one is indexed (never all in memory)."""
+
+    def __init__(self, gallery: Gallery, names: Sequence[str], neighbors: np.ndarray):
+        self.gallery, self.names, self.neighbors = gallery, list(names), neighbors
+
+    def __len__(self) -> int:
+        return len(self.neighbors)
+
+    def __getitem__(self, i: int) -> list[np.ndarray]:
+        return [self.gallery.levels[n].dense(int(self.neighbors[i])) for n in self.names]
 
 
 def concat_rows(features: dict[str, np.ndarray], gallery: Gallery, names: Sequence[str], grid: tuple[int, int]) -> np.ndarray:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -31,10 +31,11 @@ class PixelScorer(ABC):
     def topk(self, query: np.ndarray, blocks: Iterable[np.ndarray], kappa: int) -> TopK:
         """Search ``query`` (P, D) against the rows of ``blocks``; return the kappa nearest."""
 
-    def topk_pyramid(self, query: list[np.ndarray], images: Iterable[list[np.ndarray]], grid: tuple[int, int],
+    def topk_pyramid(self, query: list[np.ndarray], images: Sequence[list[np.ndarray]], grid: tuple[int, int],
                      kappa: int) -> TopK:
         """The concatenated pyramid: ``query`` and every gallery image are lists of (h_l, w_l, C_l)
-        level maps, compared as if each were bilinearly upsampled to ``grid`` and concatenated.
+        level maps (``images`` may decode on indexing; a scorer may index an image more than once),
+        compared as if each were bilinearly upsampled to ``grid`` and concatenated.
         Row indices count ``grid`` cells image after image. This default upsamples and concatenates;
         scorers may compute the same distances more cheaply."""
         return self.topk(concat_upsampled(query, grid), (concat_upsampled(g, grid) for g in images), kappa)

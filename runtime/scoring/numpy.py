@@ -7,13 +7,13 @@ from typing import Iterable
 
 import numpy as np
 
-from ..resample import interp_matrix, taps
 from .base import PixelScorer, TopK, concat_upsampled
+from .pyramid import PyramidSlabs, upsampled_rows
 
-# a coarse level's interpolated dot products cost about as much as a GEMM with this many channels
-# (memory-bound passes over a grid x grid matrix): Lite0 (24 + 2 x 64 > 0.8 x 176) stays on the plain
-# product, WRN50x2 (256 + 2 x 64 < 0.8 x 1792) takes the per-level path; see docs/speed.md
-INTERP_CHANNELS = 64
+# the per-level path pays when its product's contraction (fine channels plus the coarse native
+# cells each slab reads) is below this share of the concatenated channels: WRN50x2 (~410 of 1792)
+# takes it, the narrow EfficientNet-Lite0 pyramid (~190 of 176) does not; see docs/speed.md
+PER_LEVEL_SHARE = 0.5
 
 
 class NumpyScorer(PixelScorer):
@@ -46,59 +46,33 @@ class NumpyScorer(PixelScorer):
 
     def topk_pyramid(self, query, images, grid, kappa):
         """Exact concatenated-pyramid distances at per-level cost (docs/speed.md):
-        ||concat_l U_l q_l - concat_l U_l g_l||^2 = |Uq|^2 + |Ug|^2 - 2 sum_l (U_l Q_l) G_l^T U_l^T,
-        with U_l the bilinear upsampling of level l. Gallery-side upsampling of the coarse levels'
-        dot products runs along rows of the fine grid, a few rows at a time, so the P x P distance
-        matrix is never formed (each slab stays in cache)."""
-        big_h, big_w = grid
-        fine = [q.shape[:2] == tuple(grid) for q in query]
-        d_all = sum(q.shape[2] for q in query)
-        c_fine = sum(q.shape[2] for q, f in zip(query, fine) if f)
-        if not c_fine or c_fine + INTERP_CHANNELS * (len(query) - sum(fine)) >= 0.8 * d_all:
+        ||concat_l U_l q_l - concat_l U_l g_l||^2 = |Uq|^2 + |Ug|^2 - 2 sum_l U_l Q_l G_l^T U_l^T,
+        with U_l the bilinear upsampling of level l: coarse levels' dot products are taken at native
+        resolution and interpolated inside one product per slab of gallery rows (:class:`PyramidSlabs`),
+        so the P x P distance matrix is never formed. Candidates are ranked by the expanded distance,
+        kappa + 1 of them, and re-computed exactly at the end (``images`` is indexed a second time)."""
+        slabs = PyramidSlabs(query, grid, rows=4)
+        if not slabs.c_fine or slabs.contraction >= PER_LEVEL_SHARE * sum(q.shape[2] for q in query):
             return super().topk_pyramid(query, images, grid, kappa)  # narrow pyramids: the plain GEMM wins
-        p = big_h * big_w
-        q_up = concat_upsampled(query, grid)  # (P, D): norms and exact distances of the candidates
-        q_fine = np.ascontiguousarray(np.concatenate([q.reshape(p, -1) for q, f in zip(query, fine) if f], axis=1))
-        q_coarse = [(i, np.ascontiguousarray(q_up[:, _channel_slice(query, i)])) for i, f in enumerate(fine) if not f]
-        rows = max(1, min(big_h, (2 << 20) // (4 * p * big_w)))  # fine-grid rows per slab: ~2 MB, stays in cache
-        best_d = np.full((p, kappa), np.inf, np.float32)
-        best_i = np.full((p, kappa), -1, np.int64)
-        tmp = np.empty((p, big_w), np.float32)
-        offset = 0
-        for g in images:
-            g_up = concat_upsampled(g, grid)
-            b = np.einsum("ij,ij->i", g_up, g_up).reshape(big_h, big_w)
-            g_fine = np.concatenate([g[i] for i, f in enumerate(fine) if f], axis=2).reshape(p, -1)
-            # coarse level l: T[p, y, X] = sum_x <(U q)_p, g_(y,x)> A_w[X, x]; rows y -> Y in the slabs below
-            coarse = []
-            for i, qc in q_coarse:
-                h, w, c = g[i].shape
-                t = ((qc @ g[i].reshape(h * w, c).T).reshape(p * h, w) @ interp_matrix(big_w, w).T).reshape(p, h, big_w)
-                coarse.append((t, taps(big_h, h)))
-            cand_d = np.full((p, kappa), np.inf, np.float32)
-            cand_i = np.full((p, kappa), -1, np.int64)
-            for y0 in range(0, big_h, rows):
-                y1 = min(y0 + rows, big_h)
-                slab = q_fine @ g_fine[y0 * big_w : y1 * big_w].T  # (P, r * W): the fine levels
-                slab3 = slab.reshape(p, y1 - y0, big_w)
-                for t, (i0, i1, w0, w1) in coarse:
-                    for r, y in enumerate(range(y0, y1)):  # two source rows per fine row
-                        slab3[:, r] += np.multiply(t[:, i0[y]], w0[y], out=tmp)
-                        if w1[y]:
-                            slab3[:, r] += np.multiply(t[:, i1[y]], w1[y], out=tmp)
-                slab *= -2.0
-                slab += b[y0:y1].reshape(1, -1)
-                idx, val = _smallest(slab, min(kappa, slab.shape[1]))
-                cand_d, cand_i = _keep(cand_d, cand_i, val, idx + y0 * big_w)
-            diff = q_up[:, None, :] - g_up[cand_i]  # exact distances of this image's candidates
-            best_d, best_i = _keep(best_d, best_i, np.einsum("pkd,pkd->pk", diff, diff), cand_i + offset)
-            offset += p
-        return TopK(best_d, best_i)
-
-
-def _channel_slice(levels, i) -> slice:
-    start = sum(x.shape[2] for x in levels[:i])
-    return slice(start, start + levels[i].shape[2])
+        p = slabs.p
+        keep = kappa + 1  # one spare: the expanded distance may misorder near-ties, the exact one decides
+        best_d = np.full((p, keep), np.inf, np.float32)
+        best_i = np.full((p, keep), -1, np.int64)
+        for j in range(len(images)):
+            found = [_smallest(d, min(kappa, d.shape[1])) + (start,) for start, d in slabs(images[j])]
+            cand_i = np.concatenate([idx + (j * p + start) for idx, _, start in found], axis=1)
+            best_d, best_i = _keep(best_d, best_i, np.concatenate([val for _, val, _ in found], axis=1), cand_i)
+        if len(images) * p < kappa:
+            raise ValueError(f"gallery has {len(images) * p} features, fewer than kappa = {kappa}")
+        q_up = concat_upsampled(query, grid)
+        exact = np.full((p, keep), np.inf, np.float32)
+        owner = best_i // p
+        for j in np.unique(owner[best_i >= 0]):
+            pp, ss = np.nonzero((owner == j) & (best_i >= 0))
+            diff = q_up[pp] - upsampled_rows(images[j], grid, best_i[pp, ss] - j * p)
+            exact[pp, ss] = np.einsum("nd,nd->n", diff, diff)
+        order = np.lexsort((best_i, exact), axis=1)[:, :kappa]  # exact distance, then lower index
+        return TopK(np.take_along_axis(exact, order, 1), np.take_along_axis(best_i, order, 1))
 
 
 def _keep(best_d, best_i, new_d, new_i):

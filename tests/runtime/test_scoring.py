@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from spade_edge.runtime.scoring import NumpyScorer
+from spade_edge.runtime.scoring.pyramid import PyramidSlabs, upsampled_rows
 
 
 def brute_force(q, g, kappa):
@@ -71,23 +72,52 @@ def test_distance_block_is_bounded(monkeypatch):
     assert len(seen) > 1 and max(seen) <= budget
 
 
-@pytest.mark.parametrize("kappa", [1, 4])
-def test_pyramid_at_per_level_cost_equals_naive_concatenation(kappa, monkeypatch):
+@pytest.mark.parametrize("kappa,grid,shapes", [
+    (1, (16, 16), [(16, 16, 6), (8, 8, 10), (4, 4, 20)]),
+    (4, (16, 16), [(16, 16, 6), (8, 8, 10), (4, 4, 20)]),
+    (2, (15, 13), [(15, 13, 5), (8, 7, 9), (3, 4, 12)]),  # odd sizes: slabs that do not divide the grid
+    (3, (12, 12), [(12, 12, 4), (12, 12, 3), (6, 6, 8)]),  # two levels at the fine grid
+])
+def test_pyramid_at_per_level_cost_equals_naive_concatenation(kappa, grid, shapes, monkeypatch):
     """docs/speed.md: interpolating native-resolution dot products gives the concatenated distances."""
     import spade_edge.runtime.scoring.numpy as mod
     from spade_edge.runtime.resample import upsample_hwc
 
-    monkeypatch.setattr(mod, "INTERP_CHANNELS", 0)  # force the per-level path on small shapes
+    monkeypatch.setattr(mod, "PER_LEVEL_SHARE", 100.0)  # force the per-level path on small shapes
+    taken = []
+    monkeypatch.setattr(mod, "upsampled_rows", lambda *a: taken.append(1) or upsampled_rows(*a))
     rng = np.random.default_rng(kappa)
-    shapes = [(16, 16, 6), (8, 8, 10), (4, 4, 20)]
     q = [rng.normal(size=s).astype(np.float32) for s in shapes]
     gallery = [[rng.normal(size=s).astype(np.float32) for s in shapes] for _ in range(3)]
-    naive_q = np.concatenate([upsample_hwc(x, 16, 16) for x in q], axis=2).reshape(256, -1)
-    naive_g = np.concatenate([np.concatenate([upsample_hwc(x, 16, 16) for x in g], axis=2).reshape(256, -1) for g in gallery])
+    naive_q = np.concatenate([upsample_hwc(x, *grid) for x in q], axis=2).reshape(grid[0] * grid[1], -1)
+    naive_g = np.concatenate([np.concatenate([upsample_hwc(x, *grid) for x in g], axis=2).reshape(grid[0] * grid[1], -1)
+                              for g in gallery])
     ref_d, ref_i = brute_force(naive_q, naive_g, kappa)
-    top = mod.NumpyScorer().topk_pyramid(q, gallery, (16, 16), kappa)
+    top = mod.NumpyScorer().topk_pyramid(q, gallery, grid, kappa)
+    assert taken, "the per-level path was not taken"
     np.testing.assert_array_equal(top.indices, ref_i)
     np.testing.assert_allclose(top.distances, ref_d, rtol=1e-5)
+
+
+def test_pyramid_pieces_match_the_upsampled_maps():
+    from spade_edge.runtime.resample import upsample_hwc
+
+    rng = np.random.default_rng(7)
+    levels = [rng.normal(size=s).astype(np.float32) for s in [(10, 9, 3), (5, 5, 4), (3, 2, 6)]]
+    full = np.concatenate([upsample_hwc(x, 10, 9) for x in levels], axis=2).reshape(90, -1)
+    slabs = PyramidSlabs([x * 0 for x in levels], (10, 9), rows=3)
+    _, norms = slabs.coarse_products(levels)
+    np.testing.assert_allclose(norms, (full**2).sum(1), rtol=1e-5)
+    cells = rng.integers(0, 90, 40)
+    np.testing.assert_allclose(upsampled_rows(levels, (10, 9), cells), full[cells], rtol=1e-5, atol=1e-6)
+
+
+def test_wide_pyramids_take_the_per_level_path_and_narrow_ones_do_not():
+    wrn = PyramidSlabs([np.zeros(s, np.float32) for s in [(56, 56, 256), (28, 28, 512), (14, 14, 1024)]], (56, 56), rows=4)
+    lite = PyramidSlabs([np.zeros(s, np.float32) for s in [(56, 56, 24), (28, 28, 40), (14, 14, 112)]], (56, 56), rows=4)
+    from spade_edge.runtime.scoring.numpy import PER_LEVEL_SHARE
+
+    assert wrn.contraction < PER_LEVEL_SHARE * 1792 and lite.contraction >= PER_LEVEL_SHARE * 176
 
 
 @pytest.mark.parametrize("kappa", [1, 3, 10, 20])
