@@ -60,6 +60,7 @@ def scoring(backbone: str, k: int, repeats: int, peers: bool = True, seed: int =
     out = {"shape": f"Q={p} G={k}x{p} D={d}", "gflop": flops / 1e9}
     ours = NumpyScorer()
     # what the runtime does: gallery stored per level at native resolution, upsampled as it goes
+    levels = ours.topk_pyramid(q, gal, grid, 1)
     out["ours_levels_s"] = median_time(lambda: ours.topk_pyramid(q, gal, grid, 1), repeats)
     qx = concat_upsampled(q, grid)
     gx = np.concatenate([concat_upsampled(g, grid) for g in gal])
@@ -80,7 +81,7 @@ def scoring(backbone: str, k: int, repeats: int, peers: bool = True, seed: int =
     index.add(gx)
     _, fi = index.search(qx, 1)
     out["faiss_s"] = median_time(lambda: index.search(qx, 1), repeats)
-    out["same_neighbours_as_faiss"] = float((fi[:, 0] == top.indices[:, 0]).mean())
+    out["same_neighbours_as_faiss"] = float(min((fi[:, 0] == top.indices[:, 0]).mean(), (fi[:, 0] == levels.indices[:, 0]).mean()))
     import torch
 
     tq, tg = torch.from_numpy(qx), torch.from_numpy(gx)
@@ -172,17 +173,19 @@ def markdown(r: dict) -> str:
     lines = [f"Machine: {m['cpu']}, {m['cores']} cores; numpy {m['numpy']}; thread pools: "
              + ", ".join(f"{p['internal_api']} x{p['num_threads']}" for p in m["pools"]), "",
              f"numpy fp32 GEMM ceiling at these shapes: {r['gemm_gflops']:.0f} GFLOP/s", "",
-             "Same data for every method: one test image's concatenated, upsampled pixel features against K gallery "
-             "images' (rows of D channels). 'ours, from levels' starts from the stored native-resolution levels "
-             "(what the runtime does, upsampling included).", "",
-             "| pixel scoring, kappa = 1 | GFLOP (naive) | ours s | ours, from levels s | faiss s | torch s | numpy s | ours vs faiss | ours GFLOP/s | share of GEMM | same neighbours |",
+             "Same data for every peer: one test image's concatenated, upsampled pixel features against K gallery "
+             "images' (rows of D channels). 'ours' is what the runtime runs: it starts from the stored "
+             "native-resolution levels (docs/speed.md), upsampling included; 'ours, plain' is our blocked product on "
+             "the peers' rows. Rates count the naive concatenation's FLOPs (2 Q G D) for every method.", "",
+             "| pixel scoring, kappa = 1 | GFLOP (naive) | ours s | ours, plain s | faiss s | torch s | numpy s | ours vs faiss | ours GFLOP/s | share of GEMM | same neighbours |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, s in r["scoring"].items():
-        rate = s["gflop"] / s["ours_s"]
-        peer = (f"{s['faiss_s']:.2f} | {s['torch_s']:.2f} | {s['numpy_s']:.2f} | {s['faiss_s'] / s['ours_s']:.2f}x"
+        ours = s["ours_levels_s"]
+        rate = s["gflop"] / ours
+        peer = (f"{s['faiss_s']:.2f} | {s['torch_s']:.2f} | {s['numpy_s']:.2f} | {s['faiss_s'] / ours:.2f}x"
                 if "faiss_s" in s else "- | - | - | -")
         same = f"{s['same_neighbours_as_faiss']:.3f}" if "faiss_s" in s else "-"
-        lines.append(f"| {name} ({s['shape']}) | {s['gflop']:.0f} | {s['ours_s']:.2f} | {s['ours_levels_s']:.2f} | {peer} | {rate:.0f} | "
+        lines.append(f"| {name} ({s['shape']}) | {s['gflop']:.0f} | {ours:.2f} | {s['ours_s']:.2f} | {peer} | {rate:.0f} | "
                      f"{rate / r['gemm_gflops']:.0%} | {same} |")
     if "backbones" in r:
         lines += ["", "| backbone | ORT fp32 ms | ORT int8 ms | PyTorch eager ms | ORT fp32 vs PyTorch | int8 / fp32 |",

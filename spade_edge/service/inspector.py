@@ -184,6 +184,18 @@ class _Job:
             return False
 
 
+@dataclass
+class Done:
+    """A finished inspection: the prediction, its heat map (PNG bytes, if asked), the generation
+    that served it, the worker's job record and when decoding ended (``perf_counter``)."""
+
+    prediction: object
+    heatmap_png: bytes | None
+    loaded: Loaded
+    job: _Job
+    decoded: float
+
+
 def _warmup_image(det) -> np.ndarray:
     s = int(det.backend.info.input_size)
     rng = np.random.default_rng(0)
@@ -321,6 +333,46 @@ class InspectionService:
                             "queue_full", retry_after=self.config.retry_after, queue_depth=used,
                             queue_capacity=self._slots.capacity)
         return t
+
+    def run(self, ticket: _Ticket, data: bytes | np.ndarray, name: str, deadline: float,
+            heatmap: bool = False) -> "Done":
+        """Inspect one image with an admitted ``ticket`` (always returned): check and decode it here,
+        run it on the worker, wait until ``deadline`` (a ``time.perf_counter()`` instant). Raises
+        :class:`HttpError` (400 bad image, 504 deadline, 500 inference failed) like every adapter
+        reports it. ``data`` is encoded image bytes, or an RGB uint8 array from a camera."""
+        from ..runtime.errors import ImageError
+
+        try:
+            if isinstance(data, (bytes, bytearray, memoryview)):
+                from .inputs import probe_image
+
+                probe_image(bytes(data), self.config, name)
+            loaded = self.current  # the generation that serves this request, start to end
+            try:
+                x, geom = loaded.detector.prepare(data, name)
+            except ImageError as exc:
+                raise HttpError(400, str(exc)) from exc
+            decoded = time.perf_counter()
+            if decoded >= deadline:
+                raise HttpError(504, "deadline passed while receiving and decoding", "deadline")
+            job = _Job(loaded, x, geom, name, heatmap, deadline, ticket)
+        except BaseException:
+            ticket.release()
+            raise
+        self.submit(job)  # the worker returns the ticket from now on
+        if not job.done.wait(max(0.0, deadline - time.perf_counter())):
+            job.cancel()
+            raise HttpError(504, f"deadline passed ({'running' if job.state == 'running' else 'still queued'})",
+                            "deadline")
+        if job.state in ("cancelled", "expired"):
+            raise HttpError(504, "deadline passed while queued", "deadline")
+        if job.error is not None:
+            if isinstance(job.error, ImageError):
+                raise HttpError(400, str(job.error))
+            log.error("inference failed for %s", name, exc_info=job.error)
+            raise HttpError(500, f"inference failed: {type(job.error).__name__}: {job.error}", "error")
+        pred, png = job.result
+        return Done(pred, png, loaded, job, decoded)
 
     @property
     def queue_depth(self) -> int:

@@ -22,7 +22,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
 from . import metrics as m
-from .inputs import image_from_multipart, probe_image
+from .inputs import image_from_multipart
 from .inspector import HttpError, InspectionService, Loaded, ReloadBusy, _Job
 
 log = logging.getLogger("spade_edge.service")
@@ -320,38 +320,13 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 data = body
             del body
-            name = name or "<request>"
-            probe_image(data, cfg, name)
-            loaded = svc.current  # the generation that serves this request, start to end
-            from ..runtime.errors import ImageError
-
-            try:
-                x, geom = loaded.detector.prepare(data, name)
-            except ImageError as exc:
-                raise HttpError(400, str(exc)) from exc
-            del data
-            t_dec = time.perf_counter()
-            if t_dec >= deadline:
-                raise HttpError(504, f"deadline of {deadline_s * 1e3:.0f} ms passed while receiving and decoding",
-                                "deadline")
             mode = (q.get("heatmap") or "").lower()
-            job = _Job(loaded, x, geom, name, _truthy(mode), deadline, ticket)
-            svc.submit(job)
-            ticket = None  # the worker returns it now
-            if not job.done.wait(max(0.0, deadline - time.perf_counter())):
-                job.cancel()
-                raise HttpError(504, f"deadline of {deadline_s * 1e3:.0f} ms passed "
-                                     f"({'running' if job.state == 'running' else 'still queued'})", "deadline")
-            if job.state in ("cancelled", "expired"):
-                raise HttpError(504, f"deadline of {deadline_s * 1e3:.0f} ms passed while queued", "deadline")
-            if job.error is not None:
-                if isinstance(job.error, ImageError):
-                    raise HttpError(400, str(job.error))
-                log.error("inference failed for %s", name, exc_info=job.error)
-                raise HttpError(500, f"inference failed: {type(job.error).__name__}: {job.error}", "error")
-            pred, png = job.result
+            held, ticket = ticket, None  # run() returns it, whatever happens
+            done = svc.run(held, data, name or "<request>", deadline, heatmap=_truthy(mode))
+            del data
+            pred, png, job = done.prediction, done.heatmap_png, done.job
             rid = uuid.uuid4().hex
-            out = self._result(pred, loaded, rid, t0, t_recv, t_dec, job)
+            out = self._result(pred, done.loaded, rid, t0, t_recv, done.decoded, job)
             if png is not None:
                 if mode == "inline":
                     out["heatmap"] = "data:image/png;base64," + base64.b64encode(png).decode()
