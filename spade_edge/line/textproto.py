@@ -1,0 +1,153 @@
+"""A plain TCP text protocol for PLCs and scripts, in the manner of the vision sensors lines
+already know (Cognex In-Sight's ``SW8``, Keyence's ``T1`` / ``ER,...``): one command per line
+(CR, LF or CR LF), one answer line per command, in order. docs/line.md has the grammar and a
+transcript.
+
+    TRIGGER | T | SW8      trigger and answer when the result is ready (result line)
+    TRIGGER ASYNC | TA     answer at once: 0,<job>; fetch later with GET <job>
+    GET <job>              result line, or 1,<job>,PENDING
+    STATUS | PING | RELOAD | QUIT
+Errors: ``ER,<command>,<code>,<message>`` with the codes of :class:`~.jobs.Code`.
+"""
+from __future__ import annotations
+
+import logging
+import socket
+import socketserver
+import threading
+
+from .jobs import Code, JobResult, Line, LineError
+
+log = logging.getLogger("spade_edge.line")
+
+DEFAULT_FORMAT = "{code},{job},{verdict},{score:.6f}"
+FIELDS = ("code", "job", "verdict", "judgement", "score", "threshold", "latency_ms", "image", "message")
+_JUDGEMENT = {"OK": "OK", "NOT_OK": "NG", "NOT_DECIDABLE": "ND"}
+
+
+def format_result(fmt: str, r: JobResult) -> str:
+    """One result line. Fields: code, job, verdict (OK / NOT_OK / NOT_DECIDABLE), judgement
+    (OK / NG / ND), score, threshold (NaN when unknown), latency_ms, image, message."""
+    nan = float("nan")
+    return fmt.format(code=r.code, job=r.job, verdict=r.verdict, judgement=_JUDGEMENT[r.verdict],
+                      score=nan if r.score is None else r.score, threshold=nan if r.threshold is None else r.threshold,
+                      latency_ms=r.latency_ms, image=r.image or "", message=r.message.replace(",", ";"))
+
+
+def check_format(fmt: str) -> None:
+    """Raise ValueError if ``fmt`` cannot format a result (unknown field, bad spec)."""
+    probe = JobResult(1, "OK", 0.5, 1.0, 0, "", "x.png", 1.0, 0.0)
+    try:
+        format_result(fmt, probe)
+        format_result(fmt, JobResult(1, "NOT_DECIDABLE", None, None, 30, "m", None, 1.0, 0.0))
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ValueError(f"result format {fmt!r} does not work: {exc!r}; fields: {', '.join(FIELDS)}") from None
+    if "\r" in fmt or "\n" in fmt:
+        raise ValueError("result format must be one line")
+
+
+class _Handler(socketserver.BaseRequestHandler):
+    server: "TextServer"
+
+    def handle(self) -> None:
+        sock: socket.socket = self.request
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        buf, skipping = b"", False
+        eol = self.server.eol.encode()
+        while True:
+            try:
+                chunk = sock.recv(4096)
+            except OSError:
+                return
+            if not chunk:
+                return
+            buf += chunk
+            while True:
+                cut = min((i for i in (buf.find(b"\r"), buf.find(b"\n")) if i >= 0), default=-1)
+                if cut < 0:
+                    break
+                raw, buf = buf[:cut], buf[cut + 1 :]
+                if skipping:  # the tail of an over-long line
+                    skipping = False
+                    continue
+                if not raw.strip():
+                    continue  # the LF of CR LF, or an empty line
+                answer = self.server.answer(raw)
+                if answer is None:
+                    return
+                try:
+                    sock.sendall(answer.encode("utf-8", "replace") + eol)
+                except OSError:
+                    return
+            if len(buf) > self.server.max_line:
+                buf, skipping = b"", True
+                sock.sendall(f"ER,?,{int(Code.BAD_ARGUMENT)},line longer than {self.server.max_line} bytes".encode() + eol)
+
+
+class TextServer(socketserver.ThreadingTCPServer):
+    """The text protocol on ``(host, port)`` over a :class:`~.jobs.Line`; a thread per connection."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, line: Line, host: str = "127.0.0.1", port: int = 2000, result_format: str = DEFAULT_FORMAT,
+                 eol: str = "\r\n", max_line: int = 256):
+        check_format(result_format)
+        self.line, self.result_format, self.eol, self.max_line = line, result_format, eol, int(max_line)
+        super().__init__((host, port), _Handler)
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        return self.server_address[1]
+
+    def answer(self, raw: bytes) -> str | None:
+        """The answer line to one command line (None: close the connection)."""
+        try:
+            words = raw.decode("ascii").split()
+        except UnicodeDecodeError:
+            return f"ER,?,{int(Code.UNKNOWN_COMMAND)},not ASCII"
+        cmd, args = words[0].upper(), [w.upper() for w in words[1:]]
+        try:
+            if cmd in ("TRIGGER", "T", "SW8", "T1") and args == ["ASYNC"] or cmd == "TA" and not args:
+                return f"{int(Code.OK)},{self.line.trigger()}"
+            if cmd in ("TRIGGER", "T", "SW8", "T1") and not args:
+                return format_result(self.result_format, self.line.inspect())
+            if cmd == "GET" and len(args) == 1:
+                try:
+                    job = int(args[0])
+                except ValueError:
+                    raise LineError(Code.BAD_ARGUMENT, f"job must be a number, got {words[1]!r}") from None
+                r = self.line.result(job)
+                return f"{int(Code.PENDING)},{job},PENDING" if r is None else format_result(self.result_format, r)
+            if cmd == "PING" and not args:
+                return f"{int(Code.OK)},PONG"
+            if cmd == "STATUS" and not args:
+                s = self.line.status()
+                return (f"{int(Code.OK)},{s['state'].upper()},{s['running']},{s['queue_depth']}/{s['queue_capacity']},"
+                        f"{s['jobs_done']},{s['generation']}")
+            if cmd == "RELOAD" and not args:
+                return f"{int(Code.OK)},RELOADED,{self.line.reload()['generation']}"
+            if cmd == "QUIT" and not args:
+                return None
+            if cmd in ("TRIGGER", "T", "SW8", "T1", "TA", "GET", "PING", "STATUS", "RELOAD", "QUIT"):
+                raise LineError(Code.BAD_ARGUMENT, f"wrong arguments for {cmd}")
+            raise LineError(Code.UNKNOWN_COMMAND, "unknown command; use TRIGGER, TA, GET <job>, STATUS, PING, RELOAD, QUIT")
+        except LineError as e:
+            return f"ER,{_safe(cmd)},{int(e.code)},{e.message.replace(',', ';')}"
+        except Exception as exc:  # noqa: BLE001 - one bad command must not end the connection
+            log.exception("text protocol: %r failed", raw)
+            return f"ER,{_safe(cmd)},{int(Code.ERROR)},{type(exc).__name__}"
+
+    def start(self) -> "TextServer":
+        self._thread = threading.Thread(target=self.serve_forever, name="line-text", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
+
+
+def _safe(cmd: str) -> str:
+    return "".join(c for c in cmd if c.isalnum())[:16] or "?"

@@ -1,0 +1,150 @@
+"""The TCP text protocol driven by a raw socket on loopback."""
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+from spade_edge.line.jobs import Code
+from spade_edge.line.textproto import TextServer, check_format
+
+
+class Client:
+    def __init__(self, port: int, eol: bytes = b"\r\n"):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        self.eol, self.buf = eol, b""
+
+    def send(self, raw: bytes) -> None:
+        self.sock.sendall(raw)
+
+    def line(self) -> str:
+        while b"\r\n" not in self.buf:
+            chunk = self.sock.recv(4096)
+            assert chunk, "server closed the connection"
+            self.buf += chunk
+        out, self.buf = self.buf.split(b"\r\n", 1)
+        return out.decode()
+
+    def ask(self, cmd: str) -> str:
+        self.send(cmd.encode() + self.eol)
+        return self.line()
+
+    def close(self):
+        self.sock.close()
+
+
+@pytest.fixture
+def server(line):
+    srv = TextServer(line, port=0).start()
+    yield srv
+    srv.stop()
+
+
+def test_200_synchronous_triggers_give_200_distinct_results_in_order(server, line):
+    c = Client(server.port)
+    jobs, verdicts = [], []
+    for i in range(200):
+        code, job, verdict, score = c.ask("TRIGGER").split(",")
+        assert code == "0" and float(score) > 0
+        jobs.append(int(job))
+        verdicts.append(verdict)
+    assert jobs == list(range(jobs[0], jobs[0] + 200))  # none lost, none twice, in order
+    # the fake camera cycles 4 normal images and 1 bright one: the bright ones are the NOT_OK ones
+    assert verdicts == (["OK"] * 4 + ["NOT_OK"]) * 40
+    assert line.source.grabs == 200
+    c.close()
+
+
+def test_async_trigger_then_get_and_pipelined_commands(server):
+    c = Client(server.port, eol=b"\r")  # CR only, as Keyence-style controllers send
+    ids = []
+    c.send(b"TA\rTA\nTRIGGER ASYNC\r\n")  # three commands in one segment
+    for _ in range(3):
+        code, job = c.line().split(",")
+        assert code == "0"
+        ids.append(int(job))
+    assert len(set(ids)) == 3
+    results = {}
+    end = time.monotonic() + 30
+    while len(results) < 3 and time.monotonic() < end:
+        for j in ids:
+            ans = c.ask(f"GET {j}")
+            if ans != f"{int(Code.PENDING)},{j},PENDING":
+                results[j] = ans
+        time.sleep(0.02)
+    assert sorted(results) == sorted(ids)
+    for j, ans in results.items():
+        code, job, verdict, _ = ans.split(",")
+        assert (code, int(job), verdict) == ("0", j, "OK")
+    c.close()
+
+
+def test_malformed_commands_get_error_codes_and_the_server_keeps_serving(server):
+    c = Client(server.port)
+    assert c.ask("FROBNICATE").startswith(f"ER,FROBNICATE,{int(Code.UNKNOWN_COMMAND)},")
+    assert c.ask("GET").startswith(f"ER,GET,{int(Code.BAD_ARGUMENT)},")
+    assert c.ask("GET abc").startswith(f"ER,GET,{int(Code.BAD_ARGUMENT)},")
+    assert c.ask("GET 999999").startswith(f"ER,GET,{int(Code.UNKNOWN_JOB)},")
+    assert c.ask("PING now").startswith(f"ER,PING,{int(Code.BAD_ARGUMENT)},")
+    c.send(b"\xff\xfe\x00garbage\r\n")
+    assert c.line().startswith(f"ER,?,{int(Code.UNKNOWN_COMMAND)},")
+    c.send(b"X" * 5000 + b"\r\n")  # over-long: one error, the rest of the line is skipped
+    assert c.line().startswith(f"ER,?,{int(Code.BAD_ARGUMENT)},line longer than")
+    assert c.ask("ping") == "0,PONG"  # commands are case-insensitive; the connection still works
+    assert c.ask("TRIGGER").startswith("0,")
+    status = c.ask("STATUS").split(",")
+    assert status[0] == "0" and status[1] == "READY"
+    c.close()
+    other = Client(server.port)  # and new connections too
+    assert other.ask("PING") == "0,PONG"
+    other.close()
+
+
+def test_busy_when_the_queue_is_full_and_no_image_when_the_camera_fails(service, frames):
+    from spade_edge.line import Line
+    from spade_edge.line.sources import FakeSource
+
+    slow = Line(service, FakeSource(frames, delay=0.5), deadline=20)
+    srv = TextServer(slow, port=0).start()
+    try:
+        c = Client(srv.port)
+        answers = [c.ask("TA") for _ in range(service.config.queue_size + 2)]
+        busy = [a for a in answers if a.startswith("ER,TA,")]
+        assert len(busy) == 2 and all(a.split(",")[2] == str(int(Code.BUSY)) for a in busy)
+        c.close()
+    finally:
+        srv.stop()
+    broken = Line(service, FakeSource(frames, fail=lambda n: n == 2), deadline=20)
+    srv = TextServer(broken, port=0).start()
+    try:
+        c = Client(srv.port)
+        assert c.ask("T").split(",")[0] == "0"
+        code, job, verdict, score = c.ask("T").split(",")
+        assert (code, verdict, score) == (str(int(Code.NO_IMAGE)), "NOT_DECIDABLE", "nan")
+        assert c.ask("T").split(",")[0] == "0"  # the next trigger works again
+        c.close()
+    finally:
+        srv.stop()
+
+
+def test_result_format_is_configurable_and_checked(line):
+    srv = TextServer(line, port=0, result_format="{judgement};{job};{score:.3f};{threshold:.3f}").start()
+    try:
+        c = Client(srv.port)
+        judgement, job, score, thr = c.ask("T").split(";")
+        assert judgement == "OK" and float(score) < float(thr)
+        c.close()
+    finally:
+        srv.stop()
+    with pytest.raises(ValueError, match="fields: code, job"):
+        check_format("{verdict},{nonsense}")
+
+
+def test_reload_answers_the_new_generation(server):
+    c = Client(server.port)
+    assert c.ask("RELOAD") == "0,RELOADED,2"
+    assert c.ask("STATUS").split(",")[-1] == "2"
+    c.send(b"QUIT\r\n")
+    assert c.sock.recv(100) == b""  # QUIT closes the connection without an answer
+    c.close()
