@@ -159,7 +159,7 @@ def end_to_end(k: int = 50, repeats: int = 3) -> dict:
         image = Path(tmp) / "part.png"
         Image.fromarray(rng.integers(0, 256, (512, 640, 3), dtype=np.uint8)).save(image)
         det = Detector(backend_from_model(model), Gallery.load(Path(tmp) / "g.gallery"),
-                       config=SpadeConfig(k_image=k, k_gallery=k, mode="concat"))
+                       config=SpadeConfig(k_image=k, k_gallery=k, mode="concat", score="top-pixels"))
         det.predict(str(image))
         runs = [det.predict(str(image)).timings for _ in range(repeats)]
     stages = {s: float(np.median([r[s] for r in runs])) for s in runs[0]}
