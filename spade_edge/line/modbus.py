@@ -1,0 +1,199 @@
+"""Modbus TCP server with the classic PLC handshake (pymodbus; extra ``line``).
+
+Holding registers (0-based; "4x0001" is address 0). The PLC writes only CONTROL; the rest is
+read-only and a write there is refused with exception 02 (illegal address), an undefined
+CONTROL bit with 03 (illegal value).
+
+    0  CONTROL          bit0 TRIGGER, bit1 ACK, bit2 RESET (acted on at their rising edge)
+    1  STATUS           bit0 READY, bit1 BUSY, bit2 RESULT_VALID, bit3 TRIGGER_ERROR,
+                        bit4 JOB_ERROR, bit5 ACK_TIMEOUT
+    2  VERDICT          0 none, 1 OK, 2 NOT_OK, 3 NOT_DECIDABLE
+    3  SCORE_X1000      score x 1000, rounded, saturating at 65535
+    4  JOB              job number of the result (low 16 bits)
+    5  CODE             status code of the last result or refusal (:class:`~.jobs.Code`)
+    6  THRESHOLD_X1000  the gallery's image threshold x 1000
+    7-8 SCORE_F32       the score as IEEE-754 float32, high word first
+    9  REJECTED         triggers refused so far (wraps at 65536)
+
+Handshake: the PLC sets TRIGGER; the device sets BUSY (READY drops) and grabs an image from the
+configured source (Modbus carries none); with the result it writes VERDICT...SCORE_F32, sets
+RESULT_VALID and clears BUSY. The PLC reads, sets ACK; the device clears RESULT_VALID. The PLC
+clears TRIGGER and ACK. A TRIGGER while BUSY or before the ACK sets TRIGGER_ERROR (CODE 10) and
+is counted in REJECTED, never dropped silently; RESET clears the error bits. A result not
+acknowledged within ``ack_timeout`` seconds is withdrawn (RESULT_VALID drops, ACK_TIMEOUT set).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+import threading
+
+from .jobs import Code, JobResult, Line, LineError
+
+log = logging.getLogger("spade_edge.line")
+
+CONTROL, STATUS, VERDICT, SCORE_X1000, JOB, CODE, THRESHOLD_X1000, SCORE_F32, REJECTED = 0, 1, 2, 3, 4, 5, 6, 7, 9
+REGISTERS = 10
+TRIGGER, ACK, RESET = 1, 2, 4
+READY, BUSY, RESULT_VALID, TRIGGER_ERROR, JOB_ERROR, ACK_TIMEOUT = 1, 2, 4, 8, 16, 32
+VERDICT_CODES = {"OK": 1, "NOT_OK": 2, "NOT_DECIDABLE": 3}
+
+
+def _require():
+    try:
+        import pymodbus  # noqa: F401
+    except ImportError as exc:
+        raise ImportError("the Modbus adapter needs pymodbus: pip install 'spade-edge[line]'") from exc
+
+
+def _x1000(v: float | None) -> int:
+    return 0 if v is None or v != v else max(0, min(65535, round(v * 1000)))
+
+
+class ModbusAdapter:
+    """The register map above on ``(host, port)``; ``device_id`` 0 answers every unit id."""
+
+    def __init__(self, line: Line, host: str = "127.0.0.1", port: int = 502, device_id: int = 0,
+                 ack_timeout: float = 10.0):
+        _require()
+        self.line, self.host, self.port, self.device_id = line, host, int(port), int(device_id)
+        self.ack_timeout = float(ack_timeout)
+        self.regs = [0] * REGISTERS
+        self._lock = threading.RLock()
+        self._job: int | None = None
+        self._ack_timer: threading.Timer | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server = None
+        self._thread: threading.Thread | None = None
+
+    # --- the handshake (under the lock; called from pymodbus's loop and from job threads) ---------
+    def _status(self, set_bits: int = 0, clear_bits: int = 0) -> None:
+        self.regs[STATUS] = (self.regs[STATUS] | set_bits) & ~clear_bits
+
+    def _refresh_ready(self) -> None:
+        ready = self.line.service.ready and not self.line.halted and not self.regs[STATUS] & (BUSY | RESULT_VALID)
+        self._status(READY if ready else 0, 0 if ready else READY)
+
+    def write_control(self, value: int) -> None:
+        with self._lock:
+            rising = value & ~self.regs[CONTROL]
+            self.regs[CONTROL] = value
+            if rising & RESET:
+                self._status(clear_bits=TRIGGER_ERROR | JOB_ERROR | ACK_TIMEOUT)
+                self.regs[CODE] = int(Code.OK)
+            if rising & ACK and self.regs[STATUS] & RESULT_VALID:
+                self._withdraw()
+            if rising & TRIGGER:
+                self._trigger()
+            self._refresh_ready()
+
+    def _trigger(self) -> None:
+        if self.regs[STATUS] & (BUSY | RESULT_VALID):
+            return self._reject(Code.BUSY, "busy" if self.regs[STATUS] & BUSY else "result not acknowledged")
+        try:
+            job = self.line.trigger()
+        except LineError as e:
+            return self._reject(e.code, e.message)
+        self._job = job
+        self._status(BUSY, JOB_ERROR)
+        threading.Thread(target=self._wait, args=(job,), name=f"modbus-job-{job}", daemon=True).start()
+
+    def _reject(self, code: Code, why: str) -> None:
+        log.warning("modbus: trigger refused (%s)", why)
+        self._status(TRIGGER_ERROR)
+        self.regs[CODE] = int(code)
+        self.regs[REJECTED] = (self.regs[REJECTED] + 1) & 0xFFFF
+
+    def _wait(self, job: int) -> None:
+        result = self.line.wait(job)
+        if result is None:
+            result = JobResult(job, "NOT_DECIDABLE", None, None, int(Code.DEADLINE), "no result in time", None, 0.0, 0.0)
+        with self._lock:
+            hi, lo = struct.unpack(">HH", struct.pack(">f", float("nan") if result.score is None else result.score))
+            self.regs[VERDICT] = VERDICT_CODES[result.verdict]
+            self.regs[SCORE_X1000] = _x1000(result.score)
+            self.regs[JOB] = result.job & 0xFFFF
+            self.regs[CODE] = result.code
+            self.regs[THRESHOLD_X1000] = _x1000(result.threshold)
+            self.regs[SCORE_F32], self.regs[SCORE_F32 + 1] = hi, lo
+            self._status(RESULT_VALID | (JOB_ERROR if result.code else 0), BUSY)
+            self._refresh_ready()
+            self._ack_timer = threading.Timer(self.ack_timeout, self._ack_timed_out, args=(job,))
+            self._ack_timer.daemon = True
+            self._ack_timer.start()
+
+    def _withdraw(self) -> None:
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
+            self._ack_timer = None
+        self._status(clear_bits=RESULT_VALID)
+
+    def _ack_timed_out(self, job: int) -> None:
+        with self._lock:
+            if self._job == job and self.regs[STATUS] & RESULT_VALID:
+                log.warning("modbus: job %d not acknowledged within %.1f s; result withdrawn", job, self.ack_timeout)
+                self._withdraw()
+                self._status(ACK_TIMEOUT)
+                self._refresh_ready()
+
+    # --- pymodbus ----------------------------------------------------------------------------------
+    async def _action(self, function_code, start_address, address, count, registers, values):
+        from pymodbus.constants import ExcCodes
+
+        with self._lock:
+            if values is not None:  # a write: only CONTROL is writable (the datastore refuses the rest)
+                value = int(values[0])
+                if value & ~(TRIGGER | ACK | RESET):
+                    return ExcCodes.ILLEGAL_VALUE
+                self.write_control(value)
+            else:
+                self._refresh_ready()
+            registers[: REGISTERS] = self.regs
+        return None
+
+    def start(self) -> "ModbusAdapter":
+        from pymodbus.server import ModbusTcpServer
+        from pymodbus.simulator import DataType, SimData, SimDevice
+
+        device = SimDevice(self.device_id, simdata=[
+            SimData(CONTROL, values=0, datatype=DataType.REGISTERS),
+            SimData(STATUS, count=REGISTERS - 1, values=0, datatype=DataType.REGISTERS, readonly=True),
+        ], action=self._action)
+        self._loop = asyncio.new_event_loop()
+        started = threading.Event()
+        error: list[BaseException] = []
+
+        async def listen():  # pymodbus builds its transport on the running loop
+            self._server = ModbusTcpServer(device, address=(self.host, self.port))
+            await self._server.serve_forever(background=True)
+
+        def run():
+            asyncio.set_event_loop(self._loop)
+            try:
+                self._loop.run_until_complete(listen())
+                self.port = self._server.transport.sockets[0].getsockname()[1]
+            except BaseException as exc:  # noqa: BLE001 - reported to start()
+                error.append(exc)
+                started.set()
+                return
+            started.set()
+            self._loop.run_forever()
+
+        self._thread = threading.Thread(target=run, name="line-modbus", daemon=True)
+        self._thread.start()
+        started.wait(30)
+        if error:
+            raise OSError(f"Modbus server could not listen on {self.host}:{self.port}: {error[0]}")
+        with self._lock:
+            self._refresh_ready()
+        return self
+
+    def stop(self) -> None:
+        if self._loop is None:
+            return
+        asyncio.run_coroutine_threadsafe(self._server.shutdown(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
