@@ -112,6 +112,9 @@ def test_busy_when_the_queue_is_full_and_no_image_when_the_camera_fails(service,
         answers = [c.ask("TA") for _ in range(service.config.queue_size + 2)]
         busy = [a for a in answers if a.startswith("ER,TA,")]
         assert len(busy) == 2 and all(a.split(",")[2] == str(int(Code.BUSY)) for a in busy)
+        for a in answers:  # the admitted ones all finish, with a verdict
+            if a.startswith("0,"):
+                assert slow.wait(int(a.split(",")[1])).code == Code.OK
         c.close()
     finally:
         srv.stop()
