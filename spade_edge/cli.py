@@ -533,8 +533,10 @@ def bench_speed(out, repeats, threads, quick):
     click.echo(table)
 
 
-# the inspection service and the watch folder live in spade_edge.service
+# the inspection service and the watch folder live in spade_edge.service, the line adapters in spade_edge.line
+from .line.cli import line  # noqa: E402
 from .service.cli import serve, watch  # noqa: E402
 
 main.add_command(serve)
 main.add_command(watch)
+main.add_command(line)

@@ -82,8 +82,15 @@ def _on_signals(handler, *signums) -> None:
 @click.option("--warmup", type=click.IntRange(0), default=2, show_default=True,
               help="Predictions run before the service reports ready.")
 @click.option("--reload/--no-reload", "allow_reload", default=True, show_default=True, help="Allow POST /reload.")
+@click.option("--tcp", "tcp_port", type=click.IntRange(0, 65535),
+              help="Also serve the TCP text protocol (TRIGGER, TA, GET, STATUS...: docs/line.md) on this port.")
+@click.option("--source", "source_spec", default="upload", show_default=True, metavar="upload|folder:DIR",
+              help="Where a TCP trigger takes its image: POST /frames uploads, or the oldest file in DIR.")
+@click.option("--result-format", default="{code},{job},{verdict},{score:.6f}", show_default=True,
+              help="TCP result line; fields code, job, verdict, judgement, score, threshold, latency_ms, image.")
 def serve(model, gallery, device, threads, k_image, k_gallery, kappa, mode, log_level, host, port, queue_size,
-          deadline, max_mb, max_pixels, expect_size, heatmap_cache, warmup, allow_reload):
+          deadline, max_mb, max_pixels, expect_size, heatmap_cache, warmup, allow_reload, tcp_port, source_spec,
+          result_format):
     """Run the inspection service over HTTP.
 
     \b
@@ -93,6 +100,7 @@ def serve(model, gallery, device, threads, k_image, k_gallery, kappa, mode, log_
     GET  /metrics   Prometheus text: requests by outcome, latency histogram, queue depth
     POST /reload    JSON {"model": ..., "gallery": ...} (both optional): swap without dropping
                     a request (SIGHUP reloads the same paths)
+    POST /frames    with --tcp and --source upload: an image for the next TCP trigger
     """
     from .inspector import InspectionService, ServiceConfig, sd_notify
     from .server import make_server
@@ -105,6 +113,16 @@ def serve(model, gallery, device, threads, k_image, k_gallery, kappa, mode, log_
                             warmup=warmup, allow_reload=allow_reload)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
+    if tcp_port is not None:  # checked before anything loads
+        from ..line.textproto import check_format
+
+        try:
+            check_format(result_format)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--result-format") from None
+        if source_spec != "upload" and not (source_spec.startswith("folder:") and Path(source_spec[7:]).is_dir()):
+            raise click.BadParameter(f"{source_spec!r}: use upload, or folder:DIR with an existing DIR",
+                                     param_hint="--source")
     if max_pixels > 89_478_485:  # Pillow's own bomb guard would refuse what we accept
         from PIL import Image
 
@@ -133,8 +151,12 @@ def serve(model, gallery, device, threads, k_image, k_gallery, kappa, mode, log_
 
     _on_signals(reload_same, signal.SIGHUP)
     code = 0
+    text = None
     try:
         info = svc.load(model, gallery)
+        if tcp_port is not None:
+            text = _text_protocol(svc, host, tcp_port, source_spec, result_format)
+            click.echo(f"spade-edge serve: text protocol listening on tcp://{shown}:{text.port}", err=True)
         click.echo("spade-edge serve: ready " + json.dumps(info), err=True)
         # systemd's watchdog (WatchdogSec=): pinged while the worker is not stuck on one image, so a
         # hung device gets the service restarted
@@ -149,11 +171,26 @@ def serve(model, gallery, device, threads, k_image, k_gallery, kappa, mode, log_
         log.error("cannot start: %s", exc)
         code = 1
     finally:
+        if text is not None:
+            text.stop()
         svc.close(drain_timeout=cfg.deadline + 5)
         httpd.shutdown()
         httpd.server_close()
     if code:
         raise click.ClickException(f"cannot start: {svc.error}")
+
+
+def _text_protocol(svc, host: str, port: int, spec: str, result_format: str):
+    """The TCP text protocol beside HTTP, its triggers fed by ``spec`` (upload | folder:DIR)."""
+    from ..line import Line
+    from ..line.sources import FolderSource, UploadSource
+    from ..line.textproto import TextServer
+
+    if spec == "upload":
+        source = svc.frames = UploadSource()
+    else:
+        source = FolderSource(spec[len("folder:"):])
+    return TextServer(Line(svc, source, deadline=svc.config.deadline), host, port, result_format).start()
 
 
 @click.command()

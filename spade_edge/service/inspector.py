@@ -240,6 +240,7 @@ class InspectionService:
         self._busy_since: float | None = None
         self.error: str | None = None
         self.started_at = time.time()
+        self.frames = None  # an UploadSource fed by POST /frames, when a line trigger takes uploads
         self._worker = threading.Thread(target=self._work, name="spade-edge-worker", daemon=True)
         self._worker.start()
         self._init_metrics()

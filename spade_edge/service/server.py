@@ -234,12 +234,31 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             if url.path == "/reload":
                 return self._reload()
+            if url.path == "/frames" and self.service.frames is not None:
+                return self._frame(url)
             raise HttpError(404, f"no such endpoint: POST {url.path}", close=True)
         except HttpError as e:
             self._error(e)
         except Exception as exc:  # noqa: BLE001 - answered, logged; the server goes on
             log.exception("unexpected error in POST %s", url.path)
             self._error(HttpError(500, f"internal error: {type(exc).__name__}: {exc}", "error", close=True))
+
+    def _frame(self, url):
+        """POST /frames: an image for the next line trigger (an 'upload' image source)."""
+        from ..runtime.errors import SpadeError
+        from .inputs import probe_image
+
+        n = self._content_length()
+        if n > self.service.config.max_bytes:
+            raise HttpError(413, self._too_large_message(), "too_large", close=True)
+        data = self._read_body(n)
+        name = {k: v[-1] for k, v in parse_qs(url.query).items()}.get("name") or self.headers.get("X-Image-Name")
+        probe_image(data, self.service.config, name or "<frame>")
+        try:
+            waiting = self.service.frames.put(data, name)
+        except SpadeError as exc:
+            raise HttpError(503, str(exc), "queue_full", retry_after=self.service.config.retry_after) from None
+        self._json(202, {"waiting": waiting})
 
     def _method_not_allowed(self):
         self._error(HttpError(405, f"{self.command} is not supported here", close=True))

@@ -1,0 +1,4 @@
+"""``python -m spade_edge``: the ``spade-edge`` command line."""
+from .cli import main
+
+main()

@@ -1,0 +1,201 @@
+"""The ``spade-edge line`` configuration file (TOML): which adapters run, on which ports, with
+which image source. Checked whole at start: every problem is reported at once, by its place in
+the file, before anything listens. docs/line.md shows a complete file."""
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..runtime.device import DEVICES
+from ..runtime.errors import SpadeError
+
+# section -> key -> (types, default); a default of REQUIRED must be given
+REQUIRED = object()
+_HOST = ((str,), "0.0.0.0")
+SCHEMA: dict[str, dict[str, tuple]] = {
+    "": {"model": ((str,), REQUIRED), "gallery": ((str,), REQUIRED), "device": ((str,), "auto"),
+         "threads": ((int,), 0), "log_level": ((str,), "info")},
+    "service": {"queue_size": ((int,), 8), "deadline": ((int, float), 10.0), "warmup": ((int,), 2)},
+    "source": {"type": ((str,), REQUIRED), "path": ((str,), None), "settle": ((int, float), 0.2),
+               "capacity": ((int,), 4), "pipeline": ((str,), "csi"), "sensor": ((int,), 0),
+               "device": ((str,), "/dev/video0"), "width": ((int,), 1920), "height": ((int,), 1080),
+               "fps": ((int,), 30), "camera": ((str,), None), "trigger": ((str,), "software"),
+               "delay": ((int, float), 0.0)},
+    "http": {"host": _HOST, "port": ((int,), 8080)},
+    "tcp": {"host": _HOST, "port": ((int,), 2000), "result_format": ((str,), "{code},{job},{verdict},{score:.6f}"),
+            "eol": ((str,), "\r\n")},
+    "modbus": {"host": _HOST, "port": ((int,), 502), "device_id": ((int,), 0), "ack_timeout": ((int, float), 10.0)},
+    "opcua": {"host": _HOST, "port": ((int,), 4840)},
+    "mqtt": {"host": ((str,), REQUIRED), "port": ((int,), 1883), "topic": ((str,), "spade-edge"),
+             "qos": ((int,), 1), "username": ((str,), None), "password": ((str,), None)},
+}
+SOURCE_KEYS = {"folder": {"path", "settle"}, "upload": {"capacity"}, "fake": {"delay"},
+               "gstreamer": {"pipeline", "sensor", "device", "width", "height", "fps"},
+               "aravis": {"camera", "trigger"}}
+ADAPTERS = ("http", "tcp", "modbus", "opcua")
+
+
+class ConfigError(SpadeError):
+    """The configuration file is wrong; ``problems`` lists every finding."""
+
+    def __init__(self, path: Path, problems: list[str]):
+        self.path, self.problems = path, problems
+        super().__init__(f"{path}: {len(problems)} problem{'s' * (len(problems) > 1)}:\n"
+                         + "\n".join(f"  - {p}" for p in problems))
+
+
+@dataclass
+class LineConfig:
+    """A checked configuration: the top level and one dict per present section."""
+
+    path: Path
+    model: Path
+    gallery: Path
+    device: str = "auto"
+    threads: int = 0
+    log_level: str = "info"
+    sections: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def section(self, name: str) -> dict[str, Any] | None:
+        return self.sections.get(name)
+
+    @property
+    def adapters(self) -> list[str]:
+        return [a for a in ADAPTERS if a in self.sections]
+
+    def source_settings(self) -> dict[str, Any] | None:
+        s = self.sections.get("source")
+        if s is None:
+            return None
+        keep = SOURCE_KEYS[s["type"]]
+        return {"type": s["type"], **{k: v for k, v in s.items() if k in keep and v is not None}}
+
+
+def _toml(path: Path) -> dict:
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10 (JetPack 6)
+        import tomli as tomllib
+    with open(path, "rb") as f:
+        return tomllib.load(f)
+
+
+def load_config(path: str | os.PathLike) -> LineConfig:
+    """Read and check ``path``; raises :class:`ConfigError` listing every problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(path, ["no such file"])
+    try:
+        raw = _toml(path)
+    except Exception as exc:  # noqa: BLE001 - TOMLDecodeError says line and column
+        raise ConfigError(path, [f"not valid TOML: {exc}"]) from None
+    problems: list[str] = []
+    top = {k: v for k, v in raw.items() if not isinstance(v, dict)}
+    tables = {k: v for k, v in raw.items() if isinstance(v, dict)}
+    values = {"": _check_table("", top, problems)}
+    for name, table in tables.items():
+        if name not in SCHEMA or name == "":
+            problems.append(f"[{name}]: unknown section{_suggest(name, [s for s in SCHEMA if s])}")
+            continue
+        values[name] = _check_table(name, table, problems)
+    base = path.parent
+    t = values[""]
+    for key in ("model", "gallery"):
+        if isinstance(t.get(key), str) and not (base / t[key]).is_file():
+            problems.append(f"{key} = {t[key]!r}: no such file (relative paths start at {base})")
+    if t.get("device") not in (None, *DEVICES):
+        problems.append(f"device = {t['device']!r}: one of {', '.join(DEVICES)}")
+    if t.get("log_level") not in (None, "debug", "info", "warning", "error"):
+        problems.append(f"log_level = {t['log_level']!r}: one of debug, info, warning, error")
+    _check_sections(values, base, problems)
+    if problems:
+        raise ConfigError(path, problems)
+    return LineConfig(path, base / t["model"], base / t["gallery"], t["device"], t["threads"], t["log_level"],
+                      {k: v for k, v in values.items() if k})
+
+
+def _check_table(name: str, table: dict, problems: list[str]) -> dict:
+    schema, where = SCHEMA[name], f"[{name}] " if name else ""
+    out = {}
+    for key, value in table.items():
+        if key not in schema:
+            problems.append(f"{where}{key}: unknown setting{_suggest(key, list(schema))}")
+            continue
+        types, _ = schema[key]
+        if isinstance(value, bool) or not isinstance(value, types):
+            problems.append(f"{where}{key} = {value!r}: must be {' or '.join(t.__name__ for t in types)}")
+            continue
+        out[key] = value
+    for key, (_, default) in schema.items():
+        if key not in out:
+            if default is REQUIRED:
+                if key not in table:
+                    problems.append(f"{where}{key}: required")
+            else:
+                out[key] = default
+    return out
+
+
+def _check_sections(values: dict, base: Path, problems: list[str]) -> None:
+    ports: dict[int, str] = {}
+    for name in (*ADAPTERS, ):
+        s = values.get(name)
+        if s is None or not isinstance(s.get("port"), int):
+            continue
+        if not 0 <= s["port"] <= 65535:
+            problems.append(f"[{name}] port = {s['port']}: must be 0..65535")
+        elif s["port"] and s["port"] in ports:
+            problems.append(f"[{name}] port = {s['port']}: already used by [{ports[s['port']]}]")
+        else:
+            ports[s["port"]] = name
+    if not any(a in values for a in ADAPTERS):
+        problems.append("no adapter: add at least one of [http], [tcp], [modbus], [opcua]")
+    svc = values.get("service", {})
+    if svc.get("queue_size", 1) < 1 or svc.get("deadline", 1) <= 0:
+        problems.append("[service] queue_size must be >= 1 and deadline > 0")
+    src = values.get("source")
+    if src is None:
+        for a in ("tcp", "modbus", "opcua"):
+            if a in values:
+                problems.append(f"[{a}] triggers need an image source: add a [source] section")
+    elif isinstance(src.get("type"), str):
+        kind = src["type"]
+        if kind not in SOURCE_KEYS:
+            problems.append(f"[source] type = {kind!r}: one of {', '.join(SOURCE_KEYS)}{_suggest(kind, list(SOURCE_KEYS))}")
+        else:
+            given = {k for k, v in src.items() if v != SCHEMA["source"][k][1]} - {"type"}
+            for k in sorted(given - SOURCE_KEYS[kind]):
+                problems.append(f"[source] {k}: not a setting of a {kind} source ({', '.join(sorted(SOURCE_KEYS[kind]))})")
+            if kind == "folder":
+                if not src.get("path"):
+                    problems.append("[source] path: required for a folder source")
+                elif not (base / src["path"]).is_dir():
+                    problems.append(f"[source] path = {src['path']!r}: no such folder")
+                else:
+                    src["path"] = str(base / src["path"])
+            if kind == "upload" and "http" not in values:
+                problems.append("[source] type = 'upload' receives images on POST /frames: add an [http] section")
+    tcp = values.get("tcp")
+    if tcp:
+        from .textproto import check_format
+
+        try:
+            check_format(tcp.get("result_format", ""))
+        except ValueError as exc:
+            problems.append(f"[tcp] {exc}")
+        if tcp.get("eol") not in ("\r\n", "\r", "\n"):
+            problems.append(f"[tcp] eol = {tcp.get('eol')!r}: one of '\\r\\n', '\\r', '\\n'")
+    mqtt = values.get("mqtt")
+    if mqtt and mqtt.get("qos") not in (0, 1, 2):
+        problems.append(f"[mqtt] qos = {mqtt.get('qos')!r}: 0, 1 or 2")
+    mb = values.get("modbus")
+    if mb and not 0 <= mb.get("device_id", 0) <= 247:
+        problems.append(f"[modbus] device_id = {mb['device_id']}: 0 (any) or 1..247")
+
+
+def _suggest(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
