@@ -73,6 +73,8 @@ class _Pending:
         self.aborted = False
 
 
+_METRIC = {Code.NO_IMAGE: "no_image", Code.BAD_IMAGE: "bad_image", Code.DEADLINE: "deadline", Code.ABORTED: "aborted"}
+
 # HTTP-style outcomes of InspectionService.run -> line codes
 _OUTCOMES = {"queue_full": Code.BUSY, "not_ready": Code.REJECTED, "deadline": Code.DEADLINE, "error": Code.ERROR}
 
@@ -153,6 +155,8 @@ class Line:
             p.result = result
             self.done_count += 1
             p.done.set()
+            self.service.count_job(_METRIC.get(result.code, "error") if result.code else result.verdict.lower(),
+                                   result.latency_ms / 1e3 if result.code == Code.OK else None)
             while len(self._jobs) > self.keep and next(iter(self._jobs.values())).done.is_set():
                 self._jobs.popitem(last=False)  # oldest finished results go first
         for publish in self.publishers:

@@ -471,9 +471,20 @@ class InspectionService:
                                           preset=[{"outcome": "ok"}, {"outcome": "failed"}]))
         self._m_connections_refused = r.add(m.Counter(
             "spade_edge_connections_refused_total", "Connections answered 503 because max_connections were open."))
+        self._m_jobs = r.add(m.Counter(
+            "spade_edge_line_jobs_total", "Line jobs (text protocol, Modbus, OPC UA) by outcome.", ("outcome",),
+            preset=[{"outcome": o} for o in ("ok", "not_ok", "no_image", "bad_image", "deadline", "aborted", "error")]))
+        self._m_job_latency = r.add(m.Histogram(
+            "spade_edge_line_job_latency_seconds", "Trigger to result of successful line jobs, image grab included."))
         r.add(m.Gauge("process_resident_memory_bytes", "Resident memory (VmRSS) of the service process.",
                       fn=m.resident_memory_bytes))
         r.add(m.Gauge("process_start_time_seconds", "Start of the service, Unix time.", fn=lambda: self.started_at))
+
+    def count_job(self, outcome: str, seconds: float | None = None) -> None:
+        """A finished line job (``spade_edge.line``), by outcome; latency of the successful ones."""
+        self._m_jobs.inc(outcome=outcome)
+        if seconds is not None:
+            self._m_job_latency.observe(seconds)
 
     def count(self, outcome: str) -> None:
         self._m_requests.inc(outcome=outcome)

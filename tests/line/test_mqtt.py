@@ -40,7 +40,14 @@ def broker():
     t.start()
     assert started.wait(30)
     yield port
-    asyncio.run_coroutine_threadsafe(b.shutdown(), loop).result(30)
+    async def stop():  # the broker leaves tasks behind: end them here, not at interpreter exit
+        await b.shutdown()
+        rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for t in rest:
+            t.cancel()
+        await asyncio.gather(*rest, return_exceptions=True)
+
+    asyncio.run_coroutine_threadsafe(stop(), loop).result(30)
     loop.call_soon_threadsafe(loop.stop)
     t.join(10)
 

@@ -54,6 +54,12 @@ def test_200_synchronous_triggers_give_200_distinct_results_in_order(server, lin
     assert verdicts == (["OK"] * 4 + ["NOT_OK"]) * 40
     assert line.source.grabs == 200
     c.close()
+    from ..service.conftest import parse_metrics
+
+    metrics = parse_metrics(line.service.registry.render())  # the service's own metrics count line jobs
+    assert metrics['spade_edge_line_jobs_total{outcome="ok"}'] == 160
+    assert metrics['spade_edge_line_jobs_total{outcome="not_ok"}'] == 40
+    assert metrics["spade_edge_line_job_latency_seconds_count"] == 200
 
 
 def test_async_trigger_then_get_and_pipelined_commands(server):
