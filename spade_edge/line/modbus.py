@@ -24,12 +24,12 @@ acknowledged within ``ack_timeout`` seconds is withdrawn (RESULT_VALID drops, AC
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 import struct
 import threading
 
 from .jobs import Code, JobResult, Line, LineError
+from .loop import LoopThread
 
 log = logging.getLogger("spade_edge.line")
 
@@ -63,9 +63,8 @@ class ModbusAdapter:
         self._lock = threading.RLock()
         self._job: int | None = None
         self._ack_timer: threading.Timer | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop = LoopThread("line-modbus")
         self._server = None
-        self._thread: threading.Thread | None = None
 
     # --- the handshake (under the lock; called from pymodbus's loop and from job threads) ---------
     def _status(self, set_bits: int = 0, clear_bits: int = 0) -> None:
@@ -160,40 +159,20 @@ class ModbusAdapter:
             SimData(CONTROL, values=0, datatype=DataType.REGISTERS),
             SimData(STATUS, count=REGISTERS - 1, values=0, datatype=DataType.REGISTERS, readonly=True),
         ], action=self._action)
-        self._loop = asyncio.new_event_loop()
-        started = threading.Event()
-        error: list[BaseException] = []
-
         async def listen():  # pymodbus builds its transport on the running loop
             self._server = ModbusTcpServer(device, address=(self.host, self.port))
             await self._server.serve_forever(background=True)
+            self.port = self._server.transport.sockets[0].getsockname()[1]
 
-        def run():
-            asyncio.set_event_loop(self._loop)
-            try:
-                self._loop.run_until_complete(listen())
-                self.port = self._server.transport.sockets[0].getsockname()[1]
-            except BaseException as exc:  # noqa: BLE001 - reported to start()
-                error.append(exc)
-                started.set()
-                return
-            started.set()
-            self._loop.run_forever()
-
-        self._thread = threading.Thread(target=run, name="line-modbus", daemon=True)
-        self._thread.start()
-        started.wait(30)
-        if error:
-            raise OSError(f"Modbus server could not listen on {self.host}:{self.port}: {error[0]}")
+        try:
+            self._loop.start(listen, timeout=30)
+        except Exception as exc:
+            raise OSError(f"Modbus server could not listen on {self.host}:{self.port}: {exc}") from exc
         with self._lock:
             self._refresh_ready()
         return self
 
     def stop(self) -> None:
-        if self._loop is None:
-            return
-        asyncio.run_coroutine_threadsafe(self._server.shutdown(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
+        self._loop.stop(lambda: self._server.shutdown())
         if self._ack_timer is not None:
             self._ack_timer.cancel()

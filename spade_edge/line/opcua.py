@@ -29,13 +29,13 @@ the 40100 type definitions (the nodes are plain objects and variables).
 """
 from __future__ import annotations
 
-import asyncio
 import datetime
 import functools
 import logging
 import threading
 
 from .jobs import Code, JobResult, Line, LineError
+from .loop import LoopThread
 
 log = logging.getLogger("spade_edge.line")
 
@@ -82,8 +82,7 @@ class OpcUaAdapter:
         self._job: int | None = None  # the job of SingleExecution
         self._latest: int | None = None  # the newest job started: only its result is written
         self._published: int | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        self._loop = LoopThread("line-opcua")
         self._server = None
         self.nodes: dict = {}
 
@@ -172,7 +171,7 @@ class OpcUaAdapter:
 
     def _wait(self, job: int) -> None:
         result = self.line.wait(job)
-        asyncio.run_coroutine_threadsafe(self._finished(job, result), self._loop)
+        self._loop.submit(self._finished(job, result))
 
     async def _finished(self, job: int, r: JobResult | None) -> None:
         if job != self._latest or self._published == job:
@@ -239,37 +238,17 @@ class OpcUaAdapter:
 
     # --- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> "OpcUaAdapter":
-        self._loop = asyncio.new_event_loop()
-        started = threading.Event()
-        error: list[BaseException] = []
-
         async def boot():
             await self._build()
             await self._server.start()
             self.port = self._server.bserver.port
             await self._become_operational()
 
-        def run():
-            asyncio.set_event_loop(self._loop)
-            try:
-                self._loop.run_until_complete(boot())
-            except BaseException as exc:  # noqa: BLE001 - reported to start()
-                error.append(exc)
-                started.set()
-                return
-            started.set()
-            self._loop.run_forever()
-
-        self._thread = threading.Thread(target=run, name="line-opcua", daemon=True)
-        self._thread.start()
-        started.wait(60)
-        if error:
-            raise OSError(f"OPC UA server could not start on {self.url}: {error[0]}")
+        try:
+            self._loop.start(boot)
+        except Exception as exc:
+            raise OSError(f"OPC UA server could not start on {self.url}: {exc}") from exc
         return self
 
     def stop(self) -> None:
-        if self._loop is None:
-            return
-        asyncio.run_coroutine_threadsafe(self._server.stop(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
+        self._loop.stop(lambda: self._server.stop())
