@@ -135,7 +135,7 @@ class Line:
         except LineError as e:
             result = self._result(p, "NOT_DECIDABLE", None, None, e.code, e.message, name)
         except HttpError as e:
-            code = Code.BAD_IMAGE if e.status == 400 else _OUTCOMES.get(e.outcome, Code.ERROR)
+            code = Code.BAD_IMAGE if 400 <= e.status < 500 else _OUTCOMES.get(e.outcome, Code.ERROR)
             result = self._result(p, "NOT_DECIDABLE", None, None, code, e.message, name)
         except Exception as exc:  # noqa: BLE001 - reported as the job's outcome, the line goes on
             log.exception("job %d failed", p.job)

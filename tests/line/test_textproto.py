@@ -157,3 +157,19 @@ def test_reload_answers_the_new_generation(server):
     c.send(b"QUIT\r\n")
     assert c.sock.recv(100) == b""  # QUIT closes the connection without an answer
     c.close()
+
+
+def test_a_bad_camera_image_is_a_job_outcome_not_a_crash(service, frames):
+    from spade_edge.line import Line
+    from spade_edge.line.sources import FakeSource
+
+    line = Line(service, FakeSource([b"\x89PNG\r\n\x1a\n broken", b"not an image at all", frames[0]]))
+    srv = TextServer(line, port=0).start()
+    try:
+        c = Client(srv.port)
+        answers = [c.ask("T").split(",") for _ in range(3)]
+        assert [a[0] for a in answers] == [str(int(Code.BAD_IMAGE))] * 2 + ["0"]
+        assert [a[2] for a in answers] == ["NOT_DECIDABLE", "NOT_DECIDABLE", "OK"]
+        c.close()
+    finally:
+        srv.stop()
