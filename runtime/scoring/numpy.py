@@ -21,28 +21,29 @@ class NumpyScorer(PixelScorer):
 
     name = "numpy"
 
-    def __init__(self, block_bytes: int = 32 << 20):
+    def __init__(self, block_bytes: int = 8 << 20):  # a distance block of ~8 MB: near the cache, big enough for BLAS
         self.block_bytes = int(block_bytes)
 
     def topk(self, query: np.ndarray, blocks: Iterable[np.ndarray], kappa: int) -> TopK:
         if kappa < 1:
             raise ValueError(f"kappa must be >= 1, got {kappa}")
         q = np.ascontiguousarray(query, np.float32)
-        p = q.shape[0]
-        best_d = np.full((p, kappa), np.inf, np.float32)
-        best_i = np.full((p, kappa), -1, np.int64)
+        p, dim = q.shape
+        left = np.empty((p, dim + 1), np.float32)  # [q | 1] against [-2 g^T ; |g|^2]: one product, no pass
+        left[:, :dim], left[:, dim] = q, 1.0
+        top = _Top(p, kappa)
         rows_per_step = max(1, self.block_bytes // (4 * max(p, 1)))
         offset = 0
         for block in blocks:
-            if block.ndim != 2 or block.shape[1] != q.shape[1]:
-                raise ValueError(f"gallery block has shape {block.shape}, expected (M, {q.shape[1]})")
+            if block.ndim != 2 or block.shape[1] != dim:
+                raise ValueError(f"gallery block has shape {block.shape}, expected (M, {dim})")
             for s in range(0, block.shape[0], rows_per_step):
                 g = np.asarray(block[s : s + rows_per_step], np.float32)  # widen one step only
-                best_d, best_i = _merge(q, g, offset + s, best_d, best_i)
+                _merge(q, left, g, offset + s, top)
             offset += block.shape[0]
         if offset < kappa:
             raise ValueError(f"gallery has {offset} features, fewer than kappa = {kappa}")
-        return TopK(best_d, best_i)
+        return top.result()
 
     def topk_pyramid(self, query, images, grid, kappa):
         """Exact concatenated-pyramid distances at per-level cost (docs/speed.md):
@@ -55,33 +56,47 @@ class NumpyScorer(PixelScorer):
         if not slabs.c_fine or slabs.contraction >= PER_LEVEL_SHARE * sum(q.shape[2] for q in query):
             return super().topk_pyramid(query, images, grid, kappa)  # narrow pyramids: the plain GEMM wins
         p = slabs.p
-        keep = kappa + 1  # one spare: the expanded distance may misorder near-ties, the exact one decides
-        best_d = np.full((p, keep), np.inf, np.float32)
-        best_i = np.full((p, keep), -1, np.int64)
+        top = _Top(p, kappa)
         for j in range(len(images)):
             found = [_smallest(d, min(kappa, d.shape[1])) + (start,) for start, d in slabs(images[j])]
-            cand_i = np.concatenate([idx + (j * p + start) for idx, _, start in found], axis=1)
-            best_d, best_i = _keep(best_d, best_i, np.concatenate([val for _, val, _ in found], axis=1), cand_i)
+            top.add(np.concatenate([val for _, val, _ in found], axis=1),
+                    np.concatenate([idx + (j * p + start) for idx, _, start in found], axis=1))
         if len(images) * p < kappa:
             raise ValueError(f"gallery has {len(images) * p} features, fewer than kappa = {kappa}")
         q_up = concat_upsampled(query, grid)
-        exact = np.full((p, keep), np.inf, np.float32)
-        owner = best_i // p
-        for j in np.unique(owner[best_i >= 0]):
-            pp, ss = np.nonzero((owner == j) & (best_i >= 0))
-            diff = q_up[pp] - upsampled_rows(images[j], grid, best_i[pp, ss] - j * p)
-            exact[pp, ss] = np.einsum("nd,nd->n", diff, diff)
-        order = np.lexsort((best_i, exact), axis=1)[:, :kappa]  # exact distance, then lower index
-        return TopK(np.take_along_axis(exact, order, 1), np.take_along_axis(best_i, order, 1))
+        owner = top.index // p
+        for j in np.unique(owner[top.index >= 0]):  # each kept candidate's gallery image, once more
+            pp, ss = np.nonzero((owner == j) & (top.index >= 0))
+            diff = q_up[pp] - upsampled_rows(images[j], grid, top.index[pp, ss] - j * p)
+            top.exact[pp, ss] = np.einsum("nd,nd->n", diff, diff)
+        return top.result()
 
 
-def _keep(best_d, best_i, new_d, new_i):
-    """Merge candidate distances into the running top-kappa."""
-    kappa = best_d.shape[1]
-    all_d = np.concatenate([best_d, new_d], axis=1)
-    all_i = np.concatenate([best_i, new_i], axis=1)
-    order = np.argsort(all_d, axis=1, kind="stable")[:, :kappa]
-    return np.take_along_axis(all_d, order, 1), np.take_along_axis(all_i, order, 1)
+class _Top:
+    """Each query's running candidates, kappa + 1 of them, ranked by the expanded distance
+    |g|^2 - 2 q.g (which may misorder near-ties: the spare one covers that); their exact distances
+    (``exact``, filled by the caller) decide the final kappa, ties to the lower gallery index."""
+
+    def __init__(self, p: int, kappa: int):
+        self.kappa = kappa
+        self.approx = np.full((p, kappa + 1), np.inf, np.float32)
+        self.index = np.full((p, kappa + 1), -1, np.int64)
+        self.exact = np.full((p, kappa + 1), np.inf, np.float32)
+
+    def add(self, approx: np.ndarray, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Merge candidates; returns (query, slot) of those that entered (their exact distance unset)."""
+        keep = self.approx.shape[1]
+        all_a = np.concatenate([self.approx, approx], axis=1)
+        order = np.argsort(all_a, axis=1, kind="stable")[:, :keep]  # ties: earlier candidates first
+        self.approx = np.take_along_axis(all_a, order, 1)
+        self.index = np.take_along_axis(np.concatenate([self.index, index], axis=1), order, 1)
+        self.exact = np.take_along_axis(
+            np.concatenate([self.exact, np.full(approx.shape, np.inf, np.float32)], axis=1), order, 1)
+        return np.nonzero((order >= keep) & (self.index >= 0))
+
+    def result(self) -> TopK:
+        order = np.lexsort((self.index, self.exact), axis=1)[:, : self.kappa]
+        return TopK(np.take_along_axis(self.exact, order, 1), np.take_along_axis(self.index, order, 1))
 
 
 def _smallest(d: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -107,13 +122,15 @@ def _smallest(d: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return idx, np.take_along_axis(d, idx, 1)
 
 
-def _merge(q, g, offset, best_d, best_i):
-    kappa = best_d.shape[1]
-    # |g|^2 - 2 q.g orders each row like the squared distance (|q|^2 is constant along a row);
-    # scaling the small block by -2 saves a pass over the large product
-    d = q @ (g * np.float32(-2.0)).T
-    d += np.einsum("ij,ij->i", g, g)[None, :]
-    cand, _ = _smallest(d, min(kappa, g.shape[0]))
-    # exact distances of the candidates: (P, k, D) is small next to the (P, M) block
-    diff = q[:, None, :] - g[cand]
-    return _keep(best_d, best_i, np.einsum("pkd,pkd->pk", diff, diff), cand + offset)
+def _merge(q, left, g, offset, top: _Top) -> None:
+    """One step: expanded distances of ``g`` by one product, the kappa smallest per query into
+    ``top``, exact distances for those that entered (``g`` is at hand now, not later)."""
+    dim = q.shape[1]
+    right = np.empty((dim + 1, g.shape[0]), np.float32)
+    np.multiply(g.T, np.float32(-2.0), out=right[:dim])
+    right[dim] = np.einsum("ij,ij->i", g, g)
+    d = left @ right  # |g|^2 - 2 q.g orders each row like the squared distance (|q|^2 is constant along it)
+    cand, val = _smallest(d, min(top.kappa, g.shape[0]))
+    pp, ss = top.add(val, cand + offset)
+    diff = q[pp] - g[top.index[pp, ss] - offset]
+    top.exact[pp, ss] = np.einsum("nd,nd->n", diff, diff)

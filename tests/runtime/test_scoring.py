@@ -60,9 +60,9 @@ def test_distance_block_is_bounded(monkeypatch):
     seen = []
     real = mod._merge
 
-    def spy(q, g, offset, best_d, best_i):
+    def spy(q, left, g, offset, top):
         seen.append(q.shape[0] * g.shape[0] * 4)
-        return real(q, g, offset, best_d, best_i)
+        return real(q, left, g, offset, top)
 
     monkeypatch.setattr(mod, "_merge", spy)
     rng = np.random.default_rng(2)
