@@ -10,6 +10,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from spade_edge.runtime.errors import require
 from spade_edge.runtime.images import Preprocess
 
@@ -26,6 +28,10 @@ class Int8Options:
     exclude: tuple[str, ...] = ()  # node names kept in float
     auto_exclude: int = 0  # keep this many of the most sensitive Conv nodes in float
     sensitivity_images: int = 8
+    # keep the fewest leading Conv layers in float that hold every output's mean feature cosine at
+    # this value on the probe images (0: off). The early, high-resolution layers are where int8
+    # error is amplified by everything after them (docs/results.md, calibration)
+    target_cosine: float = 0.0
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -34,6 +40,8 @@ class Int8Options:
             raise ValueError("percentile must be in (0, 100]")
         if self.auto_exclude < 0:
             raise ValueError("auto_exclude must be >= 0")
+        if not 0 <= self.target_cosine < 1:
+            raise ValueError("target_cosine must be in [0, 1)")
 
 
 @dataclass
@@ -41,6 +49,8 @@ class Int8Result:
     info: object
     excluded: list[str] = field(default_factory=list)
     sensitivity: dict[str, float] = field(default_factory=dict)  # Conv node -> SQNR (dB) of its output, low = sensitive
+    leading_float: int = 0  # leading Conv layers kept in float for target_cosine
+    probe_cosine: dict[str, float] = field(default_factory=dict)  # output -> mean cosine on the probe images
 
 
 def preprocessing_nodes(model) -> list[str]:
@@ -78,21 +88,94 @@ def _quantize(pre_path: Path, out: Path, reader, opts: Int8Options, exclude: lis
     )
 
 
+ACTIVATIONS = ("Clip", "Relu")  # fused with the Conv before them: quantized, or kept in float, together
+
+
+def fused_activations(model) -> dict[str, str]:
+    """Conv name -> the name of the activation that consumes its output alone (ReLU6 is a Clip)."""
+    consumers: dict[str, list] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    out = {}
+    for n in model.graph.node:
+        users = consumers.get(n.output[0], []) if n.op_type == "Conv" else []
+        if len(users) == 1 and users[0].op_type in ACTIVATIONS:
+            out[n.name] = users[0].name
+    return out
+
+
 def conv_sensitivity(float_path: Path, qdq_path: Path, reader, model) -> dict[str, float]:
-    """SQNR (dB) that quantization leaves on each Conv's output, measured on calibration images:
-    the local error of each Q/DQ pair (low SQNR = quantizing this layer hurts most)."""
+    """SQNR (dB) that quantization leaves on each Conv's quantized output, measured on calibration
+    images (low SQNR = quantizing this layer hurts most). A Conv followed by its activation is
+    quantized after the activation, so that is where its error is read."""
     from onnxruntime.quantization import qdq_loss_debug as dbg
 
     with tempfile.TemporaryDirectory() as tmp:
         aug_f, aug_q = Path(tmp) / "f.onnx", Path(tmp) / "q.onnx"
-        dbg.modify_model_output_intermediate_tensors(str(float_path), str(aug_f), op_types_for_saving=["Conv"])
-        dbg.modify_model_output_intermediate_tensors(str(qdq_path), str(aug_q), op_types_for_saving=["Conv"])
+        ops = ["Conv", *ACTIVATIONS]
+        dbg.modify_model_output_intermediate_tensors(str(float_path), str(aug_f), op_types_for_saving=ops)
+        dbg.modify_model_output_intermediate_tensors(str(qdq_path), str(aug_q), op_types_for_saving=ops)
         fa = dbg.collect_activations(str(aug_f), reader, execution_providers=["CPUExecutionProvider"])
         reader.rewind()
         qa = dbg.collect_activations(str(aug_q), reader, execution_providers=["CPUExecutionProvider"])
     errors = dbg.compute_activation_error(dbg.create_activation_matching(qa, fa))
-    out_of = {o: n.name for n in model.graph.node if n.op_type == "Conv" for o in n.output}
-    return {out_of[t]: float(e["qdq_err"]) for t, e in errors.items() if t in out_of and "qdq_err" in e}
+    names = {n.name: n for n in model.graph.node}
+    fused = fused_activations(model)
+    tensor = {c: names[fused.get(c, c)].output[0] for c, n in names.items() if n.op_type == "Conv"}
+    return {c: float(errors[t]["qdq_err"]) for c, t in tensor.items() if "qdq_err" in errors.get(t, {})}
+
+
+def output_cosine(float_path: Path, qdq_path: Path, reader) -> dict[str, float]:
+    """Per model output: mean cosine similarity of the quantized model's pixel features to the
+    float model's, over the reader's images."""
+    import onnxruntime as ort
+
+    from .drift import _rows
+
+    sf, sq = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (float_path, qdq_path))
+    names = [o.name for o in sf.get_outputs()]
+    total: dict[str, float] = {}
+    count: dict[str, int] = {}
+    reader.rewind()
+    while (batch := reader.get_next()) is not None:
+        for n, a, b in zip(names, sf.run(names, batch), sq.run(names, batch)):
+            ra, rb = _rows(a).astype(np.float64), _rows(b).astype(np.float64)
+            c = (ra * rb).sum(1) / np.maximum(np.linalg.norm(ra, axis=1) * np.linalg.norm(rb, axis=1), 1e-12)
+            total[n], count[n] = total.get(n, 0.0) + float(c.sum()), count.get(n, 0) + len(c)
+    return {n: total[n] / count[n] for n in total}
+
+
+def _leading_float(pre: Path, staged: Path, reader, probe, opts: Int8Options, exclude: list[str], model,
+                   result: Int8Result) -> list[str]:
+    """The fewest leading Conv layers (with their activations) kept in float for which every output
+    keeps ``opts.target_cosine`` on the probe images: a bisection, the model re-quantized per step."""
+    convs = [n.name for n in model.graph.node if n.op_type == "Conv"]
+    fused = fused_activations(model)
+
+    def lead(n: int) -> list[str]:
+        return [x for c in convs[:n] if c not in exclude for x in (c, fused.get(c)) if x]
+
+    written = {}  # n -> cosines; the staged file holds the last n measured
+
+    def quantized_cosine(n: int) -> dict[str, float]:
+        reader.rewind()
+        _quantize(pre, staged, reader, opts, exclude + lead(n))
+        written[n] = output_cosine(pre, staged, probe)
+        written["last"] = n
+        return written[n]
+
+    lo, hi = -1, len(convs)  # lo fails (none tried yet), hi passes (everything in float)
+    while hi - lo > 1:
+        mid = 0 if lo < 0 else (lo + hi) // 2  # "nothing in float" first
+        if min(quantized_cosine(mid).values()) >= opts.target_cosine:
+            hi = mid
+        else:
+            lo = mid
+    if written.get("last") != hi:
+        quantized_cosine(hi)
+    result.leading_float, result.probe_cosine = hi, written[hi]
+    return lead(hi)
 
 
 def int8_from_onnx(model_path: str | os.PathLike, images: list[Path], out: str | os.PathLike,
@@ -123,12 +206,20 @@ def int8_from_onnx(model_path: str | os.PathLike, images: list[Path], out: str |
             probe = make_reader(images[: opts.sensitivity_images], preprocess, info.input_name, show=False)
             result.sensitivity = conv_sensitivity(pre, staged, probe, pre_model)
             worst = sorted(result.sensitivity, key=result.sensitivity.get)[: opts.auto_exclude]
-            result.excluded = worst
+            fused = fused_activations(pre_model)
+            result.excluded = [x for c in worst for x in (c, fused.get(c)) if x]  # the Conv and its activation
             reader.rewind()
-            _quantize(pre, staged, reader, opts, exclude + worst)
+            _quantize(pre, staged, reader, opts, exclude + result.excluded)
+        if opts.target_cosine:
+            probe = make_reader(images[: opts.sensitivity_images], preprocess, info.input_name, show=False)
+            result.excluded += _leading_float(pre, staged, reader, probe, opts, exclude + result.excluded, pre_model,
+                                              result)
         result.excluded = list(opts.exclude) + result.excluded
         details = {"method": opts.method, "images": len(images), "activations": "int8 symmetric",
                    "weights": "int8 symmetric per channel", "kept_float": result.excluded}
+        if opts.target_cosine:
+            details.update(target_cosine=opts.target_cosine, leading_float=result.leading_float,
+                           probe_cosine={k: round(v, 4) for k, v in result.probe_cosine.items()})
         if opts.method == "percentile":
             details["percentile"] = opts.percentile
         result.info = save_with_info(onnx.load(str(staged)), info, "int8", details, out)

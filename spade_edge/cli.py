@@ -337,15 +337,18 @@ def evaluate(data, model, out, crop, threads, device, **scoring):
 @click.option("--percentile", type=click.FloatRange(0, 100, min_open=True), default=99.999, show_default=True)
 @click.option("--exclude", multiple=True, help="Node kept in float (repeatable); see --list-nodes.")
 @click.option("--auto-exclude", type=click.IntRange(0), default=0, show_default=True,
-              help="Keep this many of the most sensitive Conv layers in float.")
+              help="Keep this many of the Conv layers with the largest local error in float.")
+@click.option("--target-cosine", type=click.FloatRange(0, 1, max_open=True), default=0.98, show_default=True,
+              help="Keep the fewest leading Conv layers in float that hold every output's mean feature cosine "
+                   "to the fp32 model at this value on 8 calibration images (0: quantize them all).")
 @click.option("--crop/--no-crop", default=True, show_default=True)
 @click.option("--report", type=click.Path(file_okay=False, path_type=Path),
               help="Write a drift report here (features, latency; ELPV accuracy with --accuracy).")
 @click.option("--accuracy", is_flag=True, help="With --report: image and pixel AUROC of both models on the ELPV benchmarks.")
 @click.option("--limit", type=click.IntRange(1), help="With --accuracy: cap test images per set (quick look).")
 @_friendly_errors
-def calibrate(model, out, precision, images, count, method, quantizer, percentile, exclude, auto_exclude, crop, report,
-              accuracy, limit):
+def calibrate(model, out, precision, images, count, method, quantizer, percentile, exclude, auto_exclude, target_cosine,
+              crop, report, accuracy, limit):
     """Write a reduced-precision model: INT8 Q/DQ calibrated on normal images (symmetric, per-channel
     weights; TensorRT 10/11 and ONNX Runtime accept it) or FP16 for strongly typed TensorRT."""
     from .calibration.common import read_info
@@ -364,10 +367,14 @@ def calibrate(model, out, precision, images, count, method, quantizer, percentil
         quantize = int8_from_onnx
         if quantizer == "modelopt":
             from .calibration.modelopt import int8_with_modelopt as quantize
-        res = quantize(model, paths, out, Int8Options(method, percentile, tuple(exclude), auto_exclude),
-                       Preprocess(info.input_size, crop))
+        opts = Int8Options(method, percentile, tuple(exclude), auto_exclude,
+                           target_cosine=target_cosine if quantizer == "ort" else 0.0)
+        res = quantize(model, paths, out, opts, Preprocess(info.input_size, crop))
         kept = f"; kept in float: {', '.join(res.excluded)}" if res.excluded else ""
         click.echo(f"wrote {out}: int8 Q/DQ ({quantizer}), {method} on {len(paths)} images{kept}")
+        if getattr(res, "probe_cosine", None):
+            click.echo(f"first {res.leading_float} Conv layers kept in float for a feature cosine >= {target_cosine}: "
+                       + ", ".join(f"{k} {v:.4f}" for k, v in res.probe_cosine.items()))
     else:
         from .calibration.fp16 import fp16_from_onnx
 
