@@ -338,7 +338,7 @@ def evaluate(data, model, out, crop, threads, device, **scoring):
 @click.option("--exclude", multiple=True, help="Node kept in float (repeatable); see --list-nodes.")
 @click.option("--auto-exclude", type=click.IntRange(0), default=0, show_default=True,
               help="Keep this many of the Conv layers with the largest local error in float.")
-@click.option("--target-cosine", type=click.FloatRange(0, 1, max_open=True), default=0.98, show_default=True,
+@click.option("--target-cosine", type=click.FloatRange(0, 1, max_open=True), default=0.99, show_default=True,
               help="Keep the fewest leading Conv layers in float that hold every output's mean feature cosine "
                    "to the fp32 model at this value on 8 calibration images (0: quantize them all).")
 @click.option("--crop/--no-crop", default=True, show_default=True)

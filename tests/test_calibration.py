@@ -28,7 +28,7 @@ def calib_dir(elpv_normal, tmp_path_factory):
 @pytest.fixture(scope="module")
 def int8_model(lite0_onnx, calib_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("q") / "lite0.int8.onnx"
-    res = int8_from_onnx(lite0_onnx, calibration_images(calib_dir), out, Int8Options(auto_exclude=2, target_cosine=0.98),
+    res = int8_from_onnx(lite0_onnx, calibration_images(calib_dir), out, Int8Options(auto_exclude=2, target_cosine=0.99),
                          show_progress=False)
     return out, res
 
@@ -55,7 +55,7 @@ def test_qdq_structure(int8_model, lite0_onnx):
     kept = [c for c in convs if c.name in res.excluded]
     # two by local error, then the leading ones the cosine target asked for; each with its ReLU6
     assert res.leading_float >= 1 and len(kept) >= 2 + 1 and quantized == len(convs) - len(kept)
-    assert convs[0].name in res.excluded and min(res.probe_cosine.values()) >= 0.98
+    assert convs[0].name in res.excluded and min(res.probe_cosine.values()) >= 0.99
     activation_of = fused_activations(model)
     assert all(activation_of[c.name] in res.excluded for c in kept if c.name in activation_of)
     assert len(res.excluded) > len(kept)
@@ -79,7 +79,7 @@ def test_int8_and_fp16_parity_bounds(lite0_onnx, int8_model, tmp_path, elpv_norm
     h = feature_drift(ref, backend_from_model(half), images)
     for level in ("stage2", "stage3", "stage5", "global"):
         # stated bounds, on images the calibration never saw: int8 per-pixel cosine >= 0.98 on average
-        # (the calibration's target), fp16 >= 0.999 with relative error <= 2%
+        # (the target; calibrated for 0.99 on its probe images), fp16 >= 0.999, relative error <= 2%
         assert q[level]["cosine_mean"] >= 0.98, (level, q[level])
         assert h[level]["cosine_mean"] >= 0.999 and h[level]["rel_error"] <= 0.02, (level, h[level])
 
