@@ -105,7 +105,8 @@ say "virtual environment $prefix/venv"
 pip="$prefix/venv/bin/pip"
 run python3 -m venv --system-site-packages "$prefix/venv"
 run "$pip" install --upgrade pip
-if [ -n "$package" ]; then run "$pip" install "$package"; else run "$pip" install "$source"; fi
+# with the line adapters (Modbus, OPC UA, MQTT: pure Python)
+if [ -n "$package" ]; then run "$pip" install "${package}[line]"; else run "$pip" install "${source}[line]"; fi
 if [ "$cpu_only" = 1 ]; then
   run "$pip" install "onnxruntime>=1.17"
 else
