@@ -16,6 +16,7 @@ from spade_edge.runtime.errors import require
 from spade_edge.runtime.images import Preprocess
 
 from .common import read_info, save_with_info
+from .qdq_pairs import unique_qdq_pairs
 from .reader import make_reader
 
 METHODS = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}
@@ -222,7 +223,9 @@ def int8_from_onnx(model_path: str | os.PathLike, images: list[Path], out: str |
                            probe_cosine={k: round(v, 4) for k, v in result.probe_cosine.items()})
         if opts.method == "percentile":
             details["percentile"] = opts.percentile
-        result.info = save_with_info(onnx.load(str(staged)), info, "int8", details, out)
+        final = onnx.load(str(staged))
+        details["qdq_pairs_added"] = unique_qdq_pairs(final)  # so that ONNX Runtime's CPU kernels fuse every layer
+        result.info = save_with_info(final, info, "int8", details, out)
     return result
 
 
