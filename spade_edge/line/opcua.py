@@ -18,7 +18,8 @@ Address space (namespace ``urn:spade-edge:vision``), under Objects/VisionSystem:
         Score, Threshold        Double
         StatusCode              Int32    the line's status code (0 OK; docs/line.md)
 
-Transitions: Preoperational -> Operational/Initialized once the model is loaded, and Initialized
+Transitions: Preoperational while the model loads (the server listens from the start), then
+Operational/Initialized (:meth:`OpcUaAdapter.service_changed`), and Initialized
 -> Ready at once (the gallery is the one prepared recipe). StartSingleJob: Ready ->
 SingleExecution -> Ready with the result. Stop: the running job finishes, Ready. Abort: the
 running job ends with ResultState Aborted, Initialized; Reset: Initialized / Halted / Error ->
@@ -230,11 +231,20 @@ class OpcUaAdapter:
         return []
 
     async def _become_operational(self) -> None:
-        if self.line.service.ready:
+        state = self.line.service.state
+        if state == "ready":
             await self._enter("Operational", "Initialized")
             await self._enter("Operational", "Ready")  # the gallery is the prepared recipe
-        else:
-            await self._enter("Error")
+        else:  # still loading: Preoperational until service_changed(); a failed load: Error
+            await self._enter("Preoperational" if state == "starting" else "Error")
+
+    def service_changed(self) -> None:
+        """Call when the service has finished loading (or failed): leave Preoperational."""
+        async def update():
+            if self.state == "Preoperational":
+                await self._become_operational()
+
+        self._loop.call(update())
 
     # --- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> "OpcUaAdapter":

@@ -1,5 +1,6 @@
-"""Start and stop what a :class:`~.config.LineConfig` asks for: the inspection service, its image
-source, the HTTP service and the line adapters, in that order (and the reverse)."""
+"""Start and stop what a :class:`~.config.LineConfig` asks for: the inspection service, the HTTP
+service, the image source and the line adapters, then the model (so that every adapter can say
+'loading'); stopped in the reverse order."""
 from __future__ import annotations
 
 import logging
@@ -18,6 +19,7 @@ class LineRunner:
         self.cfg = cfg
         self.service = self.source = self.line = None
         self._stoppers: list = []
+        self._adapters_started: list = []
         self.listening: dict[str, str] = {}
 
     def start(self) -> "LineRunner":
@@ -39,7 +41,6 @@ class LineRunner:
                 threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True).start()
                 self._stoppers.append(lambda: (httpd.shutdown(), httpd.server_close()))
                 self.listening["http"] = f"http://{http['host']}:{httpd.server_address[1]}"
-            svc.load(cfg.model, cfg.gallery)
             src = cfg.source_settings()
             if src:
                 self.source = source_from_config(src)
@@ -47,7 +48,14 @@ class LineRunner:
                 if isinstance(self.source, UploadSource):
                     svc.frames = self.source
             self.line = Line(svc, self.source, deadline=svc.config.deadline, publishers=self._publishers())
+            # the adapters listen while the model loads: triggers are refused (code 11), Modbus shows
+            # READY low, OPC UA shows Preoperational
             self._adapters()
+            try:
+                svc.load(cfg.model, cfg.gallery)
+            finally:
+                for adapter in self._adapters_started:
+                    getattr(adapter, "service_changed", lambda: None)()
         except BaseException:
             self.stop()
             raise
@@ -77,12 +85,14 @@ class LineRunner:
 
             mb = ModbusAdapter(self.line, m["host"], m["port"], m["device_id"], m["ack_timeout"]).start()
             self._stoppers.append(mb.stop)
+            self._adapters_started.append(mb)
             self.listening["modbus"] = f"modbus://{m['host']}:{mb.port}"
         if o := cfg.section("opcua"):
             from .opcua import OpcUaAdapter
 
             ua = OpcUaAdapter(self.line, o["host"], o["port"]).start()
             self._stoppers.append(ua.stop)
+            self._adapters_started.append(ua)
             self.listening["opcua"] = ua.url
 
     def stop(self) -> None:

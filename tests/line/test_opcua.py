@@ -137,3 +137,35 @@ def test_malformed_calls_get_status_codes_and_the_server_keeps_serving(adapter):
             assert r["ResultState"] == 1
 
     run(main())
+
+
+def test_preoperational_while_the_model_loads(assets, frames):
+    from spade_edge.line import Line
+    from spade_edge.line.sources import FakeSource
+    from spade_edge.service.inspector import InspectionService, ServiceConfig
+
+    svc = InspectionService(ServiceConfig(warmup=0), device="cpu", threads=1)  # not loaded yet
+    a = OpcUaAdapter(Line(svc, FakeSource(frames)), port=0).start()
+
+    async def before():
+        async with Client(a.url, timeout=30) as c:
+            v = await Vision(c).setup()
+            assert await v.state() == ("Preoperational", "")
+            with pytest.raises(ua.UaStatusCodeError, match="BadInvalidState"):
+                await v.call("StartSingleJob", "m", "p")
+
+    async def after():
+        async with Client(a.url, timeout=30) as c:
+            v = await Vision(c).setup()
+            assert await v.state() == ("Operational", "Ready")
+            _, r = await v.run_job("m", "p")
+            assert r["ResultState"] == 1
+
+    try:
+        run(before())
+        svc.load(assets["model"], assets["gallery_a"])
+        a.service_changed()
+        run(after())
+    finally:
+        a.stop()
+        svc.close(drain_timeout=5)
