@@ -26,7 +26,7 @@ SCHEMA: dict[str, dict[str, tuple]] = {
                "delay": ((int, float), 0.0)},
     "http": {"host": _HOST, "port": ((int,), 8080)},
     "tcp": {"host": _HOST, "port": ((int,), 2000), "result_format": ((str,), "{code},{job},{verdict},{score:.6f}"),
-            "eol": ((str,), "\r\n")},
+            "eol": ((str,), "\r\n"), "max_connections": ((int,), 32)},
     "modbus": {"host": _HOST, "port": ((int,), 502), "device_id": ((int,), 0), "ack_timeout": ((int, float), 10.0)},
     "opcua": {"host": _HOST, "port": ((int,), 4840)},
     "mqtt": {"host": ((str,), REQUIRED), "port": ((int,), 1883), "topic": ((str,), "spade-edge"),

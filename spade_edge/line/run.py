@@ -77,7 +77,8 @@ class LineRunner:
         if t := cfg.section("tcp"):
             from .textproto import TextServer
 
-            srv = TextServer(self.line, t["host"], t["port"], t["result_format"], t["eol"]).start()
+            srv = TextServer(self.line, t["host"], t["port"], t["result_format"], t["eol"],
+                             max_connections=t["max_connections"]).start()
             self._stoppers.append(srv.stop)
             self.listening["tcp"] = f"tcp://{t['host']}:{srv.port}"
         if m := cfg.section("modbus"):

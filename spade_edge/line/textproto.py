@@ -91,11 +91,36 @@ class TextServer(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
 
     def __init__(self, line: Line, host: str = "127.0.0.1", port: int = 2000, result_format: str = DEFAULT_FORMAT,
-                 eol: str = "\r\n", max_line: int = 256):
+                 eol: str = "\r\n", max_line: int = 256, max_connections: int = 32):
         check_format(result_format)
         self.line, self.result_format, self.eol, self.max_line = line, result_format, eol, int(max_line)
+        self.max_connections, self._open = int(max_connections), 0
+        self._count = threading.Lock()
         super().__init__((host, port), _Handler)
         self._thread: threading.Thread | None = None
+
+    def process_request(self, request, client_address):
+        """A thread per connection, at most ``max_connections``: past that the newcomer is told
+        why (code 10) and closed, so a misbehaving client cannot exhaust the device."""
+        with self._count:
+            full = self._open >= self.max_connections
+            if not full:
+                self._open += 1
+        if full:
+            try:
+                request.sendall(f"ER,?,{int(Code.BUSY)},{self.max_connections} connections open".encode() + self.eol.encode())
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._count:
+                self._open -= 1
 
     @property
     def port(self) -> int:

@@ -173,3 +173,29 @@ def test_a_bad_camera_image_is_a_job_outcome_not_a_crash(service, frames):
         c.close()
     finally:
         srv.stop()
+
+
+def test_connections_beyond_the_cap_are_told_and_closed(line):
+    srv = TextServer(line, port=0, max_connections=2).start()
+    try:
+        a, b = Client(srv.port), Client(srv.port)
+        assert a.ask("PING") == "0,PONG" and b.ask("PING") == "0,PONG"
+        c = Client(srv.port)
+        assert c.line() == f"ER,?,{int(Code.BUSY)},2 connections open"
+        assert c.sock.recv(10) == b""
+        c.close()
+        a.close()
+        end = time.monotonic() + 5
+        while True:  # a slot frees once the closed connection's thread ends
+            d = Client(srv.port)
+            d.send(b"PING\r\n")
+            answer = d.line()
+            d.close()
+            if answer == "0,PONG" or time.monotonic() > end:
+                break
+            time.sleep(0.05)
+        assert answer == "0,PONG"
+        assert b.ask("TRIGGER").startswith("0,")
+        b.close()
+    finally:
+        srv.stop()
