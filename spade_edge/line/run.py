@@ -19,7 +19,7 @@ class LineRunner:
         self.cfg = cfg
         self.service = self.source = self.line = None
         self._stoppers: list = []
-        self._adapters_started: list = []
+        self._told_when_loaded: list = []
         self.listening: dict[str, str] = {}
 
     def start(self) -> "LineRunner":
@@ -54,8 +54,8 @@ class LineRunner:
             try:
                 svc.load(cfg.model, cfg.gallery)
             finally:
-                for adapter in self._adapters_started:
-                    getattr(adapter, "service_changed", lambda: None)()
+                for adapter in self._told_when_loaded:  # Modbus reads the service's state on every request
+                    adapter.service_changed()
         except BaseException:
             self.stop()
             raise
@@ -86,14 +86,13 @@ class LineRunner:
 
             mb = ModbusAdapter(self.line, m["host"], m["port"], m["device_id"], m["ack_timeout"]).start()
             self._stoppers.append(mb.stop)
-            self._adapters_started.append(mb)
             self.listening["modbus"] = f"modbus://{m['host']}:{mb.port}"
         if o := cfg.section("opcua"):
             from .opcua import OpcUaAdapter
 
             ua = OpcUaAdapter(self.line, o["host"], o["port"]).start()
             self._stoppers.append(ua.stop)
-            self._adapters_started.append(ua)
+            self._told_when_loaded.append(ua)
             self.listening["opcua"] = ua.url
 
     def stop(self) -> None:
