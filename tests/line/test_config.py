@@ -138,12 +138,29 @@ def _ask(port: int, *cmds: str) -> list[str]:
         return out
 
 
+def _opcua_state(url: str) -> tuple[str, str]:
+    import asyncio
+
+    from asyncua import Client
+
+    from spade_edge.line.opcua import NAMESPACE
+
+    async def read():
+        async with Client(url, timeout=30) as c:
+            idx = await c.get_namespace_index(NAMESPACE)
+            sm = await c.nodes.objects.get_child([f"{idx}:VisionSystem", f"{idx}:VisionStateMachine"])
+            return tuple([await (await sm.get_child(f"{idx}:{n}")).read_value() for n in ("CurrentState", "OperationalState")])
+
+    return asyncio.run(read())
+
+
 def test_line_command_runs_the_adapters_of_a_file(files, assets):
     shutil.copy(assets["images"]["normal0.png"], files / "incoming" / "cam-0001.png")
     shutil.copy(assets["images"]["bright.png"], files / "incoming" / "cam-0002.png")
     cfg = write(files, 'model = "model.onnx"\ngallery = "parts.gallery"\ndevice = "cpu"\nthreads = 1\n'
                        '[source]\ntype = "folder"\npath = "incoming"\nsettle = 0.0\n'
-                       '[tcp]\nhost = "127.0.0.1"\nport = 0\n[modbus]\nhost = "127.0.0.1"\nport = 0\n')
+                       '[tcp]\nhost = "127.0.0.1"\nport = 0\n[modbus]\nhost = "127.0.0.1"\nport = 0\n'
+                       '[opcua]\nhost = "127.0.0.1"\nport = 0\n')
     log = files / "line.log"
     with open(log, "wb") as lf:
         proc = subprocess.Popen([sys.executable, "-m", "spade_edge", "line", str(cfg)], stdout=lf,
@@ -151,7 +168,9 @@ def test_line_command_runs_the_adapters_of_a_file(files, assets):
     try:
         port = int(_wait_for(log, proc, r"tcp listening on tcp://127\.0\.0\.1:(\d+)").group(1))
         _wait_for(log, proc, r"modbus listening on modbus://127\.0\.0\.1:\d+")
+        url = _wait_for(log, proc, r"opcua listening on (opc\.tcp://127\.0\.0\.1:\d+/spade-edge/)").group(1)
         _wait_for(log, proc, "spade-edge line: ready")
+        assert _opcua_state(url) == ("Operational", "Ready")  # left Preoperational once the model loaded
         first, second, third = _ask(port, "TRIGGER", "TRIGGER", "TRIGGER")
         assert first.startswith("0,1,OK,") and second.startswith("0,2,NOT_OK,")  # oldest file first
         assert third.startswith("30,3,NOT_DECIDABLE,")  # the folder is empty now: no image
