@@ -16,6 +16,7 @@ import socket
 import socketserver
 import threading
 
+from ..service.capped import CappedConnections
 from .jobs import Code, JobResult, Line, LineError
 
 log = logging.getLogger("spade_edge.line")
@@ -84,8 +85,9 @@ class _Handler(socketserver.BaseRequestHandler):
                 sock.sendall(f"ER,?,{int(Code.BAD_ARGUMENT)},line longer than {self.server.max_line} bytes".encode() + eol)
 
 
-class TextServer(socketserver.ThreadingTCPServer):
-    """The text protocol on ``(host, port)`` over a :class:`~.jobs.Line`; a thread per connection."""
+class TextServer(CappedConnections, socketserver.ThreadingTCPServer):
+    """The text protocol on ``(host, port)`` over a :class:`~.jobs.Line`; a thread per connection,
+    at most ``max_connections`` (the next one is answered ``ER,?,10,...`` and closed)."""
 
     daemon_threads = True
     allow_reuse_address = True
@@ -94,33 +96,15 @@ class TextServer(socketserver.ThreadingTCPServer):
                  eol: str = "\r\n", max_line: int = 256, max_connections: int = 32):
         check_format(result_format)
         self.line, self.result_format, self.eol, self.max_line = line, result_format, eol, int(max_line)
-        self.max_connections, self._open = int(max_connections), 0
-        self._count = threading.Lock()
+        self.max_connections = int(max_connections)
         super().__init__((host, port), _Handler)
         self._thread: threading.Thread | None = None
 
-    def process_request(self, request, client_address):
-        """A thread per connection, at most ``max_connections``: past that the newcomer is told
-        why (code 10) and closed, so a misbehaving client cannot exhaust the device."""
-        with self._count:
-            full = self._open >= self.max_connections
-            if not full:
-                self._open += 1
-        if full:
-            try:
-                request.sendall(f"ER,?,{int(Code.BUSY)},{self.max_connections} connections open".encode() + self.eol.encode())
-            except OSError:
-                pass
-            self.shutdown_request(request)
-            return
-        super().process_request(request, client_address)
+    def connection_cap(self) -> int:
+        return self.max_connections
 
-    def process_request_thread(self, request, client_address):
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            with self._count:
-                self._open -= 1
+    def refusal(self) -> bytes:
+        return f"ER,?,{int(Code.BUSY)},{self.max_connections} connections open{self.eol}".encode()
 
     @property
     def port(self) -> int:

@@ -23,6 +23,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from . import metrics as m
 from .inputs import image_from_multipart
+from .capped import CappedConnections
 from .inspector import HttpError, InspectionService, Loaded, ReloadBusy, _Job
 
 log = logging.getLogger("spade_edge.service")
@@ -395,8 +396,8 @@ class _Handler(BaseHTTPRequestHandler):
         }
 
 
-class InspectionServer(ThreadingHTTPServer):
-    """ThreadingHTTPServer with a cap on open connections."""
+class InspectionServer(CappedConnections, ThreadingHTTPServer):
+    """ThreadingHTTPServer with a cap on open connections (503 past it)."""
 
     daemon_threads = True
     allow_reuse_address = True
@@ -404,34 +405,17 @@ class InspectionServer(ThreadingHTTPServer):
 
     def __init__(self, addr, handler, service: InspectionService):
         self.service = service
-        self._open = 0
-        self._open_lock = threading.Lock()
         super().__init__(addr, handler)
 
-    def process_request(self, request, client_address):
-        with self._open_lock:
-            full = self._open >= self.service.config.max_connections
-            if not full:
-                self._open += 1
-        if full:
-            self.service._m_connections_refused.inc()
-            try:
-                body = b'{"error": "too many open connections; retry shortly", "status": 503}\n'
-                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                                b"Retry-After: %d\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
-                                % (self.service.config.retry_after, len(body), body))
-            except OSError:
-                pass
-            self.shutdown_request(request)
-            return
-        super().process_request(request, client_address)
+    def connection_cap(self) -> int:
+        return self.service.config.max_connections
 
-    def process_request_thread(self, request, client_address):
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            with self._open_lock:
-                self._open -= 1
+    def refusal(self) -> bytes:
+        self.service._m_connections_refused.inc()
+        body = b'{"error": "too many open connections; retry shortly", "status": 503}\n'
+        return (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                b"Retry-After: %d\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+                % (self.service.config.retry_after, len(body), body))
 
     @property
     def port(self) -> int:
