@@ -27,12 +27,13 @@ def broker():
     loop = asyncio.new_event_loop()
     config = {"listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}},
               "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}}}
-    b = Broker(config, loop=loop)
     started = threading.Event()
+    held = {}
 
     def run():
-        asyncio.set_event_loop(loop)
-        loop.run_until_complete(b.start())
+        asyncio.set_event_loop(loop)  # the broker binds futures to the current loop: build it here
+        held["broker"] = Broker(config, loop=loop)
+        loop.run_until_complete(held["broker"].start())
         started.set()
         loop.run_forever()
 
@@ -41,7 +42,7 @@ def broker():
     assert started.wait(30)
     yield port
     async def stop():  # the broker leaves tasks behind: end them here, not at interpreter exit
-        await b.shutdown()
+        await held["broker"].shutdown()
         rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
         for t in rest:
             t.cancel()
