@@ -16,6 +16,8 @@ from typing import Callable
 
 import torch
 
+from .checkpoint import read_checkpoint
+
 RANDOM = "random"
 
 
@@ -55,7 +57,8 @@ def resolve_weights(
         return cached
     if download:
         try:
-            torch.hub.load_state_dict_from_url(url, progress=True, map_location="cpu")
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(url, str(cached), progress=True)  # a download, nothing loaded
         except Exception:  # offline, proxy, TLS...: fall through to the instructions below
             pass
         if cached.is_file():
@@ -69,10 +72,10 @@ def resolve_weights(
 
 def load_state_dict(path: Path) -> dict:
     """Tensors of an upstream checkpoint (torchvision's and the Lite0 package's .pth files are in
-    torch's format). ``weights_only=True`` is torch's restricted loader: tensors and plain
-    containers only, never arbitrary objects. spade-edge's own artifacts (ONNX models, galleries,
-    engine sidecars) are ONNX, raw arrays and JSON, and never go through this."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    torch's format), read by :func:`~.checkpoint.read_checkpoint`: no unpickling, nothing in the
+    file can run. spade-edge's own artifacts (ONNX models, galleries, engine sidecars) are ONNX, raw
+    arrays and JSON."""
+    state = read_checkpoint(path)
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     return state
