@@ -157,14 +157,15 @@ def _leading_float(pre: Path, staged: Path, reader, probe, opts: Int8Options, ex
     def lead(n: int) -> list[str]:
         return [x for c in convs[:n] if c not in exclude for x in (c, fused.get(c)) if x]
 
-    written = {}  # n -> cosines; the staged file holds the last n measured
+    measured: dict[int, dict[str, float]] = {}  # n -> cosines; the staged file holds the latest n
+    latest = None
 
     def quantized_cosine(n: int) -> dict[str, float]:
+        nonlocal latest
         reader.rewind()
         _quantize(pre, staged, reader, opts, exclude + lead(n))
-        written[n] = output_cosine(pre, staged, probe)
-        written["last"] = n
-        return written[n]
+        measured[n], latest = output_cosine(pre, staged, probe), n
+        return measured[n]
 
     lo, hi = -1, len(convs)  # lo fails (none tried yet), hi passes (everything in float)
     while hi - lo > 1:
@@ -173,9 +174,9 @@ def _leading_float(pre: Path, staged: Path, reader, probe, opts: Int8Options, ex
             hi = mid
         else:
             lo = mid
-    if written.get("last") != hi:
+    if latest != hi:
         quantized_cosine(hi)
-    result.leading_float, result.probe_cosine = hi, written[hi]
+    result.leading_float, result.probe_cosine = hi, measured[hi]
     return lead(hi)
 
 

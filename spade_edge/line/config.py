@@ -141,7 +141,7 @@ def _check_table(name: str, table: dict, problems: list[str]) -> dict:
 
 def _check_sections(values: dict, base: Path, problems: list[str]) -> None:
     ports: dict[int, str] = {}
-    for name in (*ADAPTERS, ):
+    for name in ADAPTERS:
         s = values.get(name)
         if s is None or not isinstance(s.get("port"), int):
             continue

@@ -28,6 +28,8 @@ import pytest
 from spade_edge.runtime.scoring import NumpyScorer, TopK
 from spade_edge.runtime.scoring.cuda import KERNEL_NAME, KERNEL_SOURCE, CudaScorer
 
+from ..scorer_contract import check_close_neighbours_keep_their_digits, check_rejects_bad_arguments
+
 HERE = Path(__file__).parent
 SHIM = HERE / "cuda_shim.h"
 LAUNCHER = HERE / "cuda_shim_launch.cpp"
@@ -267,24 +269,11 @@ def test_cuda_scorer_glue_with_cupy_stand_in(cupy_stand_in, kappa):
 
 
 def test_cuda_scorer_keeps_digits_of_close_neighbours(cupy_stand_in):
-    # as tests/runtime/test_scoring.py asks of NumpyScorer: far from the origin the expansion
-    # alone loses a near-duplicate's distance; the exact re-computation keeps it
-    rng = np.random.default_rng(0)
-    g = (rng.normal(size=(200, 64)) + 300).astype(np.float32)
-    q = g[:5] + np.float32(1e-3)
-    top = CudaScorer().topk(q, [g], 1)
-    np.testing.assert_array_equal(top.indices[:, 0], np.arange(5))
-    np.testing.assert_allclose(top.distances[:, 0], ((q - g[:5]).astype(np.float64) ** 2).sum(1), rtol=1e-3)
+    check_close_neighbours_keep_their_digits(CudaScorer())
 
 
 def test_cuda_scorer_checks_its_input(cupy_stand_in):
-    q = np.zeros((3, 4), np.float32)
-    with pytest.raises(ValueError, match="kappa"):
-        CudaScorer().topk(q, [np.zeros((5, 4), np.float32)], 0)
-    with pytest.raises(ValueError, match="expected"):
-        CudaScorer().topk(q, [np.zeros((5, 3), np.float32)], 1)
-    with pytest.raises(ValueError, match="fewer than kappa"):
-        CudaScorer().topk(q, [np.zeros((2, 4), np.float32)], 3)
+    check_rejects_bad_arguments(CudaScorer())
 
 
 def test_cuda_scorer_without_cupy_names_the_extra(monkeypatch):

@@ -4,6 +4,8 @@ import pytest
 from spade_edge.runtime.scoring import NumpyScorer
 from spade_edge.runtime.scoring.pyramid import PyramidSlabs, upsampled_rows
 
+from ..scorer_contract import check_close_neighbours_keep_their_digits, check_rejects_bad_arguments
+
 
 def brute_force(q, g, kappa):
     d = ((q[:, None, :].astype(np.float64) - g[None].astype(np.float64)) ** 2).sum(-1)
@@ -25,13 +27,7 @@ def test_topk_matches_brute_force(kappa, block_bytes):
 
 
 def test_close_neighbours_keep_their_digits():
-    # a gallery far from the origin with a near-duplicate: the GEMM expansion alone would lose it
-    rng = np.random.default_rng(0)
-    g = (rng.normal(size=(200, 64)) + 300).astype(np.float32)
-    q = g[:5] + np.float32(1e-3)
-    top = NumpyScorer().topk(q, [g], 1)
-    np.testing.assert_array_equal(top.indices[:, 0], np.arange(5))
-    np.testing.assert_allclose(top.distances[:, 0], ((q - g[:5]).astype(np.float64) ** 2).sum(1), rtol=1e-3)
+    check_close_neighbours_keep_their_digits(NumpyScorer())
 
 
 def test_low_precision_blocks_are_widened_per_block():
@@ -44,13 +40,7 @@ def test_low_precision_blocks_are_widened_per_block():
 
 
 def test_rejects_bad_arguments():
-    q = np.zeros((3, 4), np.float32)
-    with pytest.raises(ValueError, match="kappa"):
-        NumpyScorer().topk(q, [np.zeros((5, 4), np.float32)], 0)
-    with pytest.raises(ValueError, match="expected"):
-        NumpyScorer().topk(q, [np.zeros((5, 3), np.float32)], 1)
-    with pytest.raises(ValueError, match="fewer than kappa"):
-        NumpyScorer().topk(q, [np.zeros((2, 4), np.float32)], 3)
+    check_rejects_bad_arguments(NumpyScorer())
 
 
 def test_distance_block_is_bounded(monkeypatch):
