@@ -526,7 +526,6 @@ def bench_speed(out, repeats, threads, quick):
     if not quick:  # first: its peak memory is then its own, not the peers' gigabytes
         click.echo("end to end ...")
         r["end_to_end"] = speed.end_to_end()
-        r["end_to_end_per_level"] = speed.end_to_end(mode="per-level")
     r["scoring"] = {}
     for backbone in speed.SHAPES:
         for k in ((5,) if quick else (5, 50)):
