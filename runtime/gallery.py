@@ -96,7 +96,7 @@ class Gallery:
     manifest: dict
     thumbnails: np.ndarray | None = None
     path: Path | None = None
-    _global_sqnorm: np.ndarray | None = field(default=None, repr=False)
+    _memo: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_arrays(cls, names: list[str], global_features: np.ndarray, levels: dict[str, np.ndarray],
@@ -123,10 +123,15 @@ class Gallery:
     @property
     def global_sqnorm(self) -> np.ndarray:
         """Squared norms of the global features, computed once per loaded gallery."""
-        if self._global_sqnorm is None:
-            g = np.asarray(self.global_features, np.float32)
-            self._global_sqnorm = np.einsum("ij,ij->i", g, g)
-        return self._global_sqnorm
+        g = np.asarray(self.global_features, np.float32)
+        return self.memo("global_sqnorm", lambda: np.einsum("ij,ij->i", g, g))
+
+    def memo(self, key, make):
+        """A value derived from the stored features (``make()``), made on first use and kept while the
+        gallery is loaded: its features do not change, so nothing per image is computed twice."""
+        if key not in self._memo:
+            self._memo[key] = make()
+        return self._memo[key]
 
     def check_model(self, info: ModelInfo) -> None:
         """Refuse a model of another family (other weights); warn when the same weights run at

@@ -18,6 +18,7 @@ from .gallery import Gallery
 from .modelinfo import ModelInfo
 from .resample import gaussian_blur, upsample_hwc, upsample_map
 from .scoring import PixelScorer
+from .scoring.pyramid import upsampled_sqnorms
 
 MODES = ("concat", "per-level")
 SCORES = ("image", "max-pixel", "top-pixels", "combined")
@@ -133,7 +134,7 @@ def pixel_scores(
     if config.mode == "concat":
         grid = features[finest].shape[1:]
         query = [gallery.levels[n].codec.project(_hwc(features[n])) for n in names]
-        top = scorer.topk_pyramid(query, _DecodedPyramids(gallery, names, neighbors), grid, config.kappa)
+        top = scorer.topk_pyramid(query, _DecodedPyramids(gallery, names, neighbors, grid), grid, config.kappa)
         score = upsample_map(top.distances.mean(axis=1).reshape(grid), s, s)
         per_image = np.full(len(neighbors), grid[0] * grid[1])
         corr = _correspondence(top.indices[:, 0], neighbors, per_image, grid, s / grid[1], lambda j, r: (r // grid[1], r % grid[1]))
@@ -155,16 +156,22 @@ def pixel_scores(
 
 
 class _DecodedPyramids(Sequence):
-    """The neighbours' level maps, decoded each time one is indexed (never all in memory)."""
+    """The neighbours' level maps, decoded each time one is indexed (never all in memory), and the
+    norms of their upsampled concatenation, which the gallery keeps once made."""
 
-    def __init__(self, gallery: Gallery, names: Sequence[str], neighbors: np.ndarray):
-        self.gallery, self.names, self.neighbors = gallery, list(names), neighbors
+    def __init__(self, gallery: Gallery, names: Sequence[str], neighbors: np.ndarray, grid: tuple[int, int]):
+        self.gallery, self.names, self.neighbors, self.grid = gallery, list(names), neighbors, tuple(grid)
 
     def __len__(self) -> int:
         return len(self.neighbors)
 
     def __getitem__(self, i: int) -> list[np.ndarray]:
         return [self.gallery.levels[n].dense(int(self.neighbors[i])) for n in self.names]
+
+    def sqnorms(self, i: int, levels: list[np.ndarray]) -> np.ndarray:
+        """|upsampled concatenation|^2 per cell of neighbour ``i``, whose maps are ``levels``."""
+        key = ("concat_sqnorms", tuple(self.names), self.grid, int(self.neighbors[i]))
+        return self.gallery.memo(key, lambda: upsampled_sqnorms(levels, self.grid))
 
 
 def concat_rows(features: dict[str, np.ndarray], gallery: Gallery, names: Sequence[str], grid: tuple[int, int]) -> np.ndarray:

@@ -51,14 +51,18 @@ class NumpyScorer(PixelScorer):
         with U_l the bilinear upsampling of level l: coarse levels' dot products are taken at native
         resolution and interpolated inside one product per slab of gallery rows (:class:`PyramidSlabs`),
         so the P x P distance matrix is never formed. Candidates are ranked by the expanded distance,
-        kappa + 1 of them, and re-computed exactly at the end (``images`` is indexed a second time)."""
+        kappa + 1 of them, and re-computed exactly at the end (``images`` is indexed a second time).
+        Where ``images`` has ``sqnorms(j, levels)``, the gallery's norms of image j come from there."""
         slabs = PyramidSlabs(query, grid, rows=4)
         if not slabs.c_fine or slabs.contraction >= PER_LEVEL_SHARE * sum(q.shape[2] for q in query):
             return super().topk_pyramid(query, images, grid, kappa)  # narrow pyramids: the plain GEMM wins
         p = slabs.p
         top = _Top(p, kappa)
+        kept_norms = getattr(images, "sqnorms", None)  # a gallery keeps them: see spade._DecodedPyramids
         for j in range(len(images)):
-            found = [_smallest(d, min(kappa, d.shape[1])) + (start,) for start, d in slabs(images[j])]
+            levels = images[j]
+            norms = kept_norms(j, levels) if kept_norms else None
+            found = [_smallest(d, min(kappa, d.shape[1])) + (start,) for start, d in slabs(levels, norms)]
             top.add(np.concatenate([val for _, val, _ in found], axis=1),
                     np.concatenate([idx + (j * p + start) for idx, _, start in found], axis=1))
         if len(images) * p < kappa:

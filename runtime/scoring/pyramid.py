@@ -1,89 +1,99 @@
 """The concatenated pyramid without upsampling whole feature maps (docs/speed.md): per gallery image,
-the norms of its upsampled features and one matrix product per slab of fine-grid rows that yields
-the expanded distances |Ug|^2 - 2 <Uq, Ug> of every level at once."""
+the norms of its upsampled features and, per slab of fine-grid rows, products accumulated in place
+that yield the expanded distances |Ug|^2 - 2 <Uq, Ug> of every level."""
 from __future__ import annotations
 
 import numpy as np
 
 from ..resample import interp_matrix, taps, upsample_hwc
+from .blas import gemm
 
 
 class PyramidSlabs:
     """Expanded distances of one test image's pyramid against gallery images, slab by slab.
 
     Coarse level l enters through its dot products at native resolution, upsampled on the query
-    side only: M_l = (U_l Q_l) G_l^T, (P, h_l, w_l). For a slab of fine gallery rows Y the distances
-    are then one product, [q_fine | 1 | M_l[:, y(Y), :] ...] @ [-2 g_fine(Y)^T ; |Ug(Y)|^2 ;
-    -2 A_h[Y, y]^T (x) A_w^T ...], where y(Y) are the few native rows the slab's rows interpolate
-    from: the interpolation of both gallery axes is folded into the product, and the extra
-    contraction (one per native cell read) is small next to the fine channels.
+    side only: M_l = (U_l Q_l) G_l^T, (P, h_l * w_l). For a slab of fine gallery rows Y the distances
+    are [q_fine | 1] @ [-2 g_fine(Y)^T ; |Ug(Y)|^2], plus, per coarse level, M_l[:, y(Y)] @
+    (-2 A_h[Y, y]^T (x) A_w^T), where y(Y) are the few native rows the slab's rows interpolate from:
+    the interpolation of both gallery axes is folded into a product whose contraction (one per
+    native cell read) is small next to the fine channels. The coarse products accumulate into the
+    slab in place (:func:`.blas.gemm`), reading M_l's rows y(Y) as a window: nothing is copied.
     """
 
-    def __init__(self, query: list[np.ndarray], grid: tuple[int, int], rows: int = 2):
+    def __init__(self, query: list[np.ndarray], grid: tuple[int, int], rows: int = 4):
         self.grid = tuple(grid)
         big_h, big_w = grid
         self.p = big_h * big_w
         self.query = [np.asarray(x, np.float32) for x in query]
         self.fine = [x.shape[:2] == self.grid for x in self.query]
         self.c_fine = sum(x.shape[2] for x, f in zip(self.query, self.fine) if f)
-        self.slabs = []  # (first row, rows, native rows read per coarse level, right-hand side)
+        self.slabs = []  # (first row, rows, [(first native cell, end, weights) per coarse level])
         for y0 in range(0, big_h, rows):
             ys = np.arange(y0, min(y0 + rows, big_h))
-            used, blocks = [], []
-            for x, f in zip(self.query, self.fine):
-                if not f:
+            coarse = []
+            for x in self.query:
+                if x.shape[:2] != self.grid:
                     a_h = interp_matrix(big_h, x.shape[0])[ys]
-                    used.append(np.flatnonzero(a_h.any(axis=0)))
-                    blocks.append(np.kron(a_h[:, used[-1]].T, interp_matrix(big_w, x.shape[1]).T))
-            right = np.zeros((self.c_fine + 1, len(ys) * big_w), np.float32)
-            self.slabs.append((y0, len(ys), used, np.concatenate([right, *blocks]) * np.float32(-2.0)))
-        self.contraction = max(s[3].shape[0] for s in self.slabs)
-        self._left = None
+                    used = np.flatnonzero(a_h.any(axis=0))  # contiguous: bilinear taps are neighbours
+                    w = x.shape[1]
+                    weights = np.kron(a_h[:, used].T, interp_matrix(big_w, w).T) * np.float32(-2.0)
+                    coarse.append((used[0] * w, (used[-1] + 1) * w, np.ascontiguousarray(weights, np.float32)))
+            self.slabs.append((y0, len(ys), coarse))
+        self.contraction = self.c_fine + 1 + max(sum(e - s for s, e, _ in c) for _, _, c in self.slabs)
+        self.left = np.empty((self.p, self.c_fine + 1), np.float32)  # [q_fine | 1]
+        if self.c_fine:
+            self.left[:, : self.c_fine] = np.concatenate(
+                [x.reshape(self.p, -1) for x, f in zip(self.query, self.fine) if f], axis=1)
+        self.left[:, self.c_fine] = 1.0
+        self._right = np.empty((self.c_fine + 1, rows * big_w), np.float32)
+        self._out = np.empty((self.p, rows * big_w), np.float32)
 
-    @property
-    def left(self) -> np.ndarray:
-        """[q_fine | 1 | room for the coarse columns], made on first use."""
-        if self._left is None:
-            self._left = np.empty((self.p, self.contraction), np.float32)
-            if self.c_fine:
-                self._left[:, : self.c_fine] = np.concatenate(
-                    [x.reshape(self.p, -1) for x, f in zip(self.query, self.fine) if f], axis=1)
-            self._left[:, self.c_fine] = 1.0
-        return self._left
-
-    def coarse_products(self, gallery: list[np.ndarray]) -> tuple[list[np.ndarray], np.ndarray]:
-        """M_l for every coarse level and the squared norms of the upsampled gallery (H * W,)."""
+    def coarse_products(self, gallery: list[np.ndarray]) -> list[np.ndarray]:
+        """M_l = (U_l Q_l) G_l^T, (P, h_l * w_l), for every coarse level."""
         big_h, big_w = self.grid
-        norms = np.zeros((big_h, big_w), np.float32)
         m = []
-        for q, g, f in zip(self.query, gallery, self.fine):
-            g = np.asarray(g, np.float32)
-            if f:
-                norms += np.einsum("yxc,yxc->yx", g, g)
+        for q, g in zip(self.query, gallery):
+            if q.shape[:2] == self.grid:
                 continue
             h, w, c = g.shape
-            norms += _x_upsampled_sqnorms(upsample_hwc(g, big_h, w), big_w)  # y upsampled, x expanded
-            native = q.reshape(-1, c) @ g.reshape(h * w, c).T  # (n_q, n_g) at native resolution
-            m.append(upsample_hwc(native.reshape(q.shape[0], q.shape[1], -1), big_h, big_w).reshape(self.p, h, w))
-        return m, norms.ravel()
+            native = q.reshape(-1, c) @ np.asarray(g, np.float32).reshape(h * w, c).T  # (n_q, n_g), native
+            m.append(upsample_hwc(native.reshape(q.shape[0], q.shape[1], -1), big_h, big_w).reshape(self.p, h * w))
+        return m
 
-    def __call__(self, gallery: list[np.ndarray]):
-        """Yield (first fine cell, expanded distances (P, cells)) slab by slab for one gallery image."""
+    def __call__(self, gallery: list[np.ndarray], sqnorms: np.ndarray | None = None):
+        """Yield (first fine cell, expanded distances (P, cells)) slab by slab for one gallery image.
+        ``sqnorms``: :func:`upsampled_sqnorms` of ``gallery`` where the caller keeps them; the
+        distances are a buffer that the next slab overwrites."""
         big_w = self.grid[1]
-        m, norms = self.coarse_products(gallery)
+        m = self.coarse_products(gallery)
+        norms = upsampled_sqnorms(gallery, self.grid) if sqnorms is None else sqnorms
         g_fine = np.concatenate([np.asarray(x, np.float32) for x, f in zip(gallery, self.fine) if f], axis=2)
         g_fine = g_fine.reshape(self.p, -1)
-        c, left = self.c_fine, self.left
-        for y0, r, used, right in self.slabs:
+        c = self.c_fine
+        for y0, r, coarse in self.slabs:
             cells = slice(y0 * big_w, (y0 + r) * big_w)
-            col = c + 1
-            for mi, rows in zip(m, used):
-                for y in rows:
-                    left[:, col : col + mi.shape[2]] = mi[:, y]
-                    col += mi.shape[2]
+            right, out = self._right[:, : r * big_w], self._out[:, : r * big_w]
             np.multiply(g_fine[cells].T, -2.0, out=right[:c])
             right[c] = norms[cells]
-            yield cells.start, left[:, :col] @ right
+            gemm(self.left, right, out)
+            for mi, (start, end, weights) in zip(m, coarse):
+                gemm(mi[:, start:end], weights, out, beta=1.0)
+            yield cells.start, out
+
+
+def upsampled_sqnorms(levels: list[np.ndarray], grid: tuple[int, int]) -> np.ndarray:
+    """|concatenated, upsampled pyramid|^2 per fine cell, (H * W,), without upsampling: coarse levels
+    are upsampled along y only, the x interpolation is expanded (:func:`_x_upsampled_sqnorms`)."""
+    big_h, big_w = grid
+    norms = np.zeros((big_h, big_w), np.float32)
+    for g in levels:
+        g = np.asarray(g, np.float32)
+        if g.shape[:2] == (big_h, big_w):
+            norms += np.einsum("yxc,yxc->yx", g, g)
+        else:
+            norms += _x_upsampled_sqnorms(upsample_hwc(g, big_h, g.shape[1]), big_w)
+    return norms.ravel()
 
 
 def _x_upsampled_sqnorms(t: np.ndarray, big_w: int) -> np.ndarray:

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 
 from spade_edge.runtime.scoring import NumpyScorer
-from spade_edge.runtime.scoring.pyramid import PyramidSlabs, upsampled_rows
+from spade_edge.runtime.scoring import blas
+from spade_edge.runtime.scoring.pyramid import PyramidSlabs, upsampled_rows, upsampled_sqnorms
 
 from ..scorer_contract import check_close_neighbours_keep_their_digits, check_rejects_bad_arguments
 
@@ -68,17 +69,23 @@ def test_distance_block_is_bounded(monkeypatch):
     (2, (15, 13), [(15, 13, 5), (8, 7, 9), (3, 4, 12)]),  # odd sizes: slabs that do not divide the grid
     (3, (12, 12), [(12, 12, 4), (12, 12, 3), (6, 6, 8)]),  # two levels at the fine grid
 ])
-def test_pyramid_at_per_level_cost_equals_naive_concatenation(kappa, grid, shapes, monkeypatch):
-    """docs/speed.md: interpolating native-resolution dot products gives the concatenated distances."""
+@pytest.mark.parametrize("variant", ["blas", "numpy products", "kept norms"])
+def test_pyramid_at_per_level_cost_equals_naive_concatenation(kappa, grid, shapes, variant, monkeypatch):
+    """docs/speed.md: interpolating native-resolution dot products gives the concatenated distances,
+    with the products accumulated by BLAS or by numpy, and with norms that the gallery kept."""
     import spade_edge.runtime.scoring.numpy as mod
     from spade_edge.runtime.resample import upsample_hwc
 
     monkeypatch.setattr(mod, "PER_LEVEL_SHARE", 100.0)  # force the per-level path on small shapes
+    if variant == "numpy products":
+        monkeypatch.setattr(blas, "_sgemm", lambda: None)
     taken = []
     monkeypatch.setattr(mod, "upsampled_rows", lambda *a: taken.append(1) or upsampled_rows(*a))
     rng = np.random.default_rng(kappa)
     q = [rng.normal(size=s).astype(np.float32) for s in shapes]
     gallery = [[rng.normal(size=s).astype(np.float32) for s in shapes] for _ in range(3)]
+    if variant == "kept norms":
+        gallery = _KeptNorms(gallery, grid)
     naive_q = np.concatenate([upsample_hwc(x, *grid) for x in q], axis=2).reshape(grid[0] * grid[1], -1)
     naive_g = np.concatenate([np.concatenate([upsample_hwc(x, *grid) for x in g], axis=2).reshape(grid[0] * grid[1], -1)
                               for g in gallery])
@@ -87,6 +94,46 @@ def test_pyramid_at_per_level_cost_equals_naive_concatenation(kappa, grid, shape
     assert taken, "the per-level path was not taken"
     np.testing.assert_array_equal(top.indices, ref_i)
     np.testing.assert_allclose(top.distances, ref_d, rtol=1e-5)
+    if variant == "kept norms":
+        assert gallery.asked == list(range(3))
+
+
+class _KeptNorms(list):
+    """Gallery images that also hand out their norms, as spade._DecodedPyramids does."""
+
+    def __init__(self, images, grid):
+        super().__init__(images)
+        self.grid, self.asked = grid, []
+
+    def sqnorms(self, j, levels):
+        self.asked.append(j)
+        return upsampled_sqnorms(levels, self.grid)
+
+
+@pytest.mark.parametrize("reach", ["blas", "numpy"])
+def test_gemm_accumulates_into_windows(reach, monkeypatch):
+    if reach == "numpy":
+        monkeypatch.setattr(blas, "_sgemm", lambda: None)
+    rng = np.random.default_rng(3)
+    wide, b = rng.random((40, 30), np.float32), rng.random((9, 11), np.float32)
+    big = rng.random((40, 20), np.float32)
+    out = big[:, 4:15]  # a column window: written in place, its neighbours untouched
+    before = big.copy()
+    blas.gemm(wide[:, 5:14], b, out)
+    np.testing.assert_allclose(out, wide[:, 5:14] @ b, rtol=1e-5)
+    blas.gemm(wide[:, 20:29], b, out, alpha=-2.0, beta=1.0)
+    np.testing.assert_allclose(out, wide[:, 5:14] @ b - 2 * wide[:, 20:29] @ b, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(big[:, :4], before[:, :4])
+    np.testing.assert_array_equal(big[:, 15:], before[:, 15:])
+    with pytest.raises(ValueError, match="do not match"):
+        blas.gemm(wide, b, out)
+
+
+def test_gemm_reaches_numpys_openblas_on_numpy_wheels():
+    cfg = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
+    if cfg.get("name") != "scipy-openblas":
+        pytest.skip(f"numpy here is built with {cfg.get('name')}, not the wheels' scipy-openblas")
+    assert blas.available()
 
 
 def test_pyramid_pieces_match_the_upsampled_maps():
@@ -95,9 +142,7 @@ def test_pyramid_pieces_match_the_upsampled_maps():
     rng = np.random.default_rng(7)
     levels = [rng.normal(size=s).astype(np.float32) for s in [(10, 9, 3), (5, 5, 4), (3, 2, 6)]]
     full = np.concatenate([upsample_hwc(x, 10, 9) for x in levels], axis=2).reshape(90, -1)
-    slabs = PyramidSlabs([x * 0 for x in levels], (10, 9), rows=3)
-    _, norms = slabs.coarse_products(levels)
-    np.testing.assert_allclose(norms, (full**2).sum(1), rtol=1e-5)
+    np.testing.assert_allclose(upsampled_sqnorms(levels, (10, 9)), (full**2).sum(1), rtol=1e-5)
     cells = rng.integers(0, 90, 40)
     np.testing.assert_allclose(upsampled_rows(levels, (10, 9), cells), full[cells], rtol=1e-5, atol=1e-6)
 
