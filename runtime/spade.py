@@ -147,12 +147,17 @@ def pixel_scores(
         q = store.codec.project(_hwc(features[n]))
         h, w = q.shape[:2]
         blocks = [store.rows(j) for j in neighbors] if store.coreset else (store.rows(j) for j in neighbors)
-        top = scorer.topk(q.reshape(h * w, -1), blocks, config.kappa)
+        norms = (gallery.memo(("sqnorms", n, int(j)), lambda store=store, j=j: _sqnorms(store.rows(j))) for j in neighbors)
+        top = scorer.topk(q.reshape(h * w, -1), blocks, config.kappa, sqnorms=norms)
         score += upsample_map(top.distances.mean(axis=1).reshape(h, w), s, s)
         if n == finest:
             per_image = np.array([len(b) for b in blocks]) if store.coreset else np.full(len(neighbors), h * w)
             corr = _correspondence(top.indices[:, 0], neighbors, per_image, (h, w), stride[n], store.cells)
     return score / len(names), corr
+
+
+def _sqnorms(rows: np.ndarray) -> np.ndarray:
+    return np.einsum("ij,ij->i", rows, rows)
 
 
 class _DecodedPyramids(Sequence):

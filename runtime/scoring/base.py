@@ -28,8 +28,11 @@ class PixelScorer(ABC):
     name: str = "base"
 
     @abstractmethod
-    def topk(self, query: np.ndarray, blocks: Iterable[np.ndarray], kappa: int) -> TopK:
-        """Search ``query`` (P, D) against the rows of ``blocks``; return the kappa nearest."""
+    def topk(self, query: np.ndarray, blocks: Iterable[np.ndarray], kappa: int,
+             sqnorms: Iterable[np.ndarray] | None = None) -> TopK:
+        """Search ``query`` (P, D) against the rows of ``blocks``; return the kappa nearest.
+        ``sqnorms``: each block's squared row norms, where the caller keeps them (a scorer may
+        use them instead of computing its own)."""
 
     def topk_pyramid(self, query: list[np.ndarray], images: Sequence[list[np.ndarray]], grid: tuple[int, int],
                      kappa: int) -> TopK:

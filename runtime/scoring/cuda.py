@@ -39,7 +39,9 @@ class CudaScorer(PixelScorer):
             self._cp = cp
         return self._cp, self._kernel
 
-    def topk(self, query: np.ndarray, blocks: Iterable[np.ndarray], kappa: int) -> TopK:
+    def topk(self, query: np.ndarray, blocks: Iterable[np.ndarray], kappa: int,
+             sqnorms: Iterable[np.ndarray] | None = None) -> TopK:
+        # sqnorms are not used: on the device the norms are a reduction next to each tile's product
         if kappa < 1:
             raise ValueError(f"kappa must be >= 1, got {kappa}")
         cp, kernel = self._load()

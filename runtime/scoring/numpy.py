@@ -24,7 +24,8 @@ class NumpyScorer(PixelScorer):
     def __init__(self, block_bytes: int = 8 << 20):  # a distance block of ~8 MB: near the cache, big enough for BLAS
         self.block_bytes = int(block_bytes)
 
-    def topk(self, query: np.ndarray, blocks: Iterable[np.ndarray], kappa: int) -> TopK:
+    def topk(self, query: np.ndarray, blocks: Iterable[np.ndarray], kappa: int,
+             sqnorms: Iterable[np.ndarray] | None = None) -> TopK:
         if kappa < 1:
             raise ValueError(f"kappa must be >= 1, got {kappa}")
         q = np.ascontiguousarray(query, np.float32)
@@ -34,12 +35,13 @@ class NumpyScorer(PixelScorer):
         top = _Top(p, kappa)
         rows_per_step = max(1, self.block_bytes // (4 * max(p, 1)))
         offset = 0
-        for block in blocks:
+        pairs = ((b, None) for b in blocks) if sqnorms is None else zip(blocks, sqnorms, strict=True)
+        for block, norms in pairs:
             if block.ndim != 2 or block.shape[1] != dim:
                 raise ValueError(f"gallery block has shape {block.shape}, expected (M, {dim})")
             for s in range(0, block.shape[0], rows_per_step):
                 g = np.asarray(block[s : s + rows_per_step], np.float32)  # widen one step only
-                _merge(q, left, g, offset + s, top)
+                _merge(q, left, g, offset + s, top, None if norms is None else norms[s : s + rows_per_step])
             offset += block.shape[0]
         if offset < kappa:
             raise ValueError(f"gallery has {offset} features, fewer than kappa = {kappa}")
@@ -126,13 +128,14 @@ def _smallest(d: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return idx, np.take_along_axis(d, idx, 1)
 
 
-def _merge(q, left, g, offset, top: _Top) -> None:
-    """One step: expanded distances of ``g`` by one product, the kappa smallest per query into
-    ``top``, exact distances for those that entered (``g`` is at hand now, not later)."""
+def _merge(q, left, g, offset, top: _Top, norms=None) -> None:
+    """One step: expanded distances of ``g`` (squared norms ``norms``, if known) by one product, the
+    kappa smallest per query into ``top``, exact distances for those that entered (``g`` is at hand
+    now, not later)."""
     dim = q.shape[1]
     right = np.empty((dim + 1, g.shape[0]), np.float32)
     np.multiply(g.T, np.float32(-2.0), out=right[:dim])
-    right[dim] = np.einsum("ij,ij->i", g, g)
+    right[dim] = np.einsum("ij,ij->i", g, g) if norms is None else norms
     d = left @ right  # |g|^2 - 2 q.g orders each row like the squared distance (|q|^2 is constant along it)
     cand, val = _smallest(d, min(top.kappa, g.shape[0]))
     pp, ss = top.add(val, cand + offset)

@@ -51,9 +51,9 @@ def test_distance_block_is_bounded(monkeypatch):
     seen = []
     real = mod._merge
 
-    def spy(q, left, g, offset, top):
+    def spy(q, left, g, offset, top, norms=None):
         seen.append(q.shape[0] * g.shape[0] * 4)
-        return real(q, left, g, offset, top)
+        return real(q, left, g, offset, top, norms)
 
     monkeypatch.setattr(mod, "_merge", spy)
     rng = np.random.default_rng(2)
@@ -108,6 +108,23 @@ class _KeptNorms(list):
     def sqnorms(self, j, levels):
         self.asked.append(j)
         return upsampled_sqnorms(levels, self.grid)
+
+
+def test_kept_norms_are_used_and_must_match_the_blocks():
+    rng = np.random.default_rng(5)
+    q = rng.normal(size=(30, 6)).astype(np.float32)
+    blocks = [rng.normal(size=(50, 6)).astype(np.float32), rng.normal(size=(70, 6)).astype(np.float32)]
+    norms = [np.einsum("ij,ij->i", b, b) for b in blocks]
+    plain = NumpyScorer(block_bytes=1024).topk(q, blocks, 3)
+    kept = NumpyScorer(block_bytes=1024).topk(q, blocks, 3, sqnorms=norms)
+    np.testing.assert_array_equal(kept.indices, plain.indices)
+    np.testing.assert_array_equal(kept.distances, plain.distances)
+    nearest = plain.indices[0, 0]  # in block 0 or 1: push it far away through its kept norm only
+    block = int(nearest >= 50)
+    norms[block][nearest - 50 * block] += 1e6
+    assert nearest not in NumpyScorer(block_bytes=1024).topk(q, blocks, 3, sqnorms=norms).indices[0]
+    with pytest.raises(ValueError):
+        NumpyScorer().topk(q, blocks, 3, sqnorms=norms[:1])
 
 
 @pytest.mark.parametrize("reach", ["blas", "numpy"])

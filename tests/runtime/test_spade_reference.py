@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from spade_edge.runtime.scoring import NumpyScorer
+from spade_edge.runtime.scoring.pyramid import upsampled_sqnorms
 from spade_edge.runtime.spade import SpadeConfig, image_knn, pixel_scores
 
 from ..conftest import make_info, random_features, random_gallery
@@ -66,6 +67,33 @@ def test_runtime_matches_paper_equations(mode, k_image, k_gallery, kappa):
     assert abs(score - ref_score) / ref_score <= 1e-5
     assert amap.shape == (32, 32)
     assert np.abs(amap - ref_map).max() / np.abs(ref_map).max() <= 1e-5
+
+
+@pytest.mark.parametrize("mode", ["concat", "per-level"])
+def test_gallery_norms_are_made_once_per_image(mode, monkeypatch):
+    """Over two test images, each retrieved gallery image's norms are made once (per level, or of
+    its upsampled concatenation) and the maps still match the paper's; concat takes the
+    per-level-cost path (forced: these toy levels are narrow)."""
+    import spade_edge.runtime.scoring.numpy as scoring
+    import spade_edge.runtime.spade as spade
+
+    monkeypatch.setattr(scoring, "PER_LEVEL_SHARE", 100.0)
+    made = []
+    monkeypatch.setattr(spade, "upsampled_sqnorms", lambda levels, grid: made.append(1) or upsampled_sqnorms(levels, grid))
+    monkeypatch.setattr(spade, "_sqnorms", lambda rows: made.append(1) or np.einsum("ij,ij->i", rows, rows))
+    rng = np.random.default_rng(11)
+    info = make_info(levels=(("a", 5, 4), ("b", 7, 8), ("c", 3, 16)), size=32)
+    gallery = random_gallery(info, 6, rng)
+    cfg = SpadeConfig(k_image=4, k_gallery=4, kappa=2, mode=mode)
+    retrieved = set()
+    for _ in range(2):
+        test = random_features(info, rng)
+        _, ref_map = reference(test, gallery, info, 4, 4, 2, mode)
+        _, idx = image_knn(test["global"], gallery, 4)
+        retrieved |= set(idx.tolist())
+        amap, _ = pixel_scores(test, gallery, idx, info, cfg, NumpyScorer())
+        assert np.abs(amap - ref_map).max() / np.abs(ref_map).max() <= 1e-5
+    assert len(made) == len(retrieved) * (1 if mode == "concat" else 3)
 
 
 def test_correspondence_points_at_the_matching_pixel():
