@@ -507,7 +507,7 @@ def bench_gallery(out, cell_types, pixel_images, limit, settings, threads, **sco
 
 @bench.command("speed")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default="bench-results", show_default=True)
-@click.option("--repeats", type=click.IntRange(1), default=3, show_default=True, help="Runs per measurement (median).")
+@click.option("--repeats", type=click.IntRange(1), default=5, show_default=True, help="Runs per measurement (median).")
 @click.option("--threads", type=click.IntRange(1), help="Threads for BLAS, OpenMP (faiss) and ONNX Runtime alike.")
 @click.option("--quick", is_flag=True, help="K = 5 only, no backbones, no end to end (a smoke run).")
 @_friendly_errors
@@ -531,6 +531,8 @@ def bench_speed(out, repeats, threads, quick):
         for k in ((5,) if quick else (5, 50)):
             click.echo(f"scoring {backbone} K={k} ...")
             r["scoring"][f"{backbone} concat K={k}"] = speed.scoring(backbone, k, repeats if k == 5 else 1)
+    click.echo("profile of concat scoring ...")
+    r["profile"] = speed.profile_concat(5 if quick else 50)
     if not quick:
         click.echo("backbones ...")
         r["backbones"] = speed.backbones(repeats)

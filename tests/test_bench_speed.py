@@ -21,3 +21,16 @@ def test_scoring_peers_agree_and_the_table_reports_them(monkeypatch):
     cells = [c.strip() for c in row.split("|")[1:-1]]
     assert float(cells[2]) == pytest.approx(r["ours_levels_s"], abs=0.006)  # 'ours' is the runtime's path
     assert cells[7] == f"{r['faiss_s'] / r['ours_levels_s']:.2f}x"
+
+
+def test_concat_profile_accounts_for_the_whole_run():
+    from spade_edge.bench import speed
+
+    r = speed.profile_concat(k=3)
+    parts = r["parts_s"]
+    assert sum(parts.values()) == pytest.approx(r["total_s"])
+    assert all(v >= 0 for v in parts.values())
+    blas = next(v for k, v in parts.items() if k.startswith("BLAS"))
+    assert blas == max(parts.values())  # the products are the work; everything else is overhead
+    table = speed.markdown({"machine": speed.machine(), "gemm_gflops": 100.0, "scoring": {}, "profile": r})
+    assert sum(line.startswith(("| BLAS", "| native", "| selection", "| exact", "| other")) for line in table.splitlines()) == 5

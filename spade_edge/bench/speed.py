@@ -89,6 +89,42 @@ def scoring(backbone: str, k: int, repeats: int, peers: bool = True, seed: int =
     return out
 
 
+# where the concatenated-pyramid scoring spends its time: (label, module, function, own or cumulative)
+PROFILE_PARTS = (
+    ("BLAS products, fine and coarse (8.1 GFLOP per gallery image)", "blas.py", "_call", "own"),
+    ("native products and their query-side upsampling", "pyramid.py", "coarse_products", "cumulative"),
+    ("selection (smallest per slab, running candidates)", "numpy.py", "_smallest", "cumulative"),
+    ("", "numpy.py", "add", "cumulative"),
+    ("exact re-computation of the kept candidates", "pyramid.py", "upsampled_rows", "cumulative"),
+)
+
+
+def profile_concat(k: int = 50, seed: int = 0) -> dict:
+    """cProfile of one WRN50x2 concatenated-pyramid scoring against ``k`` images: seconds per part
+    (:data:`PROFILE_PARTS`), the rest as 'other', and the total."""
+    import cProfile
+    import pstats
+
+    rng = np.random.default_rng(seed)
+    shapes = SHAPES["wide_resnet50_2"]
+    q = [rng.random(s, np.float32) for s in shapes]
+    gal = [[rng.random(s, np.float32) for s in shapes] for _ in range(k)]
+    scorer = NumpyScorer()
+    scorer.topk_pyramid(q, gal[:2], shapes[0][:2], 1)  # warm: BLAS threads, caches
+    prof = cProfile.Profile()
+    prof.runcall(scorer.topk_pyramid, q, gal, shapes[0][:2], 1)
+    stats = pstats.Stats(prof).stats  # (file, line, function) -> (calls, calls, own, cumulative, callers)
+    total = sum(v[2] for v in stats.values())
+    parts: dict[str, float] = {}
+    label = ""
+    for name, module, fn, kind in PROFILE_PARTS:
+        label = name or label  # an empty label adds to the part above it
+        seconds = sum(v[2 if kind == "own" else 3] for key, v in stats.items() if key[0].endswith(module) and key[2] == fn)
+        parts[label] = parts.get(label, 0.0) + seconds
+    parts["other (gallery operands, bookkeeping)"] = total - sum(parts.values())
+    return {"k": k, "total_s": total, "parts_s": parts}
+
+
 def backbones(repeats: int, batches=(1, 8)) -> dict:
     """ONNX Runtime fp32 and int8 against PyTorch eager, per backbone and batch size."""
     import torch
@@ -196,6 +232,13 @@ def markdown(r: dict) -> str:
         for name, b in r["backbones"].items():
             lines.append(f"| {name} | {b['ort_fp32_s'] * 1e3:.1f} | {b['ort_int8_s'] * 1e3:.1f} | {b['torch_s'] * 1e3:.1f} | "
                          f"{b['torch_s'] / b['ort_fp32_s']:.2f}x | {b['ort_int8_s'] / b['ort_fp32_s']:.2f} |")
+    if "profile" in r:
+        pr = r["profile"]
+        lines += ["", f"Where concat scoring spends its time, WRN50x2, K = {pr['k']} (cProfile, one run, "
+                  f"{pr['total_s']:.2f} s under the profiler):", "", "| part | s | share | per gallery image ms |",
+                  "|---|---:|---:|---:|"]
+        for part, sec in pr["parts_s"].items():
+            lines.append(f"| {part} | {sec:.2f} | {sec / pr['total_s']:.0%} | {sec / pr['k'] * 1e3:.1f} |")
     for mode, label in (("concat", "concat (the paper's)"), ("per-level", "per-level (the default)")):
         if mode in r.get("end_to_end", {}):
             e = r["end_to_end"][mode]
