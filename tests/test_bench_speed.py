@@ -33,4 +33,5 @@ def test_concat_profile_accounts_for_the_whole_run():
     blas = next(v for k, v in parts.items() if k.startswith("BLAS"))
     assert blas == max(parts.values())  # the products are the work; everything else is overhead
     table = speed.markdown({"machine": speed.machine(), "gemm_gflops": 100.0, "scoring": {}, "profile": r})
-    assert sum(line.startswith(("| BLAS", "| native", "| selection", "| exact", "| other")) for line in table.splitlines()) == 5
+    assert sum(line.startswith(("| BLAS", "| native", "| selection", "| exact", "| gallery norms", "| other"))
+               for line in table.splitlines()) == 6

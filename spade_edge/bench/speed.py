@@ -96,6 +96,7 @@ PROFILE_PARTS = (
     ("selection (smallest per slab, running candidates)", "numpy.py", "_smallest", "cumulative"),
     ("", "numpy.py", "add", "cumulative"),
     ("exact re-computation of the kept candidates", "pyramid.py", "upsampled_rows", "cumulative"),
+    ("gallery norms (a loaded gallery keeps them: made here each time)", "pyramid.py", "upsampled_sqnorms", "cumulative"),
 )
 
 
