@@ -32,8 +32,8 @@ class PyramidSlabs:
         for y0 in range(0, big_h, rows):
             ys = np.arange(y0, min(y0 + rows, big_h))
             coarse = []
-            for x in self.query:
-                if x.shape[:2] != self.grid:
+            for x, f in zip(self.query, self.fine):
+                if not f:
                     a_h = interp_matrix(big_h, x.shape[0])[ys]
                     used = np.flatnonzero(a_h.any(axis=0))  # contiguous: bilinear taps are neighbours
                     w = x.shape[1]
@@ -41,20 +41,29 @@ class PyramidSlabs:
                     coarse.append((used[0] * w, (used[-1] + 1) * w, np.ascontiguousarray(weights, np.float32)))
             self.slabs.append((y0, len(ys), coarse))
         self.contraction = self.c_fine + 1 + max(sum(e - s for s, e, _ in c) for _, _, c in self.slabs)
-        self.left = np.empty((self.p, self.c_fine + 1), np.float32)  # [q_fine | 1]
-        if self.c_fine:
-            self.left[:, : self.c_fine] = np.concatenate(
-                [x.reshape(self.p, -1) for x, f in zip(self.query, self.fine) if f], axis=1)
-        self.left[:, self.c_fine] = 1.0
-        self._right = np.empty((self.c_fine + 1, rows * big_w), np.float32)
-        self._out = np.empty((self.p, rows * big_w), np.float32)
+        self.rows = rows
+        self._left = None
+
+    def _buffers(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """[q_fine | 1], the right-hand side and the slab, made on first use (a caller may only
+        have wanted ``contraction``)."""
+        if self._left is None:
+            width = self.rows * self.grid[1]
+            self._left = np.empty((self.p, self.c_fine + 1), np.float32)
+            if self.c_fine:
+                self._left[:, : self.c_fine] = np.concatenate(
+                    [x.reshape(self.p, -1) for x, f in zip(self.query, self.fine) if f], axis=1)
+            self._left[:, self.c_fine] = 1.0
+            self._right = np.empty((self.c_fine + 1, width), np.float32)
+            self._out = np.empty((self.p, width), np.float32)
+        return self._left, self._right, self._out
 
     def coarse_products(self, gallery: list[np.ndarray]) -> list[np.ndarray]:
         """M_l = (U_l Q_l) G_l^T, (P, h_l * w_l), for every coarse level."""
         big_h, big_w = self.grid
         m = []
-        for q, g in zip(self.query, gallery):
-            if q.shape[:2] == self.grid:
+        for q, g, f in zip(self.query, gallery, self.fine):
+            if f:
                 continue
             h, w, c = g.shape
             native = q.reshape(-1, c) @ np.asarray(g, np.float32).reshape(h * w, c).T  # (n_q, n_g), native
@@ -68,15 +77,16 @@ class PyramidSlabs:
         big_w = self.grid[1]
         m = self.coarse_products(gallery)
         norms = upsampled_sqnorms(gallery, self.grid) if sqnorms is None else sqnorms
-        g_fine = np.concatenate([np.asarray(x, np.float32) for x, f in zip(gallery, self.fine) if f], axis=2)
-        g_fine = g_fine.reshape(self.p, -1)
+        fine = [np.asarray(x, np.float32) for x, f in zip(gallery, self.fine) if f]
+        g_fine = (fine[0] if len(fine) == 1 else np.concatenate(fine, axis=2)).reshape(self.p, -1)
         c = self.c_fine
+        left, right_buf, out_buf = self._buffers()
         for y0, r, coarse in self.slabs:
             cells = slice(y0 * big_w, (y0 + r) * big_w)
-            right, out = self._right[:, : r * big_w], self._out[:, : r * big_w]
+            right, out = right_buf[:, : r * big_w], out_buf[:, : r * big_w]
             np.multiply(g_fine[cells].T, -2.0, out=right[:c])
             right[c] = norms[cells]
-            gemm(self.left, right, out)
+            gemm(left, right, out)
             for mi, (start, end, weights) in zip(m, coarse):
                 gemm(mi[:, start:end], weights, out, beta=1.0)
             yield cells.start, out
