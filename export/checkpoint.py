@@ -4,13 +4,14 @@ Upstream weights (torchvision's WRN50x2, the EfficientNet-Lite0 package) come in
 whose structure is a pickle. Here its opcodes are read by a small interpreter that knows only
 what a state dict needs: dicts, lists, tuples, numbers, strings, and the few torch globals that
 rebuild a tensor from a storage. Any other global is refused, so nothing in the file can run.
+The opcodes are decoded here too (:data:`OPCODES`), byte by byte: Python's pickle machinery is
+never involved, and an opcode a state dict does not use is refused before its argument is read.
 Both layouts are read: the zip archive (torch >= 1.6) and the legacy stream of pickles.
 """
 from __future__ import annotations
 
 import io
 import os
-import pickletools
 import struct
 import zipfile
 from collections import OrderedDict
@@ -61,6 +62,82 @@ GLOBALS = {("collections", "OrderedDict"): OrderedDict, ("torch._utils", "_rebui
            **{("torch", name): name for name in DTYPES}}
 
 
+def _line(f) -> bytes:
+    line = f.readline()
+    if not line.endswith(b"\n"):
+        raise UnsafeCheckpointError("truncated checkpoint")
+    return line[:-1]
+
+
+def _exactly(f, n: int) -> bytes:
+    data = f.read(n)
+    if len(data) != n:
+        raise UnsafeCheckpointError("truncated checkpoint")
+    return data
+
+
+def _unsigned(size: int):
+    return lambda f: int.from_bytes(_exactly(f, size), "little")
+
+
+def _sized(size: int, decode):
+    return lambda f: decode(_exactly(f, _unsigned(size)(f)))
+
+
+def _decimal(f) -> int | bool:
+    text = _line(f)
+    if text in (b"00", b"01"):  # protocol 0 writes booleans as INT 00 and 01
+        return text == b"01"
+    return int(text.rstrip(b"L"))
+
+
+def _utf8(b: bytes) -> str:
+    return b.decode("utf-8", "surrogatepass")
+
+
+def _signed(b: bytes) -> int:
+    return int.from_bytes(b, "little", signed=True)
+
+
+# opcode byte -> (name, argument reader); the names are those of the pickle protocol (PEP 307, 3154)
+OPCODES = {
+    0x80: ("PROTO", _unsigned(1)), 0x95: ("FRAME", _unsigned(8)), b".": ("STOP", None),
+    b"X": ("BINUNICODE", _sized(4, _utf8)), 0x8C: ("SHORT_BINUNICODE", _sized(1, _utf8)),
+    0x8D: ("BINUNICODE8", _sized(8, _utf8)), b"V": ("UNICODE", lambda f: _line(f).decode("raw-unicode-escape")),
+    b"J": ("BININT", lambda f: _signed(_exactly(f, 4))), b"K": ("BININT1", _unsigned(1)),
+    b"M": ("BININT2", _unsigned(2)), 0x8A: ("LONG1", _sized(1, _signed)), 0x8B: ("LONG4", _sized(4, _signed)),
+    b"G": ("BINFLOAT", lambda f: struct.unpack(">d", _exactly(f, 8))[0]),
+    b"C": ("SHORT_BINBYTES", _sized(1, bytes)), b"B": ("BINBYTES", _sized(4, bytes)),
+    b"I": ("INT", _decimal), b"L": ("LONG", _decimal),
+    b"N": ("NONE", None), 0x88: ("NEWTRUE", None), 0x89: ("NEWFALSE", None), b"(": ("MARK", None),
+    b"}": ("EMPTY_DICT", None), b"]": ("EMPTY_LIST", None), b")": ("EMPTY_TUPLE", None),
+    b"t": ("TUPLE", None), 0x85: ("TUPLE1", None), 0x86: ("TUPLE2", None), 0x87: ("TUPLE3", None),
+    b"d": ("DICT", None), b"l": ("LIST", None),
+    b"q": ("BINPUT", _unsigned(1)), b"r": ("LONG_BINPUT", _unsigned(4)), b"p": ("PUT", _decimal),
+    0x94: ("MEMOIZE", None),
+    b"h": ("BINGET", _unsigned(1)), b"j": ("LONG_BINGET", _unsigned(4)), b"g": ("GET", _decimal),
+    b"c": ("GLOBAL", lambda f: f"{_line(f).decode('ascii')} {_line(f).decode('ascii')}"),
+    0x93: ("STACK_GLOBAL", None), b"R": ("REDUCE", None), b"b": ("BUILD", None),
+    b"s": ("SETITEM", None), b"u": ("SETITEMS", None), b"a": ("APPEND", None), b"e": ("APPENDS", None),
+    b"Q": ("BINPERSID", None),
+}
+OPCODES = {(k[0] if isinstance(k, bytes) else k): v for k, v in OPCODES.items()}  # printable ones written as bytes
+
+
+def _opcodes(f):
+    """(name, argument) of each opcode of one pickle, read from ``f`` up to and including STOP."""
+    while True:
+        code = f.read(1)
+        if not code:
+            raise UnsafeCheckpointError("truncated checkpoint")
+        if code[0] not in OPCODES:
+            raise UnsafeCheckpointError(f"unsupported pickle opcode 0x{code[0]:02x}")
+        name, read = OPCODES[code[0]]
+        yield name, None if read is None else read(f)
+        if name == "STOP":
+            return
+
+
 def _interpret(f, persistent_load=None):
     """Run one pickle's opcodes with the whitelist above; returns the object it builds."""
     stack, marks, memo = [], [], {}
@@ -71,8 +148,7 @@ def _interpret(f, persistent_load=None):
         del stack[start:]
         return items
 
-    for op, arg, _ in pickletools.genops(f):
-        name = op.name
+    for name, arg in _opcodes(f):
         if name in ("PROTO", "FRAME"):
             continue
         if name == "STOP":
@@ -135,7 +211,6 @@ def _interpret(f, persistent_load=None):
             stack.append(persistent_load(stack.pop()))
         else:
             raise UnsafeCheckpointError(f"unsupported pickle opcode {name}")
-    raise UnsafeCheckpointError("truncated checkpoint")
 
 
 def _storage_from_id(pid, storages: dict) -> _Storage:
