@@ -106,6 +106,11 @@ def fused_activations(model) -> dict[str, str]:
     return out
 
 
+def with_activations(convs, fused: dict[str, str]) -> list[str]:
+    """Conv names, each followed by the activation fused with it (:func:`fused_activations`)."""
+    return [x for c in convs for x in (c, fused.get(c)) if x]
+
+
 def conv_sensitivity(float_path: Path, qdq_path: Path, reader, model) -> dict[str, float]:
     """SQNR (dB) that quantization leaves on each Conv's quantized output, measured on calibration
     images (low SQNR = quantizing this layer hurts most). A Conv followed by its activation is
@@ -155,7 +160,7 @@ def _leading_float(pre: Path, staged: Path, reader, probe, opts: Int8Options, ex
     fused = fused_activations(model)
 
     def lead(n: int) -> list[str]:
-        return [x for c in convs[:n] if c not in exclude for x in (c, fused.get(c)) if x]
+        return with_activations([c for c in convs[:n] if c not in exclude], fused)
 
     measured: dict[int, dict[str, float]] = {}  # n -> cosines; the staged file holds the latest n
     latest = None
@@ -208,8 +213,7 @@ def int8_from_onnx(model_path: str | os.PathLike, images: list[Path], out: str |
             probe = make_reader(images[: opts.sensitivity_images], preprocess, info.input_name, show=False)
             result.sensitivity = conv_sensitivity(pre, staged, probe, pre_model)
             worst = sorted(result.sensitivity, key=result.sensitivity.get)[: opts.auto_exclude]
-            fused = fused_activations(pre_model)
-            result.excluded = [x for c in worst for x in (c, fused.get(c)) if x]  # the Conv and its activation
+            result.excluded = with_activations(worst, fused_activations(pre_model))
             reader.rewind()
             _quantize(pre, staged, reader, opts, exclude + result.excluded)
         if opts.target_cosine:

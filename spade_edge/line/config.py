@@ -11,6 +11,7 @@ from typing import Any
 
 from ..runtime.device import DEVICES
 from ..runtime.errors import SpadeError
+from .textproto import DEFAULT_FORMAT, check_format
 
 # section -> key -> (types, default); a default of REQUIRED must be given
 REQUIRED = object()
@@ -25,7 +26,7 @@ SCHEMA: dict[str, dict[str, tuple]] = {
                "fps": ((int,), 30), "camera": ((str,), None), "trigger": ((str,), "software"),
                "delay": ((int, float), 0.0)},
     "http": {"host": _HOST, "port": ((int,), 8080)},
-    "tcp": {"host": _HOST, "port": ((int,), 2000), "result_format": ((str,), "{code},{job},{verdict},{score:.6f}"),
+    "tcp": {"host": _HOST, "port": ((int,), 2000), "result_format": ((str,), DEFAULT_FORMAT),
             "eol": ((str,), "\r\n"), "max_connections": ((int,), 32)},
     "modbus": {"host": _HOST, "port": ((int,), 502), "device_id": ((int,), 0), "ack_timeout": ((int, float), 10.0)},
     "opcua": {"host": _HOST, "port": ((int,), 4840)},
@@ -180,8 +181,6 @@ def _check_sections(values: dict, base: Path, problems: list[str]) -> None:
                 problems.append("[source] type = 'upload' receives images on POST /frames: add an [http] section")
     tcp = values.get("tcp")
     if tcp:
-        from .textproto import check_format
-
         try:
             check_format(tcp.get("result_format", ""))
         except ValueError as exc:

@@ -28,6 +28,7 @@ import logging
 import struct
 import threading
 
+from ..runtime.errors import require
 from .jobs import Code, JobResult, Line, LineError
 from .loop import LoopThread
 
@@ -40,13 +41,6 @@ READY, BUSY, RESULT_VALID, TRIGGER_ERROR, JOB_ERROR, ACK_TIMEOUT = 1, 2, 4, 8, 1
 VERDICT_CODES = {"OK": 1, "NOT_OK": 2, "NOT_DECIDABLE": 3}
 
 
-def _require():
-    try:
-        import pymodbus  # noqa: F401
-    except ImportError as exc:
-        raise ImportError("the Modbus adapter needs pymodbus: pip install 'spade-edge[line]'") from exc
-
-
 def _x1000(v: float | None) -> int:
     return 0 if v is None or v != v else max(0, min(65535, round(v * 1000)))
 
@@ -56,7 +50,7 @@ class ModbusAdapter:
 
     def __init__(self, line: Line, host: str = "127.0.0.1", port: int = 502, device_id: int = 0,
                  ack_timeout: float = 10.0):
-        _require()
+        require("pymodbus", "line", "The Modbus adapter")
         self.line, self.host, self.port, self.device_id = line, host, int(port), int(device_id)
         self.ack_timeout = float(ack_timeout)
         self.regs = [0] * REGISTERS

@@ -13,6 +13,7 @@ import logging
 import socket
 import threading
 
+from ..runtime.errors import require
 from .jobs import JobResult
 
 log = logging.getLogger("spade_edge.line")
@@ -24,10 +25,7 @@ class MqttPublisher:
     def __init__(self, host: str = "localhost", port: int = 1883, topic: str = "spade-edge", qos: int = 1,
                  client_id: str | None = None, username: str | None = None, password: str | None = None,
                  keepalive: int = 30, queue: int = 1000):
-        try:
-            import paho.mqtt.client as mqtt
-        except ImportError as exc:
-            raise ImportError("MQTT publishing needs paho-mqtt: pip install 'spade-edge[line]'") from exc
+        self._mqtt = mqtt = require("paho.mqtt.client", "line", "MQTT publishing")
         if qos not in (0, 1, 2):
             raise ValueError(f"qos must be 0, 1 or 2, got {qos}")
         self.topic, self.qos = topic.rstrip("/"), qos
@@ -56,11 +54,9 @@ class MqttPublisher:
         return self._client.is_connected()
 
     def __call__(self, result: JobResult) -> None:
-        import paho.mqtt.client as mqtt
-
         info = self._client.publish(f"{self.topic}/result", json.dumps(result.to_dict()), qos=self.qos)
         with self._lock:
-            if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
+            if info.rc == self._mqtt.MQTT_ERR_QUEUE_SIZE:
                 self.dropped += 1
             else:
                 self.published += 1

@@ -35,6 +35,7 @@ import functools
 import logging
 import threading
 
+from ..runtime.errors import require
 from .jobs import Code, JobResult, Line, LineError
 from .loop import LoopThread
 
@@ -66,18 +67,11 @@ def _ua_method(fn):
     return call
 
 
-def _require():
-    try:
-        import asyncua  # noqa: F401
-    except ImportError as exc:
-        raise ImportError("the OPC UA adapter needs asyncua: pip install 'spade-edge[line]'") from exc
-
-
 class OpcUaAdapter:
     """The server above on ``opc.tcp://host:port/spade-edge/`` (``port`` 0: any free port)."""
 
     def __init__(self, line: Line, host: str = "127.0.0.1", port: int = 4840):
-        _require()
+        require("asyncua", "line", "The OPC UA adapter")
         self.line, self.host, self.port = line, host, int(port)
         self.state, self.operational = "Preoperational", ""
         self._job: int | None = None  # the job of SingleExecution

@@ -24,6 +24,8 @@ log = logging.getLogger("spade_edge.line")
 DEFAULT_FORMAT = "{code},{job},{verdict},{score:.6f}"
 FIELDS = ("code", "job", "verdict", "judgement", "score", "threshold", "latency_ms", "image", "message")
 _JUDGEMENT = {"OK": "OK", "NOT_OK": "NG", "NOT_DECIDABLE": "ND"}
+TRIGGERS = ("TRIGGER", "T", "SW8", "T1")
+COMMANDS = (*TRIGGERS, "TA", "GET", "PING", "STATUS", "RELOAD", "QUIT")
 
 
 def format_result(fmt: str, r: JobResult) -> str:
@@ -118,9 +120,9 @@ class TextServer(CappedConnections, socketserver.ThreadingTCPServer):
             return f"ER,?,{int(Code.UNKNOWN_COMMAND)},not ASCII"
         cmd, args = words[0].upper(), [w.upper() for w in words[1:]]
         try:
-            if cmd in ("TRIGGER", "T", "SW8", "T1") and args == ["ASYNC"] or cmd == "TA" and not args:
+            if cmd in TRIGGERS and args == ["ASYNC"] or cmd == "TA" and not args:
                 return f"{int(Code.OK)},{self.line.trigger()}"
-            if cmd in ("TRIGGER", "T", "SW8", "T1") and not args:
+            if cmd in TRIGGERS and not args:
                 return format_result(self.result_format, self.line.inspect())
             if cmd == "GET" and len(args) == 1:
                 try:
@@ -139,7 +141,7 @@ class TextServer(CappedConnections, socketserver.ThreadingTCPServer):
                 return f"{int(Code.OK)},RELOADED,{self.line.reload()['generation']}"
             if cmd == "QUIT" and not args:
                 return None
-            if cmd in ("TRIGGER", "T", "SW8", "T1", "TA", "GET", "PING", "STATUS", "RELOAD", "QUIT"):
+            if cmd in COMMANDS:
                 raise LineError(Code.BAD_ARGUMENT, f"wrong arguments for {cmd}")
             raise LineError(Code.UNKNOWN_COMMAND, "unknown command; use TRIGGER, TA, GET <job>, STATUS, PING, RELOAD, QUIT")
         except LineError as e:

@@ -22,7 +22,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
 from . import metrics as m
-from .inputs import image_from_multipart
+from .inputs import image_from_multipart, probe_image
 from .capped import CappedConnections
 from .inspector import HttpError, InspectionService, Loaded, ReloadBusy, _Job
 
@@ -247,7 +247,6 @@ class _Handler(BaseHTTPRequestHandler):
     def _frame(self, url):
         """POST /frames: an image for the next line trigger (an 'upload' image source)."""
         from ..runtime.errors import SpadeError
-        from .inputs import probe_image
 
         n = self._content_length()
         if n > self.service.config.max_bytes:
