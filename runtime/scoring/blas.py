@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import glob
 import os
+from contextlib import contextmanager
 from functools import lru_cache
 
 import numpy as np
@@ -22,15 +23,42 @@ _SYMBOLS = ("scipy_cblas_sgemm64_", "cblas_sgemm64_")
 
 
 @lru_cache(maxsize=1)
-def _sgemm():
-    """numpy's CBLAS sgemm, checked once against numpy; None where not available."""
-    libs = glob.glob(os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs", "*openblas*"))
-    libs += glob.glob(os.path.join(os.path.dirname(np.__file__), ".dylibs", "*openblas*"))
-    for path in libs:
+def _openblas() -> list[ctypes.CDLL]:
+    """The OpenBLAS libraries that numpy's wheel ships (usually one)."""
+    paths = glob.glob(os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs", "*openblas*"))
+    paths += glob.glob(os.path.join(os.path.dirname(np.__file__), ".dylibs", "*openblas*"))
+    libs = []
+    for path in paths:
         try:
-            lib = ctypes.CDLL(path)
+            libs.append(ctypes.CDLL(path))
         except OSError:
             continue
+    return libs
+
+
+@contextmanager
+def single_threaded():
+    """Inside, BLAS calls run on their calling thread alone (restored on leaving): for code that
+    splits work over its own threads, so that no BLAS pool spins on the cores they need."""
+    found = []
+    for lib in _openblas():
+        get = getattr(lib, "scipy_openblas_get_num_threads64_", None)
+        put = getattr(lib, "scipy_openblas_set_num_threads64_", None)
+        if get is not None and put is not None:
+            get.restype, put.argtypes, put.restype = ctypes.c_int, [ctypes.c_int], None
+            found.append((put, get()))
+            put(1)
+    try:
+        yield
+    finally:
+        for put, before in found:
+            put(before)
+
+
+@lru_cache(maxsize=1)
+def _sgemm():
+    """numpy's CBLAS sgemm, checked once against numpy; None where not available."""
+    for lib in _openblas():
         for name in _SYMBOLS:
             fn = getattr(lib, name, None)
             if fn is None:

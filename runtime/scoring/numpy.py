@@ -8,7 +8,7 @@ from typing import Iterable
 import numpy as np
 
 from .base import PixelScorer, TopK, concat_upsampled
-from .pyramid import PyramidSlabs, upsampled_rows
+from .pyramid import PyramidSlabs, exact_distances
 
 # the per-level path pays when its product's contraction (fine channels plus the coarse native
 # cells each slab reads) is below this share of the concatenated channels: WRN50x2 (~410 of 1792)
@@ -69,12 +69,7 @@ class NumpyScorer(PixelScorer):
                     np.concatenate([idx + (j * p + start) for idx, _, start in found], axis=1))
         if len(images) * p < kappa:
             raise ValueError(f"gallery has {len(images) * p} features, fewer than kappa = {kappa}")
-        q_up = concat_upsampled(query, grid)
-        owner = top.index // p
-        for j in np.unique(owner[top.index >= 0]):  # each kept candidate's gallery image, once more
-            pp, ss = np.nonzero((owner == j) & (top.index >= 0))
-            diff = q_up[pp] - upsampled_rows(images[j], grid, top.index[pp, ss] - j * p)
-            top.exact[pp, ss] = np.einsum("nd,nd->n", diff, diff)
+        top.exact = exact_distances(concat_upsampled(query, grid), images, grid, top.index, top.index >= 0)
         return top.result()
 
 

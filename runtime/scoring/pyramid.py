@@ -135,3 +135,17 @@ def upsampled_rows(levels: list[np.ndarray], grid: tuple[int, int], cells: np.nd
             row += flat.take(i * w + j, axis=0) * weight[:, None]
         parts.append(row)
     return np.concatenate(parts, axis=1)
+
+
+def exact_distances(q_up: np.ndarray, images, grid: tuple[int, int], index: np.ndarray, which: np.ndarray) -> np.ndarray:
+    """Squared distances, computed directly, of the candidates ``index[which]`` (flat cells, image
+    after image) to the query rows ``q_up`` (P, D) of the same row; inf where not ``which``. Each
+    image with a candidate is indexed once."""
+    p = grid[0] * grid[1]
+    out = np.full(index.shape, np.inf, np.float32)
+    owner = np.where(which, index // p, -1)
+    for j in np.unique(owner[owner >= 0]):
+        pp, ss = np.nonzero(owner == j)
+        diff = q_up[pp] - upsampled_rows(images[j], grid, index[pp, ss] - j * p)
+        out[pp, ss] = np.einsum("nd,nd->n", diff, diff)
+    return out

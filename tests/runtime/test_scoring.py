@@ -3,7 +3,7 @@ import pytest
 
 from spade_edge.runtime.scoring import NumpyScorer
 from spade_edge.runtime.scoring import blas
-from spade_edge.runtime.scoring.pyramid import PyramidSlabs, upsampled_rows, upsampled_sqnorms
+from spade_edge.runtime.scoring.pyramid import PyramidSlabs, exact_distances, upsampled_rows, upsampled_sqnorms
 
 from ..scorer_contract import check_close_neighbours_keep_their_digits, check_rejects_bad_arguments
 
@@ -80,7 +80,7 @@ def test_pyramid_at_per_level_cost_equals_naive_concatenation(kappa, grid, shape
     if variant == "numpy products":
         monkeypatch.setattr(blas, "_sgemm", lambda: None)
     taken = []
-    monkeypatch.setattr(mod, "upsampled_rows", lambda *a: taken.append(1) or upsampled_rows(*a))
+    monkeypatch.setattr(mod, "exact_distances", lambda *a: taken.append(1) or exact_distances(*a))
     rng = np.random.default_rng(kappa)
     q = [rng.normal(size=s).astype(np.float32) for s in shapes]
     gallery = [[rng.normal(size=s).astype(np.float32) for s in shapes] for _ in range(3)]
