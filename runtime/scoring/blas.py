@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import glob
 import os
+import threading
 from contextlib import contextmanager
 from functools import lru_cache
 
@@ -36,23 +37,33 @@ def _openblas() -> list[ctypes.CDLL]:
     return libs
 
 
+_single = {"depth": 0, "saved": []}
+_single_lock = threading.Lock()
+
+
 @contextmanager
 def single_threaded():
-    """Inside, BLAS calls run on their calling thread alone (restored on leaving): for code that
-    splits work over its own threads, so that no BLAS pool spins on the cores they need."""
-    found = []
-    for lib in _openblas():
-        get = getattr(lib, "scipy_openblas_get_num_threads64_", None)
-        put = getattr(lib, "scipy_openblas_set_num_threads64_", None)
-        if get is not None and put is not None:
-            get.restype, put.argtypes, put.restype = ctypes.c_int, [ctypes.c_int], None
-            found.append((put, get()))
-            put(1)
+    """Inside, BLAS calls run on their calling thread alone (restored when the last one leaves):
+    for code that splits work over its own threads, so that no BLAS pool spins on their cores."""
+    with _single_lock:
+        if _single["depth"] == 0:
+            for lib in _openblas():
+                get = getattr(lib, "scipy_openblas_get_num_threads64_", None)
+                put = getattr(lib, "scipy_openblas_set_num_threads64_", None)
+                if get is not None and put is not None:
+                    get.restype, put.argtypes, put.restype = ctypes.c_int, [ctypes.c_int], None
+                    _single["saved"].append((put, get()))
+                    put(1)
+        _single["depth"] += 1
     try:
         yield
     finally:
-        for put, before in found:
-            put(before)
+        with _single_lock:
+            _single["depth"] -= 1
+            if _single["depth"] == 0:
+                for put, before in _single["saved"]:
+                    put(before)
+                _single["saved"].clear()
 
 
 @lru_cache(maxsize=1)

@@ -93,14 +93,16 @@ class PyramidSlabs:
 
 
 def upsampled_sqnorms(levels: list[np.ndarray], grid: tuple[int, int]) -> np.ndarray:
-    """|concatenated, upsampled pyramid|^2 per fine cell, (H * W,), without upsampling: coarse levels
-    are upsampled along y only, the x interpolation is expanded (:func:`_x_upsampled_sqnorms`)."""
+    """|concatenated, upsampled pyramid|^2 per fine cell, (H * W,) float64, without upsampling: coarse
+    levels are upsampled along y only, the x interpolation is expanded (:func:`_x_upsampled_sqnorms`).
+    Sums run in float64: a gallery keeps these norms, and the expanded distances of near neighbours
+    differ by far less than an fp32 sum of a thousand squares can be off."""
     big_h, big_w = grid
-    norms = np.zeros((big_h, big_w), np.float32)
+    norms = np.zeros((big_h, big_w), np.float64)
     for g in levels:
         g = np.asarray(g, np.float32)
         if g.shape[:2] == (big_h, big_w):
-            norms += np.einsum("yxc,yxc->yx", g, g)
+            norms += np.einsum("yxc,yxc->yx", g, g, dtype=np.float64)
         else:
             norms += _x_upsampled_sqnorms(upsample_hwc(g, big_h, g.shape[1]), big_w)
     return norms.ravel()
@@ -109,10 +111,10 @@ def upsampled_sqnorms(levels: list[np.ndarray], grid: tuple[int, int]) -> np.nda
 def _x_upsampled_sqnorms(t: np.ndarray, big_w: int) -> np.ndarray:
     """|x-upsampled t|^2 per cell without upsampling: w0^2 |t_j|^2 + w1^2 |t_j+1|^2 + 2 w0 w1 <t_j, t_j+1>."""
     big_h, w, _ = t.shape
-    sq = np.einsum("yxc,yxc->yx", t, t)
-    cross = np.zeros((big_h, w), np.float32)
-    cross[:, :-1] = np.einsum("yxc,yxc->yx", t[:, :-1], t[:, 1:])
-    j0, j1, v0, v1 = taps(big_w, w)
+    sq = np.einsum("yxc,yxc->yx", t, t, dtype=np.float64)
+    cross = np.zeros((big_h, w), np.float64)
+    cross[:, :-1] = np.einsum("yxc,yxc->yx", t[:, :-1], t[:, 1:], dtype=np.float64)
+    j0, j1, v0, v1 = (np.asarray(a, np.float64) if a.dtype.kind == "f" else a for a in taps(big_w, w))
     return sq[:, j0] * (v0 * v0) + sq[:, j1] * (v1 * v1) + cross[:, j0] * (2 * v0 * v1)
 
 

@@ -99,6 +99,7 @@ class Loaded:
             "model": self.model,
             "gallery": self.gallery,
             "device": getattr(det, "device", None),
+            "scorer": getattr(getattr(det, "scorer", None), "name", None),
             "backbone": getattr(info, "backbone", None),
             "model_fingerprint": getattr(info, "fingerprint", None),
             "gallery_images": len(g) if g is not None else None,

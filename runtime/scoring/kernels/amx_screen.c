@@ -47,32 +47,31 @@ static inline int64_t b_at(int64_t k, int64_t n, int64_t n_pad) {
 }
 
 /* dst (k_pad x n_pad, B layout) = bf16(scale * (src[n * sn + k * sk] - mu[k])) for n < n_valid, k < k_valid,
-   zero elsewhere. Returns max over n of sum_k (src - mu)^2, for the caller's error bound. */
-float se_pack_b(const float *src, int64_t sn, int64_t sk, int32_t n_valid, int32_t k_valid, const float *mu,
-                float scale, int32_t n_pad, int32_t k_pad, uint16_t *dst) {
-    float worst = 0.0f;
+   zero elsewhere; colnorm[n] (if given) = |src[n] - mu|, for the caller's error bound. */
+void se_pack_b(const float *src, int64_t sn, int64_t sk, int32_t n_valid, int32_t k_valid, const float *mu,
+               float scale, int32_t n_pad, int32_t k_pad, uint16_t *dst, float *colnorm) {
     memset(dst, 0, sizeof(uint16_t) * (size_t)n_pad * (size_t)k_pad);
     for (int32_t n = 0; n < n_valid; n++) {
-        float norm = 0.0f;
+        double norm = 0.0;
         const float *s = src + n * sn;
         for (int32_t k = 0; k < k_valid; k++) {
             float v = s[k * sk] - (mu ? mu[k] : 0.0f);
-            norm += v * v;
+            norm += (double)v * v;
             dst[b_at(k, n, n_pad)] = to_bf16(scale * v);
         }
-        if (norm > worst) worst = norm;
+        if (colnorm) colnorm[n] = (float)sqrt(norm) * (1.0f + 1e-6f); /* rounded up */
     }
-    return worst;
 }
 
 /* Rows [r0, r1) of a bilinearly upsampled matrix, row r = sum_t w[r, t] src[at[r, t], :] (four taps, weights
    may be zero), cut into the windows the slabs read: slab s gets columns [starts[s], starts[s] + k_pad) (zero
-   past cols) in A's tiled layout at dst + s * rows * k_pad. rowmax[r] = max |row| before rounding. */
+   past cols) in A's tiled layout at dst + s * rows * 2 k_pad, twice: k_pad columns of bf16(row) ("hi"),
+   then k_pad of bf16(row - hi) ("lo"), so that hi + lo carries 16 bits. rowmax[r] = max |row|. */
 void se_upsample_tiles(const float *src, int64_t lds, int64_t cols, const int64_t *at, const float *w, int64_t r0,
                        int64_t r1, int32_t n_slab, const int64_t *starts, int64_t k_pad, int64_t rows, uint16_t *dst,
                        float *rowmax) {
     int64_t width = (cols + k_pad + 15) / 16 * 16, steps = k_pad / 32;
-    uint16_t *row_bf = (uint16_t *)aligned_alloc(64, sizeof(uint16_t) * width);
+    uint16_t *row_bf = (uint16_t *)aligned_alloc(64, sizeof(uint16_t) * 2 * width), *row_lo = row_bf + width;
     for (int64_t r = r0; r < r1; r++) {
         const float *s0 = src + at[4 * r] * lds, *s1 = src + at[4 * r + 1] * lds;
         const float *s2 = src + at[4 * r + 2] * lds, *s3 = src + at[4 * r + 3] * lds;
@@ -86,12 +85,20 @@ void se_upsample_tiles(const float *src, int64_t lds, int64_t cols, const int64_
             v = _mm512_fmadd_ps(w3, _mm512_maskz_loadu_ps(in, s3 + c), v);
             big = _mm512_max_ps(big, _mm512_abs_ps(v));
             __m256bh h = _mm512_cvtneps_pbh(v); /* round to nearest even */
+            __m256i bits;
+            memcpy(&bits, &h, 32);
+            __m512 back = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+            __m256bh l = _mm512_cvtneps_pbh(_mm512_sub_ps(v, back));
             memcpy(row_bf + c, &h, 32);
+            memcpy(row_lo + c, &l, 32);
         }
         rowmax[r] = _mm512_reduce_max_ps(big);
         for (int32_t sl = 0; sl < n_slab; sl++) {
-            uint16_t *tile = dst + sl * rows * k_pad + (r / 16) * steps * 512 + (r % 16) * 32;
-            for (int64_t k = 0; k < steps; k++) memcpy(tile + k * 512, row_bf + starts[sl] + 32 * k, 64);
+            uint16_t *tile = dst + sl * rows * 2 * k_pad + (r / 16) * 2 * steps * 512 + (r % 16) * 32;
+            for (int64_t k = 0; k < steps; k++) {
+                memcpy(tile + k * 512, row_bf + starts[sl] + 32 * k, 64);
+                memcpy(tile + (steps + k) * 512, row_lo + starts[sl] + 32 * k, 64);
+            }
         }
     }
     free(row_bf);
@@ -109,12 +116,13 @@ static inline void insert(float v, int64_t index, float *vals, int64_t *idx, int
 }
 
 /* Rows [r0, r1) (multiples of 32) against n_slab slabs of n_pad columns each (a multiple of 32).
-   Slab s has n_seg segments segs[s * n_seg ...] and norms[s * n_pad ...] (+inf past its cells);
-   its column c is gallery index base + s * cells_per_slab + c. vals/idx: m per row, thr: the largest
-   of them (+inf until full); a candidate enters when strictly below thr. */
+   Slab s has n_seg segments segs[s * n_seg ...], norms[s * n_pad ...] (+inf past its cells) and
+   colnorm[s * n_pad ...]; its column c is gallery index base + s * cells_per_slab + c. Ranked value:
+   products + norm[c] - rowscale[r] * colnorm[c] (a lower bound, the caller's error term removed).
+   vals/idx: m per row, thr: the largest of them (+inf until full); a candidate enters when strictly below thr. */
 void se_screen(int64_t r0, int64_t r1, int32_t n_slab, int32_t n_seg, const segment *segs, int32_t n_pad,
-               const float *norms, int64_t base, int64_t cells_per_slab, int32_t m, float *vals, int64_t *idx,
-               float *thr) {
+               const float *norms, const float *colnorm, const float *rowscale, int64_t base, int64_t cells_per_slab,
+               int32_t m, float *vals, int64_t *idx, float *thr) {
     tile_config cfg;
     memset(&cfg, 0, sizeof cfg);
     cfg.palette = 1;
@@ -126,7 +134,7 @@ void se_screen(int64_t r0, int64_t r1, int32_t n_slab, int32_t n_seg, const segm
     float c[32 * 32] __attribute__((aligned(64)));
     for (int32_t s = 0; s < n_slab; s++) { /* a slab's B stays in L2 while every row block passes */
         const segment *sg = segs + (int64_t)s * n_seg;
-        const float *nrm = norms + (int64_t)s * n_pad;
+        const float *nrm = norms + (int64_t)s * n_pad, *cn = colnorm + (int64_t)s * n_pad;
         int64_t first = base + s * cells_per_slab;
         for (int64_t r = r0; r < r1; r += 32) {
             for (int32_t n0 = 0; n0 < n_pad; n0 += 32) {
@@ -156,12 +164,13 @@ void se_screen(int64_t r0, int64_t r1, int32_t n_slab, int32_t n_seg, const segm
                 _tile_stored(2, c + 16 * 32, 128);
                 _tile_stored(3, c + 16 * 32 + 16, 128);
                 __m512 n_lo = _mm512_loadu_ps(nrm + n0), n_hi = _mm512_loadu_ps(nrm + n0 + 16);
+                __m512 c_lo = _mm512_loadu_ps(cn + n0), c_hi = _mm512_loadu_ps(cn + n0 + 16);
                 for (int i = 0; i < 32; i++) {
                     int64_t row = r + i;
                     float t = thr[row];
-                    __m512 tv = _mm512_set1_ps(t);
-                    __m512 lo = _mm512_add_ps(_mm512_load_ps(c + 32 * i), n_lo);
-                    __m512 hi = _mm512_add_ps(_mm512_load_ps(c + 32 * i + 16), n_hi);
+                    __m512 tv = _mm512_set1_ps(t), e = _mm512_set1_ps(-rowscale[row]);
+                    __m512 lo = _mm512_fmadd_ps(e, c_lo, _mm512_add_ps(_mm512_load_ps(c + 32 * i), n_lo));
+                    __m512 hi = _mm512_fmadd_ps(e, c_hi, _mm512_add_ps(_mm512_load_ps(c + 32 * i + 16), n_hi));
                     uint32_t mask = (uint32_t)_mm512_cmp_ps_mask(lo, tv, _CMP_LT_OQ) |
                                     ((uint32_t)_mm512_cmp_ps_mask(hi, tv, _CMP_LT_OQ) << 16);
                     if (!mask) continue;
