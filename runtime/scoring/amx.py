@@ -46,8 +46,11 @@ PROBE, GIVE_UP = 4, 0.2
 FLAGS = ("-O3", "-mamx-tile", "-mamx-bf16", "-mavx512f", "-mavx512bf16")
 
 
-class _Segment(ctypes.Structure):
-    _fields_ = [("a", ctypes.c_void_p), ("lda", ctypes.c_int64), ("b", ctypes.c_void_p), ("k_pad", ctypes.c_int64)]
+class _Window(ctypes.Structure):
+    """kernels/amx_screen.c's ``window``: a coarse level's native products and what the slabs read of them."""
+    _fields_ = [("m", ctypes.c_void_p), ("lds", ctypes.c_int64), ("cols", ctypes.c_int64), ("at", ctypes.c_void_p),
+                ("w", ctypes.c_void_p), ("starts", ctypes.c_void_p), ("k_pad", ctypes.c_int64), ("b", ctypes.c_void_p),
+                ("rowmax", ctypes.c_void_p)]
 
 
 @lru_cache(maxsize=1)
@@ -68,9 +71,7 @@ def _kernel() -> tuple[ctypes.CDLL | None, str]:
     p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
     lib.se_pack_b.argtypes = [p, i64, i64, i32, i32, p, f32, i32, i32, p, p]
     lib.se_pack_b.restype = None
-    lib.se_upsample_tiles.argtypes = [p, i64, i64, p, p, i64, i64, i32, p, i64, i64, p, p]
-    lib.se_upsample_tiles.restype = None
-    lib.se_screen.argtypes = [i64, i64, i32, i32, p, i32, p, p, p, i64, i64, i32, p, p, p]
+    lib.se_screen.argtypes = [i64, i64, i64, i32, i32, p, p, i64, i32, p, p, p, p, i64, i64, i32, p, p, p]
     lib.se_screen.restype = None
     if not _agrees(lib):
         return None, "the compiled AMX screen disagreed with numpy on its first use"
@@ -123,13 +124,14 @@ def _agrees(lib) -> bool:
     q, g = rng.standard_normal((32, 40), np.float32), rng.standard_normal((32, 40), np.float32)
     a = np.zeros((32, 64), np.uint16)
     a[:, :40] = _bf16(q)
+    a = _tiled(a)
     b, col = _aligned((64 * 32,), np.uint16), np.zeros(32, np.float32)
     lib.se_pack_b(_ptr(g), 40, 1, 32, 40, None, -2.0, 32, 64, _ptr(b), _ptr(col))
     norms = np.einsum("ij,ij->i", g, g)
     e = (_factors(64)[0] * 2 * np.linalg.norm(q, axis=1)).astype(np.float32)
-    segs = (_Segment * 1)(_Segment(_ptr(a), 64, _ptr(b), 64))  # row-major A here, tiled in the scorer
     vals, idx, thr = np.full((32, 1), np.inf, np.float32), np.full((32, 1), -1, np.int64), np.full(32, np.inf, np.float32)
-    lib.se_screen(0, 32, 1, 1, segs, 32, _ptr(norms), _ptr(col), _ptr(e), 0, 32, 1, _ptr(vals), _ptr(idx), _ptr(thr))
+    lib.se_screen(0, 32, 32, 1, 32, _ptr(a), _ptr(b), 64, 0, None, _ptr(norms), _ptr(col), _ptr(e), 0, 32, 1,
+                  _ptr(vals), _ptr(idx), _ptr(thr))
     want = norms[None, :] - 2 * q @ g.T
     lower = want - e[:, None] * np.linalg.norm(g, axis=1)[None, :]
     slack = 2 * e[:, None] * np.linalg.norm(g, axis=1).max() + 1e-3
@@ -230,7 +232,7 @@ class _Screen:
             native = np.ascontiguousarray(centred[i].reshape(h * w, ch))
             self.levels.append({"q": native, "at": np.ascontiguousarray(at, np.int64), "w": np.ascontiguousarray(wt, np.float32),
                                 "starts": np.array([start for start, _, _ in windows], np.int64), "k_pad": k_pad, "b": b,
-                                "a": _aligned((n_slab, self.rows * 2 * k_pad), np.uint16), "rowmax": np.zeros(self.rows, np.float32),
+                                "rowmax": np.zeros(self.rows, np.float32),
                                 "q_max": float(np.sqrt(np.einsum("ij,ij->i", native, native).max())), "channels": ch,
                                 # products of the coarsest levels in float64 (cheap there): their fp32 bound,
                                 # channels x 2^-24 x |q| |g|, would otherwise widen every row's window
@@ -238,12 +240,10 @@ class _Screen:
         self.bf16, self.hi_lo = _factors(self.k_fine + sum(2 * lv["k_pad"] for lv in self.levels))
         self.rowscale = np.zeros(self.rows, np.float32)  # e_i: the fine products' error is at most e_i |g_j|
         self.rowscale[:p] = self.bf16 * 2 * self.q_norm * (1 + 1e-6)
-        self.n_seg = 1 + len(self.coarse)
-        self.segs = (_Segment * (n_slab * self.n_seg))()
-        for s in range(n_slab):
-            self.segs[s * self.n_seg] = _Segment(_ptr(self.a_fine), 0, _ptr(self.b_fine[s]), self.k_fine)
-            for g, lv in enumerate(self.levels):
-                self.segs[s * self.n_seg + 1 + g] = _Segment(_ptr(lv["a"][s]), 0, _ptr(lv["b"][s]), 2 * lv["k_pad"])
+        self.windows = (_Window * max(1, len(self.levels)))()
+        for g, lv in enumerate(self.levels):  # the native products (m) come with each gallery image
+            self.windows[g] = _Window(None, 0, 0, _ptr(lv["at"]), _ptr(lv["w"]), _ptr(lv["starts"]), lv["k_pad"],
+                                      _ptr(lv["b"]), _ptr(lv["rowmax"]))
         self.vals = np.full((self.rows, m), np.inf, np.float32)
         self.idx = np.full((self.rows, m), -1, np.int64)
         self.thr = np.full(self.rows, np.inf, np.float32)
@@ -280,14 +280,10 @@ class _Screen:
                 a, b = len(out) * t // n_parts, len(out) * (t + 1) // n_parts
                 np.matmul(lv["q"][a:b].astype(out.dtype), gc.T.astype(out.dtype), out=out[a:b])  # at native resolution
 
-        natives32 = natives
-
         def screen(r0: int, r1: int) -> None:  # rows [r0, r1) against every slab
-            for lv, m in zip(self.levels, natives32):
-                lib.se_upsample_tiles(_ptr(m), m.shape[1], m.shape[1], _ptr(lv["at"]), _ptr(lv["w"]), r0, min(r1, p),
-                                      len(lv["starts"]), _ptr(lv["starts"]), lv["k_pad"], self.rows, _ptr(lv["a"]), _ptr(lv["rowmax"]))
-            lib.se_screen(r0, r1, len(slabs.slabs), self.n_seg, self.segs, self.n_pad, _ptr(self.norms), _ptr(self.colnorm),
-                          _ptr(self.rowscale), j * p, self.cells_per_slab, self.m, _ptr(self.vals), _ptr(self.idx), _ptr(self.thr))
+            lib.se_screen(r0, r1, p, len(slabs.slabs), self.n_pad, _ptr(self.a_fine), _ptr(self.b_fine), self.k_fine,
+                          len(self.levels), self.windows, _ptr(self.norms), _ptr(self.colnorm), _ptr(self.rowscale),
+                          j * p, self.cells_per_slab, self.m, _ptr(self.vals), _ptr(self.idx), _ptr(self.thr))
 
         jobs = [self.pool.submit(operands, t) for t in range(n_parts)]
         self._lap("other (bounds, bookkeeping)")
@@ -305,7 +301,10 @@ class _Screen:
         self._lap("other (bounds, bookkeeping)")
         for f in jobs:
             f.result()
-        natives32[:] = [np.asarray(m, np.float32) for m in natives]
+        natives = [np.ascontiguousarray(m, np.float32) for m in natives]
+        for g, (lv, m) in enumerate(zip(self.levels, natives)):
+            self.windows[g].m, self.windows[g].lds, self.windows[g].cols = _ptr(m), m.shape[1], m.shape[1]
+            lv["rowmax"][:] = 0.0
         self._lap("B packing and native products (threads)")
         for f in [self.pool.submit(screen, r0, r1) for r0, r1 in self.parts]:
             f.result()

@@ -6,12 +6,12 @@
    and re-computes the survivors exactly: this file only has to be fast, not exact.
 
    Layouts (bf16, K_pad a multiple of 32; columns past a segment's own width meet zero rows of B):
-   - A row-major with a leading dimension lda (elements), read K_pad columns from its first; or, with
-     lda = 0, "tiled": each 16 x 32 tile contiguous, tile (r / 16, k / 32) at ((r / 16) * K_pad / 32 + k / 32) * 512;
+   - A "tiled": each 16 x 32 tile contiguous, tile (r / 16, k / 32) at ((r / 16) * K_pad / 32 + k / 32) * 512;
    - B "VNNI" tiled: the 16 x 32 tile of k pairs (k / 32, n / 16) contiguous at ((k / 32) * n_pad / 16 + n / 16) * 512,
      element (k, n) inside it at (k % 32 / 2) * 32 + (n % 16) * 2 + k % 2.
-   Contiguous tiles keep the loads from L2 in whole lines (strided tiles ran 5x slower). Query rows
-   come in blocks of 32 and gallery columns in blocks of 32: two by two tiles of 16 x 16 sums. */
+   Contiguous, 64-byte aligned tiles keep the loads from L2 in whole lines (strided or misaligned
+   tiles ran 2-5x slower). Query rows come in blocks of 32 and gallery columns in blocks of 32: two by
+   two tiles of 16 x 16 sums. */
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
@@ -21,9 +21,8 @@
 #include <unistd.h>
 
 typedef struct {
-    const uint16_t *a; /* first row, first column of this segment's window */
-    int64_t lda;       /* elements; 0: tiled */
-    const uint16_t *b; /* VNNI packed, k_pad x n_pad */
+    const uint16_t *a; /* the row block's A tiles */
+    const uint16_t *b; /* the slab's B, k_pad x n_pad */
     int64_t k_pad;
 } segment;
 
@@ -63,22 +62,33 @@ void se_pack_b(const float *src, int64_t sn, int64_t sk, int32_t n_valid, int32_
     }
 }
 
-/* Rows [r0, r1) of a bilinearly upsampled matrix, row r = sum_t w[r, t] src[at[r, t], :] (four taps, weights
-   may be zero), cut into the windows the slabs read: slab s gets columns [starts[s], starts[s] + k_pad) (zero
-   past cols) in A's tiled layout at dst + s * rows * 2 k_pad, twice: k_pad columns of bf16(row) ("hi"),
-   then k_pad of bf16(row - hi) ("lo"), so that hi + lo carries 16 bits. rowmax[r] = max |row|. */
-void se_upsample_tiles(const float *src, int64_t lds, int64_t cols, const int64_t *at, const float *w, int64_t r0,
-                       int64_t r1, int32_t n_slab, const int64_t *starts, int64_t k_pad, int64_t rows, uint16_t *dst,
-                       float *rowmax) {
-    int64_t width = (cols + k_pad + 15) / 16 * 16, steps = k_pad / 32;
-    uint16_t *row_bf = (uint16_t *)aligned_alloc(64, sizeof(uint16_t) * 2 * width), *row_lo = row_bf + width;
-    for (int64_t r = r0; r < r1; r++) {
-        const float *s0 = src + at[4 * r] * lds, *s1 = src + at[4 * r + 1] * lds;
-        const float *s2 = src + at[4 * r + 2] * lds, *s3 = src + at[4 * r + 3] * lds;
-        __m512 w0 = _mm512_set1_ps(w[4 * r]), w1 = _mm512_set1_ps(w[4 * r + 1]);
-        __m512 w2 = _mm512_set1_ps(w[4 * r + 2]), w3 = _mm512_set1_ps(w[4 * r + 3]), big = _mm512_setzero_ps();
-        for (int64_t c = 0; c < width; c += 16) {
-            __mmask16 in = c + 16 <= cols ? 0xffff : c < cols ? (__mmask16)((1u << (cols - c)) - 1) : 0;
+typedef struct {
+    const float *m;        /* a coarse level's products at native resolution: rows = query native cells */
+    int64_t lds, cols;     /* leading dimension, valid columns (native gallery cells) */
+    const int64_t *at;     /* four taps per fine query row ... */
+    const float *w;        /* ... and their bilinear weights (may be zero) */
+    const int64_t *starts; /* per slab: the first native gallery cell of the window it reads */
+    int64_t k_pad;         /* window width, a multiple of 32 */
+    const uint16_t *b;     /* per slab, 2 k_pad x n_pad: the interpolation weights, for hi then for lo */
+    float *rowmax;         /* raised to max |window value| per query row, for the caller's bound */
+} window;
+
+/* The A tiles of one window for query rows [r, r + 32): row i is sum_t w[i, t] m[at[i, t], start + c],
+   c < k_pad (zero past cols), as k_pad columns of bf16 ("hi") then k_pad of bf16(value - hi) ("lo"):
+   hi + lo carries 16 bits. Tiled like A, rows past p are zero. Made here, next to their use,
+   the tiles never leave L1. */
+static void window_tiles(const window *wn, int64_t start, int64_t r, int64_t p, uint16_t *dst) {
+    int64_t steps = wn->k_pad / 32;
+    memset(dst, 0, sizeof(uint16_t) * 2 * 2 * steps * 512);
+    for (int64_t i = r; i < r + 32 && i < p; i++) {
+        const float *s0 = wn->m + wn->at[4 * i] * wn->lds + start, *s1 = wn->m + wn->at[4 * i + 1] * wn->lds + start;
+        const float *s2 = wn->m + wn->at[4 * i + 2] * wn->lds + start, *s3 = wn->m + wn->at[4 * i + 3] * wn->lds + start;
+        __m512 w0 = _mm512_set1_ps(wn->w[4 * i]), w1 = _mm512_set1_ps(wn->w[4 * i + 1]);
+        __m512 w2 = _mm512_set1_ps(wn->w[4 * i + 2]), w3 = _mm512_set1_ps(wn->w[4 * i + 3]), big = _mm512_setzero_ps();
+        uint16_t *row = dst + ((i - r) / 16) * 2 * steps * 512 + ((i - r) % 16) * 32;
+        for (int64_t c = 0; c < wn->k_pad; c += 16) {
+            int64_t left = wn->cols - start - c;
+            __mmask16 in = left >= 16 ? 0xffff : left > 0 ? (__mmask16)((1u << left) - 1) : 0;
             __m512 v = _mm512_mul_ps(w0, _mm512_maskz_loadu_ps(in, s0 + c));
             v = _mm512_fmadd_ps(w1, _mm512_maskz_loadu_ps(in, s1 + c), v);
             v = _mm512_fmadd_ps(w2, _mm512_maskz_loadu_ps(in, s2 + c), v);
@@ -89,19 +99,11 @@ void se_upsample_tiles(const float *src, int64_t lds, int64_t cols, const int64_
             memcpy(&bits, &h, 32);
             __m512 back = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
             __m256bh l = _mm512_cvtneps_pbh(_mm512_sub_ps(v, back));
-            memcpy(row_bf + c, &h, 32);
-            memcpy(row_lo + c, &l, 32);
+            memcpy(row + (c / 32) * 512 + c % 32, &h, 32);
+            memcpy(row + (steps + c / 32) * 512 + c % 32, &l, 32);
         }
-        rowmax[r] = _mm512_reduce_max_ps(big);
-        for (int32_t sl = 0; sl < n_slab; sl++) {
-            uint16_t *tile = dst + sl * rows * 2 * k_pad + (r / 16) * 2 * steps * 512 + (r % 16) * 32;
-            for (int64_t k = 0; k < steps; k++) {
-                memcpy(tile + k * 512, row_bf + starts[sl] + 32 * k, 64);
-                memcpy(tile + (steps + k) * 512, row_lo + starts[sl] + 32 * k, 64);
-            }
-        }
+        wn->rowmax[i] = fmaxf(wn->rowmax[i], _mm512_reduce_max_ps(big));
     }
-    free(row_bf);
 }
 
 static inline void insert(float v, int64_t index, float *vals, int64_t *idx, int32_t m, float *thr) {
@@ -115,14 +117,17 @@ static inline void insert(float v, int64_t index, float *vals, int64_t *idx, int
     *thr = top;
 }
 
-/* Rows [r0, r1) (multiples of 32) against n_slab slabs of n_pad columns each (a multiple of 32).
-   Slab s has n_seg segments segs[s * n_seg ...], norms[s * n_pad ...] (+inf past its cells) and
-   colnorm[s * n_pad ...]; its column c is gallery index base + s * cells_per_slab + c. Ranked value:
-   products + norm[c] - rowscale[r] * colnorm[c] (a lower bound, the caller's error term removed).
-   vals/idx: m per row, thr: the largest of them (+inf until full); a candidate enters when strictly below thr. */
-void se_screen(int64_t r0, int64_t r1, int32_t n_slab, int32_t n_seg, const segment *segs, int32_t n_pad,
-               const float *norms, const float *colnorm, const float *rowscale, int64_t base, int64_t cells_per_slab,
-               int32_t m, float *vals, int64_t *idx, float *thr) {
+/* Rows [r0, r1) (multiples of 32; rows past p are padding) against n_slab slabs of n_pad columns each
+   (a multiple of 32). The fine segment: A tiled, B at fine_b + s * k_fine * n_pad for slab s.
+   Each window adds a segment of 2 k_pad, its A made per row block (window_tiles), its B at
+   b + s * 2 k_pad * n_pad. Slab s has norms[s * n_pad ...] (+inf past its cells) and colnorm[s * n_pad ...];
+   its column c is gallery index base + s * cells_per_slab + c. Ranked value: products + norm[c] -
+   rowscale[r] * colnorm[c] (a lower bound, the caller's error term removed). vals/idx: m per row, thr:
+   the largest of them (+inf until full); a candidate enters when strictly below thr. */
+void se_screen(int64_t r0, int64_t r1, int64_t p, int32_t n_slab, int32_t n_pad, const uint16_t *fine_a,
+               const uint16_t *fine_b, int64_t k_fine, int32_t n_win, const window *wins, const float *norms,
+               const float *colnorm, const float *rowscale, int64_t base, int64_t cells_per_slab, int32_t m,
+               float *vals, int64_t *idx, float *thr) {
     tile_config cfg;
     memset(&cfg, 0, sizeof cfg);
     cfg.palette = 1;
@@ -132,25 +137,32 @@ void se_screen(int64_t r0, int64_t r1, int32_t n_slab, int32_t n_seg, const segm
     }
     _tile_loadconfig(&cfg);
     float c[32 * 32] __attribute__((aligned(64)));
+    int64_t room = 0;
+    for (int32_t g = 0; g < n_win; g++) room += 2 * 2 * (wins[g].k_pad / 32) * 512;
+    uint16_t *wbuf = (uint16_t *)aligned_alloc(64, sizeof(uint16_t) * (room ? room : 1));
+    segment sg[1 + 16];
     for (int32_t s = 0; s < n_slab; s++) { /* a slab's B stays in L2 while every row block passes */
-        const segment *sg = segs + (int64_t)s * n_seg;
         const float *nrm = norms + (int64_t)s * n_pad, *cn = colnorm + (int64_t)s * n_pad;
-        int64_t first = base + s * cells_per_slab;
+        int64_t first = base + s * cells_per_slab, n_seg = 1 + n_win;
         for (int64_t r = r0; r < r1; r += 32) {
+            sg[0] = (segment){fine_a + (r / 16) * (k_fine / 32) * 512, fine_b + s * k_fine * n_pad, k_fine};
+            uint16_t *next = wbuf;
+            for (int32_t g = 0; g < n_win; g++) {
+                window_tiles(&wins[g], wins[g].starts[s], r, p, next);
+                sg[1 + g] = (segment){next, wins[g].b + s * 2 * wins[g].k_pad * n_pad, 2 * wins[g].k_pad};
+                next += 2 * 2 * (wins[g].k_pad / 32) * 512;
+            }
             for (int32_t n0 = 0; n0 < n_pad; n0 += 32) {
                 _tile_zero(0);
                 _tile_zero(1);
                 _tile_zero(2);
                 _tile_zero(3);
                 for (int32_t g = 0; g < n_seg; g++) {
-                    int64_t steps = sg[g].k_pad / 32, lda = sg[g].lda;
-                    /* A: both tiles of step k at a0 + k * a_step and a0 + a_next + k * a_step */
-                    const uint16_t *a0 = lda ? sg[g].a + r * lda : sg[g].a + (r / 16) * steps * 512;
-                    int64_t a_step = lda ? 32 : 512, a_next = lda ? 16 * lda : steps * 512, a_stride = lda ? 2 * lda : 64;
-                    const uint16_t *b = sg[g].b + (n0 / 16) * 512;
+                    int64_t steps = sg[g].k_pad / 32;
+                    const uint16_t *a = sg[g].a, *b = sg[g].b + (n0 / 16) * 512;
                     for (int64_t k = 0; k < steps; k++, b += (n_pad / 16) * 512) {
-                        _tile_loadd(4, a0 + k * a_step, a_stride);
-                        _tile_loadd(5, a0 + a_next + k * a_step, a_stride);
+                        _tile_loadd(4, a + k * 512, 64);
+                        _tile_loadd(5, a + (steps + k) * 512, 64);
                         _tile_loadd(6, b, 64);
                         _tile_loadd(7, b + 512, 64);
                         _tile_dpbf16ps(0, 4, 6);
@@ -188,4 +200,5 @@ void se_screen(int64_t r0, int64_t r1, int32_t n_slab, int32_t n_seg, const segm
         }
     }
     _tile_release();
+    free(wbuf);
 }
