@@ -146,7 +146,7 @@ def pixel_scores(
         store = gallery.levels[n]
         q = store.codec.project(_hwc(features[n]))
         h, w = q.shape[:2]
-        blocks = [store.rows(j) for j in neighbors] if store.coreset else (store.rows(j) for j in neighbors)
+        blocks = [store.rows(j) for j in neighbors] if store.coreset else _DecodedRows(store, neighbors)
         norms = (gallery.memo(("sqnorms", n, int(j)), lambda store=store, j=j: _sqnorms(store.rows(j))) for j in neighbors)
         top = scorer.topk(q.reshape(h * w, -1), blocks, config.kappa, sqnorms=norms)
         score += upsample_map(top.distances.mean(axis=1).reshape(h, w), s, s)
@@ -158,6 +158,19 @@ def pixel_scores(
 
 def _sqnorms(rows: np.ndarray) -> np.ndarray:
     return np.einsum("ij,ij->i", rows, rows)
+
+
+class _DecodedRows(Sequence):
+    """The neighbours' rows of one level, decoded each time one is indexed (a scorer may read twice)."""
+
+    def __init__(self, store, neighbors: np.ndarray):
+        self.store, self.neighbors = store, neighbors
+
+    def __len__(self) -> int:
+        return len(self.neighbors)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.store.rows(int(self.neighbors[i]))
 
 
 class _DecodedPyramids(Sequence):

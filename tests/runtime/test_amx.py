@@ -8,8 +8,10 @@ import pytest
 
 from spade_edge.runtime.resample import upsample_hwc
 from spade_edge.runtime.scoring import NumpyScorer, amx, scorer_for
+from spade_edge.runtime.scoring.amx_screen import PyramidScreen
 from spade_edge.runtime.scoring.pyramid import PyramidSlabs
 
+from ..scorer_contract import check_close_neighbours_keep_their_digits, check_rejects_bad_arguments
 from .test_scoring import brute_force
 
 ok, why = amx.available()
@@ -60,10 +62,10 @@ def test_the_bound_holds_for_every_pair():
     rng = np.random.default_rng(7)
     grid, shapes = (8, 8), [(8, 8, 48), (4, 4, 96), (2, 2, 200)]
     q, (g,) = _pyramid(rng, shapes, 1, offset=5.0, scale=3.0)
-    screen = amx._Screen(amx._kernel()[0], PyramidSlabs(q, grid), m=64)
-    screen.add(0, g, None)
+    screen = PyramidScreen(amx._kernel()[0], amx._Window, PyramidSlabs(q, grid), m=64)
+    screen.add(g, None)
     screen.close()
-    low, idx, high, _ = screen._bounds(1)
+    low, idx, high, _ = screen.bounds(1)
     qx, gx = _concat(q, grid).astype(np.float64), _concat(g, grid).astype(np.float64)
     mu = np.concatenate(screen.mu).astype(np.float64)  # the screen centres on the query's mean
     distances = ((qx[:, None, :] - gx[None]) ** 2).sum(-1)
@@ -150,3 +152,37 @@ def test_scorer_for_the_cpu_takes_the_screen_unless_told_not_to(monkeypatch):
     assert scorer_for("cpu").name == "amx"
     monkeypatch.setenv("SPADE_EDGE_AMX", "0")
     assert scorer_for("cpu").name == "numpy"
+
+
+@pytest.mark.parametrize("kappa", [1, 3, 8])
+def test_plain_rows_find_the_exact_neighbours(kappa):
+    """The per-level search: query rows against uneven blocks of gallery rows (one of a single row,
+    others across several slabs of the kernel)."""
+    rng = np.random.default_rng(kappa)
+    q = (3.0 + rng.normal(size=(200, 40))).astype(np.float32)
+    g = (3.0 + rng.normal(size=(1134, 40))).astype(np.float32)
+    blocks = [g[:100], g[100:101], g[101:801], g[801:]]
+    scorer = amx.AmxScorer()
+    top = scorer.topk(q, iter(blocks), kappa)  # an iterator: the scorer keeps what it must read twice
+    assert scorer.stats["path"] == "amx"
+    ref_d, ref_i = brute_force(q, g, kappa)
+    np.testing.assert_array_equal(top.indices, ref_i)
+    np.testing.assert_allclose(top.distances, ref_d, rtol=1e-5)
+
+
+def test_plain_rows_the_screen_cannot_settle_are_searched_again(monkeypatch):
+    monkeypatch.setattr(amx, "SPARE", 0)
+    rng = np.random.default_rng(2)
+    q, g = rng.normal(size=(64, 24)).astype(np.float32), rng.normal(size=(900, 24)).astype(np.float32)
+    scorer = amx.AmxScorer()
+    top = scorer.topk(q, [g[:450], g[450:]], 2)
+    assert scorer.stats["rows_rescored"] > 0
+    ref_d, ref_i = brute_force(q, g, 2)
+    np.testing.assert_array_equal(top.indices, ref_i)
+    with pytest.raises(ValueError, match="fewer than kappa"):
+        amx.AmxScorer().topk(q, [g[:3]], 4)
+
+
+def test_owes_what_every_scorer_owes():
+    check_close_neighbours_keep_their_digits(amx.AmxScorer())
+    check_rejects_bad_arguments(amx.AmxScorer())

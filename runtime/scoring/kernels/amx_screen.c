@@ -1,9 +1,9 @@
-/* A bf16 screen of squared distances on Intel AMX, for runtime/scoring/amx.py (docs/speed.md).
+/* A bf16 screen of squared distances on Intel AMX, for runtime/scoring/amx_screen.py (docs/speed.md).
 
-   Per slab of gallery cells, every query row i gets approx(i, j) = norm[j] + sum over segments of
-   A_seg[i, :] . B_seg[:, j], the products in bf16 and the sums in fp32 (AMX tiles), and the m
-   smallest approx values of each row are kept in a running list. The caller bounds the bf16 error
-   and re-computes the survivors exactly: this file only has to be fast, not exact.
+   Per slab of gallery cells, every query row i gets value(i, j) = norm[j] + sum over segments of
+   A_seg[i, :] . B_seg[:, j] - rowscale[i] * colnorm[j], the products in bf16 and the sums in fp32
+   (AMX tiles), and the m smallest values of each row are kept in a running list. The caller bounds
+   the error and re-computes the survivors exactly: this file only has to be fast, not exact.
 
    Layouts (bf16, K_pad a multiple of 32; columns past a segment's own width meet zero rows of B):
    - A "tiled": each 16 x 32 tile contiguous, tile (r / 16, k / 32) at ((r / 16) * K_pad / 32 + k / 32) * 512;
@@ -46,9 +46,10 @@ static inline int64_t b_at(int64_t k, int64_t n, int64_t n_pad) {
 }
 
 /* dst (k_pad x n_pad, B layout) = bf16(scale * (src[n * sn + k * sk] - mu[k])) for n < n_valid, k < k_valid,
-   zero elsewhere; colnorm[n] (if given) = |src[n] - mu|, for the caller's error bound. */
+   zero elsewhere; if given, colnorm[n] = |src[n] - mu| rounded up (the caller's error bound) and
+   colsq[n] = |src[n] - mu|^2 (summed in double). */
 void se_pack_b(const float *src, int64_t sn, int64_t sk, int32_t n_valid, int32_t k_valid, const float *mu,
-               float scale, int32_t n_pad, int32_t k_pad, uint16_t *dst, float *colnorm) {
+               float scale, int32_t n_pad, int32_t k_pad, uint16_t *dst, float *colnorm, float *colsq) {
     memset(dst, 0, sizeof(uint16_t) * (size_t)n_pad * (size_t)k_pad);
     for (int32_t n = 0; n < n_valid; n++) {
         double norm = 0.0;
@@ -59,6 +60,7 @@ void se_pack_b(const float *src, int64_t sn, int64_t sk, int32_t n_valid, int32_
             dst[b_at(k, n, n_pad)] = to_bf16(scale * v);
         }
         if (colnorm) colnorm[n] = (float)sqrt(norm) * (1.0f + 1e-6f); /* rounded up */
+        if (colsq) colsq[n] = (float)norm;
     }
 }
 
