@@ -19,7 +19,7 @@ import numpy as np
 
 from ..resample import interp_matrix, upsample_hwc
 from . import ccompile
-from .amx_screen import PlainScreen, PyramidScreen, aligned, bf16, factors, ptr, settle_blocks, tiled
+from .amx_screen import PlainScreen, PyramidScreen, aligned, bf16, factors, parts, ptr, settle_blocks, tiled
 from .base import TopK, concat_upsampled
 from .blas import single_threaded
 from .numpy import NumpyScorer, _smallest, _Top
@@ -29,6 +29,9 @@ SPARE = 15  # candidates kept past kappa: a row is searched again in fp32 when i
 # after PROBE gallery items, a screen that leaves more than GIVE_UP of the rows unsettled is dropped for
 # the fp32 path: searching rows again one by one costs more than searching them all (docs/speed.md)
 PROBE, GIVE_UP = 4, 0.2
+# unsettled plain rows go to a three-product screen when there are this many: it packs the gallery
+# again (3 bf16 blocks per row), which fp32 beats on fewer rows (docs/speed.md)
+RESCREEN_ROWS = 256
 FLAGS = ("-O3", "-mamx-tile", "-mamx-bf16", "-mavx512f", "-mavx512bf16")
 
 
@@ -55,7 +58,7 @@ def _kernel() -> tuple[ctypes.CDLL | None, str]:
     if not lib.se_enable():
         return None, "the Linux kernel did not grant AMX state (needs Linux >= 5.16)"
     p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
-    lib.se_pack_b.argtypes = [p, i64, i64, i32, i32, p, f32, i32, i32, p, p, p]
+    lib.se_pack_b.argtypes = [p, i64, i64, i32, i32, p, f32, i32, i32, i32, p, p, p]
     lib.se_pack_b.restype = None
     lib.se_screen.argtypes = [i64, i64, i64, i32, i32, p, p, i64, i32, p, p, p, p, i64, i64, i32, p, p, p]
     lib.se_screen.restype = None
@@ -74,9 +77,9 @@ def _agrees(lib) -> bool:
     """One 32 x 32 screen against numpy's product: each row's smallest value within the bound."""
     rng = np.random.default_rng(0)
     q, g = rng.standard_normal((32, 40), np.float32), rng.standard_normal((32, 40), np.float32)
-    a = tiled(q, 32)
+    a = tiled(parts(q), 32)
     b, col, sq = aligned((64 * 32,), np.uint16), np.zeros(32, np.float32), np.zeros(32, np.float32)
-    lib.se_pack_b(ptr(g), 40, 1, 32, 40, None, -2.0, 32, 64, ptr(b), ptr(col), ptr(sq))
+    lib.se_pack_b(ptr(g), 40, 1, 32, 40, None, -2.0, 32, 64, 1, ptr(b), ptr(col), ptr(sq))
     e = (factors(64)[0] * 2 * np.linalg.norm(q, axis=1)).astype(np.float32)
     vals, idx, thr = np.full((32, 1), np.inf, np.float32), np.full((32, 1), -1, np.int64), np.full(32, np.inf, np.float32)
     lib.se_screen(0, 32, 32, 1, 32, ptr(a), ptr(b), 64, 0, None, ptr(sq), ptr(col), ptr(e), 0, 32, 1,
@@ -111,12 +114,30 @@ class AmxScorer(NumpyScorer):
             self.stats = {"path": "fp32"}
             return super().topk(query, blocks, kappa, sqnorms)
         blocks = blocks if isinstance(blocks, Sequence) else list(blocks)  # read twice: screen, then re-check
-        screen = PlainScreen(lib, _Window, query, kappa + SPARE)
+        top = self._plain(lib, np.asarray(query, np.float32), blocks, kappa, three=False)
+        return super().topk(query, blocks, kappa, sqnorms) if top is None else top
+
+    def _plain(self, lib, q: np.ndarray, blocks: Sequence, kappa: int, three: bool) -> TopK | None:
+        """The screen of rows ``q``; rows it cannot settle are screened again with three products, and
+        what that cannot settle goes to the fp32 path. None: the first screen gave up."""
+        screen = PlainScreen(lib, _Window, q, kappa + SPARE, three)
         if not self._screen(screen, _Args(blocks), kappa):
-            return super().topk(query, blocks, kappa, sqnorms)
+            return None
         if screen.offset < kappa:
             raise ValueError(f"gallery has {screen.offset} features, fewer than kappa = {kappa}")
-        return self._settled(screen, settle_blocks(screen, query, blocks, kappa, NumpyScorer(self.block_bytes)))
+        again = {}
+
+        def rescore(rows: np.ndarray) -> TopK:
+            if three or len(rows) < RESCREEN_ROWS:
+                return NumpyScorer(self.block_bytes).topk(q[rows], blocks, kappa)
+            top = self._plain(lib, q[rows], blocks, kappa, three=True)
+            again.update(rows_rescreened=len(rows), rows_rescored=self.stats.get("rows_rescored", 0))
+            return top if top is not None else NumpyScorer(self.block_bytes).topk(q[rows], blocks, kappa)
+
+        top = settle_blocks(screen, q, blocks, kappa, rescore)
+        self._settled(screen, top)
+        self.stats.update(again)
+        return top
 
     def topk_pyramid(self, query, images, grid, kappa):
         lib, _ = _kernel()

@@ -25,12 +25,12 @@ U, F32 = 2.0**-8, 2.0**-24  # unit roundoffs of bf16 and fp32 (round to nearest 
 NATIVE64 = 256  # coarse levels with at most this many cells take their native products in float64
 
 
-def factors(k: int) -> tuple[float, float]:
+def factors(k: int) -> tuple[float, float, float]:
     """Relative error bounds of a k-term sum of products in fp32, against the sum of the products'
-    magnitudes: both operands rounded to bf16 once, and a two-part (hi + lo) left operand with an
-    exact right one."""
+    magnitudes: both operands rounded to bf16 once; a two-part (hi + lo) left operand with an exact
+    right one; both operands in two parts, three products (hi hi + hi lo + lo hi)."""
     gamma = k * F32
-    return 2 * U + U * U + gamma, U * U + gamma
+    return 2 * U + U * U + gamma, U * U + gamma, 4 * U * U + 1.01 * gamma
 
 
 def up(n: int, to: int = 32) -> int:
@@ -59,14 +59,27 @@ def aligned(shape, dtype, fill=0) -> np.ndarray:
     return out
 
 
-def tiled(rows: np.ndarray, n_rows: int) -> np.ndarray:
-    """(p, k) float32 rows as bf16 A tiles for the kernel: n_rows (a multiple of 32) by k padded to
-    32, each 16 x 32 tile contiguous; padding is zero."""
+def parts(rows: np.ndarray, three: bool = False) -> np.ndarray:
+    """(p, k) float32 rows as the kernel's A operand, bf16 bits with k padded to 32: the rows rounded
+    once, or (``three``) their hi, hi and lo parts side by side (to meet B's hi, lo, hi)."""
     p, k = rows.shape
-    a = np.zeros((n_rows, up(k)), np.uint16)
-    a[:p, :k] = bf16(rows)
-    out = aligned((n_rows // 16, a.shape[1] // 32, 16, 32), np.uint16)
-    out[...] = a.reshape(n_rows // 16, 16, a.shape[1] // 32, 32).transpose(0, 2, 1, 3)
+    hi = np.zeros((p, up(k)), np.uint16)
+    hi[:, :k] = bf16(rows)
+    if not three:
+        return hi
+    lo = np.zeros_like(hi)
+    lo[:, :k] = bf16(rows - (hi[:, :k].astype(np.uint32) << 16).view(np.float32))
+    return np.concatenate([hi, hi, lo], axis=1)
+
+
+def tiled(bits: np.ndarray, n_rows: int) -> np.ndarray:
+    """(p, k) bf16 bits, k a multiple of 32, as A tiles: n_rows (a multiple of 32, zero past p) by k,
+    each 16 x 32 tile contiguous."""
+    p, k = bits.shape
+    a = np.zeros((n_rows, k), np.uint16)
+    a[:p] = bits
+    out = aligned((n_rows // 16, k // 32, 16, 32), np.uint16)
+    out[...] = a.reshape(n_rows // 16, 16, k // 32, 32).transpose(0, 2, 1, 3)
     return out
 
 
@@ -74,13 +87,14 @@ class Screen:
     """A screen's running lists (m per query row), their bounds, and the threads that fill them.
     Subclasses make the operands of each gallery item and call :meth:`_run`."""
 
-    def __init__(self, lib, window_type, p: int, m: int, q_fine: np.ndarray):
+    def __init__(self, lib, window_type, p: int, m: int, q_fine: np.ndarray, three: bool = False):
         self._last = time.perf_counter()
         self.seconds: dict[str, float] = {}  # where the time went, by part (bench speed's profile)
-        self.lib, self.window_type, self.p, self.m = lib, window_type, p, m
+        self.lib, self.window_type, self.p, self.m, self.three = lib, window_type, p, m, three
         self.rows = up(p)
-        self.k_fine = up(q_fine.shape[1])
-        self.a_fine = tiled(q_fine, self.rows)
+        bits = parts(q_fine, three)
+        self.k_fine = bits.shape[1]
+        self.a_fine = tiled(bits, self.rows)
         self.q_norm = np.linalg.norm(q_fine, axis=1).astype(np.float64)
         self.vals = np.full((self.rows, m), np.inf, np.float32)
         self.idx = np.full((self.rows, m), -1, np.int64)
@@ -94,9 +108,9 @@ class Screen:
 
     def set_error_scale(self, k: int) -> None:
         """The bound factors for a contraction of k and, from them, e_i per row."""
-        self.bf16, self.hi_lo = factors(k)
+        once, self.hi_lo, three = factors(k)
         self.rowscale = np.zeros(self.rows, np.float32)  # e_i: the fine products' error is at most e_i |g_j|
-        self.rowscale[: self.p] = self.bf16 * 2 * self.q_norm * (1 + 1e-6)
+        self.rowscale[: self.p] = (three if self.three else once) * 2 * self.q_norm * (1 + 1e-6)
 
     def lap(self, part: str) -> None:
         """Charge the time since the last lap to ``part``."""
@@ -159,14 +173,15 @@ class Screen:
 
 
 class PlainScreen(Screen):
-    """Query rows (P, D) against blocks of gallery rows (M_b, D), in slabs of N_PAD gallery rows."""
+    """Query rows (P, D) against blocks of gallery rows (M_b, D), in slabs of N_PAD gallery rows;
+    ``three``: both sides in two bf16 parts, three products (a bound some 80x tighter, 3x the work)."""
 
     N_PAD = 256
 
-    def __init__(self, lib, window_type, query: np.ndarray, m: int):
+    def __init__(self, lib, window_type, query: np.ndarray, m: int, three: bool = False):
         q = np.asarray(query, np.float32)
         self.mu = q.mean(0, dtype=np.float64).astype(np.float32)
-        super().__init__(lib, window_type, len(q), m, q - self.mu)
+        super().__init__(lib, window_type, len(q), m, q - self.mu, three)
         self.dim = q.shape[1]
         self.set_error_scale(self.k_fine)
         self.offset = 0
@@ -177,9 +192,9 @@ class PlainScreen(Screen):
         g = np.ascontiguousarray(block, np.float32)
         if g.ndim != 2 or g.shape[1] != self.dim:
             raise ValueError(f"gallery block has shape {g.shape}, expected (M, {self.dim})")
-        n_pad, k, n = self.N_PAD, self.k_fine, len(g)
+        n_pad, k, n = self.N_PAD, up(self.dim), len(g)
         n_slab = max(1, -(-n // n_pad))
-        b = aligned((n_slab, k * n_pad), np.uint16)
+        b = aligned((n_slab, self.k_fine * n_pad), np.uint16)
         norms = aligned((n_slab, n_pad), np.float32, np.inf)
         colnorm, colsq = aligned((n_slab, n_pad), np.float32, 0.0), np.zeros((n_slab, n_pad), np.float32)
         self.lap("other (bounds, bookkeeping)")
@@ -188,7 +203,7 @@ class PlainScreen(Screen):
             for s in range(t, n_slab, len(self.parts)):
                 rows = min(n_pad, n - s * n_pad)
                 self.lib.se_pack_b(ptr(g) + 4 * s * n_pad * self.dim, self.dim, 1, rows, self.dim, ptr(self.mu), -2.0,
-                                   n_pad, k, ptr(b[s]), ptr(colnorm[s]), ptr(colsq[s]))
+                                   n_pad, k, 3 if self.three else 1, ptr(b[s]), ptr(colnorm[s]), ptr(colsq[s]))
 
         self._parallel(pack, [(t,) for t in range(len(self.parts))])
         valid = np.arange(n_slab * n_pad) < n
@@ -242,7 +257,7 @@ class PyramidScreen(Screen):
             for s, (start, end, weights) in enumerate(windows):
                 for half in (0, k_pad * self.n_pad):  # hi and lo meet the same weights
                     lib.se_pack_b(ptr(weights), 1, weights.shape[1], weights.shape[1], end - start, None, 1.0,
-                                  self.n_pad, k_pad, ptr(b[s]) + 2 * int(half), None, None)
+                                  self.n_pad, k_pad, 1, ptr(b[s]) + 2 * int(half), None, None)
             native = np.ascontiguousarray(centred[i].reshape(h * w, ch))
             self.levels.append({"q": native, "at": np.ascontiguousarray(at, np.int64), "w": np.ascontiguousarray(wt, np.float32),
                                 "starts": np.array([start for start, _, _ in windows], np.int64), "k_pad": k_pad, "b": b,
@@ -274,7 +289,7 @@ class PyramidScreen(Screen):
             for s in range(t, len(slabs.slabs), n_parts):
                 y0, r, _ = slabs.slabs[s]
                 lib.se_pack_b(ptr(g_fine) + 4 * y0 * big_w * c, c, 1, r * big_w, c, ptr(self.mu_fine), -2.0,
-                              self.n_pad, self.k_fine, ptr(self.b_fine[s]), ptr(self.colnorm[s]), None)
+                              self.n_pad, self.k_fine, 1, ptr(self.b_fine[s]), ptr(self.colnorm[s]), None)
             for lv, gc, out in zip(self.levels, centred, natives):
                 a, b = len(out) * t // n_parts, len(out) * (t + 1) // n_parts
                 np.matmul(lv["q"][a:b].astype(out.dtype), gc.T.astype(out.dtype), out=out[a:b])  # at native resolution
@@ -317,9 +332,9 @@ class PyramidScreen(Screen):
         self.lap("other (bounds, bookkeeping)")
 
 
-def settle_blocks(screen: Screen, query: np.ndarray, blocks: Sequence[np.ndarray], kappa: int, fp32) -> TopK:
+def settle_blocks(screen: Screen, query: np.ndarray, blocks: Sequence[np.ndarray], kappa: int, rescore: Callable) -> TopK:
     """:meth:`Screen.settle` for plain rows: candidates re-computed from their blocks, unsettled rows
-    searched again by ``fp32`` (a NumpyScorer)."""
+    searched again by ``rescore(rows)``."""
     starts = np.cumsum([0] + [len(b) for b in blocks])
     q = np.asarray(query, np.float32)
 
@@ -332,4 +347,4 @@ def settle_blocks(screen: Screen, query: np.ndarray, blocks: Sequence[np.ndarray
             out[pp, ss] = np.einsum("nd,nd->n", diff, diff)
         return out
 
-    return screen.settle(kappa, exact, lambda rows: fp32.topk(q[rows], blocks, kappa))
+    return screen.settle(kappa, exact, rescore)

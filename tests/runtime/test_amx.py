@@ -170,13 +170,18 @@ def test_plain_rows_find_the_exact_neighbours(kappa):
     np.testing.assert_allclose(top.distances, ref_d, rtol=1e-5)
 
 
-def test_plain_rows_the_screen_cannot_settle_are_searched_again(monkeypatch):
+@pytest.mark.parametrize("rescreen_rows", [1, 10**9])
+def test_plain_rows_the_screen_cannot_settle_are_searched_again(rescreen_rows, monkeypatch):
+    """Unsettled rows go to the three-product screen (when there are enough of them), and what that
+    cannot settle to the fp32 path."""
     monkeypatch.setattr(amx, "SPARE", 0)
+    monkeypatch.setattr(amx, "RESCREEN_ROWS", rescreen_rows)
     rng = np.random.default_rng(2)
     q, g = rng.normal(size=(64, 24)).astype(np.float32), rng.normal(size=(900, 24)).astype(np.float32)
     scorer = amx.AmxScorer()
     top = scorer.topk(q, [g[:450], g[450:]], 2)
     assert scorer.stats["rows_rescored"] > 0
+    assert scorer.stats.get("rows_rescreened", 0) > 0 if rescreen_rows == 1 else "rows_rescreened" not in scorer.stats
     ref_d, ref_i = brute_force(q, g, 2)
     np.testing.assert_array_equal(top.indices, ref_i)
     with pytest.raises(ValueError, match="fewer than kappa"):
@@ -186,3 +191,23 @@ def test_plain_rows_the_screen_cannot_settle_are_searched_again(monkeypatch):
 def test_owes_what_every_scorer_owes():
     check_close_neighbours_keep_their_digits(amx.AmxScorer())
     check_rejects_bad_arguments(amx.AmxScorer())
+
+
+def test_the_three_product_bound_holds_and_is_tighter():
+    """Plain rows, every gallery row kept: the bounds bracket each expanded distance (float64), and
+    three products bracket it far more tightly than one."""
+    from spade_edge.runtime.scoring.amx_screen import PlainScreen
+
+    rng = np.random.default_rng(4)
+    q, g = (2 + rng.normal(size=(40, 72))).astype(np.float32), (2 + rng.normal(size=(96, 72))).astype(np.float32)
+    widths = []
+    for three in (False, True):
+        screen = PlainScreen(amx._kernel()[0], amx._Window, q, 96, three)
+        screen.add(g)
+        screen.close()
+        low, idx, high, _ = screen.bounds(1)
+        q64, g64 = q.astype(np.float64) - screen.mu, g.astype(np.float64) - screen.mu
+        truth = np.take_along_axis((g64**2).sum(1)[None, :] - 2 * q64 @ g64.T, idx, 1)
+        assert np.all(low <= truth) and np.all(truth <= high)
+        widths.append(np.median(high - low))
+    assert widths[1] < widths[0] / 20

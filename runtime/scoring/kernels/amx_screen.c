@@ -45,23 +45,41 @@ static inline int64_t b_at(int64_t k, int64_t n, int64_t n_pad) {
     return ((k / 32) * (n_pad / 16) + n / 16) * 512 + (k % 32 / 2) * 32 + (n % 16) * 2 + (k & 1);
 }
 
+static inline float from_bf16(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float x;
+    memcpy(&x, &u, 4);
+    return x;
+}
+
 /* dst (k_pad x n_pad, B layout) = bf16(scale * (src[n * sn + k * sk] - mu[k])) for n < n_valid, k < k_valid,
    zero elsewhere; if given, colnorm[n] = |src[n] - mu| rounded up (the caller's error bound) and
-   colsq[n] = |src[n] - mu|^2 (summed in double). */
+   colsq[n] = |src[n] - mu|^2 (summed in double). parts = 3: three such blocks of k_pad rows, the value
+   in two bf16 parts as hi, lo, hi, to meet an A of q's hi, hi, lo (three products, 16 bits each side). */
 void se_pack_b(const float *src, int64_t sn, int64_t sk, int32_t n_valid, int32_t k_valid, const float *mu,
-               float scale, int32_t n_pad, int32_t k_pad, uint16_t *dst, float *colnorm, float *colsq) {
-    memset(dst, 0, sizeof(uint16_t) * (size_t)n_pad * (size_t)k_pad);
+               float scale, int32_t n_pad, int32_t k_pad, int32_t parts, uint16_t *dst, float *colnorm, float *colsq) {
+    memset(dst, 0, sizeof(uint16_t) * (size_t)n_pad * (size_t)k_pad * (size_t)parts);
+    int64_t *at = (int64_t *)malloc(sizeof(int64_t) * (k_valid > 0 ? k_valid : 1)); /* b_at without divisions */
+    for (int32_t k = 0; k < k_valid; k++) at[k] = b_at(k, 0, n_pad);
+    int64_t lo_off = b_at(k_pad, 0, n_pad), hi2_off = b_at(2 * (int64_t)k_pad, 0, n_pad);
     for (int32_t n = 0; n < n_valid; n++) {
         double norm = 0.0;
         const float *s = src + n * sn;
+        uint16_t *d = dst + (n / 16) * 512 + (n % 16) * 2;
         for (int32_t k = 0; k < k_valid; k++) {
             float v = s[k * sk] - (mu ? mu[k] : 0.0f);
             norm += (double)v * v;
-            dst[b_at(k, n, n_pad)] = to_bf16(scale * v);
+            uint16_t hi = to_bf16(scale * v);
+            d[at[k]] = hi;
+            if (parts == 3) {
+                d[lo_off + at[k]] = to_bf16(scale * v - from_bf16(hi));
+                d[hi2_off + at[k]] = hi;
+            }
         }
         if (colnorm) colnorm[n] = (float)sqrt(norm) * (1.0f + 1e-6f); /* rounded up */
         if (colsq) colsq[n] = (float)norm;
     }
+    free(at);
 }
 
 typedef struct {
