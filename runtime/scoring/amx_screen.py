@@ -259,13 +259,14 @@ class PyramidScreen(Screen):
                     lib.se_pack_b(ptr(weights), 1, weights.shape[1], weights.shape[1], end - start, None, 1.0,
                                   self.n_pad, k_pad, 1, ptr(b[s]) + 2 * int(half), None, None)
             native = np.ascontiguousarray(centred[i].reshape(h * w, ch))
-            self.levels.append({"q": native, "at": np.ascontiguousarray(at, np.int64), "w": np.ascontiguousarray(wt, np.float32),
+            dtype = np.float64 if h * w <= NATIVE64 else np.float32
+            self.levels.append({"q": native.astype(dtype), "q_mu": (native.astype(np.float64) @ self.mu[i]).astype(dtype), "at": np.ascontiguousarray(at, np.int64), "w": np.ascontiguousarray(wt, np.float32),
                                 "starts": np.array([start for start, _, _ in windows], np.int64), "k_pad": k_pad, "b": b,
                                 "rowmax": np.zeros(self.rows, np.float32),
                                 "q_max": float(np.sqrt(np.einsum("ij,ij->i", native, native).max())), "channels": ch,
                                 # products of the coarsest levels in float64 (cheap there): their fp32 bound,
                                 # channels x 2^-24 x |q| |g|, would otherwise widen every row's window
-                                "native": np.float64 if h * w <= NATIVE64 else np.float32})
+                                "native": dtype, "mu_norm": float(np.linalg.norm(self.mu[i]))})
         self.set_error_scale(self.k_fine + sum(2 * lv["k_pad"] for lv in self.levels))
         self.windows = (window_type * max(1, len(self.levels)))()
         for g, lv in enumerate(self.levels):  # the native products (m) come with each gallery image
@@ -280,9 +281,10 @@ class PyramidScreen(Screen):
         slabs, lib, p, big_w, c = self.slabs, self.lib, self.p, self.slabs.grid[1], self.c_fine
         self.lap("gallery decoded")
         g = [np.asarray(x, np.float32) for x in levels]
-        g_fine = np.ascontiguousarray(np.concatenate([g[i].reshape(p, -1) for i, f in enumerate(slabs.fine) if f], axis=1))
-        centred = [g[i].reshape(-1, g[i].shape[2]) - self.mu[i] for i in self.coarse]
-        natives = [np.empty((lv["q"].shape[0], gc.shape[0]), lv["native"]) for lv, gc in zip(self.levels, centred)]
+        fine = [g[i].reshape(p, -1) for i, f in enumerate(slabs.fine) if f]
+        g_fine = np.ascontiguousarray(fine[0] if len(fine) == 1 else np.concatenate(fine, axis=1))
+        flat = [g[i].reshape(-1, g[i].shape[2]) for i in self.coarse]
+        natives = [np.empty((lv["q"].shape[0], x.shape[0]), lv["native"]) for lv, x in zip(self.levels, flat)]
         n_parts = len(self.parts)
 
         def operands(t: int) -> None:  # part t of the slabs' B and of the native products
@@ -290,9 +292,11 @@ class PyramidScreen(Screen):
                 y0, r, _ = slabs.slabs[s]
                 lib.se_pack_b(ptr(g_fine) + 4 * y0 * big_w * c, c, 1, r * big_w, c, ptr(self.mu_fine), -2.0,
                               self.n_pad, self.k_fine, 1, ptr(self.b_fine[s]), ptr(self.colnorm[s]), None)
-            for lv, gc, out in zip(self.levels, centred, natives):
+            for lv, x, out in zip(self.levels, flat, natives):
                 a, b = len(out) * t // n_parts, len(out) * (t + 1) // n_parts
-                np.matmul(lv["q"][a:b].astype(out.dtype), gc.T.astype(out.dtype), out=out[a:b])  # at native resolution
+                # at native resolution: (q - mu) . (g - mu) = (q - mu) . g - (q - mu) . mu
+                np.matmul(lv["q"][a:b], x.T if out.dtype == np.float32 else x.T.astype(out.dtype), out=out[a:b])
+                out[a:b] -= lv["q_mu"][a:b, None]
 
         jobs = [self.pool.submit(operands, t) for t in range(n_parts)]
         self.lap("other (bounds, bookkeeping)")
@@ -322,8 +326,9 @@ class PyramidScreen(Screen):
         # c_i, per image: the coarse parts' rounding (weights' column sums are 2), the native products' own
         # rounding, the fp32 steps of the norms (y-upsampling, <mu, Ug>, storing) and of the epilogue's sums
         rowmax = sum(2 * lv["rowmax"][:p].astype(np.float64) for lv in self.levels)
-        native = sum(2 * lv["channels"] * (F32 if lv["native"] == np.float32 else 2.0**-53) * lv["q_max"]
-                     * float(np.sqrt(np.einsum("ij,ij->i", gc, gc).max())) for lv, gc in zip(self.levels, centred))
+        native = sum(2 * lv["channels"] * (F32 if lv["native"] == np.float32 else 2.0**-53) * lv["q_max"] * (lv["mu_norm"]
+                     + float(np.sqrt(np.einsum("ij,ij->i", x, x).max()))) + 4 * F32 * lv["q_max"] * lv["mu_norm"]
+                     for lv, x in zip(self.levels, flat))
         big = float(np.sqrt(max(float(n.max()), 0.0))) + np.sqrt(mu_sq)
         sums = 4 * F32 * (big * big + float(np.abs(norms).max()) + rowmax
                           + 2 * self.q_norm * (float(self.gnorms[-1].max()) + np.sqrt(mu_sq)))
