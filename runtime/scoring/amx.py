@@ -35,13 +35,6 @@ RESCREEN_ROWS = 256
 FLAGS = ("-O3", "-mamx-tile", "-mamx-bf16", "-mavx512f", "-mavx512bf16")
 
 
-class _Window(ctypes.Structure):
-    """kernels/amx_screen.c's ``window``: a coarse level's native products and what the slabs read of them."""
-    _fields_ = [("m", ctypes.c_void_p), ("lds", ctypes.c_int64), ("cols", ctypes.c_int64), ("at", ctypes.c_void_p),
-                ("w", ctypes.c_void_p), ("starts", ctypes.c_void_p), ("k_pad", ctypes.c_int64), ("b", ctypes.c_void_p),
-                ("rowmax", ctypes.c_void_p)]
-
-
 @lru_cache(maxsize=1)
 def _kernel() -> tuple[ctypes.CDLL | None, str]:
     """(the compiled screen, '') or (None, why not)."""
@@ -120,7 +113,7 @@ class AmxScorer(NumpyScorer):
     def _plain(self, lib, q: np.ndarray, blocks: Sequence, kappa: int, three: bool) -> TopK | None:
         """The screen of rows ``q``; rows it cannot settle are screened again with three products, and
         what that cannot settle goes to the fp32 path. None: the first screen gave up."""
-        screen = PlainScreen(lib, _Window, q, kappa + SPARE, three)
+        screen = PlainScreen(lib, q, kappa + SPARE, three)
         if not self._screen(screen, _Args(blocks), kappa):
             return None
         if screen.offset < kappa:
@@ -145,7 +138,7 @@ class AmxScorer(NumpyScorer):
         if lib is None or not slabs.c_fine or kappa < 1 or not len(images) or not _weights_exact(slabs):
             self.stats = {"path": "fp32"}
             return super().topk_pyramid(query, images, grid, kappa)
-        screen = PyramidScreen(lib, _Window, slabs, kappa + SPARE)
+        screen = PyramidScreen(lib, slabs, kappa + SPARE)
         kept_norms = getattr(images, "sqnorms", None)  # a gallery keeps them: see spade._DecodedPyramids
         items = _Pyramids(images, kept_norms)
         if not self._screen(screen, items, kappa):

@@ -10,6 +10,7 @@ distances do not move, products and their rounding shrink.
 """
 from __future__ import annotations
 
+import ctypes
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence
@@ -83,14 +84,21 @@ def tiled(bits: np.ndarray, n_rows: int) -> np.ndarray:
     return out
 
 
+class Window(ctypes.Structure):
+    """kernels/amx_screen.c's ``window``: a coarse level's native products and what the slabs read of them."""
+    _fields_ = [("m", ctypes.c_void_p), ("lds", ctypes.c_int64), ("cols", ctypes.c_int64), ("at", ctypes.c_void_p),
+                ("w", ctypes.c_void_p), ("starts", ctypes.c_void_p), ("k_pad", ctypes.c_int64), ("b", ctypes.c_void_p),
+                ("rowmax", ctypes.c_void_p)]
+
+
 class Screen:
     """A screen's running lists (m per query row), their bounds, and the threads that fill them.
     Subclasses make the operands of each gallery item and call :meth:`_run`."""
 
-    def __init__(self, lib, window_type, p: int, m: int, q_fine: np.ndarray, three: bool = False):
+    def __init__(self, lib, p: int, m: int, q_fine: np.ndarray, three: bool = False):
         self._last = time.perf_counter()
         self.seconds: dict[str, float] = {}  # where the time went, by part (bench speed's profile)
-        self.lib, self.window_type, self.p, self.m, self.three = lib, window_type, p, m, three
+        self.lib, self.p, self.m, self.three = lib, p, m, three
         self.rows = up(p)
         bits = parts(q_fine, three)
         self.k_fine = bits.shape[1]
@@ -178,10 +186,10 @@ class PlainScreen(Screen):
 
     N_PAD = 256
 
-    def __init__(self, lib, window_type, query: np.ndarray, m: int, three: bool = False):
+    def __init__(self, lib, query: np.ndarray, m: int, three: bool = False):
         q = np.asarray(query, np.float32)
         self.mu = q.mean(0, dtype=np.float64).astype(np.float32)
-        super().__init__(lib, window_type, len(q), m, q - self.mu, three)
+        super().__init__(lib, len(q), m, q - self.mu, three)
         self.dim = q.shape[1]
         self.set_error_scale(self.k_fine)
         self.offset = 0
@@ -224,7 +232,7 @@ class PyramidScreen(Screen):
     :class:`.pyramid.PyramidSlabs`: the fine level as one segment, each coarse level's native
     products read through a window per slab in two bf16 parts (the kernel's ``window``)."""
 
-    def __init__(self, lib, window_type, slabs: PyramidSlabs, m: int):
+    def __init__(self, lib, slabs: PyramidSlabs, m: int):
         big_h, big_w = slabs.grid
         p = slabs.p
         self.slabs = slabs
@@ -233,7 +241,7 @@ class PyramidScreen(Screen):
         fine = [i for i, f in enumerate(slabs.fine) if f]
         self.coarse = [i for i, f in enumerate(slabs.fine) if not f]
         self.c_fine = slabs.c_fine
-        super().__init__(lib, window_type, p, m, np.concatenate([centred[i].reshape(p, -1) for i in fine], axis=1))
+        super().__init__(lib, p, m, np.concatenate([centred[i].reshape(p, -1) for i in fine], axis=1))
         self.mu_fine = np.ascontiguousarray(np.concatenate([self.mu[i] for i in fine]))
         self.n_pad = up(slabs.rows * big_w)
         self.per_slab = slabs.rows * big_w
@@ -268,10 +276,10 @@ class PyramidScreen(Screen):
                                 # channels x 2^-24 x |q| |g|, would otherwise widen every row's window
                                 "native": dtype, "mu_norm": float(np.linalg.norm(self.mu[i]))})
         self.set_error_scale(self.k_fine + sum(2 * lv["k_pad"] for lv in self.levels))
-        self.windows = (window_type * max(1, len(self.levels)))()
+        self.windows = (Window * max(1, len(self.levels)))()
         for g, lv in enumerate(self.levels):  # the native products (m) come with each gallery image
-            self.windows[g] = window_type(None, 0, 0, ptr(lv["at"]), ptr(lv["w"]), ptr(lv["starts"]), lv["k_pad"],
-                                          ptr(lv["b"]), ptr(lv["rowmax"]))
+            self.windows[g] = Window(None, 0, 0, ptr(lv["at"]), ptr(lv["w"]), ptr(lv["starts"]), lv["k_pad"],
+                                   ptr(lv["b"]), ptr(lv["rowmax"]))
         self.sqnorms: list[np.ndarray] = []  # per gallery image: |Ug|^2
         self.images = 0
         self.lap("query operands (bf16 tiles, taps)")

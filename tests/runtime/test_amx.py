@@ -62,7 +62,7 @@ def test_the_bound_holds_for_every_pair():
     rng = np.random.default_rng(7)
     grid, shapes = (8, 8), [(8, 8, 48), (4, 4, 96), (2, 2, 200)]
     q, (g,) = _pyramid(rng, shapes, 1, offset=5.0, scale=3.0)
-    screen = PyramidScreen(amx._kernel()[0], amx._Window, PyramidSlabs(q, grid), m=64)
+    screen = PyramidScreen(amx._kernel()[0], PyramidSlabs(q, grid), m=64)
     screen.add(g, None)
     screen.close()
     low, idx, high, _ = screen.bounds(1)
@@ -202,7 +202,7 @@ def test_the_three_product_bound_holds_and_is_tighter():
     q, g = (2 + rng.normal(size=(40, 72))).astype(np.float32), (2 + rng.normal(size=(96, 72))).astype(np.float32)
     widths = []
     for three in (False, True):
-        screen = PlainScreen(amx._kernel()[0], amx._Window, q, 96, three)
+        screen = PlainScreen(amx._kernel()[0], q, 96, three)
         screen.add(g)
         screen.close()
         low, idx, high, _ = screen.bounds(1)
