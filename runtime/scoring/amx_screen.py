@@ -175,7 +175,7 @@ class Screen:
         if unsettled.size:
             redo = rescore(unsettled)
             dist[unsettled], index[unsettled] = redo.distances, redo.indices
-        self.lap("fp32 re-scoring of unsettled rows")
+        self.lap("unsettled rows searched again")
         self.stats = {"candidates": int(which.sum()), "rows_rescored": int(unsettled.size), "seconds": self.seconds}
         return TopK(dist.astype(np.float32), index)
 
@@ -201,6 +201,8 @@ class PlainScreen(Screen):
         if g.ndim != 2 or g.shape[1] != self.dim:
             raise ValueError(f"gallery block has shape {g.shape}, expected (M, {self.dim})")
         n_pad, k, n = self.N_PAD, up(self.dim), len(g)
+        if n == 0:
+            return
         n_slab = max(1, -(-n // n_pad))
         b = aligned((n_slab, self.k_fine * n_pad), np.uint16)
         norms = aligned((n_slab, n_pad), np.float32, np.inf)
@@ -267,14 +269,16 @@ class PyramidScreen(Screen):
                     lib.se_pack_b(ptr(weights), 1, weights.shape[1], weights.shape[1], end - start, None, 1.0,
                                   self.n_pad, k_pad, 1, ptr(b[s]) + 2 * int(half), None, None)
             native = np.ascontiguousarray(centred[i].reshape(h * w, ch))
+            # products of the coarsest levels in float64 (cheap there): their fp32 bound, channels x 2^-24
+            # x |q| |g|, would otherwise widen every row's window
             dtype = np.float64 if h * w <= NATIVE64 else np.float32
-            self.levels.append({"q": native.astype(dtype), "q_mu": (native.astype(np.float64) @ self.mu[i]).astype(dtype), "at": np.ascontiguousarray(at, np.int64), "w": np.ascontiguousarray(wt, np.float32),
-                                "starts": np.array([start for start, _, _ in windows], np.int64), "k_pad": k_pad, "b": b,
-                                "rowmax": np.zeros(self.rows, np.float32),
-                                "q_max": float(np.sqrt(np.einsum("ij,ij->i", native, native).max())), "channels": ch,
-                                # products of the coarsest levels in float64 (cheap there): their fp32 bound,
-                                # channels x 2^-24 x |q| |g|, would otherwise widen every row's window
-                                "native": dtype, "mu_norm": float(np.linalg.norm(self.mu[i]))})
+            self.levels.append({
+                "q": native.astype(dtype), "q_mu": (native.astype(np.float64) @ self.mu[i]).astype(dtype),
+                "q_max": float(np.sqrt(np.einsum("ij,ij->i", native, native).max())), "native": dtype,
+                "channels": ch, "mu_norm": float(np.linalg.norm(self.mu[i])),
+                "at": np.ascontiguousarray(at, np.int64), "w": np.ascontiguousarray(wt, np.float32),
+                "starts": np.array([start for start, _, _ in windows], np.int64), "k_pad": k_pad, "b": b,
+                "rowmax": np.zeros(self.rows, np.float32)})
         self.set_error_scale(self.k_fine + sum(2 * lv["k_pad"] for lv in self.levels))
         self.windows = (Window * max(1, len(self.levels)))()
         for g, lv in enumerate(self.levels):  # the native products (m) come with each gallery image

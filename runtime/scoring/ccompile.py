@@ -32,8 +32,11 @@ def load(source: str, flags: tuple[str, ...]) -> ctypes.CDLL:
         lib.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:  # compile aside, then rename: no half-written library
             out = Path(tmp) / lib.name
-            run = subprocess.run([cc, *flags, "-shared", "-fPIC", "-o", str(out), str(KERNELS / source)],
-                                 capture_output=True, text=True)
+            try:
+                run = subprocess.run([cc, *flags, "-shared", "-fPIC", "-o", str(out), str(KERNELS / source)],
+                                     capture_output=True, text=True)
+            except OSError as exc:
+                raise RuntimeError(f"could not run the C compiler {cc!r}: {exc}") from exc
             if run.returncode:
                 raise RuntimeError(f"{cc} could not compile {source}: {run.stderr.strip()[-500:]}")
             os.replace(out, lib)
