@@ -114,7 +114,8 @@ def _x_upsampled_sqnorms(t: np.ndarray, big_w: int) -> np.ndarray:
     sq = np.einsum("yxc,yxc->yx", t, t, dtype=np.float64)
     cross = np.zeros((big_h, w), np.float64)
     cross[:, :-1] = np.einsum("yxc,yxc->yx", t[:, :-1], t[:, 1:], dtype=np.float64)
-    j0, j1, v0, v1 = (np.asarray(a, np.float64) if a.dtype.kind == "f" else a for a in taps(big_w, w))
+    j0, j1, v0, v1 = taps(big_w, w)
+    v0, v1 = v0.astype(np.float64), v1.astype(np.float64)
     return sq[:, j0] * (v0 * v0) + sq[:, j1] * (v1 * v1) + cross[:, j0] * (2 * v0 * v1)
 
 

@@ -80,7 +80,7 @@ def scoring(backbone: str, k: int, repeats: int, peers: bool = True, seed: int =
     out["scorer"] = ours.name
     levels = ours.topk_pyramid(q, gal, grid, 1)
     out["ours_levels_s"] = median_time(lambda: ours.topk_pyramid(q, gal, grid, 1), repeats)
-    out["ours_stats"] = {k: v for k, v in getattr(ours, "stats", {}).items() if k != "seconds"}
+    out["ours_stats"] = {key: v for key, v in getattr(ours, "stats", {}).items() if key != "seconds"}
     same_fp32 = fp32.topk_pyramid(q, gal, grid, 1)
     out["fp32_levels_s"] = median_time(lambda: fp32.topk_pyramid(q, gal, grid, 1), repeats)
     out["same_neighbours_as_fp32"] = float((same_fp32.indices[:, 0] == levels.indices[:, 0]).mean())
@@ -239,7 +239,7 @@ def end_to_end(k: int = 50, repeats: int = 3, modes: tuple[str, ...] = ("concat"
             stages["total"] = float(np.median([sum(t.values()) for t in timings]))
             stages["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             out[label] = {"scorer": scorer.name, "stages": stages,
-                          "stats": {k: v for k, v in getattr(scorer, "stats", {}).items() if k != "seconds"}}
+                          "stats": {key: v for key, v in getattr(scorer, "stats", {}).items() if key != "seconds"}}
     return out
 
 
