@@ -10,7 +10,7 @@
    - B "VNNI" tiled: the 16 x 32 tile of k pairs (k / 32, n / 16) contiguous at ((k / 32) * n_pad / 16 + n / 16) * 512,
      element (k, n) inside it at (k % 32 / 2) * 32 + (n % 16) * 2 + k % 2.
    Contiguous, 64-byte aligned tiles keep the loads from L2 in whole lines (strided or misaligned
-   tiles ran 2-5x slower). Query rows come in blocks of 32 and gallery columns in blocks of 32: two by
+   tiles ran over 2x slower). Query rows come in blocks of 32 and gallery columns in blocks of 32: two by
    two tiles of 16 x 16 sums. */
 #include <immintrin.h>
 #include <math.h>
