@@ -124,8 +124,10 @@ class AmxScorer(NumpyScorer):
             if three or len(rows) < RESCREEN_ROWS:
                 return NumpyScorer(self.block_bytes).topk(q[rows], blocks, kappa)
             top = self._plain(lib, q[rows], blocks, kappa, three=True)
-            again.update(rows_rescreened=len(rows), rows_rescored=self.stats.get("rows_rescored", 0))
-            return top if top is not None else NumpyScorer(self.block_bytes).topk(q[rows], blocks, kappa)
+            if top is None:  # the three-product screen gave up too
+                top = NumpyScorer(self.block_bytes).topk(q[rows], blocks, kappa)
+            again.update(rows_rescreened=len(rows), rows_rescored=self.stats.get("rows_rescored", len(rows)))
+            return top
 
         top = settle_blocks(screen, q, blocks, kappa, rescore)
         self._settled(screen, top)
@@ -174,14 +176,14 @@ class AmxScorer(NumpyScorer):
 class _Args(Sequence):
     """Items as argument tuples for ``screen.add``, read lazily."""
 
-    def __init__(self, items, make=lambda x: (x,)):
-        self.items, self.make = items, make
+    def __init__(self, items):
+        self.items = items
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, j):
-        return self.make(self.items[j])
+        return (self.items[j],)
 
 
 class _Pyramids(_Args):
