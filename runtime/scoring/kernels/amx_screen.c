@@ -160,7 +160,7 @@ void se_screen(int64_t r0, int64_t r1, int64_t p, int32_t n_slab, int32_t n_pad,
     int64_t room = 0;
     for (int32_t g = 0; g < n_win; g++) room += 2 * 2 * (wins[g].k_pad / 32) * 512;
     uint16_t *wbuf = (uint16_t *)aligned_alloc(64, sizeof(uint16_t) * (room ? room : 1));
-    segment sg[1 + 16];
+    segment *sg = (segment *)malloc(sizeof(segment) * (1 + n_win));
     for (int32_t s = 0; s < n_slab; s++) { /* a slab's B stays in L2 while every row block passes */
         const float *nrm = norms + (int64_t)s * n_pad, *cn = colnorm + (int64_t)s * n_pad;
         int64_t first = base + s * cells_per_slab, n_seg = 1 + n_win;
@@ -221,4 +221,5 @@ void se_screen(int64_t r0, int64_t r1, int64_t p, int32_t n_slab, int32_t n_pad,
     }
     _tile_release();
     free(wbuf);
+    free(sg);
 }
