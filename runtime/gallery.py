@@ -123,8 +123,11 @@ class Gallery:
     @property
     def global_sqnorm(self) -> np.ndarray:
         """Squared norms of the global features, computed once per loaded gallery."""
-        g = np.asarray(self.global_features, np.float32)
-        return self.memo("global_sqnorm", lambda: np.einsum("ij,ij->i", g, g))
+        def make() -> np.ndarray:
+            g = np.asarray(self.global_features, np.float32)
+            return np.einsum("ij,ij->i", g, g)
+
+        return self.memo("global_sqnorm", make)
 
     def memo(self, key, make):
         """A value derived from the stored features (``make()``), made on first use and kept while the

@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 
 from ..resample import interp_matrix, upsample_hwc
+from ..threads import blas_single_threaded
 from . import ccompile
 from .amx_screen import PlainScreen, PyramidScreen, aligned, bf16, factors, parts, ptr, settle_blocks, tiled
 from .base import TopK, concat_upsampled
-from .blas import single_threaded
 from .numpy import NumpyScorer, _smallest, _Top
 from .pyramid import PyramidSlabs, exact_distances
 
@@ -155,15 +155,15 @@ class AmxScorer(NumpyScorer):
         of the first PROBE leaves more than GIVE_UP of the rows unsettled."""
         done = 0
         try:
-            with single_threaded():  # our threads split the BLAS work; its own pool would only spin against them
+            with blas_single_threaded():  # our threads split the BLAS work; its own pool would only spin against them
                 for j in range(len(items)):
                     screen.add(*items[j])
                     done += 1
-                    if done == PROBE and len(items) > 2 * PROBE and screen.unsettled(kappa).mean() > GIVE_UP:
-                        # features too alike for bf16 to tell apart (or a query unlike the gallery)
-                        self.stats = {"path": "fp32", "gave_up_after": done,
-                                      "unsettled_share": float(screen.unsettled(kappa).mean())}
-                        return False
+                    if done == PROBE and len(items) > 2 * PROBE:
+                        share = float(screen.unsettled(kappa).mean())
+                        if share > GIVE_UP:  # features too alike for bf16 to tell apart (or a query unlike the gallery)
+                            self.stats = {"path": "fp32", "gave_up_after": done, "unsettled_share": share}
+                            return False
         finally:
             screen.close()
         return True

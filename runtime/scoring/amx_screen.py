@@ -157,9 +157,11 @@ class Screen:
         high[idx < 0] = np.inf
         return low, idx, high, np.sort(high, axis=1)[:, kappa - 1]
 
-    def unsettled(self, kappa: int) -> np.ndarray:
-        """Rows whose dropped candidates may still belong (their lower bounds are >= the list's largest)."""
-        *_, limit = self.bounds(kappa)
+    def unsettled(self, kappa: int, limit: np.ndarray | None = None) -> np.ndarray:
+        """Rows whose dropped candidates may still belong (their lower bounds are >= the list's
+        largest); ``limit``: :meth:`bounds`' last value, where the caller has it."""
+        if limit is None:
+            *_, limit = self.bounds(kappa)
         return ~(self.thr[: self.p].astype(np.float64) - self.slack > limit)
 
     def settle(self, kappa: int, exact: Callable, rescore: Callable) -> TopK:
@@ -171,7 +173,7 @@ class Screen:
         pick = np.lexsort((idx, dist), axis=1)[:, :kappa]
         dist, index = np.take_along_axis(dist, pick, 1), np.take_along_axis(idx, pick, 1)
         self.lap("exact re-computation of the candidates")
-        unsettled = np.flatnonzero(self.unsettled(kappa))
+        unsettled = np.flatnonzero(self.unsettled(kappa, limit))
         if unsettled.size:
             redo = rescore(unsettled)
             dist[unsettled], index[unsettled] = redo.distances, redo.indices

@@ -12,8 +12,6 @@ from __future__ import annotations
 import ctypes
 import glob
 import os
-import threading
-from contextlib import contextmanager
 from functools import lru_cache
 
 import numpy as np
@@ -35,35 +33,6 @@ def _openblas() -> list[ctypes.CDLL]:
         except OSError:
             continue
     return libs
-
-
-_single = {"depth": 0, "saved": []}
-_single_lock = threading.Lock()
-
-
-@contextmanager
-def single_threaded():
-    """Inside, BLAS calls run on their calling thread alone (restored when the last one leaves):
-    for code that splits work over its own threads, so that no BLAS pool spins on their cores."""
-    with _single_lock:
-        if _single["depth"] == 0:
-            for lib in _openblas():
-                get = getattr(lib, "scipy_openblas_get_num_threads64_", None)
-                put = getattr(lib, "scipy_openblas_set_num_threads64_", None)
-                if get is not None and put is not None:
-                    get.restype, put.argtypes, put.restype = ctypes.c_int, [ctypes.c_int], None
-                    _single["saved"].append((put, get()))
-                    put(1)
-        _single["depth"] += 1
-    try:
-        yield
-    finally:
-        with _single_lock:
-            _single["depth"] -= 1
-            if _single["depth"] == 0:
-                for put, before in _single["saved"]:
-                    put(before)
-                _single["saved"].clear()
 
 
 @lru_cache(maxsize=1)
