@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from spade_edge.runtime import cpu
 from spade_edge.runtime.features import FeatureBackend
 from spade_edge.runtime.images import Preprocess, load_image
 
@@ -55,6 +56,8 @@ def drift_report(ref: FeatureBackend, test: FeatureBackend, normal, anomalous, o
         "calibration": test.info.extra.get("calibration"),
         "features": {"normal": feature_drift(ref, test, normal), "anomalous": feature_drift(ref, test, anomalous)},
         "images": {"normal": len(normal), "anomalous": len(anomalous)},
+        # INT8 products differ by CPU kernel (runtime/cpu.py): the figures hold for this one
+        "measured_on": {"cpu": cpu.model_name(), "int8_kernel": cpu.int8_kernel()[0], "summary": cpu.summary()},
     }
     t_ref, t_test = latency(ref, repeats=repeats), latency(test, repeats=repeats)
     report["latency"] = {"fp32_ms": t_ref * 1e3, "reduced_ms": t_test * 1e3, "ratio": t_test / t_ref, "batch": 1}
@@ -68,6 +71,7 @@ def drift_report(ref: FeatureBackend, test: FeatureBackend, normal, anomalous, o
 
 def markdown(r: dict, backbone: str) -> str:
     lines = [f"# {backbone}: {r['precision']} against fp32", "", f"Calibration: {r['calibration']}", "",
+             f"Measured on: {r['measured_on']['summary']}", "",
              "| output | normal: cosine mean | cosine p1 | rel. error | anomalous: cosine mean | cosine p1 | rel. error |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for k, n in r["features"]["normal"].items():

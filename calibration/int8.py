@@ -1,6 +1,8 @@
 """Static INT8 quantization into explicit Q/DQ form (what TensorRT 10/11 and ONNX Runtime accept):
 symmetric int8 activations (zero point 0), per-channel symmetric int8 weights, calibrated on
-normal images. The pre-processing at the head of the graph (cast, normalise, transpose) and the
+normal images. Weights use 7 bits of the int8 range by default: x86 CPUs without VNNI (AVX2-only
+machines, most industrial PCs) sum u8 x s8 products in saturating 16-bit pairs, which full-range
+weights overflow (runtime/cpu.py); 7-bit weights give the same result on every CPU and GPU. The pre-processing at the head of the graph (cast, normalise, transpose) and the
 nodes that produce the outputs stay in float; chosen layers, or the N most sensitive ones, can
 be kept in float too."""
 from __future__ import annotations
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from spade_edge.runtime import cpu
 from spade_edge.runtime.errors import require
 from spade_edge.runtime.images import Preprocess
 
@@ -33,6 +36,9 @@ class Int8Options:
     # this value on the probe images (0: off). The early, high-resolution layers are where int8
     # error is amplified by everything after them (docs/results.md, calibration)
     target_cosine: float = 0.0
+    # 7: weights in [-64, 64], exact on every CPU; 8: the full range, exact only where int8 products
+    # accumulate in 32 bits (VNNI, AMX, Arm, GPUs): for a model that only TensorRT will run
+    weight_bits: int = 7
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -43,6 +49,8 @@ class Int8Options:
             raise ValueError("auto_exclude must be >= 0")
         if not 0 <= self.target_cosine < 1:
             raise ValueError("target_cosine must be in [0, 1)")
+        if self.weight_bits not in (7, 8):
+            raise ValueError("weight_bits must be 7 (exact on every CPU) or 8 (exact with VNNI, AMX, Arm or a GPU)")
 
 
 @dataclass
@@ -85,7 +93,7 @@ def _quantize(pre_path: Path, out: Path, reader, opts: Int8Options, exclude: lis
         str(pre_path), str(out), reader, quant_format=q.QuantFormat.QDQ, per_channel=True,
         activation_type=q.QuantType.QInt8, weight_type=q.QuantType.QInt8,
         calibrate_method=getattr(q.CalibrationMethod, METHODS[opts.method]),
-        nodes_to_exclude=exclude, extra_options=extra,
+        nodes_to_exclude=exclude, extra_options=extra, reduce_range=opts.weight_bits == 7,
     )
 
 
@@ -222,7 +230,9 @@ def int8_from_onnx(model_path: str | os.PathLike, images: list[Path], out: str |
                                               result)
         result.excluded = list(opts.exclude) + result.excluded
         details = {"method": opts.method, "images": len(images), "activations": "int8 symmetric",
-                   "weights": "int8 symmetric per channel", "kept_float": result.excluded}
+                   "weights": f"int8 symmetric per channel, {opts.weight_bits}-bit range",
+                   "weight_bits": opts.weight_bits, "kept_float": result.excluded,
+                   "measured_on": {"cpu": cpu.model_name(), "int8_kernel": cpu.int8_kernel()[0]}}
         if opts.target_cosine:
             details.update(target_cosine=opts.target_cosine, leading_float=result.leading_float,
                            probe_cosine={k: round(v, 4) for k, v in result.probe_cosine.items()})

@@ -96,8 +96,11 @@ class BuildPlan:
 
 
 def _plan_trt10(precision: str, model_precision: str) -> BuildPlan:
-    """TensorRT 10: weakly typed, reduced precision allowed by builder flags."""
-    flags = {("fp32", "fp32"): (), ("fp16", "fp32"): ("FP16",), ("fp16", "fp16"): ("FP16",), ("int8", "int8"): ("INT8",)}
+    """TensorRT 10: weakly typed, reduced precision allowed by builder flags. An INT8 Q/DQ model also
+    gets FP16: its layers kept in float (pre-processing, the leading convolutions, the outputs) would
+    otherwise run in fp32 while the rest runs int8."""
+    flags = {("fp32", "fp32"): (), ("fp16", "fp32"): ("FP16",), ("fp16", "fp16"): ("FP16",),
+             ("int8", "int8"): ("INT8", "FP16")}
     if (precision, model_precision) not in flags:
         hint = ("TensorRT has no implicit INT8 calibration here: calibrate first ('spade-edge calibrate "
                 "--precision int8') and build the Q/DQ model" if precision == "int8" else
@@ -301,10 +304,10 @@ def read_sidecar(engine: str | os.PathLike) -> dict:
 
 
 def check_engine(engine_path: str | os.PathLike, onnx_path: str | os.PathLike | None = None, *,
-                 trt_version=None, gpu: dict | None = None) -> dict:
+                 trt_version=None, gpu: dict | None = None, device: int = 0) -> dict:
     """The engine's sidecar record, after refusing an engine that is not the one recorded, was built
     from another ONNX file than ``onnx_path`` (when given), or for another TensorRT or GPU than
-    this one (``trt_version``, ``gpu``: default detected)."""
+    this one (``trt_version``, ``gpu``: default detected, CUDA device ``device``)."""
     engine_path = Path(engine_path)
     if not engine_path.is_file():
         raise EngineError(f"{engine_path}: no such engine file")
@@ -319,7 +322,7 @@ def check_engine(engine_path: str | os.PathLike, onnx_path: str | os.PathLike | 
     if running != rec["tensorrt"]:
         raise EngineError(f"{engine_path} was built with TensorRT {rec['tensorrt']}, this is TensorRT {running}: "
                           f"engines do not move between TensorRT versions; {rebuild}")
-    here = gpu_identity() if gpu is None else gpu
+    here = gpu_identity(device) if gpu is None else gpu
     built = rec["gpu"]
     if (here["name"], here["compute_capability"]) != (built["name"], built["compute_capability"]):
         raise EngineError(f"{engine_path} was built for {built['name']} (compute capability "
@@ -343,7 +346,7 @@ def _build_options(precision: str, max_batch: int, workspace_mb: int, timing_cac
 def engine_from_onnx(onnx_path: str | os.PathLike, out: str | os.PathLike, precision: str = "fp32",
                      max_batch: int = DEFAULT_MAX_BATCH, workspace_mb: int = DEFAULT_WORKSPACE_MB,
                      timing_cache: str | os.PathLike | None = None) -> Path:
-    """Build a TensorRT engine for batches 1..``max_batch`` (optimised for ``max_batch``) from a
+    """Build a TensorRT engine for batches 1..``max_batch`` (optimised for batch 1) from a
     spade-edge ONNX model; writes ``out`` and ``<out>.json``. ``timing_cache``: a file read before
     and written after the build, so later builds skip kernel timing."""
     onnx_path, out = Path(onnx_path), Path(out)
@@ -370,7 +373,8 @@ def engine_from_onnx(onnx_path: str | os.PathLike, out: str | os.PathLike, preci
     for name in plan.builder_flags:
         config.set_flag(_resolve(trt, name))
     profile = builder.create_optimization_profile()
-    profile.set_shape(info.input_name, _shape(info, 1), _shape(info, max_batch), _shape(info, max_batch))
+    # tuned for one image at a time (the service's and the line's batch), batches up to max_batch allowed
+    profile.set_shape(info.input_name, _shape(info, 1), _shape(info, 1), _shape(info, max_batch))
     config.add_optimization_profile(profile)
     cache_file = None if timing_cache is None else Path(timing_cache)
     old = cache_file.read_bytes() if cache_file is not None and cache_file.is_file() else b""
@@ -397,7 +401,7 @@ def trtexec_args(onnx: str | os.PathLike, out: str | os.PathLike, precision: str
     plan = build_plan(precision, info.precision, version)
     shape = lambda n: f"{info.input_name}:" + "x".join(map(str, _shape(info, n)))
     args = ["trtexec", f"--onnx={os.fspath(onnx)}", f"--saveEngine={os.fspath(out)}", f"--minShapes={shape(1)}",
-            f"--optShapes={shape(max_batch)}", f"--maxShapes={shape(max_batch)}",
+            f"--optShapes={shape(1)}", f"--maxShapes={shape(max_batch)}",
             f"--memPoolSize=workspace:{int(workspace_mb)}M", *plan.trtexec_flags]
     if timing_cache is not None:
         args.append(f"--timingCacheFile={os.fspath(timing_cache)}")

@@ -76,8 +76,30 @@ case "$jetpack" in
   none) cupy="" default_index="" ;;
   *) die "--jetpack must be 6, 7 or auto" ;;
 esac
+# --- which GPU: the wheels of each index are built for one ------------------------------------
+# Orin (tegra234) is sm_87 (JetPack 6's index), Thor (tegra264) sm_110 (JetPack 7's SBSA index);
+# Xavier (tegra194) and older run JetPack 5 at most: Python 3.8 and TensorRT 8.5, below what
+# spade-edge needs (Python >= 3.10, TensorRT >= 10.3). JETSON_COMPATIBLE: another file, for tests.
+compatible=${JETSON_COMPATIBLE:-/proc/device-tree/compatible}
+soc=""
+if [ -r "$compatible" ]; then
+  soc=$(tr '\0' '\n' < "$compatible" | sed -n 's/^nvidia,\(tegra[0-9][0-9]*\)$/\1/p' | head -n 1)
+fi
+case "$soc" in
+  tegra194|tegra186|tegra210)
+    die "this Jetson ($soc: Xavier, TX2 or Nano) runs JetPack 5 or older (Python 3.8, TensorRT 8.5), which spade-edge does not support: it needs Python >= 3.10 and TensorRT >= 10.3 (Orin with JetPack 6, Thor with JetPack 7). Export and build galleries on a workstation; on this board only --cpu-only with a newer Python could run the CPU runtime" ;;
+  tegra234) gpu="Orin (sm_87)" ;;
+  tegra264) gpu="Thor (sm_110)" ;;
+  *) gpu="unknown${soc:+ ($soc)}" ;;
+esac
+if [ "$cpu_only" = 0 ] && [ -z "$ort_index" ]; then
+  if [ "$soc" = tegra264 ] && [ "$jetpack" = 6 ]; then die "Jetson Thor needs JetPack 7 (this says JetPack 6)"; fi
+  if [ "$soc" = tegra234 ] && [ "$jetpack" = 7 ]; then
+    die "the JetPack 7 index ($default_index) holds Thor (sm_110) wheels; for Orin (sm_87) on JetPack 7 pass --ort-index with an index built for it, or --cpu-only"
+  fi
+fi
 ort_index=${ort_index:-$default_index}
-echo "spade-edge install: JetPack $jetpack (L4T r${l4t_major:-?}), prefix $prefix, user $user, cpu-only $cpu_only"
+echo "spade-edge install: JetPack $jetpack (L4T r${l4t_major:-?}), GPU $gpu, prefix $prefix, user $user, cpu-only $cpu_only"
 
 # --- system packages ---------------------------------------------------------------------------
 say "system packages"

@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .features import FeatureBackend, backend_from_model
+from .features import FeatureBackend
 from .gallery import Gallery
 from .images import Geometry, ImageLike, Preprocess, load_image, map_to_original
-from .scoring import PixelScorer, scorer_for
+from .scoring import PixelScorer, cpu_scorer
 from .spade import Correspondence, SpadeConfig, final_score, image_knn, pixel_scores, smooth
 
 OK, NOT_OK = "OK", "NOT_OK"
@@ -67,7 +67,8 @@ class Prediction:
 
 
 class Detector:
-    """SPADE on one feature backend, one gallery and one pixel scorer.
+    """SPADE on one feature backend, one gallery and one pixel scorer (by default this CPU's;
+    :meth:`load` takes the scorer that follows the features onto the GPU).
 
     >>> det = Detector.load("model.onnx", "parts.gallery")
     >>> p = det.predict("part.png"); p.score, p.verdict, p.anomaly_map.shape
@@ -77,8 +78,9 @@ class Detector:
                  config: SpadeConfig | None = None, preprocess: Preprocess | None = None):
         gallery.check_model(backend.info)
         self.backend, self.gallery = backend, gallery
-        self.device = "cpu"
-        self.scorer = scorer or scorer_for(backend.device)
+        self.device = f"{backend.name} on {backend.device}"  # Detector.load says more: what was chosen and why
+        self.fallback: str | None = None
+        self.scorer = scorer or cpu_scorer()
         stored = gallery.manifest.get("config")
         self.config = config or (SpadeConfig.from_dict(stored) if stored else SpadeConfig())
         self.config.level_names(backend.info)  # validates the level subset now, not per image
@@ -94,24 +96,37 @@ class Detector:
 
     @classmethod
     def load(cls, model: str | os.PathLike, gallery: str | os.PathLike | Gallery, device: str = "auto",
-             threads: int | None = None, **config) -> "Detector":
-        """Open ``model`` (ONNX, or a TensorRT engine) and ``gallery`` on ``device`` ('auto' picks
-        TensorRT, CUDA or the CPU, and ``det.device`` says which and why); keyword arguments override the
-        gallery's stored :class:`SpadeConfig` (k_image, k_gallery, kappa, mode, levels, sigma).
-        ``threads`` bounds ONNX Runtime and the scorer's BLAS alike."""
-        from .device import resolve_device
+             threads: int | None = None, fp16: bool = False, **config) -> "Detector":
+        """Open ``model`` (ONNX, or a TensorRT ``.engine``) and ``gallery`` on ``device`` ('auto', 'cpu',
+        'cuda[:N]', 'tensorrt[:N]': runtime/device.py); ``det.device`` says what was chosen and why,
+        ``det.fallback`` what 'auto' could not have. Keyword arguments override the gallery's stored
+        :class:`SpadeConfig` (k_image, k_gallery, kappa, mode, levels, sigma). ``threads`` bounds ONNX
+        Runtime and the scorer's BLAS alike; ``fp16`` lets ONNX Runtime's TensorRT provider use half
+        precision."""
+        from .device import place
         from .threads import set_threads
 
         set_threads(threads)  # numpy's BLAS in the scorer; ONNX Runtime gets the same number below
-        device, why = resolve_device(device)
         g = gallery if isinstance(gallery, Gallery) else Gallery.load(gallery)
         cfg = None
         if config:
             base = g.manifest.get("config") or {}
             cfg = SpadeConfig.from_dict({**base, **config})
-        det = cls(backend_from_model(model, device, threads), g, scorer_for(device), cfg)
-        det.device = why
+        placed = place(model, device, threads, fp16)
+        try:
+            det = cls(placed.backend, g, placed.scorer, cfg)
+        except Exception:
+            placed.backend.close()
+            raise
+        det.device, det.fallback = placed.why, placed.fallback
         return det
+
+    def close(self) -> None:
+        """Release the backend (its session or engine, and GPU memory); from any thread."""
+        self.backend.close()
+        close = getattr(self.scorer, "close", None)
+        if close is not None:
+            close()
 
     def prepare(self, image: ImageLike, name: str | None = None) -> tuple[np.ndarray, Geometry]:
         """Decode, validate and fit an image to the model input."""

@@ -10,6 +10,7 @@ import click
 import numpy as np
 
 from . import __version__
+from .options import device_option
 
 
 def _friendly_errors(fn):
@@ -25,11 +26,6 @@ def _friendly_errors(fn):
             raise click.ClickException(str(exc)) from exc
 
     return wrapper
-
-
-def device_option(fn):
-    return click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]), default="auto",
-                        show_default=True, help="Where to run: auto picks TensorRT, then CUDA, then the CPU, and says which.")(fn)
 
 
 def scoring_options(fn):
@@ -141,7 +137,7 @@ def gallery():
 @scoring_options
 @_friendly_errors
 def gallery_build(model, images, out, holdout, seed, crop, precision, projection, keep, coreset, batch_size, threads,
-                  device, **scoring):
+                  device, fp16, **scoring):
     """Extract features of normal images into a gallery (no torch needed)."""
     from .runtime.build import gallery_from_images
     from .runtime.codec import Storage
@@ -149,7 +145,7 @@ def gallery_build(model, images, out, holdout, seed, crop, precision, projection
     from .runtime.images import Preprocess, list_images
     from .runtime.spade import SpadeConfig
 
-    backend = backend_from_model(model, device=device, threads=threads)
+    backend = backend_from_model(model, device=device, threads=threads, fp16=fp16)
     config = SpadeConfig(**_scoring_overrides(**scoring))
     storage = Storage(precision=precision, projection=projection, keep=keep, coreset=coreset, seed=seed)
     g = gallery_from_images(backend, list_images(images), out, holdout=holdout, seed=seed, storage=storage,
@@ -212,14 +208,14 @@ def gallery_verify(path, model):
 @click.option("--threads", type=click.IntRange(1), help="CPU threads for ONNX Runtime.")
 @device_option
 @_friendly_errors
-def gallery_add(path, images, model, threads, device):
+def gallery_add(path, images, model, threads, device, fp16):
     """Add normal images (files or folders) without a rebuild; stored codecs and thresholds are kept."""
     from .runtime.build import add_images
     from .runtime.features import backend_from_model
     from .runtime.images import list_images
 
     files = [f for p in images for f in (list_images(p) if Path(p).is_dir() else [Path(p)])]
-    g = add_images(path, backend_from_model(model, device=device, threads=threads), files)
+    g = add_images(path, backend_from_model(model, device=device, threads=threads, fp16=fp16), files)
     click.echo(f"{path}: {len(g)} images (+{len(files)})")
 
 
@@ -245,13 +241,13 @@ def gallery_remove(path, names):
 @device_option
 @scoring_options
 @_friendly_errors
-def infer(model, gallery_path, images, heatmaps, threads, device, **scoring):
+def infer(model, gallery_path, images, heatmaps, threads, device, fp16, **scoring):
     """Score images; print one JSON line per image (score, verdict, worst pixel and its match)."""
     from .runtime.detector import Detector
 
     from .runtime.errors import ImageError
 
-    det = Detector.load(model, gallery_path, device=device, threads=threads, **_scoring_overrides(**scoring))
+    det = Detector.load(model, gallery_path, device=device, threads=threads, fp16=fp16, **_scoring_overrides(**scoring))
     click.echo(f"device: {det.device}", err=True)
     failed = 0
     for path in images:
@@ -303,22 +299,26 @@ def demo(out, gallery_size, test_size, threads):
 @device_option
 @scoring_options
 @_friendly_errors
-def evaluate(data, model, out, crop, threads, device, **scoring):
+def evaluate(data, model, out, crop, threads, device, fp16, **scoring):
     """Build a gallery from train/good, score test/*, and write metrics (image and pixel AUROC,
     AUPRO, F1-max), curves, per-defect-type tables, timings and the worst cases: per-category
     JSON, report.md and a self-contained report.html."""
     from .evaluate import evaluate as run_eval
-    from .runtime.features import backend_from_model
+    from .runtime.device import place
     from .runtime.images import Preprocess
+    from .runtime.threads import set_threads
     from .runtime.spade import SpadeConfig
 
     if model is None:
         from .bench.models import lite0_onnx
 
         model = lite0_onnx()
-    backend = backend_from_model(model, device=device, threads=threads)
+    set_threads(threads)
+    placed = place(model, device, threads, fp16)
+    click.echo(f"device: {placed.why}", err=True)
     config = SpadeConfig(**_scoring_overrides(**scoring))
-    results = run_eval(backend, data, out, config, Preprocess(backend.info.input_size, crop), echo=click.echo)
+    results = run_eval(placed.backend, data, out, config, Preprocess(placed.backend.info.input_size, crop),
+                       echo=click.echo, scorer=placed.scorer)
     for r in results:
         m = r.metrics
         click.echo(f"{r.name}: image AUROC {m['image_auroc']}, pixel AUROC {m['pixel_auroc']}, AUPRO {m['aupro']}")
@@ -341,6 +341,9 @@ def evaluate(data, model, out, crop, threads, device, **scoring):
 @click.option("--target-cosine", type=click.FloatRange(0, 1, max_open=True), default=0.99, show_default=True,
               help="Keep the fewest leading Conv layers in float that hold every output's mean feature cosine "
                    "to the fp32 model at this value on 8 calibration images (0: quantize them all).")
+@click.option("--weight-bits", type=click.Choice(["7", "8"]), default="7", show_default=True,
+              help="7: weights exact on every CPU; 8: full range, exact only with VNNI, AMX, Arm or a GPU (x86 "
+                   "CPUs without VNNI saturate: 'spade-edge calibrate' warns where that applies).")
 @click.option("--crop/--no-crop", default=True, show_default=True)
 @click.option("--report", type=click.Path(file_okay=False, path_type=Path),
               help="Write a drift report here (features, latency; ELPV accuracy with --accuracy).")
@@ -348,7 +351,7 @@ def evaluate(data, model, out, crop, threads, device, **scoring):
 @click.option("--limit", type=click.IntRange(1), help="With --accuracy: cap test images per set (quick look).")
 @_friendly_errors
 def calibrate(model, out, precision, images, count, method, quantizer, percentile, exclude, auto_exclude, target_cosine,
-              crop, report, accuracy, limit):
+              weight_bits, crop, report, accuracy, limit):
     """Write a reduced-precision model: INT8 Q/DQ calibrated on normal images (symmetric, per-channel
     weights; TensorRT 10/11 and ONNX Runtime accept it) or FP16 for strongly typed TensorRT."""
     from .calibration.common import read_info
@@ -368,7 +371,7 @@ def calibrate(model, out, precision, images, count, method, quantizer, percentil
         if quantizer == "modelopt":
             from .calibration.modelopt import int8_with_modelopt as quantize
         opts = Int8Options(method, percentile, tuple(exclude), auto_exclude,
-                           target_cosine=target_cosine if quantizer == "ort" else 0.0)
+                           target_cosine=target_cosine if quantizer == "ort" else 0.0, weight_bits=int(weight_bits))
         res = quantize(model, paths, out, opts, Preprocess(info.input_size, crop))
         kept = f"; kept in float: {', '.join(res.excluded)}" if res.excluded else ""
         click.echo(f"wrote {out}: int8 Q/DQ ({quantizer}), {method} on {len(paths)} images{kept}")
@@ -508,34 +511,39 @@ def bench_gallery(out, cell_types, pixel_images, limit, settings, threads, **sco
 @bench.command("speed")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default="bench-results", show_default=True)
 @click.option("--repeats", type=click.IntRange(1), default=5, show_default=True, help="Runs per measurement (median).")
-@click.option("--threads", type=click.IntRange(1), help="Threads for BLAS, OpenMP (faiss) and ONNX Runtime alike.")
+@click.option("--threads", type=click.IntRange(1), help="Threads for BLAS, OpenMP (faiss, torch) and ONNX Runtime alike, "
+              "set in each measuring process.")
 @click.option("--quick", is_flag=True, help="K = 5 only, no backbones, no end to end (a smoke run).")
+@click.option("--shapes", type=click.Choice(["real", "tiny"]), default="real", show_default=True,
+              help="tiny: made-up small feature shapes instead of the backbones', to check the bench itself in seconds.")
 @_friendly_errors
-def bench_speed(out, repeats, threads, quick):
+def bench_speed(out, repeats, threads, quick, shapes):
     """Pixel scoring against faiss-cpu IndexFlatL2, torch.cdist + topk and plain numpy at SPADE's
-    shapes; ONNX Runtime fp32 / int8 against PyTorch eager; WRN50x2 end to end. One run, ratios."""
+    shapes; ONNX Runtime fp32 / int8 against PyTorch eager; WRN50x2 end to end. One run, ratios.
+    Every figure is measured in a fresh Python process of its own, as a user's process runs it: no
+    other library's thread pool beside the one measured; the CPU's instruction sets head the table."""
     from .bench import speed
-    from .runtime.threads import set_threads
 
-    set_threads(threads)
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
-    r = {"machine": speed.machine(), "gemm_gflops": speed.gemm_rate(3136, 1792)}
-    if not quick:  # first: its peak memory is then its own, not the peers' gigabytes
+    table_shapes = speed.TINY_SHAPES if shapes == "tiny" else speed.SHAPES
+    main_shapes = "tiny" if shapes == "tiny" else "wide_resnet50_2"  # the GEMM ceiling's and the profile's
+    fine, d = table_shapes[main_shapes][0], sum(s[2] for s in table_shapes[main_shapes])
+    r = {"machine": speed.in_fresh_process("machine", threads), "threads": threads,
+         "gemm_gflops": speed.in_fresh_process("gemm_rate", threads, p=fine[0] * fine[1], d=d)["value"]}
+    if not quick:
         click.echo("end to end ...")
-        r["end_to_end"] = speed.end_to_end()
+        r["end_to_end"] = speed.end_to_end(threads=threads)
     r["scoring"] = {}
-    for backbone in speed.SHAPES:
+    for backbone, levels in table_shapes.items():
         for k in ((5,) if quick else (5, 50)):
             click.echo(f"scoring {backbone} K={k} ...")
-            r["scoring"][f"{backbone} concat K={k}"] = speed.scoring(backbone, k, repeats if k == 5 else 1)
+            r["scoring"][f"{backbone} concat K={k}"] = speed.scoring(backbone, k, repeats if k == 5 else 1,
+                                                                     threads=threads, shapes=levels)
     click.echo("profile of concat scoring ...")
-    r["profile"] = speed.profile_concat(5 if quick else 50)
+    r["profile"] = speed.in_fresh_process("profile_concat", threads, k=5 if quick else 50, backbone=main_shapes,
+                                          shapes=table_shapes[main_shapes])
     if not quick:
         click.echo("backbones ...")
-        r["backbones"] = speed.backbones(repeats)
+        r["backbones"] = speed.backbones(repeats, threads=threads)
     out.mkdir(parents=True, exist_ok=True)
     (out / "speed.json").write_text(json.dumps(r, indent=1))
     table = speed.markdown(r)

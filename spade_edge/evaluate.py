@@ -19,6 +19,7 @@ from .runtime.build import gallery_from_images, progress
 from .runtime.detector import Detector
 from .runtime.features import FeatureBackend
 from .runtime.images import Preprocess, load_image
+from .runtime.scoring import PixelScorer
 from .runtime.spade import SpadeConfig
 
 N_WORST = 3
@@ -56,7 +57,7 @@ def _safe(fn, *args):
 
 
 def evaluate_category(backend: FeatureBackend, category: Path, out: Path, config: SpadeConfig,
-                      preprocess: Preprocess, echo=print) -> CategoryResult:
+                      preprocess: Preprocess, echo=print, scorer: PixelScorer | None = None) -> CategoryResult:
     from .render import save_heatmap
 
     train, tests = mvtec_category(category)
@@ -67,7 +68,7 @@ def evaluate_category(backend: FeatureBackend, category: Path, out: Path, config
     gallery = gallery_from_images(backend, train, out / f"{category.name}.gallery", holdout=0.1, config=config,
                                   preprocess=preprocess)
     build_s = time.perf_counter() - t0
-    det = Detector(backend, gallery, config=config, preprocess=preprocess)
+    det = Detector(backend, gallery, scorer, config=config, preprocess=preprocess)
     s = backend.info.input_size
     rows, maps, masks = [], [], []
     for path, kind, mask_path in progress(tests, len(tests), category.name):
@@ -156,11 +157,13 @@ def plot_curves(labels, scores, maxpix, masks, maps, path: Path, title: str) -> 
 
 
 def evaluate(backend: FeatureBackend, data: Path, out: Path, config: SpadeConfig, preprocess: Preprocess,
-             echo=print) -> list[CategoryResult]:
-    """Evaluate every category under ``data``; write per-category JSON and report.md / report.html."""
+             echo=print, scorer: PixelScorer | None = None) -> list[CategoryResult]:
+    """Evaluate every category under ``data`` (``scorer``: the one that follows ``backend``'s
+    features, runtime/device.py; default this CPU's); write per-category JSON and report.md / .html."""
     from .report import write_reports
 
     out = Path(out)
-    results = [evaluate_category(backend, c, out / c.name, config, preprocess, echo) for c in find_categories(data)]
+    results = [evaluate_category(backend, c, out / c.name, config, preprocess, echo, scorer)
+               for c in find_categories(data)]
     write_reports(results, out, backend.info.backbone, config, preprocess)
     return results

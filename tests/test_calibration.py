@@ -1,4 +1,5 @@
 """INT8 Q/DQ and FP16 models: structure, parity bounds, and how the runtime takes them."""
+import json
 import shutil
 import warnings
 
@@ -11,10 +12,11 @@ from spade_edge.calibration.drift import feature_drift
 from spade_edge.calibration.fp16 import fp16_from_onnx
 from spade_edge.calibration.int8 import Int8Options, fused_activations, int8_from_onnx, preprocessing_nodes
 from spade_edge.calibration.reader import calibration_images
-from spade_edge.runtime import Detector
+from spade_edge.runtime import Detector, cpu
 from spade_edge.runtime.build import gallery_from_images
 from spade_edge.runtime.errors import ImageError
 from spade_edge.runtime.features import backend_from_model
+from tests.emulation import AVX2_ONLY, needs_emulator, run_as
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +51,7 @@ def test_qdq_structure(int8_model, lite0_onnx):
         scale = inits[w.input[1]]
         out_channels = inits[w.input[0]].shape[0]
         assert inits[w.input[0]].dtype == np.int8 and scale.shape == (out_channels,), f"{conv.name}: not per channel"
+        assert np.abs(inits[w.input[0]].astype(int)).max() <= 64, f"{conv.name}: weights beyond the 7-bit range"
         x = producer[conv.input[0]]
         assert x.op_type == "DequantizeLinear", f"{conv.name}: activation not quantized"
         quantized += 1
@@ -82,6 +85,81 @@ def test_int8_and_fp16_parity_bounds(lite0_onnx, int8_model, tmp_path, elpv_norm
         # (the issue's target; calibrated for 0.99 on its probe images), fp16 >= 0.999, relative error <= 2%
         assert q[level]["cosine_mean"] >= 0.98, (level, q[level])
         assert h[level]["cosine_mean"] >= 0.999 and h[level]["rel_error"] <= 0.02, (level, h[level])
+
+
+def probe_images(calib_dir):
+    """The images calibration measured its feature cosine on (int8_from_onnx's probe)."""
+    return calibration_images(calib_dir)[: Int8Options().sensitivity_images]
+
+
+def test_int8_features_hold_the_reported_bound_on_this_cpu(int8_model, lite0_onnx, calib_dir):
+    path, _ = int8_model
+    made = backend_from_model(path).info.extra["calibration"]
+    assert made["weight_bits"] == 7 and made["measured_on"]["int8_kernel"] == cpu.int8_kernel()[0]
+    drift = feature_drift(backend_from_model(lite0_onnx), backend_from_model(path), probe_images(calib_dir))
+    for level, reported in made["probe_cosine"].items():
+        assert drift[level]["cosine_mean"] >= made["target_cosine"], (level, drift[level])
+        assert drift[level]["cosine_mean"] == pytest.approx(reported, abs=1e-3), level  # batch 8, not 1
+
+
+DRIFT = """
+import json, sys, warnings
+from spade_edge.calibration.drift import feature_drift
+from spade_edge.runtime.features import backend_from_model
+a = json.loads(sys.argv[1])
+ref, out = backend_from_model(a["fp32"]), {}
+for bits, path in a["int8"].items():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        backend = backend_from_model(path)
+    drift = feature_drift(ref, backend, a["images"])
+    out[bits] = {"warned": any("--weight-bits 7" in str(w.message) for w in caught),
+                 "cosine": {k: v["cosine_mean"] for k, v in drift.items()}}
+print(json.dumps(out))
+"""
+
+
+@needs_emulator
+@pytest.mark.slow
+def test_int8_models_on_an_avx2_cpu_without_vnni(int8_model, lite0_onnx, calib_dir, tmp_path):
+    """The AVX2-only class (emulated): the 7-bit model gives this machine's features, within the
+    report's bound; a full-range model saturates there, is warned about, and drifts further."""
+    full = tmp_path / "w8.onnx"
+    int8_from_onnx(lite0_onnx, calibration_images(calib_dir), full, Int8Options(weight_bits=8), show_progress=False)
+    models, probe = {"7": str(int8_model[0]), "8": str(full)}, [str(p) for p in probe_images(calib_dir)]
+    ref = backend_from_model(lite0_onnx)
+    here = {bits: {k: v["cosine_mean"] for k, v in feature_drift(ref, backend_from_model(m), probe).items()}
+            for bits, m in models.items()}
+    avx2 = run_as(AVX2_ONLY, DRIFT, json.dumps({"fp32": str(lite0_onnx), "int8": models, "images": probe}))
+    made = backend_from_model(int8_model[0]).info.extra["calibration"]
+    assert not avx2["7"]["warned"] and avx2["8"]["warned"]
+    for level, c in avx2["7"]["cosine"].items():
+        assert c == pytest.approx(here["7"][level], abs=1e-4) and c >= made["target_cosine"], level
+    worse = {level: here["8"][level] - c for level, c in avx2["8"]["cosine"].items()}
+    if cpu.int8_kernel()[1]:  # this CPU sums in 32 bits: the emulated one loses accuracy it keeps
+        assert max(worse.values()) > 2e-3, worse
+    else:  # this CPU saturates too: the same features
+        assert max(map(abs, worse.values())) < 1e-4, worse
+
+
+@pytest.mark.slow
+def test_calibrate_command_writes_a_model_and_a_report_naming_the_cpu(lite0_onnx, calib_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from spade_edge.cli import main
+
+    out, report = tmp_path / "q.onnx", tmp_path / "report"
+    r = CliRunner().invoke(main, ["calibrate", "-m", str(lite0_onnx), "-i", str(calib_dir), "-o", str(out),
+                                  "--target-cosine", "0", "--report", str(report)])
+    assert r.exit_code == 0, r.output
+    made = backend_from_model(out).info.extra["calibration"]
+    assert made["weight_bits"] == 7 and made["images"] == 32
+    drift = json.loads((report / "drift.json").read_text())
+    assert drift["measured_on"]["int8_kernel"] == cpu.int8_kernel()[0]
+    assert f"Measured on: {cpu.summary()}" in (report / "drift.md").read_text()
+    normal = drift["features"]["normal"]  # everything quantized (no float layers kept): ~0.88-0.95 on Lite0
+    assert set(normal) == {"stage2", "stage3", "stage5", "global"}
+    assert all(0.8 < v["cosine_mean"] < 0.999 for v in normal.values()), normal
 
 
 def test_fp16_model_keeps_its_io(lite0_onnx, tmp_path):

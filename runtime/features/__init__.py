@@ -6,16 +6,15 @@ import os
 from .base import FeatureBackend
 
 
-def backend_from_model(path: str | os.PathLike, device: str = "cpu", threads: int | None = None) -> FeatureBackend:
-    """The feature backend for ``path`` on ``device`` ('cpu' or 'auto' in this build)."""
+def backend_from_model(path: str | os.PathLike, device: str = "cpu", threads: int | None = None,
+                       fp16: bool = False) -> FeatureBackend:
+    """The feature backend for ``path`` on ``device``, as :func:`spade_edge.runtime.device.place`
+    chooses it (an ONNX model or a TensorRT engine; 'cpu', 'cuda[:N]', 'tensorrt[:N]' or 'auto')."""
+    from ..device import place
     from ..threads import set_threads
-    from .onnxruntime import OnnxRuntimeBackend
 
     set_threads(threads)
-
-    if device == "auto":
-        device = "cpu"
-    return OnnxRuntimeBackend.from_path(path, device=device, threads=threads)
+    return place(path, device, threads, fp16).backend
 
 
 __all__ = ["FeatureBackend", "backend_from_model"]

@@ -1,58 +1,55 @@
-"""ONNX Runtime feature backend (CPU here; the CUDA and TensorRT providers use the same class)."""
+"""ONNX Runtime feature backend (the CPU, CUDA and TensorRT providers alike: runtime/device.py
+chooses the providers)."""
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 
+from .. import cpu
 from ..errors import ModelError, require
 from ..modelinfo import ModelInfo
 from .base import FeatureBackend
 
-def providers(device: str, device_id: int = 0, fp16: bool = False, cache_dir: str | None = None) -> list:
-    """ONNX Runtime execution providers for ``device``, best first, CPU last as the fallback
-    for any node a GPU provider does not take."""
-    cuda = ("CUDAExecutionProvider", {"device_id": device_id})
-    if device == "cpu":
-        return ["CPUExecutionProvider"]
-    if device == "cuda":
-        return [cuda, "CPUExecutionProvider"]
-    if device == "tensorrt":
-        opts = {"device_id": device_id, "trt_fp16_enable": fp16, "trt_int8_enable": False,
-                "trt_engine_cache_enable": cache_dir is not None}
-        if cache_dir is not None:
-            opts["trt_engine_cache_path"] = str(cache_dir)
-            opts["trt_timing_cache_enable"] = True
-            opts["trt_timing_cache_path"] = str(cache_dir)
-        return [("TensorrtExecutionProvider", opts), cuda, "CPUExecutionProvider"]
-    raise ValueError(f"ONNX Runtime backend supports devices cpu, cuda, tensorrt; not {device!r}")
 
-
-def session_from_onnx(path: str | os.PathLike, device: str = "cpu", threads: int | None = None, device_id: int = 0,
-                      fp16: bool = False, cache_dir: str | None = None):
-    """An ``onnxruntime.InferenceSession`` for ``path`` on ``device`` (provider options: GPU
-    ``device_id``, TensorRT ``fp16``, TensorRT engine/timing ``cache_dir``)."""
-    ort = require("onnxruntime", "cpu" if device == "cpu" else "gpu", "Running an ONNX model")
+def session_from_onnx(path: str | os.PathLike, providers: list, threads: int | None = None, extra: str = "cpu"):
+    """An ``onnxruntime.InferenceSession`` for ``path`` with ``providers`` (runtime/device.py chooses
+    them and checks what the session really got); ``extra``: the install extra to name if missing."""
+    ort = require("onnxruntime", extra, "Running an ONNX model")
     if not os.path.isfile(path):
         raise ModelError(f"{path}: no such model file; export one with 'spade-edge export'")
-    wanted = providers(device, device_id, fp16, cache_dir)
-    names = [p[0] if isinstance(p, tuple) else p for p in wanted]
-    missing = [n for n in names[:-1] if n not in ort.get_available_providers()]
-    if missing:
-        raise ModelError(f"this onnxruntime has no {', '.join(missing)}; install onnxruntime-gpu "
-                         f"(pip install 'spade-edge[gpu]', or NVIDIA's Jetson wheel) or use --device cpu")
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = int(threads)
         opts.inter_op_num_threads = 1
     try:
-        return ort.InferenceSession(os.fspath(path), sess_options=opts, providers=wanted)
+        return ort.InferenceSession(os.fspath(path), sess_options=opts, providers=providers)
     except Exception as exc:
         raise ModelError(f"{path}: ONNX Runtime cannot load this model ({exc})") from exc
 
 
+def warn_if_int8_saturates(info: ModelInfo, source: str) -> None:
+    """Warn when this CPU's INT8 products can overflow this model's weights (runtime/cpu.py): an
+    8-bit-weight model on x86 without VNNI gives features that the calibration report never saw.
+    For sessions on the CPU provider (runtime/device.py calls it)."""
+    if info.precision != "int8":
+        return
+    made = info.extra.get("calibration") or {}
+    bits = made.get("weight_bits", 8)  # models from before the 7-bit default used the full range
+    kernel, exact = cpu.int8_kernel()
+    if bits <= 7 or exact:
+        return
+    where = made.get("measured_on", {}).get("int8_kernel", "another CPU")
+    warnings.warn(f"{source}: INT8 model with {bits}-bit weights on a CPU whose INT8 products run on {kernel}: "
+                  f"features can differ from those measured at calibration (on {where}); re-calibrate with "
+                  "'spade-edge calibrate --weight-bits 7' for a model that is exact on this CPU", UserWarning,
+                  stacklevel=3)
+
+
 class OnnxRuntimeBackend(FeatureBackend):
-    """Feature extraction through an ONNX Runtime session (handed in, as in Polygraphy)."""
+    """Feature extraction through an ONNX Runtime session (handed in, as in Polygraphy; made by
+    runtime/device.py). ``device``: where the session runs, as runtime/device.py names it."""
 
     name = "onnxruntime"
 
@@ -61,10 +58,6 @@ class OnnxRuntimeBackend(FeatureBackend):
         meta = session.get_modelmeta().custom_metadata_map
         self.info = ModelInfo.from_metadata(meta, source)
         self._outputs = [o.name for o in session.get_outputs()]
-
-    @classmethod
-    def from_path(cls, path: str | os.PathLike, device: str = "cpu", threads: int | None = None) -> "OnnxRuntimeBackend":
-        return cls(session_from_onnx(path, device, threads), source=os.fspath(path), device=device)
 
     def _infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         values = self.session.run(self._outputs, {self.info.input_name: batch})

@@ -1,6 +1,8 @@
 """Native TensorRT feature backend: a serialized engine run with ``execute_async_v3`` and named I/O
 tensors. Device buffers come from CuPy (pycuda where CuPy is absent), host buffers are pinned, and
-one CUDA stream carries copy-in, inference and copy-out. The engine has no ONNX metadata: its
+one CUDA stream carries copy-in, inference and copy-out. CUDA's current device (CuPy) and context
+(pycuda) belong to a thread: every call makes them current in the thread it runs in (the service's
+worker, a line adapter's), so loading, inference and closing may each happen on another thread. The engine has no ONNX metadata: its
 :class:`ModelInfo` comes from the sidecar ``<engine>.json``, after
 :func:`spade_edge.export.engine.check_engine` has refused a stale engine.
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +26,20 @@ class _CupyCuda:
     """Device memory, pinned host memory and one stream, through CuPy."""
 
     def __init__(self, device: int):
-        self.cp = cp = require("cupy", "gpu", "The TensorRT backend")
-        cp.cuda.Device(device).use()
-        self.stream = cp.cuda.Stream(non_blocking=True)
+        self.cp = require("cupy", "gpu", "The TensorRT backend")
+        self.device_id = device
+        with self.activate():
+            self.stream = self.cp.cuda.Stream(non_blocking=True)
         self.handle = self.stream.ptr
+
+    @contextmanager
+    def activate(self):
+        """This device current in the calling thread (CuPy keeps the current device per thread)."""
+        with self.cp.cuda.Device(self.device_id):
+            yield
+
+    def free(self, buf) -> None:
+        """Device memory goes back to CuPy's pool when its array is dropped."""
 
     def device(self, nbytes: int):
         buf = self.cp.empty(nbytes, dtype=self.cp.uint8)
@@ -56,12 +69,24 @@ class _PycudaCuda:
     """The same through pycuda, in the device's primary context (the one TensorRT uses)."""
 
     def __init__(self, device: int):
-        self.cuda = cuda = require("pycuda.driver", "gpu", "The TensorRT backend")
+        self.cuda = cuda = require("pycuda.driver", "pycuda", "The TensorRT backend without CuPy")
         cuda.init()
         self.context = cuda.Device(device).retain_primary_context()
-        self.context.push()
-        self.stream = cuda.Stream()
+        with self.activate():
+            self.stream = cuda.Stream()
         self.handle = self.stream.handle
+
+    @contextmanager
+    def activate(self):
+        """The context current in the calling thread for the duration (CUDA contexts are per thread)."""
+        self.context.push()
+        try:
+            yield
+        finally:
+            self.cuda.Context.pop()
+
+    def free(self, buf) -> None:
+        buf.free()
 
     def device(self, nbytes: int):
         buf = self.cuda.mem_alloc(nbytes)
@@ -81,7 +106,8 @@ class _PycudaCuda:
 
     def close(self) -> None:
         if self.context is not None:
-            self.context.pop()
+            self.stream = None
+            self.context.detach()  # releases the primary context retained at start
             self.context = None
 
 
@@ -99,17 +125,28 @@ class TensorRTBackend(FeatureBackend):
     or jetson/build-engine.sh. Batches larger than the engine's profile are run in slices."""
 
     name = "tensorrt"
-    device = "tensorrt"  # the detector scores on the GPU too
 
     def __init__(self, engine_path: str | os.PathLike, onnx_path: str | os.PathLike | None = None, device: int = 0):
-        from spade_edge.export.engine import check_engine, make_logger
+        from spade_edge.export.engine import check_engine
 
         self._cuda = None
+        self._host, self._device = {}, {}
         self.path = Path(engine_path)
-        record = check_engine(self.path, onnx_path)
+        self.device = "tensorrt" if device == 0 else f"tensorrt:{device}"
+        record = check_engine(self.path, onnx_path, device=device)
         self.info = ModelInfo.from_json(json.dumps(record["model_info"]))
         trt = require("tensorrt", "trt", "The TensorRT backend")
         self._cuda = cuda_memory(device)
+        try:
+            with self._cuda.activate():
+                self._open(trt)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, trt) -> None:
+        from spade_edge.export.engine import make_logger
+
         self._logger = make_logger(trt)
         self._runtime = trt.Runtime(self._logger)
         self.engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
@@ -160,14 +197,22 @@ class TensorRTBackend(FeatureBackend):
     def _infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         if len(batch) == 0:
             return {o: np.empty((0, *self._host[o].shape[1:]), self._host[o].dtype) for o in self._outputs}
-        parts = [self._run(batch[s : s + self.max_batch]) for s in range(0, len(batch), self.max_batch)]
+        if self._cuda is None:
+            raise ModelError(f"{self.path}: the backend is closed")
+        with self._cuda.activate():
+            parts = [self._run(batch[s : s + self.max_batch]) for s in range(0, len(batch), self.max_batch)]
         if len(parts) == 1:
             return parts[0]
         return {o: np.concatenate([p[o] for p in parts]) for o in self._outputs}
 
     def close(self) -> None:
-        self.context = self.engine = self._runtime = None
-        self._device, self._host = {}, {}
-        if self._cuda is not None:
-            self._cuda.close()
-            self._cuda = None
+        """Free the engine and its buffers; from any thread, more than once."""
+        if self._cuda is None:
+            return
+        with self._cuda.activate():
+            self.context = self.engine = self._runtime = None
+            for buf, _ in self._device.values():
+                self._cuda.free(buf)
+            self._device, self._host = {}, {}
+        self._cuda.close()
+        self._cuda = None

@@ -13,10 +13,10 @@ import ctypes
 import platform
 from collections.abc import Sequence
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 
+from .. import cpu
 from ..resample import interp_matrix, upsample_hwc
 from ..threads import blas_single_threaded
 from . import ccompile
@@ -40,9 +40,7 @@ def _kernel() -> tuple[ctypes.CDLL | None, str]:
     """(the compiled screen, '') or (None, why not)."""
     if platform.machine() not in ("x86_64", "AMD64"):
         return None, f"AMX is an x86-64 feature; this is {platform.machine()}"
-    cpuinfo = Path("/proc/cpuinfo")
-    flags = set(cpuinfo.read_text().split()) if cpuinfo.exists() else set()
-    if not {"amx_tile", "amx_bf16", "avx512f", "avx512_bf16"} <= flags:
+    if not cpu.has("amx_tile", "amx_bf16", "avx512f", "avx512_bf16"):
         return None, "this CPU has no AMX-BF16 tile unit"
     try:
         lib = ccompile.load("amx_screen.c", FLAGS)

@@ -26,8 +26,9 @@ class CudaScorer(PixelScorer):
 
     name = "cuda"
 
-    def __init__(self, tile_bytes: int = 64 << 20):
+    def __init__(self, tile_bytes: int = 64 << 20, device_id: int = 0):
         self.tile_bytes = int(tile_bytes)
+        self.device_id = int(device_id)
         self._cp = None
         self._kernel = None
 
@@ -44,6 +45,12 @@ class CudaScorer(PixelScorer):
         # sqnorms are not used: on the device the norms are a reduction next to each tile's product
         if kappa < 1:
             raise ValueError(f"kappa must be >= 1, got {kappa}")
+        cp = require("cupy", "gpu", "The CUDA pixel scorer")
+        # CuPy's current device is per thread: make ours current in whichever thread scores
+        with cp.cuda.Device(self.device_id):
+            return self._topk(query, blocks, kappa)
+
+    def _topk(self, query: np.ndarray, blocks: Iterable[np.ndarray], kappa: int) -> TopK:
         cp, kernel = self._load()
         # fp32 on the device: the kernel reads fp32 dot products, and fp16 GEMM outputs would lose
         # exactly the digits that rank close neighbours

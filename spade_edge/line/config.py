@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..runtime.device import DEVICES
+from ..runtime.device import parse_device
 from ..runtime.errors import SpadeError
 from .textproto import DEFAULT_FORMAT, check_format
 
@@ -18,7 +18,7 @@ REQUIRED = object()
 _HOST = ((str,), "0.0.0.0")
 SCHEMA: dict[str, dict[str, tuple]] = {
     "": {"model": ((str,), REQUIRED), "gallery": ((str,), REQUIRED), "device": ((str,), "auto"),
-         "threads": ((int,), 0), "log_level": ((str,), "info")},
+         "fp16": ((bool,), False), "threads": ((int,), 0), "log_level": ((str,), "info")},
     "service": {"queue_size": ((int,), 8), "deadline": ((int, float), 10.0), "warmup": ((int,), 2)},
     "source": {"type": ((str,), REQUIRED), "path": ((str,), None), "settle": ((int, float), 0.2),
                "capacity": ((int,), 4), "pipeline": ((str,), "csi"), "sensor": ((int,), 0),
@@ -59,6 +59,7 @@ class LineConfig:
     threads: int = 0
     log_level: str = "info"
     sections: dict[str, dict[str, Any]] = field(default_factory=dict)
+    fp16: bool = False
 
     def section(self, name: str) -> dict[str, Any] | None:
         return self.sections.get(name)
@@ -107,15 +108,18 @@ def load_config(path: str | os.PathLike) -> LineConfig:
     for key in ("model", "gallery"):
         if isinstance(t.get(key), str) and not (base / t[key]).is_file():
             problems.append(f"{key} = {t[key]!r}: no such file (relative paths start at {base})")
-    if t.get("device") not in (None, *DEVICES):
-        problems.append(f"device = {t['device']!r}: one of {', '.join(DEVICES)}")
+    if isinstance(t.get("device"), str):
+        try:
+            parse_device(t["device"])
+        except ValueError as exc:
+            problems.append(f"device = {t['device']!r}: {exc}")
     if t.get("log_level") not in (None, "debug", "info", "warning", "error"):
         problems.append(f"log_level = {t['log_level']!r}: one of debug, info, warning, error")
     _check_sections(values, base, problems)
     if problems:
         raise ConfigError(path, problems)
     return LineConfig(path, base / t["model"], base / t["gallery"], t["device"], t["threads"], t["log_level"],
-                      {k: v for k, v in values.items() if k})
+                      {k: v for k, v in values.items() if k}, t["fp16"])
 
 
 def _check_table(name: str, table: dict, problems: list[str]) -> dict:
@@ -126,7 +130,7 @@ def _check_table(name: str, table: dict, problems: list[str]) -> dict:
             problems.append(f"{where}{key}: unknown setting{_suggest(key, list(schema))}")
             continue
         types, _ = schema[key]
-        if isinstance(value, bool) or not isinstance(value, types):
+        if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
             problems.append(f"{where}{key} = {value!r}: must be {' or '.join(t.__name__ for t in types)}")
             continue
         out[key] = value

@@ -30,7 +30,7 @@ class LineRunner:
         s = cfg.section("service") or {}
         svc = self.service = InspectionService(
             ServiceConfig(queue_size=s.get("queue_size", 8), deadline=s.get("deadline", 10.0), warmup=s.get("warmup", 2)),
-            device=cfg.device, threads=cfg.threads or None)
+            device=cfg.device, fp16=cfg.fp16, threads=cfg.threads or None)
         self._stoppers.append(lambda: svc.close(drain_timeout=svc.config.deadline + 5))
         try:
             http = cfg.section("http")

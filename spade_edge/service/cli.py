@@ -13,18 +13,17 @@ from pathlib import Path
 
 import click
 
-from ..runtime.device import DEVICES
+from ..options import device_option
 
 
 def _model_options(fn):
     """Model, gallery, device and the scoring settings a deployment may override."""
     opts = [
         click.option("--model", "-m", type=click.Path(exists=True, dir_okay=False), required=True,
-                     help="ONNX model (exported by 'spade-edge export')."),
+                     help="ONNX model (exported by 'spade-edge export'), or a TensorRT engine (.engine)."),
         click.option("--gallery", "-g", type=click.Path(exists=True, dir_okay=False), required=True,
                      help="Gallery of normal parts built with this model."),
-        click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
-                     help="Where the model and the scorer run."),
+        device_option,
         click.option("--threads", type=click.IntRange(1), help="CPU threads for ONNX Runtime and BLAS."),
         click.option("--k-image", type=click.IntRange(1), help="Override the gallery's k_image."),
         click.option("--k-gallery", type=click.IntRange(1), help="Override the gallery's k_gallery."),
@@ -38,9 +37,9 @@ def _model_options(fn):
     return fn
 
 
-def _load_options(device, threads, k_image, k_gallery, kappa, mode) -> dict:
+def _load_options(device, fp16, threads, k_image, k_gallery, kappa, mode) -> dict:
     over = {"k_image": k_image, "k_gallery": k_gallery, "kappa": kappa, "mode": mode}
-    return {"device": device, "threads": threads, **{k: v for k, v in over.items() if v is not None}}
+    return {"device": device, "fp16": fp16, "threads": threads, **{k: v for k, v in over.items() if v is not None}}
 
 
 def _logging(level: str) -> None:
@@ -88,7 +87,7 @@ def _on_signals(handler, *signums) -> None:
               help="Where a TCP trigger takes its image: POST /frames uploads, or the oldest file in DIR.")
 @click.option("--result-format", default="{code},{job},{verdict},{score:.6f}", show_default=True,
               help="TCP result line; fields code, job, verdict, judgement, score, threshold, latency_ms, image.")
-def serve(model, gallery, device, threads, k_image, k_gallery, kappa, mode, log_level, host, port, queue_size,
+def serve(model, gallery, device, fp16, threads, k_image, k_gallery, kappa, mode, log_level, host, port, queue_size,
           deadline, max_mb, max_pixels, expect_size, heatmap_cache, warmup, allow_reload, tcp_port, source_spec,
           result_format):
     """Run the inspection service over HTTP.
@@ -127,7 +126,7 @@ def serve(model, gallery, device, threads, k_image, k_gallery, kappa, mode, log_
         from PIL import Image
 
         Image.MAX_IMAGE_PIXELS = max_pixels
-    svc = InspectionService(cfg, **_load_options(device, threads, k_image, k_gallery, kappa, mode))
+    svc = InspectionService(cfg, **_load_options(device, fp16, threads, k_image, k_gallery, kappa, mode))
     try:
         httpd = make_server(svc, host, port)
     except OSError as exc:
@@ -208,7 +207,7 @@ def _text_protocol(svc, host: str, port: int, spec: str, result_format: str):
               help="Move processed images here (failed ones to DONE_DIR/failed).")
 @click.option("--once", is_flag=True, help="Process what is there now, then exit.")
 @click.option("--quiet", "-q", is_flag=True, help="Do not echo result lines on stdout.")
-def watch(folder, model, gallery, device, threads, k_image, k_gallery, kappa, mode, log_level, out, heatmaps,
+def watch(folder, model, gallery, device, fp16, threads, k_image, k_gallery, kappa, mode, log_level, out, heatmaps,
           interval, settle, recursive, done_dir, once, quiet):
     """Score every image dropped into FOLDER, once, even across restarts.
 
@@ -221,7 +220,7 @@ def watch(folder, model, gallery, device, threads, k_image, k_gallery, kappa, mo
 
     _logging(log_level)
     try:
-        det = Detector.load(model, gallery, **_load_options(device, threads, k_image, k_gallery, kappa, mode))
+        det = Detector.load(model, gallery, **_load_options(device, fp16, threads, k_image, k_gallery, kappa, mode))
         cfg = WatchConfig(interval=interval, settle=settle, heatmaps=heatmaps, recursive=recursive, done_dir=done_dir)
         emit = None if quiet else (lambda rec: click.echo(json.dumps(rec)))
         watcher = Watcher(det, folder, out, cfg, emit)

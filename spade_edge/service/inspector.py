@@ -21,7 +21,7 @@ import socket
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -89,6 +89,38 @@ class Loaded:
     gallery: str
     generation: int
     loaded_at: float
+    # requests using this generation, and whether a newer one replaced it: the last user of a
+    # replaced generation closes its detector (GPU memory is not left to the garbage collector)
+    _users: int = 0
+    _retired: bool = False
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def use(self) -> "Loaded":
+        with self._lock:
+            self._users += 1
+        return self
+
+    def done(self) -> None:
+        with self._lock:
+            self._users -= 1
+            last = self._retired and self._users == 0
+        if last:
+            self._close()
+
+    def retire(self) -> None:
+        with self._lock:
+            self._retired = True
+            last = self._users == 0
+        if last:
+            self._close()
+
+    def _close(self) -> None:
+        close = getattr(self.detector, "close", None)
+        if close is not None:
+            try:
+                close()
+            except Exception:  # noqa: BLE001 - a failed release must not fail the request that triggered it
+                log.exception("closing generation %d failed", self.generation)
 
     def describe(self) -> dict:
         det = self.detector
@@ -99,6 +131,7 @@ class Loaded:
             "model": self.model,
             "gallery": self.gallery,
             "device": getattr(det, "device", None),
+            "device_fallback": getattr(det, "fallback", None),
             "scorer": getattr(getattr(det, "scorer", None), "name", None),
             "backbone": getattr(info, "backbone", None),
             "model_fingerprint": getattr(info, "fingerprint", None),
@@ -256,10 +289,14 @@ class InspectionService:
         t0 = time.perf_counter()
         det = self._loader(model, gallery)
         t1 = time.perf_counter()
-        if self.config.warmup:
-            img = _warmup_image(det)
-            for _ in range(self.config.warmup):
-                det.predict(img, name="warm-up")
+        try:
+            if self.config.warmup:
+                img = _warmup_image(det)
+                for _ in range(self.config.warmup):
+                    det.predict(img, name="warm-up")
+        except BaseException:
+            Loaded(det, model, gallery, 0, 0.0).retire()  # release what the loader took
+            raise
         return det, t1 - t0, time.perf_counter() - t1
 
     def load(self, model: str | os.PathLike, gallery: str | os.PathLike) -> dict:
@@ -298,8 +335,10 @@ class InspectionService:
                 sd_notify("READY=1")
                 raise
             with self._lock:
-                new = Loaded(det, model, gallery, self._current.generation + 1, time.time())
+                old = self._current
+                new = Loaded(det, model, gallery, old.generation + 1, time.time())
                 self._current = new  # the swap: requests admitted from now on use ``new``
+            old.retire()
             self._m_generation.set(new.generation)
             self._m_reloads.inc(outcome="ok")
             sd_notify(f"READY=1\nSTATUS=serving {os.path.basename(model)} + {os.path.basename(gallery)}")
@@ -344,12 +383,14 @@ class InspectionService:
         reports it. ``data`` is encoded image bytes, or an RGB uint8 array from a camera."""
         from ..runtime.errors import ImageError
 
+        loaded = None
         try:
             if isinstance(data, (bytes, bytearray, memoryview)):
                 from .inputs import probe_image
 
                 probe_image(bytes(data), self.config, name)
-            loaded = self.current  # the generation that serves this request, start to end
+            with self._lock:  # the generation that serves this request, start to end
+                loaded = self._current.use()
             try:
                 x, geom = loaded.detector.prepare(data, name)
             except ImageError as exc:
@@ -360,8 +401,10 @@ class InspectionService:
             job = _Job(loaded, x, geom, name, heatmap, deadline, ticket)
         except BaseException:
             ticket.release()
+            if loaded is not None:
+                loaded.done()
             raise
-        self.submit(job)  # the worker returns the ticket from now on
+        self.submit(job)  # the worker returns the ticket and the generation from now on
         if not job.done.wait(max(0.0, deadline - time.perf_counter())):
             job.cancel()
             raise HttpError(504, f"deadline passed ({'running' if job.state == 'running' else 'still queued'})",
@@ -390,6 +433,7 @@ class InspectionService:
                 return
             if not job.claim():  # cancelled or past its deadline: never run
                 job.ticket.release()
+                job.loaded.done()
                 job.done.set()
                 continue
             self._busy_since = time.monotonic()
@@ -401,6 +445,7 @@ class InspectionService:
                 self._busy_since = None
                 self._m_busy.observe(time.perf_counter() - job.started)
                 job.ticket.release()  # before done.set(): a client that answers at once finds the slot free
+                job.loaded.done()
                 with job._lock:
                     if job.state == "running":
                         job.state = "done"
@@ -447,6 +492,10 @@ class InspectionService:
         self._slots.wait_idle(drain_timeout)
         self._queue.put(None)
         self._worker.join(timeout=drain_timeout)
+        with self._lock:
+            last, self._current = self._current, None
+        if last is not None:
+            last.retire()
 
     # --- metrics --------------------------------------------------------------------------------
     OUTCOMES = ("ok", "not_ok", "no_verdict", "bad_request", "unsupported_media_type", "too_large",

@@ -23,6 +23,7 @@ The plain tests below (trtexec command lines, sidecar checks, version routing) r
 from __future__ import annotations
 
 import ast
+import contextlib
 import dataclasses
 import importlib.metadata
 import json
@@ -261,7 +262,8 @@ def test_version_routing(monkeypatch):
     p = eng.build_plan("fp16", "fp32")
     assert p.network_flags == ("NetworkDefinitionCreationFlag.EXPLICIT_BATCH",)
     assert p.builder_flags == ("BuilderFlag.FP16",) and p.trtexec_flags == ("--fp16",)
-    assert eng.build_plan("int8", "int8").builder_flags == ("BuilderFlag.INT8",)
+    # the layers an INT8 Q/DQ model keeps in float run in fp16, not fp32
+    assert eng.build_plan("int8", "int8").builder_flags == ("BuilderFlag.INT8", "BuilderFlag.FP16")
     assert eng.build_plan("fp32", "fp32").builder_flags == ()
     with pytest.raises(EngineError, match="no implicit INT8 calibration"):
         eng.build_plan("int8", "fp32")
@@ -286,10 +288,10 @@ def test_trtexec_command_tensorrt10(tmp_path):
     cmd = eng.trtexec_command(model, tmp_path / "m.engine", "fp16", 8, 2048, tmp_path / "t.cache",
                               version=FakeVersion(10, 3))
     assert cmd == (f"trtexec --onnx={model} --saveEngine={tmp_path / 'm.engine'} --minShapes=image:1x224x224x3 "
-                   "--optShapes=image:8x224x224x3 --maxShapes=image:8x224x224x3 --memPoolSize=workspace:2048M "
+                   "--optShapes=image:1x224x224x3 --maxShapes=image:8x224x224x3 --memPoolSize=workspace:2048M "
                    f"--fp16 --timingCacheFile={tmp_path / 't.cache'}")
     int8 = eng.trtexec_args(_model(tmp_path, "int8", "q.onnx"), "q.engine", "int8", 4, version=FakeVersion(10, 3))
-    assert "--int8" in int8 and "--maxShapes=image:4x224x224x3" in int8 and "--fp16" not in int8
+    assert "--int8" in int8 and "--maxShapes=image:4x224x224x3" in int8 and "--fp16" in int8
     assert not any(a.startswith("--timingCacheFile") for a in int8)
     with pytest.raises(EngineError):
         eng.trtexec_command(model, "x.engine", "int8", version=FakeVersion(10, 3))
@@ -299,7 +301,8 @@ def test_trtexec_command_tensorrt11(tmp_path):
     half = _model(tmp_path, "fp16")
     args = eng.trtexec_args(half, "h.engine", "fp16", 2, 512, version=FakeVersion(11, 4))
     assert args[-2:] == ["--memPoolSize=workspace:512M", "--stronglyTyped"]
-    assert "--optShapes=image:2x224x224x3" in args and "--fp16" not in args
+    assert "--optShapes=image:1x224x224x3" in args and "--maxShapes=image:2x224x224x3" in args
+    assert "--fp16" not in args
     with pytest.raises(EngineError, match="TensorRT 11 builds strongly typed"):
         eng.trtexec_command(_model(tmp_path, "fp32", "f.onnx"), "f.engine", "fp16", version=FakeVersion(11, 4))
 
@@ -553,6 +556,13 @@ class _HostMemory:
     def synchronize(self):
         pass
 
+    @contextlib.contextmanager
+    def activate(self):
+        yield
+
+    def free(self, buf):
+        pass
+
     def close(self):
         pass
 
@@ -561,8 +571,8 @@ class _HostMemory:
                          [("10.3.0", "fp16", "fp32", 1 << 0, [0]), ("11.4.0", "int8", "int8", 1 << 1, [])])
 def test_build_and_run_glue_on_a_cpu_stand_in(tmp_path, monkeypatch, version, precision, model_precision, flags,
                                               builder_flags):
+    from spade_edge.runtime.features import backend_from_model
     from spade_edge.runtime.features import tensorrt as trt_backend
-    from spade_edge.runtime.features.onnxruntime import OnnxRuntimeBackend
 
     stand_in = _StandIn(version)
     monkeypatch.setitem(sys.modules, "tensorrt", stand_in)
@@ -579,13 +589,13 @@ def test_build_and_run_glue_on_a_cpu_stand_in(tmp_path, monkeypatch, version, pr
                                timing_cache=cache)
     c = stand_in.calls
     assert c["network_flags"] == flags and c.get("builder_flags", []) == builder_flags
-    assert c["workspace"] == 64 << 20 and c["profile"] == {"image": ((1, 32, 32, 3), (3, 32, 32, 3), (3, 32, 32, 3))}
+    assert c["workspace"] == 64 << 20 and c["profile"] == {"image": ((1, 32, 32, 3), (1, 32, 32, 3), (3, 32, 32, 3))}
     assert c["cache_in"] == b"old" and cache.read_bytes() == b"old+timings"
     rec = eng.check_engine(out, model)
     assert rec["build"]["tool"] == "tensorrt-python" and rec["engine"]["precision"] == precision
 
     x = np.random.default_rng(0).integers(0, 256, (7, 32, 32, 3), dtype=np.uint8)
-    want = OnnxRuntimeBackend.from_path(model)(x)
+    want = backend_from_model(model, "cpu")(x)
     with trt_backend.TensorRTBackend(out, model) as backend:
         assert backend.info.precision == precision and backend.max_batch == 3
         got = backend(x)  # slices of 3, 3, 1

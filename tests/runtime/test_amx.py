@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from spade_edge.runtime.resample import upsample_hwc
-from spade_edge.runtime.scoring import NumpyScorer, amx, scorer_for
+from spade_edge.runtime.scoring import NumpyScorer, amx, cpu_scorer
 from spade_edge.runtime.scoring.amx_screen import PyramidScreen
 from spade_edge.runtime.scoring.pyramid import PyramidSlabs
 
@@ -148,10 +148,10 @@ def test_real_features_match_the_fp32_path(lite0_onnx, elpv_normal, tmp_path):
         assert da == pytest.approx(db, rel=1e-9) and a < b
 
 
-def test_scorer_for_the_cpu_takes_the_screen_unless_told_not_to(monkeypatch):
-    assert scorer_for("cpu").name == "amx"
+def test_cpu_scorer_takes_the_screen_unless_told_not_to(monkeypatch):
+    assert cpu_scorer().name == "amx"
     monkeypatch.setenv("SPADE_EDGE_AMX", "0")
-    assert scorer_for("cpu").name == "numpy"
+    assert cpu_scorer().name == "numpy"
 
 
 @pytest.mark.parametrize("kappa", [1, 3, 8])

@@ -13,6 +13,7 @@ real ties.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import re
@@ -249,6 +250,7 @@ def cupy_stand_in(monkeypatch, tmp_path_factory):
         take_along_axis=np.take_along_axis, asnumpy=np.array,
         argsort=lambda a, axis=-1: np.argsort(a, axis=axis, kind="stable"),  # cupy.argsort is always stable
         RawModule=lambda code: StandInModule(workdir, code=code),
+        cuda=types.SimpleNamespace(Device=lambda n: contextlib.nullcontext()),
     )
     monkeypatch.setitem(sys.modules, "cupy", cp)
     return cp

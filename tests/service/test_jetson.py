@@ -135,6 +135,19 @@ def test_install_script_dry_run_plans():
     assert r.returncode == 2 and "--build-engine needs --model" in r.stderr
 
 
+@pytest.mark.parametrize("soc, jetpack, outcome", [
+    ("tegra234", "6", "GPU Orin (sm_87)"), ("tegra264", "7", "GPU Thor (sm_110)"),
+    ("tegra234", "7", "holds Thor (sm_110) wheels"), ("tegra264", "6", "Thor needs JetPack 7"),
+    ("tegra194", "6", "JetPack 5 or older (Python 3.8, TensorRT 8.5)")])
+def test_install_script_checks_the_boards_gpu_against_the_wheels(tmp_path, soc, jetpack, outcome):
+    compatible = tmp_path / "compatible"  # as /proc/device-tree/compatible lists it: NUL-separated
+    compatible.write_bytes(f"nvidia,p3768-0000+p3767-0005\0nvidia,{soc}\0".encode())
+    r = subprocess.run(["bash", str(JETSON / "install.sh"), "--dry-run", "--jetpack", jetpack], capture_output=True,
+                       text=True, timeout=60, env={**os.environ, "JETSON_COMPATIBLE": str(compatible)})
+    assert outcome in (r.stdout if outcome.startswith("GPU") else r.stderr)
+    assert r.returncode == (0 if outcome.startswith("GPU") else 2)
+
+
 def test_unit_runs_unprivileged_restarts_and_waits_for_readiness():
     unit = (JETSON / "spade-edge.service").read_text()
     keys = dict(line.split("=", 1) for line in unit.splitlines() if "=" in line and not line.startswith("#"))
