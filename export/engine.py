@@ -18,7 +18,6 @@ This module imports neither torch nor onnx nor TensorRT at import time: the devi
 from __future__ import annotations
 
 import argparse
-import ctypes
 import dataclasses
 import hashlib
 import json
@@ -31,6 +30,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from spade_edge.runtime.errors import ModelError, SpadeError, require
+from spade_edge.runtime.gpu import gpu_identity
 from spade_edge.runtime.modelinfo import ModelInfo
 
 log = logging.getLogger(__name__)
@@ -232,35 +232,6 @@ def _atomic_write(path: Path, data) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def gpu_identity(device: int = 0) -> dict:
-    """Name and compute capability of CUDA device ``device``: through CuPy where installed, else
-    the driver API (libcuda, present wherever a GPU driver is)."""
-    try:
-        import cupy
-    except ImportError:
-        cupy = None
-    if cupy is not None:
-        try:
-            p = cupy.cuda.runtime.getDeviceProperties(device)
-            name = p["name"].decode() if isinstance(p["name"], bytes) else str(p["name"])
-            return {"name": name, "compute_capability": f"{p['major']}.{p['minor']}"}
-        except Exception as exc:  # no driver or no device: say so below, through the driver itself
-            log.debug("CuPy sees no device: %s", exc)
-    try:
-        cuda = ctypes.CDLL("libcuda.so.1")
-    except OSError as exc:
-        raise EngineError(f"no CUDA driver on this machine ({exc}): a TensorRT engine needs an NVIDIA GPU") from exc
-    dev, major, minor, name = ctypes.c_int(), ctypes.c_int(), ctypes.c_int(), ctypes.create_string_buffer(256)
-    calls = ((cuda.cuInit, 0), (cuda.cuDeviceGet, ctypes.byref(dev), device))
-    for fn, *args in calls:
-        if fn(*args) != 0:
-            raise EngineError(f"the CUDA driver reports no usable device {device}")
-    cuda.cuDeviceGetName(name, 256, dev)
-    cuda.cuDeviceGetAttribute(ctypes.byref(major), 75, dev)  # CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR
-    cuda.cuDeviceGetAttribute(ctypes.byref(minor), 76, dev)  # ..._MINOR
-    return {"name": name.value.decode(), "compute_capability": f"{major.value}.{minor.value}"}
 
 
 # ---------------------------------------------------------------------------- sidecar

@@ -183,7 +183,8 @@ fi
 
 # --- check -------------------------------------------------------------------------------------
 say "check"
-run "$prefix/venv/bin/python" -c "import spade_edge.runtime; from spade_edge.runtime.device import resolve_device; print('spade-edge runtime:', resolve_device('auto')[1])"
+if [ -n "$model" ]; then run "$prefix/venv/bin/spade-edge" devices --model "$model_file" --device "$device"
+else run "$prefix/venv/bin/spade-edge" devices; fi
 if [ "$service" = 1 ]; then
   if [ -z "$model" ]; then
     echo "next: copy model.onnx and parts.gallery to $state (or rerun with --model/--gallery), then: systemctl start spade-edge"

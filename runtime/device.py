@@ -4,8 +4,9 @@ scorer, and a sentence saying what was chosen and why.
 Devices: ``cpu``; ``cuda[:N]`` (ONNX Runtime's CUDA provider, or a TensorRT engine, on GPU N);
 ``tensorrt[:N]`` (a TensorRT engine, or ONNX Runtime's TensorRT provider); ``auto`` (the best that
 actually works here, with what it fell back from recorded). A ``.engine``/``.plan`` file always runs
-on native TensorRT. The scorer follows the features: on the GPU with CuPy, else on the CPU. A device
-asked for by name is obtained or refused with a clear error, never silently replaced by the CPU.
+on native TensorRT. The scorer follows the features: on the GPU where CuPy is installed (the CUDA
+scorer), else on the CPU, which ``why`` then says. A device asked for by name is obtained or refused
+with a clear error, never silently replaced by the CPU.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from .errors import ModelError
 from .features.base import FeatureBackend
+from .gpu import cupy_usable, gpu_available
 from .scoring import PixelScorer, cpu_scorer
 
 DEVICES = ("auto", "cpu", "cuda", "tensorrt")  # each GPU device also as 'cuda:N' / 'tensorrt:N'
@@ -46,22 +48,6 @@ def parse_device(spec: str) -> tuple[str, int]:
 
 def is_engine(model: str | os.PathLike) -> bool:
     return Path(model).suffix.lower() in ENGINE_SUFFIXES
-
-
-def gpu_available(device_id: int = 0) -> tuple[bool, str]:
-    """(True, GPU name) when CuPy sees CUDA device ``device_id``, else (False, why not)."""
-    if importlib.util.find_spec("cupy") is None:
-        return False, "CuPy is not installed (pip install 'spade-edge[gpu]', or NVIDIA's Jetson wheel)"
-    try:
-        import cupy
-
-        n = cupy.cuda.runtime.getDeviceCount()
-        if device_id >= n:
-            return False, f"no CUDA device {device_id} ({n} found)"
-        name = cupy.cuda.runtime.getDeviceProperties(device_id)["name"]
-    except Exception as exc:  # no driver, no device, libraries missing at run time
-        return False, f"no usable CUDA device ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
-    return True, name.decode() if isinstance(name, bytes) else str(name)
 
 
 def ort_providers() -> list[str]:
@@ -106,17 +92,23 @@ def engine_cache_dir(model: str | os.PathLike) -> Path:
     return other
 
 
-def _gpu_scorer(device_id: int) -> PixelScorer:
-    from .scoring.cuda import CudaScorer
+def _gpu_scorer(device_id: int) -> tuple[PixelScorer, str]:
+    """The CUDA scorer on ``device_id`` where CuPy runs (pycuda alone has no scorer: features then
+    come back to the host and are scored there), and how to say it."""
+    ok, why = cupy_usable(device_id)
+    if ok:
+        from .scoring.cuda import CudaScorer
 
-    return CudaScorer(device_id=device_id)
+        return CudaScorer(device_id=device_id), "the CUDA scorer"
+    scorer = cpu_scorer()
+    return scorer, f"the {scorer.name} scorer on the CPU ({why})"
 
 
 def _need_gpu(device_id: int, what: str) -> str:
-    ok, name = gpu_available(device_id)
+    ok, why = gpu_available(device_id)
     if not ok:
-        raise ModelError(f"{what} needs CUDA device {device_id}: {name}")
-    return name
+        raise ModelError(f"{what} needs CUDA device {device_id}: {why}")
+    return why
 
 
 def _engine(model: Path, kind: str, device_id: int) -> Placement:
@@ -127,9 +119,8 @@ def _engine(model: Path, kind: str, device_id: int) -> Placement:
     from .features.tensorrt import TensorRTBackend
 
     backend = TensorRTBackend(model, device=device_id)
-    label = "tensorrt" if device_id == 0 else f"tensorrt:{device_id}"
-    return Placement(backend, _gpu_scorer(device_id), label,
-                     f"TensorRT engine {model.name} and the CUDA scorer on {gpu} (device {device_id})")
+    scorer, scoring = _gpu_scorer(device_id)
+    return Placement(backend, scorer, backend.device, f"TensorRT engine {model.name} on {gpu} (device {device_id}), {scoring}")
 
 
 def _onnx(model: Path, kind: str, device_id: int, threads: int | None, fp16: bool) -> Placement:
@@ -156,8 +147,9 @@ def _onnx(model: Path, kind: str, device_id: int, threads: int | None, fp16: boo
                          "installed? The log above names the missing library")
     label = kind if device_id == 0 else f"{kind}:{device_id}"
     detail = f", fp16, engine cache {cache}" if fp16 and cache else (f", engine cache {cache}" if cache else "")
-    return Placement(OnnxRuntimeBackend(session, os.fspath(model), label), _gpu_scorer(device_id), label,
-                     f"ONNX Runtime {wanted}{detail} and the CUDA scorer on {gpu} (device {device_id})")
+    scorer, scoring = _gpu_scorer(device_id)
+    return Placement(OnnxRuntimeBackend(session, os.fspath(model), label), scorer, label,
+                     f"ONNX Runtime {wanted}{detail} on {gpu} (device {device_id}), {scoring}")
 
 
 def place(model: str | os.PathLike, device: str = "auto", threads: int | None = None, fp16: bool = False) -> Placement:

@@ -408,6 +408,49 @@ def calibrate(model, out, precision, images, count, method, quantizer, percentil
         click.echo((report / "drift.md").read_text())
 
 
+@main.command()
+@click.option("--model", "-m", type=click.Path(exists=True, dir_okay=False),
+              help="Also open this model (ONNX or engine) on --device and say where it runs and why.")
+@device_option
+@_friendly_errors
+def devices(model, device, fp16):
+    """What this machine offers spade-edge: the CPU (instruction sets, INT8 kernel, pixel scorer),
+    CUDA devices, ONNX Runtime's providers, TensorRT, CuPy and pycuda."""
+    import importlib.metadata
+    import importlib.util
+
+    from .runtime import cpu
+    from .runtime.device import ort_providers
+    from .runtime.gpu import cupy_usable, gpu_identity
+    from .runtime.scoring import cpu_scorer
+
+    def version(dist: str) -> str | None:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    click.echo(f"cpu: {cpu.summary()}; pixel scorer {cpu_scorer().name}")
+    try:
+        gpu = gpu_identity(0)
+        click.echo(f"gpu 0: {gpu['name']} (compute capability {gpu['compute_capability']})")
+    except Exception as exc:  # noqa: BLE001 - reported, not raised: this command describes the machine
+        click.echo(f"gpu: none ({exc})")
+    ort = version("onnxruntime") or version("onnxruntime-gpu")
+    click.echo(f"onnxruntime: {ort or 'not installed'}; providers {', '.join(ort_providers()) or '-'}")
+    trt = importlib.util.find_spec("tensorrt") is not None
+    click.echo(f"tensorrt: {'installed' if trt else 'not installed'}")
+    ok, why = cupy_usable(0)
+    click.echo(f"cupy: {'usable (CUDA scorer)' if ok else why}")
+    click.echo(f"pycuda: {'installed' if importlib.util.find_spec('pycuda') else 'not installed'}")
+    if model:
+        from .runtime.device import place
+
+        placed = place(model, device, fp16=fp16)
+        click.echo(f"{model} on --device {device}: {placed.why}")
+        placed.backend.close()
+
+
 @main.command("build-engine")
 @click.option("--model", "-m", type=click.Path(exists=True, dir_okay=False), required=True,
               help="ONNX model (fp32; FP16 / INT8 Q/DQ from 'calibrate' for those precisions on TensorRT 11).")

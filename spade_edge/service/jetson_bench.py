@@ -135,6 +135,7 @@ def run_latency(model, gallery, images_dir, device="auto", threads=None, warmup=
     return {
         "model": str(model), "gallery": str(gallery), "images_dir": str(images_dir), "images": len(data),
         "repeat": repeat, "warmup": warmup, "device": device, "threads": threads,
+        "ran_on": det.device, "scorer": det.scorer.name, "device_fallback": det.fallback,
         "load_s": round(load_s, 3), "wall_s": round(wall, 3),
         "throughput_img_s": round(len(totals) / wall, 2) if wall > 0 else None,
         "latency_ms": percentiles(totals),

@@ -106,13 +106,15 @@ def parse_metrics(text: str) -> dict[str, float]:
 
 
 class ServerProcess:
-    """``python -m spade_edge.service serve`` on a free loopback port, as a separate process."""
+    """``python -m spade_edge.service serve`` on a free loopback port, as a separate process; or
+    ``command`` as given (a deployment's own command line, listening on port 0)."""
 
-    def __init__(self, model, gallery, tmp: Path, *args: str, env: dict | None = None):
+    def __init__(self, model, gallery, tmp: Path, *args: str, env: dict | None = None,
+                 command: list[str] | None = None):
         self.log = tmp / f"serve-{time.monotonic_ns()}.log"
         self._logf = open(self.log, "wb")
-        cmd = [sys.executable, "-m", "spade_edge.service", "serve", "-m", str(model), "-g", str(gallery),
-               "--host", "127.0.0.1", "--port", "0", "--device", "cpu", "--threads", "1", *args]
+        cmd = command or [sys.executable, "-m", "spade_edge.service", "serve", "-m", str(model), "-g", str(gallery),
+                          "--host", "127.0.0.1", "--port", "0", "--device", "cpu", "--threads", "1", *args]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc = subprocess.Popen(cmd, stdout=self._logf, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
         self.url = self._wait_url()

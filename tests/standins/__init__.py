@@ -93,6 +93,34 @@ def _fresh_tensorrt_version(monkeypatch) -> None:
         monkeypatch.setattr(engine, "tensorrt_version", lru_cache(maxsize=1)(wrapped))
 
 
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+
+
+def use_ort_gpu_providers(monkeypatch, starts: bool = True) -> list:
+    """ONNX Runtime as onnxruntime-gpu presents itself, on the CPU: the TensorRT and CUDA providers
+    are compiled in (``get_available_providers``); a session computes on the CPU and reports the
+    providers it was asked for (``get_providers``), or with ``starts=False`` the CPU alone, as when
+    the CUDA, cuDNN or TensorRT libraries fail to load and ONNX Runtime falls back silently.
+    Returns the provider lists sessions were made with (one per session), for their options."""
+    import onnxruntime as ort
+
+    real, made = ort.InferenceSession, []
+
+    class Session(real):
+        def __init__(self, path_or_bytes, sess_options=None, providers=None, **kwargs):
+            made.append(list(providers or []))
+            super().__init__(path_or_bytes, sess_options=sess_options, providers=["CPUExecutionProvider"], **kwargs)
+            asked = [p[0] if isinstance(p, tuple) else p for p in providers or []]
+            self._started = asked if starts else ["CPUExecutionProvider"]
+
+        def get_providers(self):
+            return list(self._started)
+
+    monkeypatch.setattr(ort, "InferenceSession", Session)
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [*GPU_PROVIDERS, "CPUExecutionProvider"])
+    return made
+
+
 def standins_env(env: dict | None = None, gpus: int = 1, trt_version: str = "10.3.0") -> dict:
     """A copy of ``env`` (default: this process's environment) in which a Python subprocess imports
     the stand-ins: this folder first on PYTHONPATH, the machine's settings set."""
@@ -103,4 +131,6 @@ def standins_env(env: dict | None = None, gpus: int = 1, trt_version: str = "10.
     return env
 
 
-__all__ = ["STANDINS", "module_names", "standins_env", "use_standins"]
+TRTEXEC = STANDINS / "bin" / "trtexec"  # trtexec's command line over the tensorrt stand-in
+
+__all__ = ["STANDINS", "TRTEXEC", "module_names", "standins_env", "use_ort_gpu_providers", "use_standins"]
