@@ -56,7 +56,7 @@ def extract(backend: FeatureBackend, images: Sequence, preprocess: Preprocess, b
 
 def as_backend_output(features: dict) -> dict:
     """One image's features as :func:`extract` keeps them (levels (h, w, C)) back in the backend's
-    layout (levels (C, h, w)), which :meth:`Detector.predict_features` takes."""
+    layout (levels (C, h, w)), which :meth:`Detector.score` takes."""
     return {k: (v.transpose(2, 0, 1) if v.ndim == 3 else v) for k, v in features.items()}
 
 
@@ -170,7 +170,7 @@ def gallery_from_images(
         hfeats, hinputs, hgeoms = extract(backend, [str(paths[i]) for i in hold_idx], preprocess, batch_size, show_progress, "thresholds")
         image_scores, maps = [], []
         for f, x, geom in zip(hfeats, hinputs, hgeoms):
-            p = det.predict_features(as_backend_output(f), x, geom)
+            p = det.score(as_backend_output(f), x, geom)
             image_scores.append(p.image_score)
             maps.append(p.anomaly_map)
         manifest["normal"] = {"image": float(np.median(image_scores)),

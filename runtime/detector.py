@@ -1,6 +1,7 @@
 """The detector: an image in; score, verdict, heat map and correspondences out."""
 from __future__ import annotations
 
+import copy
 import os
 import time
 import warnings
@@ -128,24 +129,41 @@ class Detector:
         if close is not None:
             close()
 
+    # The inspection path, step by step: every caller (service, watch folder, line adapters, gallery
+    # build's held-out scoring, evaluate, the benches) goes through these, so SPADE is implemented once.
+
     def prepare(self, image: ImageLike, name: str | None = None) -> tuple[np.ndarray, Geometry]:
-        """Decode, validate and fit an image to the model input."""
+        """Step 1: decode, validate and fit an image to the model input (S x S x 3 uint8)."""
         return self.preprocess(load_image(image, name))
 
+    def extract(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """Step 2: the features of one prepared image (levels (C, h, w), the global vector (C,))."""
+        return {k: v[0] for k, v in self.backend(x[None]).items()}
+
+    def with_config(self, config: SpadeConfig) -> "Detector":
+        """The same backend, gallery and scorer under other scoring settings (for sweeps: features
+        extracted once can be scored under each)."""
+        other = copy.copy(self)
+        config.level_names(self.backend.info)
+        other.config = config
+        return other
+
     def predict(self, image: ImageLike, name: str | None = None) -> Prediction:
-        """Score one image (path, bytes, PIL image or uint8 array)."""
+        """Score one image (path, bytes, PIL image or uint8 array): :meth:`prepare`, :meth:`extract`,
+        :meth:`score`, timed."""
         t0 = time.perf_counter()
         x, geom = self.prepare(image, name)
         t1 = time.perf_counter()
-        out = self.backend(x[None])
+        features = self.extract(x)
         t2 = time.perf_counter()
-        p = self.predict_features({k: v[0] for k, v in out.items()}, x, geom)
+        p = self.score(features, x, geom)
         p.timings = {"preprocess": t1 - t0, "backbone": t2 - t1, **p.timings}
         p.name = name if name is not None else (os.fspath(image) if isinstance(image, (str, os.PathLike)) else None)
         return p
 
-    def predict_features(self, features: dict[str, np.ndarray], x: np.ndarray, geom: Geometry) -> Prediction:
-        """Score one image from its extracted features (used by :meth:`predict` and the gallery builder)."""
+    def score(self, features: dict[str, np.ndarray], x: np.ndarray, geom: Geometry) -> Prediction:
+        """Step 3: the image stage, the pixel stage, the map and the verdict, from one image's
+        features (as :meth:`extract` gives them) and what :meth:`prepare` returned."""
         info, cfg, g = self.backend.info, self.config, self.gallery
         t0 = time.perf_counter()
         dist, idx = image_knn(features[info.global_name], g, max(cfg.k_image, cfg.k_gallery))

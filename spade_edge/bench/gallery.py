@@ -109,7 +109,7 @@ def score_setting(backend: FeatureBackend, data: ProtocolData, storage: Storage,
         for part, feats in data.tests.items():
             out = []
             for f in progress(feats, len(feats), f"{desc} {part}"):
-                p = det.predict_features(as_backend_output(f), blank, geom)
+                p = det.score(as_backend_output(f), blank, geom)
                 keep_map = part == "synthetic" or len(out) < data.n_pix
                 out.append((p.score, p.max_pixel_score, p.anomaly_map if keep_map else None))
             scored[part] = out

@@ -454,9 +454,9 @@ class InspectionService:
     def _infer(self, job: _Job):
         det = job.loaded.detector
         t0 = time.perf_counter()
-        out = det.backend(job.x[None])
+        features = det.extract(job.x)
         t1 = time.perf_counter()
-        p = det.predict_features({k: v[0] for k, v in out.items()}, job.x, job.geom)
+        p = det.score(features, job.x, job.geom)
         p.timings = {"backbone": t1 - t0, **p.timings}
         p.name = job.name
         png = None
