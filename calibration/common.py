@@ -1,10 +1,12 @@
 """Shared by the reduced-precision writers: the model description travels with the model."""
+
 from __future__ import annotations
 
 import dataclasses
 import os
 from pathlib import Path
 
+from spade_edge.runtime.fingerprint import stamp
 from spade_edge.runtime.modelinfo import METADATA_KEY, ModelInfo
 
 
@@ -19,6 +21,7 @@ def save_with_info(model, info: ModelInfo, precision: str, details: dict, out: s
     import onnx
 
     new = dataclasses.replace(info, precision=precision, extra={**info.extra, "calibration": details})
+    new = stamp(model, new)  # this file's own weights digest (runtime/fingerprint.py)
     del model.metadata_props[:]
     onnx.helper.set_model_props(model, {METADATA_KEY: new.to_json()})
     onnx.checker.check_model(model)

@@ -1,5 +1,6 @@
 """What reduced precision costs: feature drift per level, accuracy on the ELPV benchmarks, and
 latency under ONNX Runtime on this CPU, all against the fp32 model in one run."""
+
 from __future__ import annotations
 
 import json
@@ -21,7 +22,9 @@ def feature_drift(ref: FeatureBackend, test: FeatureBackend, images, batch: int 
     """Per output: cosine similarity of every pixel feature (mean and 1st percentile) and relative
     error ||test - ref|| / ||ref||, over ``images``."""
     pre = Preprocess(ref.info.input_size)
-    cos, num, den = {}, {}, {}
+    cos: dict[str, list[np.ndarray]] = {}
+    num: dict[str, float] = {}
+    den: dict[str, float] = {}
     for s in range(0, len(images), batch):
         x = np.stack([pre(load_image(p))[0] for p in images[s : s + batch]])
         a, b = ref(x), test(x)
@@ -31,13 +34,21 @@ def feature_drift(ref: FeatureBackend, test: FeatureBackend, images, batch: int 
             cos.setdefault(k, []).append(c)
             num[k] = num.get(k, 0.0) + float(((ra - rb) ** 2).sum())
             den[k] = den.get(k, 0.0) + float((ra**2).sum())
-    return {k: {"cosine_mean": float(np.concatenate(cos[k]).mean()), "cosine_p01": float(np.percentile(np.concatenate(cos[k]), 1)),
-                "rel_error": float(np.sqrt(num[k] / den[k]))} for k in cos}
+    return {
+        k: {
+            "cosine_mean": float(np.concatenate(cos[k]).mean()),
+            "cosine_p01": float(np.percentile(np.concatenate(cos[k]), 1)),
+            "rel_error": float(np.sqrt(num[k] / den[k])),
+        }
+        for k in cos
+    }
 
 
 def latency(backend: FeatureBackend, batch: int = 1, repeats: int = 20) -> float:
     """Median seconds of one inference of ``batch`` images (after warm-up)."""
-    x = np.random.default_rng(0).integers(0, 256, (batch, backend.info.input_size, backend.info.input_size, 3), dtype=np.uint8)
+    x = np.random.default_rng(0).integers(
+        0, 256, (batch, backend.info.input_size, backend.info.input_size, 3), dtype=np.uint8
+    )
     for _ in range(3):
         backend(x)
     times = []
@@ -48,8 +59,15 @@ def latency(backend: FeatureBackend, batch: int = 1, repeats: int = 20) -> float
     return float(np.median(times))
 
 
-def drift_report(ref: FeatureBackend, test: FeatureBackend, normal, anomalous, out: Path, accuracy: dict | None = None,
-                 repeats: int = 20) -> dict:
+def drift_report(
+    ref: FeatureBackend,
+    test: FeatureBackend,
+    normal,
+    anomalous,
+    out: Path,
+    accuracy: dict | None = None,
+    repeats: int = 20,
+) -> dict:
     """Write drift.json and drift.md into ``out``; ``accuracy``: {setting: {fp32: ..., reduced: ...}} if measured."""
     report = {
         "precision": test.info.precision,
@@ -70,17 +88,29 @@ def drift_report(ref: FeatureBackend, test: FeatureBackend, normal, anomalous, o
 
 
 def markdown(r: dict, backbone: str) -> str:
-    lines = [f"# {backbone}: {r['precision']} against fp32", "", f"Calibration: {r['calibration']}", "",
-             f"Measured on: {r['measured_on']['summary']}", "",
-             "| output | normal: cosine mean | cosine p1 | rel. error | anomalous: cosine mean | cosine p1 | rel. error |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"# {backbone}: {r['precision']} against fp32",
+        "",
+        f"Calibration: {r['calibration']}",
+        "",
+        f"Measured on: {r['measured_on']['summary']}",
+        "",
+        "| output | normal: cosine mean | cosine p1 | rel. error | anomalous: cosine mean | cosine p1 | rel. error |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for k, n in r["features"]["normal"].items():
         a = r["features"]["anomalous"][k]
-        lines.append(f"| {k} | {n['cosine_mean']:.4f} | {n['cosine_p01']:.4f} | {n['rel_error']:.4f} | "
-                     f"{a['cosine_mean']:.4f} | {a['cosine_p01']:.4f} | {a['rel_error']:.4f} |")
+        lines.append(
+            f"| {k} | {n['cosine_mean']:.4f} | {n['cosine_p01']:.4f} | {n['rel_error']:.4f} | "
+            f"{a['cosine_mean']:.4f} | {a['cosine_p01']:.4f} | {a['rel_error']:.4f} |"
+        )
     lat = r["latency"]
-    lines += ["", f"ONNX Runtime CPU latency, batch 1: fp32 {lat['fp32_ms']:.1f} ms, {r['precision']} {lat['reduced_ms']:.1f} ms, "
-              f"ratio {lat['ratio']:.2f}", ""]
+    lines += [
+        "",
+        f"ONNX Runtime CPU latency, batch 1: fp32 {lat['fp32_ms']:.1f} ms, {r['precision']} {lat['reduced_ms']:.1f} ms, "
+        f"ratio {lat['ratio']:.2f}",
+        "",
+    ]
     if "accuracy" in r:
         lines += ["| benchmark | metric | fp32 | reduced | difference |", "|---|---|---:|---:|---:|"]
         for bench, m in r["accuracy"].items():

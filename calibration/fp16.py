@@ -1,5 +1,6 @@
 """FP16 model for strongly typed TensorRT (and any FP16-capable runtime): weights and
 activations in half precision, the uint8 input and float32 outputs kept."""
+
 from __future__ import annotations
 
 import os

@@ -5,6 +5,7 @@ machines, most industrial PCs) sum u8 x s8 products in saturating 16-bit pairs, 
 weights overflow (runtime/cpu.py); 7-bit weights give the same result on every CPU and GPU. The pre-processing at the head of the graph (cast, normalise, transpose) and the
 nodes that produce the outputs stay in float; chosen layers, or the N most sensitive ones, can
 be kept in float too."""
+
 from __future__ import annotations
 
 import os
@@ -86,14 +87,21 @@ def output_nodes(model) -> list[str]:
 def _quantize(pre_path: Path, out: Path, reader, opts: Int8Options, exclude: list[str]) -> None:
     q = require("onnxruntime.quantization", "cpu", "INT8 calibration")
     # int32 biases cannot be dequantized by TensorRT's parser: keep them in float
-    extra = {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False}
+    extra: dict[str, bool | float] = {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False}
     if opts.method == "percentile":
         extra["CalibPercentile"] = opts.percentile
     q.quantize_static(
-        str(pre_path), str(out), reader, quant_format=q.QuantFormat.QDQ, per_channel=True,
-        activation_type=q.QuantType.QInt8, weight_type=q.QuantType.QInt8,
+        str(pre_path),
+        str(out),
+        reader,
+        quant_format=q.QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=q.QuantType.QInt8,
+        weight_type=q.QuantType.QInt8,
         calibrate_method=getattr(q.CalibrationMethod, METHODS[opts.method]),
-        nodes_to_exclude=exclude, extra_options=extra, reduce_range=opts.weight_bits == 7,
+        nodes_to_exclude=exclude,
+        extra_options=extra,
+        reduce_range=opts.weight_bits == 7,
     )
 
 
@@ -160,8 +168,9 @@ def output_cosine(float_path: Path, qdq_path: Path, reader) -> dict[str, float]:
     return {n: total[n] / count[n] for n in total}
 
 
-def _leading_float(pre: Path, staged: Path, reader, probe, opts: Int8Options, exclude: list[str], model,
-                   result: Int8Result) -> list[str]:
+def _leading_float(
+    pre: Path, staged: Path, reader, probe, opts: Int8Options, exclude: list[str], model, result: Int8Result
+) -> list[str]:
     """The fewest leading Conv layers (with their activations) kept in float for which every output
     keeps ``opts.target_cosine`` on the probe images: a bisection, the model re-quantized per step."""
     convs = [n.name for n in model.graph.node if n.op_type == "Conv"]
@@ -193,9 +202,14 @@ def _leading_float(pre: Path, staged: Path, reader, probe, opts: Int8Options, ex
     return lead(hi)
 
 
-def int8_from_onnx(model_path: str | os.PathLike, images: list[Path], out: str | os.PathLike,
-                   opts: Int8Options = Int8Options(), preprocess: Preprocess | None = None,
-                   show_progress: bool = True) -> Int8Result:
+def int8_from_onnx(
+    model_path: str | os.PathLike,
+    images: list[Path],
+    out: str | os.PathLike,
+    opts: Int8Options = Int8Options(),
+    preprocess: Preprocess | None = None,
+    show_progress: bool = True,
+) -> Int8Result:
     """Calibrate ``model_path`` (fp32 spade-edge ONNX) on ``images`` and write the Q/DQ model to ``out``."""
     onnx = require("onnx", "export", "INT8 calibration")
     q = require("onnxruntime.quantization", "cpu", "INT8 calibration")
@@ -212,7 +226,9 @@ def int8_from_onnx(model_path: str | os.PathLike, images: list[Path], out: str |
         exclude = preprocessing_nodes(pre_model) + output_nodes(pre_model) + list(opts.exclude)
         unknown = set(opts.exclude) - {n.name for n in pre_model.graph.node}
         if unknown:
-            raise ValueError(f"no node named {sorted(unknown)[:3]} in the model; 'spade-edge calibrate --list-nodes' lists them")
+            raise ValueError(
+                f"no node named {sorted(unknown)[:3]} in the model; 'spade-edge calibrate --list-nodes' lists them"
+            )
         staged = Path(tmp) / "int8.onnx"
         reader = make_reader(images, preprocess, info.input_name, show_progress)
         _quantize(pre, staged, reader, opts, exclude)
@@ -220,22 +236,31 @@ def int8_from_onnx(model_path: str | os.PathLike, images: list[Path], out: str |
         if opts.auto_exclude:
             probe = make_reader(images[: opts.sensitivity_images], preprocess, info.input_name, show=False)
             result.sensitivity = conv_sensitivity(pre, staged, probe, pre_model)
-            worst = sorted(result.sensitivity, key=result.sensitivity.get)[: opts.auto_exclude]
+            worst = sorted(result.sensitivity, key=result.sensitivity.__getitem__)[: opts.auto_exclude]
             result.excluded = with_activations(worst, fused_activations(pre_model))
             reader.rewind()
             _quantize(pre, staged, reader, opts, exclude + result.excluded)
         if opts.target_cosine:
             probe = make_reader(images[: opts.sensitivity_images], preprocess, info.input_name, show=False)
-            result.excluded += _leading_float(pre, staged, reader, probe, opts, exclude + result.excluded, pre_model,
-                                              result)
+            result.excluded += _leading_float(
+                pre, staged, reader, probe, opts, exclude + result.excluded, pre_model, result
+            )
         result.excluded = list(opts.exclude) + result.excluded
-        details = {"method": opts.method, "images": len(images), "activations": "int8 symmetric",
-                   "weights": f"int8 symmetric per channel, {opts.weight_bits}-bit range",
-                   "weight_bits": opts.weight_bits, "kept_float": result.excluded,
-                   "measured_on": {"cpu": cpu.model_name(), "int8_kernel": cpu.int8_kernel()[0]}}
+        details = {
+            "method": opts.method,
+            "images": len(images),
+            "activations": "int8 symmetric",
+            "weights": f"int8 symmetric per channel, {opts.weight_bits}-bit range",
+            "weight_bits": opts.weight_bits,
+            "kept_float": result.excluded,
+            "measured_on": {"cpu": cpu.model_name(), "int8_kernel": cpu.int8_kernel()[0]},
+        }
         if opts.target_cosine:
-            details.update(target_cosine=opts.target_cosine, leading_float=result.leading_float,
-                           probe_cosine={k: round(v, 4) for k, v in result.probe_cosine.items()})
+            details.update(
+                target_cosine=opts.target_cosine,
+                leading_float=result.leading_float,
+                probe_cosine={k: round(v, 4) for k, v in result.probe_cosine.items()},
+            )
         if opts.method == "percentile":
             details["percentile"] = opts.percentile
         final = onnx.load(str(staged))

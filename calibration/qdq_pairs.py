@@ -10,6 +10,7 @@ scale and zero-point initializers (identical ones are merged back as common sube
 lets all of them fuse. The arithmetic is unchanged (each copy has the same scale and zero
 point). TensorRT folds Q/DQ pairs into the layers around them, copies included.
 """
+
 from __future__ import annotations
 
 import copy

@@ -8,6 +8,7 @@ The opcodes are decoded here too (:data:`OPCODES`), byte by byte: Python's pickl
 never involved, and an opcode a state dict does not use is refused before its argument is read.
 Both layouts are read: the zip archive (torch >= 1.6) and the legacy stream of pickles.
 """
+
 from __future__ import annotations
 
 import io
@@ -19,9 +20,18 @@ from pathlib import Path
 
 import numpy as np
 
-DTYPES = {"FloatStorage": "<f4", "DoubleStorage": "<f8", "HalfStorage": "<f2", "BFloat16Storage": "<u2",
-          "LongStorage": "<i8", "IntStorage": "<i4", "ShortStorage": "<i2", "CharStorage": "i1",
-          "ByteStorage": "u1", "BoolStorage": "?"}
+DTYPES = {
+    "FloatStorage": "<f4",
+    "DoubleStorage": "<f8",
+    "HalfStorage": "<f2",
+    "BFloat16Storage": "<u2",
+    "LongStorage": "<i8",
+    "IntStorage": "<i4",
+    "ShortStorage": "<i2",
+    "CharStorage": "i1",
+    "ByteStorage": "u1",
+    "BoolStorage": "?",
+}
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 
 
@@ -33,7 +43,8 @@ class _Storage:
     def __init__(self, kind: str, key: str, numel: int):
         if kind not in DTYPES:
             raise UnsafeCheckpointError(f"unknown storage type {kind}")
-        self.kind, self.key, self.numel, self.data = kind, str(key), int(numel), None
+        self.kind, self.key, self.numel = kind, str(key), int(numel)
+        self.data: bytes | None = None  # read after the pickle that names it
 
 
 class _TensorRef:
@@ -41,11 +52,13 @@ class _TensorRef:
         self.storage, self.offset, self.size, self.stride = storage, int(offset), tuple(size), tuple(stride)
 
     def array(self) -> np.ndarray:
+        if self.storage.data is None:
+            raise ValueError(f"storage {self.storage.key}: its data is missing from the checkpoint")
         flat = np.frombuffer(self.storage.data, DTYPES[self.storage.kind], count=self.storage.numel)
         if self.storage.kind == "BFloat16Storage":  # numpy has no bfloat16: widen to float32
             flat = (flat.astype(np.uint32) << 16).view(np.float32)
         item = flat.itemsize
-        view = np.lib.stride_tricks.as_strided(flat[self.offset:], self.size, [s * item for s in self.stride])
+        view = np.lib.stride_tricks.as_strided(flat[self.offset :], self.size, [s * item for s in self.stride])
         return np.array(view)  # a copy: the tensor owns its memory
 
 
@@ -57,9 +70,12 @@ def _rebuild_parameter(data, *_):
     return data
 
 
-GLOBALS = {("collections", "OrderedDict"): OrderedDict, ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
-           ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-           **{("torch", name): name for name in DTYPES}}
+GLOBALS = {
+    ("collections", "OrderedDict"): OrderedDict,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    **{("torch", name): name for name in DTYPES},
+}
 
 
 def _line(f) -> bytes:
@@ -101,24 +117,51 @@ def _signed(b: bytes) -> int:
 
 # opcode byte -> (name, argument reader); the names are those of the pickle protocol (PEP 307, 3154)
 OPCODES = {
-    0x80: ("PROTO", _unsigned(1)), 0x95: ("FRAME", _unsigned(8)), b".": ("STOP", None),
-    b"X": ("BINUNICODE", _sized(4, _utf8)), 0x8C: ("SHORT_BINUNICODE", _sized(1, _utf8)),
-    0x8D: ("BINUNICODE8", _sized(8, _utf8)), b"V": ("UNICODE", lambda f: _line(f).decode("raw-unicode-escape")),
-    b"J": ("BININT", lambda f: _signed(_exactly(f, 4))), b"K": ("BININT1", _unsigned(1)),
-    b"M": ("BININT2", _unsigned(2)), 0x8A: ("LONG1", _sized(1, _signed)), 0x8B: ("LONG4", _sized(4, _signed)),
+    0x80: ("PROTO", _unsigned(1)),
+    0x95: ("FRAME", _unsigned(8)),
+    b".": ("STOP", None),
+    b"X": ("BINUNICODE", _sized(4, _utf8)),
+    0x8C: ("SHORT_BINUNICODE", _sized(1, _utf8)),
+    0x8D: ("BINUNICODE8", _sized(8, _utf8)),
+    b"V": ("UNICODE", lambda f: _line(f).decode("raw-unicode-escape")),
+    b"J": ("BININT", lambda f: _signed(_exactly(f, 4))),
+    b"K": ("BININT1", _unsigned(1)),
+    b"M": ("BININT2", _unsigned(2)),
+    0x8A: ("LONG1", _sized(1, _signed)),
+    0x8B: ("LONG4", _sized(4, _signed)),
     b"G": ("BINFLOAT", lambda f: struct.unpack(">d", _exactly(f, 8))[0]),
-    b"C": ("SHORT_BINBYTES", _sized(1, bytes)), b"B": ("BINBYTES", _sized(4, bytes)),
-    b"I": ("INT", _decimal), b"L": ("LONG", _decimal),
-    b"N": ("NONE", None), 0x88: ("NEWTRUE", None), 0x89: ("NEWFALSE", None), b"(": ("MARK", None),
-    b"}": ("EMPTY_DICT", None), b"]": ("EMPTY_LIST", None), b")": ("EMPTY_TUPLE", None),
-    b"t": ("TUPLE", None), 0x85: ("TUPLE1", None), 0x86: ("TUPLE2", None), 0x87: ("TUPLE3", None),
-    b"d": ("DICT", None), b"l": ("LIST", None),
-    b"q": ("BINPUT", _unsigned(1)), b"r": ("LONG_BINPUT", _unsigned(4)), b"p": ("PUT", _decimal),
+    b"C": ("SHORT_BINBYTES", _sized(1, bytes)),
+    b"B": ("BINBYTES", _sized(4, bytes)),
+    b"I": ("INT", _decimal),
+    b"L": ("LONG", _decimal),
+    b"N": ("NONE", None),
+    0x88: ("NEWTRUE", None),
+    0x89: ("NEWFALSE", None),
+    b"(": ("MARK", None),
+    b"}": ("EMPTY_DICT", None),
+    b"]": ("EMPTY_LIST", None),
+    b")": ("EMPTY_TUPLE", None),
+    b"t": ("TUPLE", None),
+    0x85: ("TUPLE1", None),
+    0x86: ("TUPLE2", None),
+    0x87: ("TUPLE3", None),
+    b"d": ("DICT", None),
+    b"l": ("LIST", None),
+    b"q": ("BINPUT", _unsigned(1)),
+    b"r": ("LONG_BINPUT", _unsigned(4)),
+    b"p": ("PUT", _decimal),
     0x94: ("MEMOIZE", None),
-    b"h": ("BINGET", _unsigned(1)), b"j": ("LONG_BINGET", _unsigned(4)), b"g": ("GET", _decimal),
+    b"h": ("BINGET", _unsigned(1)),
+    b"j": ("LONG_BINGET", _unsigned(4)),
+    b"g": ("GET", _decimal),
     b"c": ("GLOBAL", lambda f: f"{_line(f).decode('ascii')} {_line(f).decode('ascii')}"),
-    0x93: ("STACK_GLOBAL", None), b"R": ("REDUCE", None), b"b": ("BUILD", None),
-    b"s": ("SETITEM", None), b"u": ("SETITEMS", None), b"a": ("APPEND", None), b"e": ("APPENDS", None),
+    0x93: ("STACK_GLOBAL", None),
+    b"R": ("REDUCE", None),
+    b"b": ("BUILD", None),
+    b"s": ("SETITEM", None),
+    b"u": ("SETITEMS", None),
+    b"a": ("APPEND", None),
+    b"e": ("APPENDS", None),
     b"Q": ("BINPERSID", None),
 }
 OPCODES = {(k[0] if isinstance(k, bytes) else k): v for k, v in OPCODES.items()}  # printable ones written as bytes
@@ -153,8 +196,22 @@ def _interpret(f, persistent_load=None):
             continue
         if name == "STOP":
             return stack.pop()
-        if name in ("BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8", "UNICODE", "BININT", "BININT1", "BININT2",
-                    "LONG1", "LONG4", "BINFLOAT", "SHORT_BINBYTES", "BINBYTES", "INT", "LONG"):
+        if name in (
+            "BINUNICODE",
+            "SHORT_BINUNICODE",
+            "BINUNICODE8",
+            "UNICODE",
+            "BININT",
+            "BININT1",
+            "BININT2",
+            "LONG1",
+            "LONG4",
+            "BINFLOAT",
+            "SHORT_BINBYTES",
+            "BINBYTES",
+            "INT",
+            "LONG",
+        ):
             stack.append(arg)
         elif name == "NONE":
             stack.append(None)

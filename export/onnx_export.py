@@ -5,6 +5,7 @@ NHWC -> NCHW itself, so an accelerator does them too. Outputs: one (N, C, h, w) 
 per pyramid level and the global (N, C) vector, named as the backbone's ``feature_info``.
 The model's :class:`ModelInfo` goes into the ONNX metadata under ``spade_edge``.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -17,9 +18,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from spade_edge.runtime.fingerprint import stamp
 from spade_edge.runtime.modelinfo import METADATA_KEY, ModelInfo
 
-from .backbones import FeatureInfo
+from .backbones import Backbone, FeatureInfo
 
 OPSET = 18
 MAX_BATCH = 256
@@ -27,6 +29,9 @@ MAX_BATCH = 256
 
 class WithPreprocess(nn.Module):
     """uint8 NHWC in, the backbone's pyramid (as a tuple in ``feature_info`` order) out."""
+
+    scale: torch.Tensor  # buffers
+    shift: torch.Tensor
 
     def __init__(self, net: nn.Module, info: FeatureInfo):
         super().__init__()
@@ -51,16 +56,21 @@ def fingerprint(net: nn.Module, backbone: str, info: FeatureInfo) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def model_info(net: nn.Module, backbone: str) -> ModelInfo:
+def model_info(net: Backbone, backbone: str) -> ModelInfo:
     info: FeatureInfo = net.feature_info
     return ModelInfo(
-        backbone=backbone, input_size=info.input_size, levels=info.levels, global_name=info.global_name,
-        global_channels=info.global_channels, mean=tuple(info.mean), std=tuple(info.std),
+        backbone=backbone,
+        input_size=info.input_size,
+        levels=info.levels,
+        global_name=info.global_name,
+        global_channels=info.global_channels,
+        mean=info.mean,
+        std=info.std,
         fingerprint=fingerprint(net, backbone, info),
     )
 
 
-def onnx_from_backbone(net: nn.Module, backbone: str, out: str | os.PathLike, opset: int = OPSET) -> ModelInfo:
+def onnx_from_backbone(net: Backbone, backbone: str, out: str | os.PathLike, opset: int = OPSET) -> ModelInfo:
     """Export ``net`` (an eval-mode backbone with ``feature_info``) to ``out``; returns its description.
 
     The file is written atomically and checked with ``onnx.checker``.
@@ -77,11 +87,19 @@ def onnx_from_backbone(net: nn.Module, backbone: str, out: str | os.PathLike, op
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's own chatter; problems surface as errors or in parity
         program = torch.onnx.export(
-            wrapper, (dummy,), None, input_names=["image"], output_names=info.names(), opset_version=opset,
-            dynamic_shapes={"image": {0: torch.export.Dim("batch", min=1, max=MAX_BATCH)}}, dynamo=True,
+            wrapper,
+            (dummy,),
+            None,
+            input_names=["image"],
+            output_names=info.names(),
+            opset_version=opset,
+            dynamic_shapes={"image": {0: torch.export.Dim("batch", min=1, max=MAX_BATCH)}},
+            dynamo=True,
             verbose=False,
         )
+    assert program is not None  # the dynamo exporter returns its program
     model = program.model_proto
+    meta = stamp(model, meta)  # the digest the runtime recomputes at load (runtime/fingerprint.py)
     onnx.helper.set_model_props(model, {METADATA_KEY: meta.to_json()})
     model.doc_string = f"spade-edge feature extractor: {backbone}"
     onnx.checker.check_model(model, full_check=True)

@@ -1,4 +1,5 @@
 """Compare an exported model with its PyTorch source on the same uint8 images."""
+
 from __future__ import annotations
 
 import os
@@ -6,8 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import nn
 
+from .backbones import Backbone
 from .onnx_export import WithPreprocess
 
 
@@ -36,7 +37,7 @@ class Parity:
         return "\n".join([f"parity vs PyTorch ({verdict}, rtol {self.rtol:g}):", *map(str, self.diffs)])
 
 
-def compare_with_torch(net: nn.Module, onnx_path: str | os.PathLike, images: np.ndarray, rtol: float = 1e-4) -> Parity:
+def compare_with_torch(net: Backbone, onnx_path: str | os.PathLike, images: np.ndarray, rtol: float = 1e-4) -> Parity:
     """Run ``images`` (N, S, S, 3 uint8) through PyTorch and ONNX Runtime and compare every output."""
     import onnxruntime as ort
 

@@ -8,11 +8,12 @@
 
 A miss says exactly which file to put where.
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -47,9 +48,9 @@ def resolve_weights(
             raise WeightsNotFoundError(f"weights file {path} does not exist")
         return path
     if packaged is not None:
-        path = packaged()
-        if path is not None and path.is_file():
-            return path
+        found = packaged()
+        if found is not None and found.is_file():
+            return found
     if url is None:
         raise WeightsNotFoundError(f"no weights for {backbone}: {hint + ', or ' if hint else ''}pass --weights PATH")
     cached = hub_checkpoint_dir() / url.rsplit("/", 1)[-1]

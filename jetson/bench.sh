@@ -68,12 +68,12 @@ else
   meta+=(--meta "tegrastats_reason=tegrastats not found (not a Jetson?)")
 fi
 
-run "$python" -m spade_edge.service.jetson_bench run -m "$model" -g "$gallery" -i "$images" \
+run "$python" -m spade_edge bench jetson run -m "$model" -g "$gallery" -i "$images" \
   --device "$device" --repeat "$repeat" --warmup "$warmup" -o "$work/latency.json"
 
 if [ -n "$teg_pid" ]; then kill "$teg_pid" 2>/dev/null || true; wait "$teg_pid" 2>/dev/null || true; teg_pid=""; fi
 teg_args=()
 if [ -n "$tegrastats" ]; then teg_args=(--tegrastats "$work/tegrastats.log"); fi
-run "$python" -m spade_edge.service.jetson_bench report --latency "$work/latency.json" "${teg_args[@]}" \
+run "$python" -m spade_edge bench jetson report --latency "$work/latency.json" "${teg_args[@]}" \
   --nvpmodel "$work/nvpmodel.txt" --clocks "$work/clocks.txt" "${meta[@]}" -o "$out"
 [ "$dry" = 1 ] || echo "bench.sh: wrote $out"

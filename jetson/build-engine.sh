@@ -4,8 +4,8 @@
 #
 # usage: jetson/build-engine.sh [--dry-run] MODEL.onnx OUT.engine [fp32|fp16|int8] [MAX_BATCH]
 #
-# The trtexec arguments come from spade_edge.export.engine (the code the Python build uses), so
-# both builds agree: TensorRT 10 (JetPack 6) takes --fp16 / --int8, TensorRT 11 --stronglyTyped
+# The trtexec arguments come from 'spade-edge engine trtexec-args' (the code the Python build
+# uses), so both builds agree: TensorRT 10 (JetPack 6) takes --fp16 / --int8, TensorRT 11 --stronglyTyped
 # with the precision of the model itself (fp16: 'spade-edge calibrate --precision fp16' first).
 # Environment: TRTEXEC (default: trtexec on PATH, else /usr/src/tensorrt/bin/trtexec),
 # PYTHON (python3), WORKSPACE_MB (1024), TIMING_CACHE (a file kept between builds),
@@ -44,10 +44,10 @@ if [[ -n ${TRT_VERSION:-} ]]; then
     version=(--tensorrt-version "$TRT_VERSION")
 fi
 
-listing=$("$python" -m spade_edge.export.engine trtexec-args "$onnx" "$out" "${options[@]}" "${version[@]}")
+listing=$("$python" -m spade_edge engine trtexec-args -m "$onnx" -o "$out" "${options[@]}" "${version[@]}")
 mapfile -t build <<<"$listing"
 build[0]=${TRTEXEC:-$(command -v trtexec || echo /usr/src/tensorrt/bin/trtexec)}
-sidecar=("$python" -m spade_edge.export.engine sidecar "$out" --onnx "$onnx" --tool trtexec "${options[@]}")
+sidecar=("$python" -m spade_edge engine sidecar "$out" -m "$onnx" --tool trtexec "${options[@]}")
 
 if [[ $dry_run == 1 ]]; then
     show "${build[@]}"

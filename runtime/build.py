@@ -2,39 +2,52 @@
 :class:`Storage` settings say, thresholds from a held-out share of the images, written atomically.
 Galleries grow and shrink on the device (:func:`add_images`, :func:`remove_images`) without a
 rebuild: new images are encoded with the codecs fitted at build time."""
+
 from __future__ import annotations
 
+import contextlib
 import datetime
+import fcntl
+import importlib.metadata
 import math
 import os
+import re
+import stat
+import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
-from .. import __version__
 from .codec import LevelCodec, Storage, fit_codec, kcenter
 from .detector import Detector
 from .errors import GalleryError, ImageError
 from .features import FeatureBackend
 from .gallery import Gallery, LevelStore
 from .images import Preprocess, load_image
+from .progress import progress
 from .spade import SpadeConfig, final_score, top_pixels
 
 PIXEL_QUANTILE = 0.999
 
 
-def progress(iterable, total: int, desc: str, show: bool = True, unit: str = "img"):
-    """A progress bar on a terminal (none in logs, none when ``show`` is false)."""
-    if not show:
-        return iterable
-    from tqdm import tqdm
+def tool_name() -> str:
+    """What a gallery records as its maker: the installed distribution and its version (read from
+    its metadata: the runtime does not import the package above it)."""
+    try:
+        return f"spade-edge {importlib.metadata.version('spade-edge')}"
+    except importlib.metadata.PackageNotFoundError:
+        return "spade-edge (not installed)"
 
-    return tqdm(iterable, total=total, desc=desc, unit=unit, leave=False, disable=None)
 
-
-def extract(backend: FeatureBackend, images: Sequence, preprocess: Preprocess, batch_size: int = 8,
-            show: bool = True, desc: str = "features"):
+def extract(
+    backend: FeatureBackend,
+    images: Sequence,
+    preprocess: Preprocess,
+    batch_size: int = 8,
+    show: bool = True,
+    desc: str = "features",
+):
     """Features of ``images`` (paths or arrays): returns (list of per-image feature dicts with
     levels as (h, w, C) and the global vector, list of model inputs, list of geometries)."""
     info = backend.info
@@ -63,7 +76,7 @@ def as_backend_output(features: dict) -> dict:
 def _thumbnails(inputs, size: int) -> np.ndarray:
     from PIL import Image
 
-    return np.stack([np.asarray(Image.fromarray(x).resize((size, size), Image.BILINEAR)) for x in inputs])
+    return np.stack([np.asarray(Image.fromarray(x).resize((size, size), Image.Resampling.BILINEAR)) for x in inputs])
 
 
 def encode_level(maps: Sequence[np.ndarray], codec: LevelCodec, storage: Storage):
@@ -84,10 +97,16 @@ def encode_level(maps: Sequence[np.ndarray], codec: LevelCodec, storage: Storage
     return np.concatenate(rows), np.r_[0, np.cumsum(counts)].astype(np.int64), np.concatenate(yx)
 
 
-def gallery_from_features(feats: Sequence[dict], names: Sequence[str], info, storage: Storage | None = None,
-                          codecs: dict[str, LevelCodec] | None = None) -> Gallery:
+def gallery_from_features(
+    feats: Sequence[dict],
+    names: Sequence[str],
+    info,
+    storage: Storage | None = None,
+    codecs: dict[str, LevelCodec] | None = None,
+) -> Gallery:
     """An in-memory gallery from extracted features (as :func:`extract` returns them): codecs are
-    fitted on these features unless given, then every image is encoded."""
+    fitted on these features unless given, then every image is encoded (``storage``: ``Storage()``,
+    the default, unless given)."""
     storage = storage or Storage()
     codecs = dict(codecs or {})
     levels = {}
@@ -98,8 +117,10 @@ def gallery_from_features(feats: Sequence[dict], names: Sequence[str], info, sto
         data, offsets, yx = encode_level(maps, codecs[lv.name], storage)
         levels[lv.name] = LevelStore(data, maps[0].shape[:2], codecs[lv.name], offsets, yx)
     glob = np.stack([f[info.global_name] for f in feats]).astype(np.float32)
-    manifest = {"model": {"backbone": info.backbone, "fingerprint": info.fingerprint, "precision": info.precision},
-                "storage": storage.to_dict()}
+    manifest = {
+        "model": {"backbone": info.backbone, "fingerprint": info.fingerprint, "precision": info.precision},
+        "storage": storage.to_dict(),
+    }
     return Gallery(list(names), glob, levels, manifest)
 
 
@@ -123,6 +144,7 @@ def gallery_from_images(
     (through the compressed gallery, as the runtime will score); the image threshold is the highest
     held-out score (no false alarm on held-out normal parts), the pixel threshold the 99.9th
     percentile of held-out pixel scores. ``codecs`` reuses fitted codecs instead of fitting them.
+    ``storage``: :meth:`Storage.default` for the config's mode unless given (as ``gallery build``).
     """
     paths = [Path(p) for p in images]
     if len(paths) < 2:
@@ -132,31 +154,46 @@ def gallery_from_images(
     info = backend.info
     preprocess = preprocess or Preprocess(info.input_size)
     config = config or SpadeConfig()
-    storage = storage or Storage()
+    storage = storage or Storage.default(config.mode)  # runtime/codec.py: the one home of the defaults
     config.level_names(info)
     if storage.coreset < 1.0 and config.mode == "concat":
-        raise ValueError("a coreset keeps a subset of each image's pixels, which the concatenated pyramid cannot "
-                         "use: pass mode='per-level' (--mode per-level) with --coreset")
+        raise ValueError(
+            "a coreset keeps a subset of each image's pixels, which the concatenated pyramid cannot "
+            "use: pass mode='per-level' (--mode per-level) with --coreset"
+        )
     order = np.random.default_rng(seed).permutation(len(paths))
     n_hold = int(round(holdout * len(paths)))
     n_hold = min(max(n_hold, 1 if holdout > 0 else 0), len(paths) - 1)
     hold_idx, train_idx = sorted(order[:n_hold]), sorted(order[n_hold:])
 
     # decode everything first: a bad file stops the build before anything is written
-    feats, inputs, _ = extract(backend, [str(paths[i]) for i in train_idx], preprocess, batch_size, show_progress, "gallery")
+    feats, inputs, _ = extract(
+        backend, [str(paths[i]) for i in train_idx], preprocess, batch_size, show_progress, "gallery"
+    )
     names = [paths[i].name for i in train_idx]
     if len(set(names)) != len(names):
         names = [str(paths[i]) for i in train_idx]
     gallery = gallery_from_features(feats, names, info, storage, codecs)
     manifest = {
-        "model": {"backbone": info.backbone, "fingerprint": info.fingerprint, "precision": info.precision,
-                  "input_size": info.input_size,
-                  "levels": [lv.__dict__ for lv in info.levels], "global": info.global_name},
+        "model": {
+            "backbone": info.backbone,
+            "fingerprint": info.fingerprint,
+            "precision": info.precision,
+            "input_size": info.input_size,
+            "levels": [lv.__dict__ for lv in info.levels],
+            "global": info.global_name,
+        },
         "preprocess": preprocess.to_dict(),
         "config": config.to_dict(),
         "storage": storage.to_dict(),
-        "build": {"tool": f"spade-edge {__version__}", "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                  "images": len(paths), "holdout": holdout, "seed": seed, "source": str(paths[0].parent.resolve())},
+        "build": {
+            "tool": tool_name(),
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "images": len(paths),
+            "holdout": holdout,
+            "seed": seed,
+            "source": str(paths[0].parent.resolve()),
+        },
         "thresholds": {},
     }
     gallery.manifest = manifest
@@ -165,16 +202,24 @@ def gallery_from_images(
 
     if n_hold:
         # held-out normal images, scored as the runtime will score (through the stored form)
-        det = Detector(backend, gallery, config=SpadeConfig.from_dict({**config.to_dict(), "score": "image"}),
-                       preprocess=preprocess)
-        hfeats, hinputs, hgeoms = extract(backend, [str(paths[i]) for i in hold_idx], preprocess, batch_size, show_progress, "thresholds")
+        det = Detector(
+            backend,
+            gallery,
+            config=SpadeConfig.from_dict({**config.to_dict(), "score": "image"}),
+            preprocess=preprocess,
+        )
+        hfeats, hinputs, hgeoms = extract(
+            backend, [str(paths[i]) for i in hold_idx], preprocess, batch_size, show_progress, "thresholds"
+        )
         image_scores, maps = [], []
         for f, x, geom in zip(hfeats, hinputs, hgeoms):
             p = det.score(as_backend_output(f), x, geom)
             image_scores.append(p.image_score)
             maps.append(p.anomaly_map)
-        manifest["normal"] = {"image": float(np.median(image_scores)),
-                              "top_pixels": float(np.median([top_pixels(m) for m in maps]))}
+        manifest["normal"] = {
+            "image": float(np.median(image_scores)),
+            "top_pixels": float(np.median([top_pixels(m) for m in maps])),
+        }
         scores = [final_score(config.score, i, m, manifest["normal"]) for i, m in zip(image_scores, maps)]
         pixels = [m.ravel() for m in maps]
         manifest["thresholds"] = {
@@ -185,7 +230,8 @@ def gallery_from_images(
             "heldout_scores": [float(s) for s in scores],
             "config": config.to_dict(),
         }
-    gallery.save(out)
+    with writing(out):  # not over an add or remove in progress
+        gallery.save(out)
     return Gallery.load(out)
 
 
@@ -195,13 +241,16 @@ def _level_chunks(store: LevelStore, keep: np.ndarray) -> tuple[list, list | Non
     if not store.coreset:
         return [store.data[r[0] : r[-1] + 1] for r in runs], None, None
     o = store.offsets
+    assert o is not None and store.yx is not None  # a coreset level keeps both
     data = [store.data[o[r[0]] : o[r[-1] + 1]] for r in runs]
     yx = [store.yx[o[r[0]] : o[r[-1] + 1]] for r in runs]
     counts = o[keep + 1] - o[keep]
     return data, yx, np.r_[0, np.cumsum(counts)].astype(np.int64)
 
 
-def _rewrite(gallery: Gallery, keep: np.ndarray, out: Path, new: dict | None = None, new_names=(), why: str = "") -> Gallery:
+def _rewrite(
+    gallery: Gallery, keep: np.ndarray, out: Path, new: dict | None = None, new_names=(), why: str = ""
+) -> Gallery:
     """Write ``gallery`` restricted to images ``keep`` plus ``new`` encoded images, streaming the old arrays."""
     arrays: dict = {"global": [gallery.global_features[keep]]}
     for k, st in gallery.levels.items():
@@ -209,6 +258,7 @@ def _rewrite(gallery: Gallery, keep: np.ndarray, out: Path, new: dict | None = N
         if new:
             data = data + [new[k][0]]
             if st.coreset:
+                assert yx is not None and offsets is not None  # _level_chunks gives both for a coreset level
                 yx = yx + [new[k][2]]
                 offsets = np.r_[offsets, offsets[-1] + new[k][1][1:]]
         arrays[f"level/{k}"] = data
@@ -230,36 +280,146 @@ def _rewrite(gallery: Gallery, keep: np.ndarray, out: Path, new: dict | None = N
     return Gallery.load(out)
 
 
-def add_images(gallery_path: str | os.PathLike, backend: FeatureBackend, images: Sequence[str | os.PathLike],
-               out: str | os.PathLike | None = None, batch_size: int = 8, show_progress: bool = True) -> Gallery:
+LOCK_TIMEOUT_S = 600.0  # how long a writer waits for another to finish before giving up
+
+
+def lock_path(path: str | os.PathLike) -> Path:
+    """The sidecar a gallery's writers lock: ``.NAME.lock`` beside it (kept: removing a lock file
+    races with the next writer opening it)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.lock")
+
+
+@contextlib.contextmanager
+def gallery_lock(path: str | os.PathLike, timeout: float | None = LOCK_TIMEOUT_S):
+    """Hold the exclusive lock of the gallery at ``path`` (``fcntl.flock`` on :func:`lock_path`):
+    one read-modify-write at a time, across processes and threads alike. The kernel releases it when
+    its holder exits, killed or not. Readers take none: a gallery is replaced by an atomic rename.
+    :class:`GalleryError` after ``timeout`` seconds of waiting (None: wait as long as it takes)."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)  # as writing the gallery there would
+        fd = os.open(lock_path(path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise GalleryError(
+            f"{path}: cannot lock the gallery for writing ({lock_path(path)}: {exc.strerror}); "
+            "its folder must be writable"
+        ) from exc
+    try:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise GalleryError(
+                        f"{path}: another process is changing this gallery (it holds "
+                        f"{lock_path(path).name}) for over {timeout:g} s; try again when it is done"
+                    ) from None
+                time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _our_parts(path: Path) -> list[Path]:
+    """Temporary files a writer of the gallery at ``path`` leaves when killed before its rename
+    (``write_gallery``: ``.NAME.XXXXXXXX.part``): this gallery's only, regular files of this user."""
+    pattern = re.compile(re.escape(f".{path.name}.") + r"[a-z0-9_]{8}\.part\Z")
+    found = []
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return []
+    for entry in entries:
+        if pattern.match(entry.name):
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid():
+                found.append(Path(entry.path))
+    return sorted(found)
+
+
+def _unlink_parts(path: Path) -> list[Path]:
+    removed = []
+    for part in _our_parts(path):
+        with contextlib.suppress(FileNotFoundError):
+            part.unlink()
+            removed.append(part)
+    return removed
+
+
+def remove_stale_parts(path: str | os.PathLike) -> list[Path]:
+    """Remove what killed writers of the gallery at ``path`` left behind (see :func:`_our_parts`),
+    only when no writer holds its lock (taken without waiting); returns the files removed."""
+    path = Path(path)
+    try:
+        with gallery_lock(path, timeout=0):
+            return _unlink_parts(path)
+    except GalleryError:
+        return []  # a writer is at work: its file is not stale
+
+
+@contextlib.contextmanager
+def writing(*paths: str | os.PathLike | None):
+    """Lock the galleries ``paths`` (None skipped; in one order, so that two writers never wait on
+    each other) and remove their stale temporary files: the frame of every read-modify-write."""
+    unique = sorted({os.path.abspath(p): Path(p) for p in paths if p is not None}.items())
+    with contextlib.ExitStack() as stack:
+        for _, p in unique:
+            stack.enter_context(gallery_lock(p))
+            _unlink_parts(p)
+        yield
+
+
+def add_images(
+    gallery_path: str | os.PathLike,
+    backend: FeatureBackend,
+    images: Sequence[str | os.PathLike],
+    out: str | os.PathLike | None = None,
+    batch_size: int = 8,
+    show_progress: bool = True,
+) -> Gallery:
     """Add normal images to a gallery (encoded with its stored codecs; thresholds kept as they are)."""
-    gallery = Gallery.load(gallery_path)
-    gallery.check_model(backend.info)
-    paths = [Path(p) for p in images]
-    names = [p.name for p in paths]
-    dup = sorted(set(names) & set(gallery.names)) or sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise GalleryError(f"already in the gallery or given twice: {', '.join(dup[:5])}; rename or remove them first")
-    storage = Storage(**gallery.storage) if "projection" in gallery.storage else Storage()
-    pre = Preprocess(**gallery.manifest["preprocess"])
-    feats, inputs, _ = extract(backend, [str(p) for p in paths], pre, batch_size, show_progress, "add")
-    new: dict = {"global": np.stack([f[backend.info.global_name] for f in feats]).astype(np.float32)}
-    for k, st in gallery.levels.items():
-        new[k] = encode_level([f[k] for f in feats], st.codec, storage)
-    if gallery.thumbnails is not None:
-        new["thumbnails"] = _thumbnails(inputs, gallery.thumbnails.shape[1])
-    keep = np.arange(len(gallery))
-    return _rewrite(gallery, keep, Path(out or gallery_path), new, names, f"added {len(paths)} images")
+    with writing(gallery_path, out):  # one writer at a time: no add or remove is lost
+        gallery = Gallery.load(gallery_path)
+        gallery.check_model(backend.info)
+        paths = [Path(p) for p in images]
+        names = [p.name for p in paths]
+        dup = sorted(set(names) & set(gallery.names)) or sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise GalleryError(
+                f"already in the gallery or given twice: {', '.join(dup[:5])}; rename or remove them first"
+            )
+        storage = (
+            Storage(**gallery.storage) if "projection" in gallery.storage else Storage.exact()
+        )  # stored before settings were
+        stored = gallery.manifest.get("preprocess")  # as the detector reads it: absent in the oldest galleries
+        pre = Preprocess(**stored) if stored else Preprocess(backend.info.input_size)
+        feats, inputs, _ = extract(backend, [str(p) for p in paths], pre, batch_size, show_progress, "add")
+        new: dict = {"global": np.stack([f[backend.info.global_name] for f in feats]).astype(np.float32)}
+        for k, st in gallery.levels.items():
+            new[k] = encode_level([f[k] for f in feats], st.codec, storage)
+        if gallery.thumbnails is not None:
+            new["thumbnails"] = _thumbnails(inputs, gallery.thumbnails.shape[1])
+        keep = np.arange(len(gallery))
+        return _rewrite(gallery, keep, Path(out or gallery_path), new, names, f"added {len(paths)} images")
 
 
-def remove_images(gallery_path: str | os.PathLike, names: Sequence[str], out: str | os.PathLike | None = None) -> Gallery:
+def remove_images(
+    gallery_path: str | os.PathLike, names: Sequence[str], out: str | os.PathLike | None = None
+) -> Gallery:
     """Remove images by name (all named images must be present; at least one must stay)."""
-    gallery = Gallery.load(gallery_path)
-    missing = sorted(set(names) - set(gallery.names))
-    if missing:
-        raise GalleryError(f"not in the gallery: {', '.join(missing[:5])}")
-    drop = set(names)
-    keep = np.array([i for i, n in enumerate(gallery.names) if n not in drop], np.int64)
-    if len(keep) == 0:
-        raise GalleryError("removing every image would leave an empty gallery")
-    return _rewrite(gallery, keep, Path(out or gallery_path), why=f"removed {len(drop)} images")
+    with writing(gallery_path, out):
+        gallery = Gallery.load(gallery_path)
+        missing = sorted(set(names) - set(gallery.names))
+        if missing:
+            raise GalleryError(f"not in the gallery: {', '.join(missing[:5])}")
+        drop = set(names)
+        keep = np.array([i for i, n in enumerate(gallery.names) if n not in drop], np.int64)
+        if len(keep) == 0:
+            raise GalleryError("removing every image would leave an empty gallery")
+        return _rewrite(gallery, keep, Path(out or gallery_path), why=f"removed {len(drop)} images")

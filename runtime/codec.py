@@ -4,6 +4,7 @@ Everything here is numpy, so a device can encode new normal images itself (``gal
 Fitted parameters (projection, int8 scales) are fitted once, at build time, and stored; images
 added later are encoded with them.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -15,21 +16,47 @@ PROJECTIONS = ("none", "pca", "random")
 _DTYPES = {"fp32": np.float32, "fp16": np.float16, "int8": np.int8}
 FIT_ROWS = 200_000  # pixel rows sampled to fit a projection or int8 scales
 
+# The storage a gallery gets unless told otherwise, defined here only: `gallery build`'s option
+# defaults, Storage() and gallery_from_images(storage=None) all read these. int8 with a coreset of a
+# fifth of each image's pixels stores 18.7x fewer bytes per normal image than fp32 (27.5 vs 514.3 kB
+# on Lite0) at the same accuracy on the ELPV benchmark: image AUROC +0.005, pixel AUROC -0.000, AUPRO
+# -0.002 / -0.000 (`spade-edge bench gallery`, docs/results.md). A coreset serves the per-level mode
+# only: in concat mode the default keeps every pixel (Storage.default).
+DEFAULT_PRECISION = "int8"
+DEFAULT_CORESET = 0.2
+
 
 @dataclass(frozen=True)
 class Storage:
-    """Build-time storage settings (refused, not rewritten, when inconsistent).
+    """Build-time storage settings (refused, not rewritten, when inconsistent). ``Storage()`` is the
+    default (:data:`DEFAULT_PRECISION`, :data:`DEFAULT_CORESET`); :meth:`exact` stores features as
+    extracted.
 
     ``precision``: fp32, fp16 or int8 (per-channel symmetric scale).
     ``projection``: none, pca or random (Gaussian, as PaDiM) to ``keep`` of each level's channels.
     ``coreset``: share of each image's pixels kept by greedy k-center (1.0: all; per-level mode only).
     """
 
-    precision: str = "fp32"
+    precision: str = DEFAULT_PRECISION
     projection: str = "none"
     keep: float = 1.0
-    coreset: float = 1.0
+    coreset: float = DEFAULT_CORESET
     seed: int = 0
+
+    @classmethod
+    def default(cls, mode: str = "per-level", **settings) -> Storage:
+        """The default storage for scoring mode ``mode`` with some ``settings`` (fields) given: as
+        ``Storage(**settings)``, except that in concat mode, which compares every pixel, a coreset
+        that was not asked for keeps them all."""
+        if mode == "concat" and "coreset" not in settings:
+            settings["coreset"] = 1.0
+        return cls(**settings)
+
+    @classmethod
+    def exact(cls, **settings) -> Storage:
+        """Features as extracted: fp32, every channel, every pixel (``settings`` change fields). The
+        benchmarks' reference, and how a gallery that records no storage settings was stored."""
+        return cls(**{"precision": "fp32", "coreset": 1.0, **settings})
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:

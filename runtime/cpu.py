@@ -1,5 +1,6 @@
 """What this CPU is, for the code paths chosen by CPU feature and for every speed figure: the model
 name, its instruction sets, and which kernel ONNX Runtime's INT8 products run on here."""
+
 from __future__ import annotations
 
 import platform
@@ -7,8 +8,23 @@ from functools import lru_cache
 from pathlib import Path
 
 # the flags that choose a kernel somewhere in the stack (numpy, ONNX Runtime's MLAS, our C kernels)
-X86_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni",
-             "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
+X86_FLAGS = (
+    "sse4_2",
+    "avx",
+    "avx2",
+    "fma",
+    "f16c",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512_vnni",
+    "avx_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "amx_tile",
+    "amx_bf16",
+    "amx_int8",
+)
 ARM_FLAGS = ("asimd", "asimddp", "i8mm", "bf16", "sve", "sve2")
 # x86 int8 dot products without saturation: VNNI accumulates u8 x s8 into 32 bits directly
 VNNI = ("avx512_vnni", "avx_vnni", "amx_int8")
@@ -16,13 +32,24 @@ VNNI = ("avx512_vnni", "avx_vnni", "amx_int8")
 
 # (leaf, subleaf, register, bit) of the x86 flags above, as CPUID reports them
 CPUID_BITS = {
-    "sse4_2": (1, 0, 2, 20), "avx": (1, 0, 2, 28), "fma": (1, 0, 2, 12), "f16c": (1, 0, 2, 29),
-    "avx2": (7, 0, 1, 5), "avx512f": (7, 0, 1, 16), "avx512bw": (7, 0, 1, 30), "avx512vl": (7, 0, 1, 31),
-    "avx512_vnni": (7, 0, 2, 11), "avx512_fp16": (7, 0, 3, 23), "amx_bf16": (7, 0, 3, 22), "amx_tile": (7, 0, 3, 24),
-    "amx_int8": (7, 0, 3, 25), "avx_vnni": (7, 1, 0, 4), "avx512_bf16": (7, 1, 0, 5),
+    "sse4_2": (1, 0, 2, 20),
+    "avx": (1, 0, 2, 28),
+    "fma": (1, 0, 2, 12),
+    "f16c": (1, 0, 2, 29),
+    "avx2": (7, 0, 1, 5),
+    "avx512f": (7, 0, 1, 16),
+    "avx512bw": (7, 0, 1, 30),
+    "avx512vl": (7, 0, 1, 31),
+    "avx512_vnni": (7, 0, 2, 11),
+    "avx512_fp16": (7, 0, 3, 23),
+    "amx_bf16": (7, 0, 3, 22),
+    "amx_tile": (7, 0, 3, 24),
+    "amx_int8": (7, 0, 3, 25),
+    "avx_vnni": (7, 1, 0, 4),
+    "avx512_bf16": (7, 1, 0, 5),
 }
 # cpuid(leaf=edi, subleaf=esi) -> eax, ebx, ecx, edx stored at rdx (x86-64 System V)
-_CPUID_CODE = bytes.fromhex("53" "89f8" "89f1" "4989d0" "0fa2" "418900" "41895804" "41894808" "4189500c" "5b" "c3")
+_CPUID_CODE = bytes.fromhex("5389f889f14989d00fa241890041895804418948084189500c5bc3")
 
 
 def _cpuid() -> tuple[str, set[str]] | None:
@@ -60,7 +87,7 @@ def _cpuid() -> tuple[str, set[str]] | None:
 def _cpuinfo() -> tuple[str, frozenset[str]]:
     path = Path("/proc/cpuinfo")
     text = path.read_text() if path.exists() else ""
-    name, found = "", set()
+    name, found = "", set[str]()
     for line in text.splitlines():
         key, _, value = line.partition(":")
         key = key.strip()

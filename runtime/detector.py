@@ -1,4 +1,5 @@
 """The detector: an image in; score, verdict, heat map and correspondences out."""
+
 from __future__ import annotations
 
 import copy
@@ -11,7 +12,7 @@ import numpy as np
 
 from .features import FeatureBackend
 from .gallery import Gallery
-from .images import Geometry, ImageLike, Preprocess, load_image, map_to_original
+from .images import Geometry, ImageLike, Preprocess, fit_image, map_to_original
 from .scoring import PixelScorer, cpu_scorer
 from .spade import Correspondence, SpadeConfig, final_score, image_knn, pixel_scores, smooth
 
@@ -60,8 +61,13 @@ class Prediction:
             "verdict": self.verdict,
             "image_score": round(self.image_score, 6),
             "max_pixel_score": round(self.max_pixel_score, 6),
-            "worst_pixel": {"row": r, "col": c, "matched_image": self.correspondence_names[img],
-                            "matched_row": round(mr, 1), "matched_col": round(mc, 1)},
+            "worst_pixel": {
+                "row": r,
+                "col": c,
+                "matched_image": self.correspondence_names[img],
+                "matched_row": round(mr, 1),
+                "matched_col": round(mc, 1),
+            },
             "neighbors": self.neighbors[:5],
             "timings_ms": {k: round(v * 1e3, 2) for k, v in self.timings.items()},
         }
@@ -75,8 +81,14 @@ class Detector:
     >>> p = det.predict("part.png"); p.score, p.verdict, p.anomaly_map.shape
     """
 
-    def __init__(self, backend: FeatureBackend, gallery: Gallery, scorer: PixelScorer | None = None,
-                 config: SpadeConfig | None = None, preprocess: Preprocess | None = None):
+    def __init__(
+        self,
+        backend: FeatureBackend,
+        gallery: Gallery,
+        scorer: PixelScorer | None = None,
+        config: SpadeConfig | None = None,
+        preprocess: Preprocess | None = None,
+    ):
         gallery.check_model(backend.info)
         self.backend, self.gallery = backend, gallery
         self.device = f"{backend.name} on {backend.device}"  # Detector.load says more: what was chosen and why
@@ -88,16 +100,28 @@ class Detector:
         pre = gallery.manifest.get("preprocess")
         self.preprocess = preprocess or (Preprocess(**pre) if pre else Preprocess(backend.info.input_size))
         if self.config.score == "combined" and not gallery.manifest.get("normal"):
-            raise ValueError("score='combined' needs the normal statistics a gallery built with --holdout > 0 stores; "
-                             "rebuild it so, or pass another score (--score top-pixels)")
+            raise ValueError(
+                "score='combined' needs the normal statistics a gallery built with --holdout > 0 stores; "
+                "rebuild it so, or pass another score (--score top-pixels)"
+            )
         th = gallery.thresholds
         if th.get("config") and th["config"] != self.config.to_dict():
-            warnings.warn("scoring settings differ from those the gallery's thresholds were computed "
-                          "with; verdicts may be off (rebuild the gallery or recompute thresholds)", stacklevel=2)
+            warnings.warn(
+                "scoring settings differ from those the gallery's thresholds were computed "
+                "with; verdicts may be off (rebuild the gallery or recompute thresholds)",
+                stacklevel=2,
+            )
 
     @classmethod
-    def load(cls, model: str | os.PathLike, gallery: str | os.PathLike | Gallery, device: str = "auto",
-             threads: int | None = None, fp16: bool = False, **config) -> "Detector":
+    def load(
+        cls,
+        model: str | os.PathLike,
+        gallery: str | os.PathLike | Gallery,
+        device: str = "auto",
+        threads: int | None = None,
+        fp16: bool = False,
+        **config,
+    ) -> Detector:
         """Open ``model`` (ONNX, or a TensorRT ``.engine``) and ``gallery`` on ``device`` ('auto', 'cpu',
         'cuda[:N]', 'tensorrt[:N]': runtime/device.py); ``det.device`` says what was chosen and why,
         ``det.fallback`` what 'auto' could not have. Keyword arguments override the gallery's stored
@@ -134,13 +158,13 @@ class Detector:
 
     def prepare(self, image: ImageLike, name: str | None = None) -> tuple[np.ndarray, Geometry]:
         """Step 1: decode, validate and fit an image to the model input (S x S x 3 uint8)."""
-        return self.preprocess(load_image(image, name))
+        return fit_image(image, self.preprocess, name)  # decoded-pixel memory: images.decode_cost
 
     def extract(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """Step 2: the features of one prepared image (levels (C, h, w), the global vector (C,))."""
         return {k: v[0] for k, v in self.backend(x[None]).items()}
 
-    def with_config(self, config: SpadeConfig) -> "Detector":
+    def with_config(self, config: SpadeConfig) -> Detector:
         """The same backend, gallery and scorer under other scoring settings (for sweeps: features
         extracted once can be scored under each)."""
         other = copy.copy(self)
@@ -177,10 +201,19 @@ class Detector:
         t3 = time.perf_counter()
         score = final_score(cfg.score, image_score, amap, g.manifest.get("normal"))
         thr = g.thresholds.get("image")
-        verdict = None if thr is None else (NOT_OK if score > thr else OK)
+        # a score that is not a number (a model giving NaN or inf) is no proof of a good part
+        verdict = None if thr is None else (OK if score <= thr else NOT_OK)
         return Prediction(
-            score=score, verdict=verdict, anomaly_map=amap, anomaly_map_full=full, image_score=image_score,
-            neighbors=[g.names[i] for i in neighbors], neighbor_distances=[float(d) for d in dist[: cfg.k_gallery]],
-            correspondence=corr, correspondence_names=g.names, geometry=geom, input_image=x,
+            score=score,
+            verdict=verdict,
+            anomaly_map=amap,
+            anomaly_map_full=full,
+            image_score=image_score,
+            neighbors=[g.names[i] for i in neighbors],
+            neighbor_distances=[float(d) for d in dist[: cfg.k_gallery]],
+            correspondence=corr,
+            correspondence_names=g.names,
+            geometry=geom,
+            input_image=x,
             timings={"image_knn": t1 - t0, "pixel_scoring": t2 - t1, "map": t3 - t2},
         )

@@ -8,6 +8,7 @@ on native TensorRT. The scorer follows the features: on the GPU where CuPy is in
 scorer), else on the CPU, which ``why`` then says. A device asked for by name is obtained or refused
 with a clear error, never silently replaced by the CPU.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -59,7 +60,9 @@ def ort_providers() -> list[str]:
     return onnxruntime.get_available_providers()
 
 
-def provider_list(kind: str, device_id: int = 0, fp16: bool = False, cache_dir: str | os.PathLike | None = None) -> list:
+def provider_list(
+    kind: str, device_id: int = 0, fp16: bool = False, cache_dir: str | os.PathLike | None = None
+) -> list:
     """ONNX Runtime providers for ``kind``, best first, the CPU last for nodes a GPU provider leaves."""
     cuda = (PROVIDERS["cuda"], {"device_id": device_id})
     if kind == "cpu":
@@ -67,11 +70,16 @@ def provider_list(kind: str, device_id: int = 0, fp16: bool = False, cache_dir: 
     if kind == "cuda":
         return [cuda, PROVIDERS["cpu"]]
     # the engine cache makes every start and reload after the first skip the minutes-long build
-    opts = {"device_id": device_id, "trt_fp16_enable": bool(fp16), "trt_int8_enable": False,
-            "trt_engine_cache_enable": cache_dir is not None}
+    opts: dict[str, int | bool | str] = {
+        "device_id": device_id,
+        "trt_fp16_enable": bool(fp16),
+        "trt_int8_enable": False,
+        "trt_engine_cache_enable": cache_dir is not None,
+    }
     if cache_dir is not None:
-        opts.update(trt_engine_cache_path=str(cache_dir), trt_timing_cache_enable=True,
-                    trt_timing_cache_path=str(cache_dir))
+        opts.update(
+            trt_engine_cache_path=str(cache_dir), trt_timing_cache_enable=True, trt_timing_cache_path=str(cache_dir)
+        )
     return [(PROVIDERS["tensorrt"], opts), cuda, PROVIDERS["cpu"]]
 
 
@@ -113,14 +121,17 @@ def _need_gpu(device_id: int, what: str) -> str:
 
 def _engine(model: Path, kind: str, device_id: int) -> Placement:
     if kind == "cpu":
-        raise ModelError(f"{model}: a TensorRT engine runs on an NVIDIA GPU; for --device cpu pass the ONNX "
-                         "model it was built from")
+        raise ModelError(
+            f"{model}: a TensorRT engine runs on an NVIDIA GPU; for --device cpu pass the ONNX model it was built from"
+        )
     gpu = _need_gpu(device_id, f"{model} (a TensorRT engine)")
     from .features.tensorrt import TensorRTBackend
 
     backend = TensorRTBackend(model, device=device_id)
     scorer, scoring = _gpu_scorer(device_id)
-    return Placement(backend, scorer, backend.device, f"TensorRT engine {model.name} on {gpu} (device {device_id}), {scoring}")
+    return Placement(
+        backend, scorer, backend.device, f"TensorRT engine {model.name} on {gpu} (device {device_id}), {scoring}"
+    )
 
 
 def _onnx(model: Path, kind: str, device_id: int, threads: int | None, fp16: bool) -> Placement:
@@ -128,28 +139,37 @@ def _onnx(model: Path, kind: str, device_id: int, threads: int | None, fp16: boo
     from .features.onnxruntime import OnnxRuntimeBackend, session_from_onnx, warn_if_int8_saturates
 
     if kind == "cpu":
-        backend = OnnxRuntimeBackend(session_from_onnx(model, provider_list("cpu"), threads, extra="cpu"),
-                                     os.fspath(model), "cpu")
+        backend = OnnxRuntimeBackend(
+            session_from_onnx(model, provider_list("cpu"), threads, extra="cpu"), os.fspath(model), "cpu"
+        )
         warn_if_int8_saturates(backend.info, os.fspath(model))
         scorer = cpu_scorer()
         return Placement(backend, scorer, "cpu", f"ONNX Runtime on the CPU, {scorer.name} scorer")
     wanted = PROVIDERS[kind]
     if wanted not in ort_providers():
-        raise ModelError(f"this onnxruntime has no {wanted}: install onnxruntime-gpu (pip install "
-                         "'spade-edge[gpu]', or NVIDIA's Jetson wheel), or use --device cpu")
+        raise ModelError(
+            f"this onnxruntime has no {wanted}: install onnxruntime-gpu (pip install "
+            "'spade-edge[gpu]', or NVIDIA's Jetson wheel), or use --device cpu"
+        )
     gpu = _need_gpu(device_id, f"--device {kind}")
     cache = engine_cache_dir(model) if kind == "tensorrt" else None
     session = session_from_onnx(model, provider_list(kind, device_id, fp16, cache), threads, extra="gpu")
     got = session.get_providers()
     if wanted not in got:  # compiled in, but its libraries (CUDA, cuDNN, TensorRT) did not load
-        raise ModelError(f"{model}: ONNX Runtime could not start its {wanted} on {gpu} (the session runs on "
-                         f"{', '.join(got)}): are the CUDA/cuDNN/TensorRT libraries of this onnxruntime-gpu "
-                         "installed? The log above names the missing library")
+        raise ModelError(
+            f"{model}: ONNX Runtime could not start its {wanted} on {gpu} (the session runs on "
+            f"{', '.join(got)}): are the CUDA/cuDNN/TensorRT libraries of this onnxruntime-gpu "
+            "installed? The log above names the missing library"
+        )
     label = kind if device_id == 0 else f"{kind}:{device_id}"
     detail = f", fp16, engine cache {cache}" if fp16 and cache else (f", engine cache {cache}" if cache else "")
     scorer, scoring = _gpu_scorer(device_id)
-    return Placement(OnnxRuntimeBackend(session, os.fspath(model), label), scorer, label,
-                     f"ONNX Runtime {wanted}{detail} on {gpu} (device {device_id}), {scoring}")
+    return Placement(
+        OnnxRuntimeBackend(session, os.fspath(model), label),
+        scorer,
+        label,
+        f"ONNX Runtime {wanted}{detail} on {gpu} (device {device_id}), {scoring}",
+    )
 
 
 def place(model: str | os.PathLike, device: str = "auto", threads: int | None = None, fp16: bool = False) -> Placement:

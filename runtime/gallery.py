@@ -12,6 +12,7 @@ The manifest lists every array with dtype, shape, offset and SHA-256. No pickle;
 memory-mapped at load (nothing is copied until scoring touches it). Writes go to a temporary
 file in the same folder, then ``os.replace``: an interrupted build leaves the old file intact.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -19,14 +20,17 @@ import json
 import os
 import struct
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from . import gallery_check
 from .codec import LevelCodec
 from .errors import GalleryError, MismatchError
 from .modelinfo import ModelInfo
+from .scoring.base import GalleryPyramids, GalleryRows
 
 MAGIC = b"SPADEGAL"
 FORMAT_VERSION = 1
@@ -58,24 +62,27 @@ class LevelStore:
         return self.data.shape[-1]
 
     def count(self) -> int:
-        return len(self.offsets) - 1 if self.coreset else len(self.data)
+        return len(self.offsets) - 1 if self.offsets is not None else len(self.data)
 
     def rows(self, j: int) -> np.ndarray:
         """Pixel features of gallery image ``j`` as float32 (m, C') rows (decoded one image at a time)."""
-        if self.coreset:
+        if self.offsets is not None:
             return self.codec.decode(self.data[self.offsets[j] : self.offsets[j + 1]])
         return self.codec.decode(self.data[j]).reshape(-1, self.channels)
 
     def dense(self, j: int) -> np.ndarray:
         """Gallery image ``j`` as a float32 (h, w, C') map (dense storage only)."""
         if self.coreset:
-            raise ValueError("a coreset gallery keeps a subset of pixels; the concatenated pyramid needs them all "
-                             "(use mode='per-level', or build the gallery without --coreset)")
+            raise ValueError(
+                "a coreset gallery keeps a subset of pixels; the concatenated pyramid needs them all "
+                "(use mode='per-level', or build the gallery without --coreset)"
+            )
         return self.codec.decode(self.data[j])
 
     def cells(self, j: int, r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Grid cells (y, x) of rows ``r`` of image ``j``."""
-        if self.coreset:
+        if self.offsets is not None:
+            assert self.yx is not None  # a coreset level keeps both
             yx = np.asarray(self.yx[self.offsets[j] + r])
             return yx[..., 0].astype(np.int64), yx[..., 1].astype(np.int64)
         return r // self.grid[1], r % self.grid[1]
@@ -99,8 +106,14 @@ class Gallery:
     _memo: dict = field(default_factory=dict, repr=False)
 
     @classmethod
-    def from_arrays(cls, names: list[str], global_features: np.ndarray, levels: dict[str, np.ndarray],
-                    manifest: dict, thumbnails: np.ndarray | None = None) -> "Gallery":
+    def from_arrays(
+        cls,
+        names: list[str],
+        global_features: np.ndarray,
+        levels: dict[str, np.ndarray],
+        manifest: dict,
+        thumbnails: np.ndarray | None = None,
+    ) -> Gallery:
         """An fp32 gallery from dense (N, h, w, C) level arrays."""
         stores = {k: LevelStore(np.asarray(v), tuple(v.shape[1:3])) for k, v in levels.items()}
         return cls(list(names), np.asarray(global_features, np.float32), stores, manifest, thumbnails)
@@ -123,11 +136,47 @@ class Gallery:
     @property
     def global_sqnorm(self) -> np.ndarray:
         """Squared norms of the global features, computed once per loaded gallery."""
+
         def make() -> np.ndarray:
             g = np.asarray(self.global_features, np.float32)
             return np.einsum("ij,ij->i", g, g)
 
         return self.memo("global_sqnorm", make)
+
+    def level_view(self, name: str, images) -> GalleryRows:
+        """Level ``name`` of gallery ``images`` (indices) as a scorer reads it (scoring/base.py): one
+        block of rows per image, decoded each time it is read, their squared norms made once and kept
+        while the gallery is loaded, their grid cells (a coreset's kept cells)."""
+        store = self.levels[name]
+        images = [int(j) for j in images]
+        sizes = (
+            np.diff(np.asarray(store.offsets))[images]
+            if store.coreset
+            else np.full(len(images), store.grid[0] * store.grid[1])
+        )
+
+        def norms(i: int, block=None) -> np.ndarray:
+            j = images[i]
+            return self.memo(("sqnorms", name, j), lambda: view.make_sqnorms(store.rows(j) if block is None else block))
+
+        view = GalleryRows(
+            lambda i: store.rows(images[i]), sizes, norms, lambda i, rows: store.cells(images[i], rows), store.grid
+        )
+        return view
+
+    def pyramid_view(self, names, images, grid: tuple[int, int]) -> GalleryPyramids:
+        """Levels ``names`` of gallery ``images`` as the concatenated pyramid on ``grid`` (the finest
+        level's) for a scorer (scoring/base.py): each image's level maps decoded each time it is read,
+        the norms of their upsampled concatenation made once and kept while the gallery is loaded.
+        Dense storage only (:meth:`LevelStore.dense`)."""
+        names, images, grid = list(names), [int(j) for j in images], (int(grid[0]), int(grid[1]))
+
+        def norms(i: int, block=None) -> np.ndarray:
+            key = ("concat_sqnorms", tuple(names), grid, images[i])
+            return self.memo(key, lambda: view.make_sqnorms(view[i] if block is None else block))
+
+        view = GalleryPyramids(lambda i: [self.levels[n].dense(images[i]) for n in names], len(images), grid, norms)
+        return view
 
     def memo(self, key, make):
         """A value derived from the stored features (``make()``), made on first use and kept while the
@@ -144,20 +193,27 @@ class Gallery:
         if m["fingerprint"] == info.fingerprint and built != info.precision:
             import warnings
 
-            warnings.warn(f"gallery was built with the {built} model, this model is {info.precision}: scores "
-                          f"shift slightly; build the gallery with the model that scores", stacklevel=3)
+            warnings.warn(
+                f"gallery was built with the {built} model, this model is {info.precision}: scores "
+                f"shift slightly; build the gallery with the model that scores",
+                stacklevel=3,
+            )
         if m["fingerprint"] != info.fingerprint:
             raise MismatchError(
                 f"gallery {self.path or ''} was built with model '{m.get('backbone')}' "
                 f"(fingerprint {m['fingerprint'][:19]}), but the model given is '{info.backbone}' "
                 f"(fingerprint {info.fingerprint[:19]}); rebuild the gallery with this model"
             )
+        gallery_check.check_against_model(self, info)  # levels, grids, channels: what this model produces
 
     def nbytes(self) -> dict[str, int]:
         """Stored bytes by part: pixel levels (with their index and codec), global features, thumbnails."""
         lv = sum(a.nbytes for k, a in self._arrays().items() if not k.startswith(("global", "thumbnails")))
-        return {"levels": lv, "global": self.global_features.nbytes,
-                "thumbnails": 0 if self.thumbnails is None else self.thumbnails.nbytes}
+        return {
+            "levels": lv,
+            "global": self.global_features.nbytes,
+            "thumbnails": 0 if self.thumbnails is None else self.thumbnails.nbytes,
+        }
 
     # -- file I/O -----------------------------------------------------------------------------
 
@@ -168,7 +224,8 @@ class Gallery:
             for part in ("proj", "center", "scale"):
                 if getattr(st.codec, part) is not None:
                     arrays[f"{part}/{k}"] = getattr(st.codec, part)
-            if st.coreset:
+            if st.offsets is not None:
+                assert st.yx is not None  # a coreset level keeps both
                 arrays[f"offsets/{k}"] = st.offsets
                 arrays[f"yx/{k}"] = st.yx
         if self.thumbnails is not None:
@@ -183,20 +240,22 @@ class Gallery:
         return write_gallery(path, self.names, arrays or self._arrays(), manifest)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, verify: bool = True) -> "Gallery":
+    def load(cls, path: str | os.PathLike, verify: bool = True) -> Gallery:
         """Memory-map a gallery file; with ``verify`` every checksum is checked first."""
         path = Path(path)
         manifest, arrays = read_gallery(path, verify=verify)
         levels = {}
         for k, spec in manifest["levels"].items():
             codec = LevelCodec(**{part: arrays.get(f"{part}/{k}") for part in ("proj", "center", "scale")})
-            levels[k] = LevelStore(arrays[f"level/{k}"], tuple(spec["grid"]), codec,
-                                   arrays.get(f"offsets/{k}"), arrays.get(f"yx/{k}"))
+            levels[k] = LevelStore(
+                arrays[f"level/{k}"], tuple(spec["grid"]), codec, arrays.get(f"offsets/{k}"), arrays.get(f"yx/{k}")
+            )
         return cls(manifest["names"], arrays["global"], levels, manifest, arrays.get("thumbnails"), path)
 
 
-def write_gallery(path: str | os.PathLike, names: list[str], arrays: dict[str, np.ndarray | list[np.ndarray]],
-                  manifest: dict) -> Path:
+def write_gallery(
+    path: str | os.PathLike, names: list[str], arrays: Mapping[str, np.ndarray | list[np.ndarray]], manifest: dict
+) -> Path:
     """Write a gallery atomically. An array may be given as a list of chunks stacked along axis 0
     (e.g. memory-mapped slices of an old gallery plus new rows): it is streamed, never assembled."""
     path = Path(path)
@@ -209,10 +268,16 @@ def write_gallery(path: str | os.PathLike, names: list[str], arrays: dict[str, n
             raise ValueError(f"chunks of array '{key}' differ in dtype or trailing shape")
         h = hashlib.sha256()
         for c in parts:
-            h.update(memoryview(c).cast("B"))
+            h.update(memoryview(c).cast("B"))  # type: ignore[arg-type]  # numpy declares __buffer__ for 3.12+ only
         nbytes = sum(c.nbytes for c in parts)
         shape = [sum(len(c) for c in parts), *first.shape[1:]] if first.ndim else []
-        table[key] = {"dtype": first.dtype.str, "shape": shape, "offset": offset, "nbytes": nbytes, "sha256": h.hexdigest()}
+        table[key] = {
+            "dtype": first.dtype.str,
+            "shape": shape,
+            "offset": offset,
+            "nbytes": nbytes,
+            "sha256": h.hexdigest(),
+        }
         offset += nbytes + _pad(nbytes)
     header = dict(manifest, format=FORMAT_VERSION, names=list(names), arrays=table)
     blob = json.dumps(header, indent=1, sort_keys=True).encode()
@@ -224,7 +289,7 @@ def write_gallery(path: str | os.PathLike, names: list[str], arrays: dict[str, n
             f.write(blob)
             for key, parts in chunks.items():
                 for c in parts:
-                    f.write(memoryview(c).cast("B"))
+                    f.write(memoryview(c).cast("B"))  # type: ignore[arg-type]  # as above
                 f.write(b"\0" * _pad(table[key]["nbytes"]))
             f.flush()
             os.fsync(f.fileno())
@@ -236,26 +301,14 @@ def write_gallery(path: str | os.PathLike, names: list[str], arrays: dict[str, n
 
 
 def read_header(path: Path) -> tuple[dict, int]:
-    """The manifest and the file offset where array data starts."""
-    if not path.is_file():
-        raise GalleryError(f"{path}: no such gallery file")
-    with open(path, "rb") as f:
-        prefix = f.read(_PREFIX.size)
-        if len(prefix) < _PREFIX.size or prefix[:8] != MAGIC:
-            raise GalleryError(f"{path}: not a spade-edge gallery (bad magic bytes)")
-        _, n, digest = _PREFIX.unpack(prefix)
-        blob = f.read(n)
-    if len(blob) != n or hashlib.sha256(blob).digest() != digest:
-        raise GalleryError(f"{path}: gallery header is corrupt (checksum mismatch); rebuild the gallery")
-    manifest = json.loads(blob)
-    if manifest.get("format") != FORMAT_VERSION:
-        raise GalleryError(f"{path}: gallery format {manifest.get('format')} is not supported (expected {FORMAT_VERSION})")
-    return manifest, _PREFIX.size + n
+    """The manifest and the file offset where array data starts (checked: runtime/gallery_check.py)."""
+    return gallery_check.read_header(path)
 
 
 def read_gallery(path: Path, verify: bool = True) -> tuple[dict, dict[str, np.ndarray]]:
     manifest, base = read_header(path)
     size = path.stat().st_size
+    gallery_check.check_layout(path, manifest, base, size)  # the whole manifest, before anything is mapped
     arrays = {}
     for key, spec in manifest["arrays"].items():
         start = base + spec["offset"]
@@ -268,6 +321,7 @@ def read_gallery(path: Path, verify: bool = True) -> tuple[dict, dict[str, np.nd
             arrays[key] = np.zeros(shape, np.dtype(spec["dtype"]))
         else:
             arrays[key] = np.memmap(path, dtype=np.dtype(spec["dtype"]), mode="r", offset=start, shape=shape)
+    gallery_check.check_contents(path, manifest, base, verify)  # the index arrays, once their checksums are verified
     return manifest, arrays
 
 
@@ -284,4 +338,3 @@ def _check_sha(path: Path, key: str, start: int, spec: dict) -> None:
             left -= len(chunk)
     if h.hexdigest() != spec["sha256"]:
         raise GalleryError(f"{path}: array '{key}' is corrupt (SHA-256 mismatch); rebuild or restore the gallery")
-

@@ -1,5 +1,6 @@
 """Which NVIDIA GPU is here: name and compute capability of a CUDA device, asked of whatever is
 installed (CuPy, else pycuda, else the driver's libcuda), with the reason when there is none."""
+
 from __future__ import annotations
 
 import ctypes

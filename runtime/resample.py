@@ -4,6 +4,7 @@ Bilinear upsampling is a fixed linear map per axis, so it is written as a matrix
 resamples feature maps (concatenated pyramid) and score maps, and matches
 ``torch.nn.functional.interpolate(mode="bilinear", align_corners=False)``.
 """
+
 from __future__ import annotations
 
 from functools import lru_cache
@@ -73,8 +74,11 @@ def gaussian_blur(x: np.ndarray, sigma: float) -> np.ndarray:
     for axis in (0, 1):
         n = out.shape[axis]
         # scipy 'reflect' is numpy 'symmetric'; tile for kernels wider than the image
-        pad = np.pad(out, [(r, r) if a == axis else (0, 0) for a in (0, 1)], mode="symmetric") if r <= n else \
-            _pad_symmetric_wide(out, r, axis)
+        pad = (
+            np.pad(out, [(r, r) if a == axis else (0, 0) for a in (0, 1)], mode="symmetric")
+            if r <= n
+            else _pad_symmetric_wide(out, r, axis)
+        )
         win = np.lib.stride_tricks.sliding_window_view(pad, len(k), axis=axis)
         out = win @ k
     return out

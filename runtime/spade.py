@@ -7,18 +7,18 @@ Pixel stage (paper eq. 3): every test pixel feature against every pixel feature 
 each level at its own resolution, maps upsampled and averaged (the best-known re-implementation,
 there with kappa = 1 and unsquared distances).
 """
+
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from .gallery import Gallery
 from .modelinfo import ModelInfo
-from .resample import gaussian_blur, upsample_hwc, upsample_map
+from .resample import gaussian_blur, upsample_map
 from .scoring import PixelScorer
-from .scoring.pyramid import upsampled_sqnorms
 
 MODES = ("concat", "per-level")
 SCORES = ("image", "max-pixel", "top-pixels", "combined")
@@ -27,7 +27,8 @@ TOP_SHARE = 0.01  # 'top-pixels': the mean of the highest 1% of the anomaly map
 
 @dataclass(frozen=True)
 class SpadeConfig:
-    """Scoring settings. Defaults chosen on the ELPV benchmark (docs/results.md): K = 50 images for
+    """Scoring settings. Defaults chosen on the ELPV benchmark (docs/results.md), which scores every
+    setting through this runtime (``Detector.with_config``): K = 50 images for
     the pixel gallery, kappa = 1, levels scored apart and averaged, sigma = 4, and the image scored by
     the image stage (K = 5) plus the mean of the top 1% of the anomaly map, each over its median on
     held-out normal images. K's larger than the gallery are clipped to its size."""
@@ -59,7 +60,7 @@ class SpadeConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "SpadeConfig":
+    def from_dict(cls, d: dict) -> SpadeConfig:
         d = dict(d)
         if d.get("levels") is not None:
             d["levels"] = tuple(d["levels"])
@@ -112,10 +113,16 @@ def _hwc(feature_chw: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(feature_chw, np.float32).transpose(1, 2, 0))
 
 
+def projected_levels(features: dict[str, np.ndarray], gallery: Gallery, names: Sequence[str]) -> list[np.ndarray]:
+    """The test image's levels ``names`` ((C, h, w) arrays) channels-last and through the gallery's
+    stored projection: the query of the pixel stage."""
+    return [gallery.levels[n].codec.project(_hwc(features[n])) for n in names]
+
+
 def pixel_scores(
     features: dict[str, np.ndarray],
     gallery: Gallery,
-    neighbors: Sequence[int],
+    neighbors: Sequence[int] | np.ndarray,
     info: ModelInfo,
     config: SpadeConfig,
     scorer: PixelScorer,
@@ -123,7 +130,8 @@ def pixel_scores(
     """Pixel anomaly map at the model's input size (before smoothing), and the correspondences.
 
     ``features``: the test image's levels as (C, h, w) arrays. Test features go through the
-    gallery's stored projection; gallery features are decoded one image at a time.
+    gallery's stored projection; the scorer reads the gallery through a view
+    (``Gallery.level_view`` / ``Gallery.pyramid_view``, scoring/base.py), one image at a time.
     """
     names = config.level_names(info)
     stride = {lv.name: lv.stride for lv in info.levels}
@@ -133,90 +141,33 @@ def pixel_scores(
 
     if config.mode == "concat":
         grid = features[finest].shape[1:]
-        query = [gallery.levels[n].codec.project(_hwc(features[n])) for n in names]
-        top = scorer.topk_pyramid(query, _DecodedPyramids(gallery, names, neighbors, grid), grid, config.kappa)
+        pyramids = gallery.pyramid_view(names, neighbors, grid)
+        top = scorer.topk_pyramid(projected_levels(features, gallery, names), pyramids, grid, config.kappa)
         score = upsample_map(top.distances.mean(axis=1).reshape(grid), s, s)
-        per_image = np.full(len(neighbors), grid[0] * grid[1])
-        corr = _correspondence(top.indices[:, 0], neighbors, per_image, grid, s / grid[1], lambda j, r: (r // grid[1], r % grid[1]))
-        return score, corr
+        return score, _correspondence(top.indices[:, 0], pyramids, neighbors, grid, s / grid[1])
 
     score = np.zeros((s, s), np.float32)
     corr = None
-    for n in names:
-        store = gallery.levels[n]
-        q = store.codec.project(_hwc(features[n]))
+    for n, q in zip(names, projected_levels(features, gallery, names)):
         h, w = q.shape[:2]
-        blocks = [store.rows(j) for j in neighbors] if store.coreset else _DecodedRows(store, neighbors)
-        norms = (gallery.memo(("sqnorms", n, int(j)), lambda store=store, j=j: _sqnorms(store.rows(j))) for j in neighbors)
-        top = scorer.topk(q.reshape(h * w, -1), blocks, config.kappa, sqnorms=norms)
+        view = gallery.level_view(n, neighbors)
+        top = scorer.topk(q.reshape(h * w, -1), view, config.kappa)
         score += upsample_map(top.distances.mean(axis=1).reshape(h, w), s, s)
         if n == finest:
-            per_image = np.array([len(b) for b in blocks]) if store.coreset else np.full(len(neighbors), h * w)
-            corr = _correspondence(top.indices[:, 0], neighbors, per_image, (h, w), stride[n], store.cells)
+            corr = _correspondence(top.indices[:, 0], view, neighbors, (h, w), stride[n])
+    assert corr is not None  # finest is one of names
     return score / len(names), corr
 
 
-def _sqnorms(rows: np.ndarray) -> np.ndarray:
-    return np.einsum("ij,ij->i", rows, rows)
-
-
-class _DecodedRows(Sequence):
-    """The neighbours' rows of one level, decoded each time one is indexed (a scorer may read twice)."""
-
-    def __init__(self, store, neighbors: np.ndarray):
-        self.store, self.neighbors = store, neighbors
-
-    def __len__(self) -> int:
-        return len(self.neighbors)
-
-    def __getitem__(self, i: int) -> np.ndarray:
-        return self.store.rows(int(self.neighbors[i]))
-
-
-class _DecodedPyramids(Sequence):
-    """The neighbours' level maps, decoded each time one is indexed (never all in memory), and the
-    norms of their upsampled concatenation, which the gallery keeps once made."""
-
-    def __init__(self, gallery: Gallery, names: Sequence[str], neighbors: np.ndarray, grid: tuple[int, int]):
-        self.gallery, self.names, self.neighbors, self.grid = gallery, list(names), neighbors, tuple(grid)
-
-    def __len__(self) -> int:
-        return len(self.neighbors)
-
-    def __getitem__(self, i: int) -> list[np.ndarray]:
-        return [self.gallery.levels[n].dense(int(self.neighbors[i])) for n in self.names]
-
-    def sqnorms(self, i: int, levels: list[np.ndarray]) -> np.ndarray:
-        """|upsampled concatenation|^2 per cell of neighbour ``i``, whose maps are ``levels``."""
-        key = ("concat_sqnorms", tuple(self.names), self.grid, int(self.neighbors[i]))
-        return self.gallery.memo(key, lambda: upsampled_sqnorms(levels, self.grid))
-
-
-def concat_rows(features: dict[str, np.ndarray], gallery: Gallery, names: Sequence[str], grid: tuple[int, int]) -> np.ndarray:
-    """Test pixels of the concatenated pyramid: each level (C, h, w) projected as the gallery
-    stores it and upsampled to ``grid`` (both linear, so the order does not matter), as (P, D) rows."""
-    return np.concatenate([upsample_hwc(gallery.levels[n].codec.project(_hwc(features[n])), *grid) for n in names],
-                          axis=2).reshape(grid[0] * grid[1], -1)
-
-
-def gallery_rows(gallery: Gallery, j: int, names: Sequence[str], grid: tuple[int, int] | None = None) -> np.ndarray:
-    """Pixels of gallery image ``j``: one level as stored (``grid`` None), or the concatenated
-    pyramid upsampled to ``grid``; float32 (M, D) rows."""
-    if grid is None:
-        (n,) = names
-        return gallery.levels[n].rows(j)
-    return np.concatenate([upsample_hwc(gallery.levels[n].dense(j), *grid) for n in names], axis=2).reshape(grid[0] * grid[1], -1)
-
-
-def _correspondence(idx, neighbors, per_image, query_grid, stride, cells) -> Correspondence:
-    """Turn indices into the concatenated blocks into (gallery image, y, x) per query cell."""
-    starts = np.r_[0, np.cumsum(per_image)]
+def _correspondence(idx, view, neighbors, query_grid, stride) -> Correspondence:
+    """Turn indices into the view's concatenated blocks into (gallery image, y, x) per query cell."""
+    starts = view.starts()
     k = np.searchsorted(starts, idx, side="right") - 1
     image = neighbors[k]
     ys, xs = np.empty(len(idx), np.int64), np.empty(len(idx), np.int64)
     for kk in np.unique(k):
         sel = k == kk
-        ys[sel], xs[sel] = cells(int(neighbors[kk]), idx[sel] - starts[kk])
+        ys[sel], xs[sel] = view.cells(int(kk), idx[sel] - starts[kk])
     return Correspondence(image.reshape(query_grid), ys.reshape(query_grid), xs.reshape(query_grid), float(stride))
 
 
@@ -237,8 +188,16 @@ def final_score(kind: str, image_score: float, amap: np.ndarray, normal: dict | 
     if kind == "top-pixels":
         return top_pixels(amap)
     if not normal:
-        raise ValueError("score='combined' needs normal statistics: build the gallery with a held-out share (--holdout > 0)")
-    return image_score / normal["image"] + top_pixels(amap) / normal["top_pixels"]
+        raise ValueError(
+            "score='combined' needs normal statistics: build the gallery with a held-out share (--holdout > 0)"
+        )
+    return combined_score(image_score, top_pixels(amap), normal)
+
+
+def combined_score(image_score: float, pixel_score: float, normal: dict) -> float:
+    """The 'combined' image score: the image stage's score and the map's (the mean of its top 1%) each
+    divided by its median on normal images, ``normal`` = {"image": ..., "top_pixels": ...}, and summed."""
+    return image_score / normal["image"] + pixel_score / normal["top_pixels"]
 
 
 def smooth(score_map: np.ndarray, sigma: float) -> np.ndarray:

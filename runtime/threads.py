@@ -1,5 +1,6 @@
 """One thread setting for everything that computes: BLAS (numpy's matrix products in the scorer),
 OpenMP, and ONNX Runtime (passed to its session), so they do not oversubscribe the cores."""
+
 from __future__ import annotations
 
 import os
@@ -62,5 +63,7 @@ def thread_info() -> list[dict]:
     """What each native thread pool is and how many threads it uses."""
     from threadpoolctl import threadpool_info
 
-    return [{k: d.get(k) for k in ("user_api", "internal_api", "num_threads", "architecture", "prefix")}
-            for d in threadpool_info()]
+    return [
+        {k: d.get(k) for k in ("user_api", "internal_api", "num_threads", "architecture", "prefix")}
+        for d in threadpool_info()
+    ]

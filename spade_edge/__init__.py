@@ -6,6 +6,7 @@ The Python API (no torch needed)::
     det = Detector.load("model.onnx", "parts.gallery")
     p = det.predict("part.png")          # p.score, p.verdict, p.anomaly_map, p.correspondence
 """
+
 __version__ = "0.1.0"
 
 _LAZY = {

@@ -1,4 +1,5 @@
 """``python -m spade_edge``: the ``spade-edge`` command line."""
+
 from .cli import main
 
 main()

@@ -1,4 +1,5 @@
 """The ``spade-edge`` command line."""
+
 from __future__ import annotations
 
 import functools
@@ -10,7 +11,7 @@ import click
 import numpy as np
 
 from . import __version__
-from .options import device_option
+from .options import device_option, scoring_options, scoring_overrides
 
 
 def _friendly_errors(fn):
@@ -26,30 +27,6 @@ def _friendly_errors(fn):
             raise click.ClickException(str(exc)) from exc
 
     return wrapper
-
-
-def scoring_options(fn):
-    """Options of SPADE's scoring; unset ones keep the gallery's stored settings."""
-    opts = [
-        click.option("--k-image", type=click.IntRange(1), help="Nearest normal images averaged into the image score."),
-        click.option("--k-gallery", type=click.IntRange(1), help="Nearest normal images whose pixels form the pixel gallery."),
-        click.option("--kappa", type=click.IntRange(1), help="Nearest gallery pixels averaged per test pixel."),
-        click.option("--mode", type=click.Choice(["concat", "per-level"]),
-                     help="concat: the paper's concatenated pyramid; per-level: score levels apart, average."),
-        click.option("--levels", help="Comma-separated subset of pyramid levels (default: all)."),
-        click.option("--score", type=click.Choice(["image", "max-pixel", "top-pixels", "combined"]),
-                     help="Image score: the kNN stage, the anomaly map's maximum, the mean of its top 1%, "
-                          "or kNN stage + top 1% over their normal medians (default)."),
-    ]
-    for opt in reversed(opts):
-        fn = opt(fn)
-    return fn
-
-
-def _scoring_overrides(k_image, k_gallery, kappa, mode, levels, score) -> dict:
-    d = {"k_image": k_image, "k_gallery": k_gallery, "kappa": kappa, "mode": mode,
-         "levels": tuple(levels.split(",")) if levels else None, "score": score}
-    return {k: v for k, v in d.items() if v is not None}
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -68,14 +45,24 @@ def main():
 
 
 @main.command()
-@click.option("--backbone", "-b", default="wide_resnet50_2", show_default=True,
-              help="wide_resnet50_2 (SPADE's, alias wrn50x2) or efficientnet_lite0 (alias lite0).")
+@click.option(
+    "--backbone",
+    "-b",
+    default="wide_resnet50_2",
+    show_default=True,
+    help="wide_resnet50_2 (SPADE's, alias wrn50x2) or efficientnet_lite0 (alias lite0).",
+)
 @click.option("--out", "-o", type=click.Path(dir_okay=False, path_type=Path), required=True, help="ONNX file to write.")
-@click.option("--weights", help="State-dict file to load, or 'random' for random initialisation. "
-              "Default: the backbone's ImageNet weights (packaged, or torch's cache).")
+@click.option(
+    "--weights",
+    help="State-dict file to load, or 'random' for random initialisation. "
+    "Default: the backbone's ImageNet weights (packaged, or torch's cache).",
+)
 @click.option("--no-download", is_flag=True, help="Never try to download weights.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of random initialisation.")
-@click.option("--parity/--no-parity", default=True, show_default=True, help="Compare ONNX Runtime with PyTorch after export.")
+@click.option(
+    "--parity/--no-parity", default=True, show_default=True, help="Compare ONNX Runtime with PyTorch after export."
+)
 @_friendly_errors
 def export(backbone, out, weights, no_download, seed, parity):
     """Export a backbone's feature pyramid to ONNX (uint8 NHWC input, pre-processing and
@@ -94,10 +81,12 @@ def export(backbone, out, weights, no_download, seed, parity):
     except WeightsNotFoundError as exc:
         raise click.ClickException(str(exc)) from exc
     info = onnx_from_backbone(net, backbone, out)
-    click.echo(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB): {info.backbone}, input uint8 "
-               f"(N,{info.input_size},{info.input_size},3), levels "
-               + ", ".join(f"{lv.name}({lv.channels}, /{lv.stride})" for lv in info.levels)
-               + f", {info.global_name}({info.global_channels}); fingerprint {info.fingerprint[:23]}")
+    click.echo(
+        f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB): {info.backbone}, input uint8 "
+        f"(N,{info.input_size},{info.input_size},3), levels "
+        + ", ".join(f"{lv.name}({lv.channels}, /{lv.stride})" for lv in info.levels)
+        + f", {info.global_name}({info.global_channels}); fingerprint {info.fingerprint[:23]}"
+    )
     if parity:
         from .export.parity import compare_with_torch
 
@@ -113,31 +102,83 @@ def gallery():
     """Build and inspect galleries of normal parts."""
 
 
+from .runtime.codec import DEFAULT_CORESET, DEFAULT_PRECISION  # noqa: E402  (the storage defaults' one home)
+
+
 @gallery.command("build")
-@click.option("--model", "-m", type=click.Path(exists=True, dir_okay=False), required=True, help="ONNX model from 'export'.")
-@click.option("--images", "-i", type=click.Path(exists=True, file_okay=False), required=True, help="Folder of normal images.")
-@click.option("--out", "-o", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Gallery file to write.")
-@click.option("--holdout", type=click.FloatRange(0, 1, max_open=True), default=0.2, show_default=True,
-              help="Share of images kept out of the gallery to set the thresholds.")
+@click.option(
+    "--model", "-m", type=click.Path(exists=True, dir_okay=False), required=True, help="ONNX model from 'export'."
+)
+@click.option(
+    "--images", "-i", type=click.Path(exists=True, file_okay=False), required=True, help="Folder of normal images."
+)
+@click.option(
+    "--out", "-o", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Gallery file to write."
+)
+@click.option(
+    "--holdout",
+    type=click.FloatRange(0, 1, max_open=True),
+    default=0.2,
+    show_default=True,
+    help="Share of images kept out of the gallery to set the thresholds.",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the held-out split.")
-@click.option("--crop/--no-crop", default=True, show_default=True,
-              help="Resize+centre-crop (paper) or resize the whole image (keeps the borders in view).")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="int8", show_default=True,
-              help="Stored precision of pixel features (int8: per-channel symmetric scales).")
-@click.option("--projection", type=click.Choice(["none", "pca", "random"]), default="none", show_default=True,
-              help="Channel reduction fitted on the normal features, applied to test features too.")
-@click.option("--keep", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
-              help="Share of each level's channels kept by --projection.")
-@click.option("--coreset", type=click.FloatRange(0, 1, min_open=True), default=0.2, show_default=True,
-              help="Share of each image's pixels kept by greedy k-center (per-level mode; 1 keeps all, "
-                   "which --mode concat needs).")
+@click.option(
+    "--crop/--no-crop",
+    default=True,
+    show_default=True,
+    help="Resize+centre-crop (paper) or resize the whole image (keeps the borders in view).",
+)
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "fp16", "int8"]),
+    default=DEFAULT_PRECISION,
+    show_default=True,
+    help="Stored precision of pixel features (int8: per-channel symmetric scales). The default "
+    "(runtime/codec.py) is the Python API's too.",
+)
+@click.option(
+    "--projection",
+    type=click.Choice(["none", "pca", "random"]),
+    default="none",
+    show_default=True,
+    help="Channel reduction fitted on the normal features, applied to test features too.",
+)
+@click.option(
+    "--keep",
+    type=click.FloatRange(0, 1, min_open=True),
+    default=1.0,
+    show_default=True,
+    help="Share of each level's channels kept by --projection.",
+)
+@click.option(
+    "--coreset",
+    type=click.FloatRange(0, 1, min_open=True),
+    help=f"Share of each image's pixels kept by greedy k-center (per-level mode; 1 keeps all). "
+    f"[default: {DEFAULT_CORESET} in per-level mode, 1 in concat mode, which needs every pixel]",
+)
 @click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True)
 @click.option("--threads", type=click.IntRange(1), help="CPU threads for ONNX Runtime and the scorer.")
 @device_option
 @scoring_options
 @_friendly_errors
-def gallery_build(model, images, out, holdout, seed, crop, precision, projection, keep, coreset, batch_size, threads,
-                  device, fp16, **scoring):
+def gallery_build(
+    model,
+    images,
+    out,
+    holdout,
+    seed,
+    crop,
+    precision,
+    projection,
+    keep,
+    coreset,
+    batch_size,
+    threads,
+    device,
+    fp16,
+    **scoring,
+):
     """Extract features of normal images into a gallery (no torch needed)."""
     from .runtime.build import gallery_from_images
     from .runtime.codec import Storage
@@ -146,31 +187,64 @@ def gallery_build(model, images, out, holdout, seed, crop, precision, projection
     from .runtime.spade import SpadeConfig
 
     backend = backend_from_model(model, device=device, threads=threads, fp16=fp16)
-    config = SpadeConfig(**_scoring_overrides(**scoring))
-    storage = Storage(precision=precision, projection=projection, keep=keep, coreset=coreset, seed=seed)
-    g = gallery_from_images(backend, list_images(images), out, holdout=holdout, seed=seed, storage=storage,
-                            preprocess=Preprocess(backend.info.input_size, crop), config=config, batch_size=batch_size)
+    config = SpadeConfig(**scoring_overrides(**scoring))
+    storage = Storage.default(
+        config.mode,
+        precision=precision,
+        projection=projection,
+        keep=keep,
+        seed=seed,
+        **({} if coreset is None else {"coreset": coreset}),
+    )
+    g = gallery_from_images(
+        backend,
+        list_images(images),
+        out,
+        holdout=holdout,
+        seed=seed,
+        storage=storage,
+        preprocess=Preprocess(backend.info.input_size, crop),
+        config=config,
+        batch_size=batch_size,
+    )
     th = g.thresholds
-    click.echo(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB): {len(g)} images"
-               + (f", image threshold {th['image']:.4f} from {len(th['heldout'])} held-out" if th else ", no thresholds (holdout 0)"))
+    click.echo(
+        f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB): {len(g)} images"
+        + (
+            f", image threshold {th['image']:.4f} from {len(th['heldout'])} held-out"
+            if th
+            else ", no thresholds (holdout 0)"
+        )
+    )
 
 
 def _describe(g) -> dict:
     m = g.manifest
     sizes = g.nbytes()
     n = max(len(g), 1)
-    fp32 = sum(int(np.prod(st.grid)) * (st.codec.proj.shape[0] if st.codec.proj is not None else st.channels) * 4
-               for st in g.levels.values())
+    fp32 = sum(
+        int(np.prod(st.grid)) * (st.codec.proj.shape[0] if st.codec.proj is not None else st.channels) * 4
+        for st in g.levels.values()
+    )
     return {
-        "images": len(g), "model": m["model"].get("backbone"), "fingerprint": g.fingerprint,
-        "storage": g.storage, "preprocess": m.get("preprocess"), "config": m.get("config"),
-        "bytes_per_image": {"pixel_levels": round(sizes["levels"] / n), "global": round(sizes["global"] / n),
-                            "thumbnails": round(sizes["thumbnails"] / n), "fp32_native_levels": fp32,
-                            "compression": round(fp32 / max(sizes["levels"] / n, 1), 2)},
+        "images": len(g),
+        "model": m["model"].get("backbone"),
+        "fingerprint": g.fingerprint,
+        "storage": g.storage,
+        "preprocess": m.get("preprocess"),
+        "config": m.get("config"),
+        "bytes_per_image": {
+            "pixel_levels": round(sizes["levels"] / n),
+            "global": round(sizes["global"] / n),
+            "thumbnails": round(sizes["thumbnails"] / n),
+            "fp32_native_levels": fp32,
+            "compression": round(fp32 / max(sizes["levels"] / n, 1), 2),
+        },
         "file_bytes": g.path.stat().st_size if g.path else None,
         "thresholds": {k: v for k, v in g.thresholds.items() if k in ("image", "pixel", "rule")},
         "arrays": {k: f"{v['dtype']} {v['shape']}" for k, v in m["arrays"].items()},
-        "build": m.get("build"), "history": m.get("history", []),
+        "build": m.get("build"),
+        "history": m.get("history", []),
     }
 
 
@@ -186,19 +260,38 @@ def gallery_info(path):
 
 @gallery.command("verify")
 @click.argument("path", type=click.Path(exists=True, dir_okay=False))
-@click.option("--model", "-m", type=click.Path(exists=True, dir_okay=False), help="Also check it belongs to this model.")
+@click.option(
+    "--model", "-m", type=click.Path(exists=True, dir_okay=False), help="Also check it belongs to this model."
+)
 @_friendly_errors
 def gallery_verify(path, model):
-    """Check every checksum (and, with --model, the model fingerprint); exit 1 on any problem."""
+    """Check the whole file: every checksum, the manifest, shapes, settings and index arrays (and,
+    with --model, the model's weights against their digest and the gallery against the model); exit
+    1 on any problem."""
     from .runtime.gallery import Gallery
 
     g = Gallery.load(path, verify=True)
+    said = ""
     if model:
-        from .runtime.features import backend_from_model
+        from .runtime.device import is_engine
 
-        g.check_model(backend_from_model(model).info)
-    click.echo(f"{path}: OK ({len(g)} images, {len(g.manifest['arrays'])} arrays verified"
-               + (", model matches)" if model else ")"))
+        if is_engine(model):
+            from .runtime.features import backend_from_model
+
+            info = backend_from_model(model).info
+            said = ", model matches"
+        else:  # no session needed: the digest is recomputed from the file (runtime/fingerprint.py)
+            from .runtime.fingerprint import WEIGHTS_KEY
+            from .runtime.modelinfo import model_info_from_onnx
+
+            info = model_info_from_onnx(model)
+            said = (
+                ", model weights verified, model matches"
+                if WEIGHTS_KEY in info.extra
+                else ", model matches (its weights carry no digest to verify: re-export it)"
+            )
+        g.check_model(info)
+    click.echo(f"{path}: OK ({len(g)} images, {len(g.manifest['arrays'])} arrays and the manifest verified{said})")
 
 
 @gallery.command("add")
@@ -235,8 +328,11 @@ def gallery_remove(path, names):
 @click.option("--model", "-m", type=click.Path(exists=True, dir_okay=False), required=True)
 @click.option("--gallery", "-g", "gallery_path", type=click.Path(exists=True, dir_okay=False), required=True)
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--heatmaps", type=click.Path(file_okay=False, path_type=Path),
-              help="Write a PNG per image: input, heat map overlay, matched normal image.")
+@click.option(
+    "--heatmaps",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Write a PNG per image: input, heat map overlay, matched normal image.",
+)
 @click.option("--threads", type=click.IntRange(1), help="CPU threads for ONNX Runtime and the scorer.")
 @device_option
 @scoring_options
@@ -244,10 +340,9 @@ def gallery_remove(path, names):
 def infer(model, gallery_path, images, heatmaps, threads, device, fp16, **scoring):
     """Score images; print one JSON line per image (score, verdict, worst pixel and its match)."""
     from .runtime.detector import Detector
-
     from .runtime.errors import ImageError
 
-    det = Detector.load(model, gallery_path, device=device, threads=threads, fp16=fp16, **_scoring_overrides(**scoring))
+    det = Detector.load(model, gallery_path, device=device, threads=threads, fp16=fp16, **scoring_overrides(**scoring))
     click.echo(f"device: {det.device}", err=True)
     failed = 0
     for path in images:
@@ -269,8 +364,12 @@ def infer(model, gallery_path, images, heatmaps, threads, device, fp16, **scorin
 
 @main.command()
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default="spade-edge-demo", show_default=True)
-@click.option("--gallery-size", type=click.IntRange(10), default=100, show_default=True, help="Normal cells for the gallery.")
-@click.option("--test-size", type=click.IntRange(2), default=40, show_default=True, help="Normal and defective test cells, each.")
+@click.option(
+    "--gallery-size", type=click.IntRange(10), default=100, show_default=True, help="Normal cells for the gallery."
+)
+@click.option(
+    "--test-size", type=click.IntRange(2), default=40, show_default=True, help="Normal and defective test cells, each."
+)
 @click.option("--threads", type=click.IntRange(1), help="CPU threads for ONNX Runtime.")
 @_friendly_errors
 def demo(out, gallery_size, test_size, threads):
@@ -289,12 +388,25 @@ def demo(out, gallery_size, test_size, threads):
 
 
 @main.command()
-@click.option("--data", "-d", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
-              help="An MVTec AD category (train/good, test/<type>, ground_truth/<type>) or a folder of them.")
-@click.option("--model", "-m", type=click.Path(exists=True, dir_okay=False),
-              help="ONNX model (default: EfficientNet-Lite0 with ImageNet weights, exported on first use).")
-@click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), default="spade-edge-eval", show_default=True)
-@click.option("--crop/--no-crop", default=True, show_default=True, help="Resize+centre-crop, or resize the whole image.")
+@click.option(
+    "--data",
+    "-d",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    required=True,
+    help="An MVTec AD category (train/good, test/<type>, ground_truth/<type>) or a folder of them.",
+)
+@click.option(
+    "--model",
+    "-m",
+    type=click.Path(exists=True, dir_okay=False),
+    help="ONNX model (default: EfficientNet-Lite0 with ImageNet weights, exported on first use).",
+)
+@click.option(
+    "--out", "-o", type=click.Path(file_okay=False, path_type=Path), default="spade-edge-eval", show_default=True
+)
+@click.option(
+    "--crop/--no-crop", default=True, show_default=True, help="Resize+centre-crop, or resize the whole image."
+)
 @click.option("--threads", type=click.IntRange(1), help="CPU threads for ONNX Runtime and the scorer.")
 @device_option
 @scoring_options
@@ -306,8 +418,8 @@ def evaluate(data, model, out, crop, threads, device, fp16, **scoring):
     from .evaluate import evaluate as run_eval
     from .runtime.device import place
     from .runtime.images import Preprocess
-    from .runtime.threads import set_threads
     from .runtime.spade import SpadeConfig
+    from .runtime.threads import set_threads
 
     if model is None:
         from .bench.models import lite0_onnx
@@ -316,9 +428,16 @@ def evaluate(data, model, out, crop, threads, device, fp16, **scoring):
     set_threads(threads)
     placed = place(model, device, threads, fp16)
     click.echo(f"device: {placed.why}", err=True)
-    config = SpadeConfig(**_scoring_overrides(**scoring))
-    results = run_eval(placed.backend, data, out, config, Preprocess(placed.backend.info.input_size, crop),
-                       echo=click.echo, scorer=placed.scorer)
+    config = SpadeConfig(**scoring_overrides(**scoring))
+    results = run_eval(
+        placed.backend,
+        data,
+        out,
+        config,
+        Preprocess(placed.backend.info.input_size, crop),
+        echo=click.echo,
+        scorer=placed.scorer,
+    )
     for r in results:
         m = r.metrics
         click.echo(f"{r.name}: image AUROC {m['image_auroc']}, pixel AUROC {m['pixel_auroc']}, AUPRO {m['aupro']}")
@@ -326,38 +445,87 @@ def evaluate(data, model, out, crop, threads, device, fp16, **scoring):
 
 
 @main.command()
-@click.option("--model", "-m", type=click.Path(exists=True, dir_okay=False), required=True, help="fp32 model from 'export'.")
-@click.option("--out", "-o", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Model file to write.")
+@click.option(
+    "--model", "-m", type=click.Path(exists=True, dir_okay=False), required=True, help="fp32 model from 'export'."
+)
+@click.option(
+    "--out", "-o", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Model file to write."
+)
 @click.option("--precision", type=click.Choice(["int8", "fp16"]), default="int8", show_default=True)
-@click.option("--images", "-i", type=click.Path(exists=True, file_okay=False), help="Normal images to calibrate on (int8).")
-@click.option("--count", type=click.IntRange(1), default=64, show_default=True, help="Calibration images used (a seeded sample).")
+@click.option(
+    "--images", "-i", type=click.Path(exists=True, file_okay=False), help="Normal images to calibrate on (int8)."
+)
+@click.option(
+    "--count", type=click.IntRange(1), default=64, show_default=True, help="Calibration images used (a seeded sample)."
+)
 @click.option("--method", type=click.Choice(["minmax", "percentile", "entropy"]), default="minmax", show_default=True)
-@click.option("--quantizer", type=click.Choice(["ort", "modelopt"]), default="ort", show_default=True,
-              help="ONNX Runtime's quantization tools, or NVIDIA ModelOpt (extra 'modelopt').")
+@click.option(
+    "--quantizer",
+    type=click.Choice(["ort", "modelopt"]),
+    default="ort",
+    show_default=True,
+    help="ONNX Runtime's quantization tools, or NVIDIA ModelOpt (extra 'modelopt').",
+)
 @click.option("--percentile", type=click.FloatRange(0, 100, min_open=True), default=99.999, show_default=True)
 @click.option("--exclude", multiple=True, help="Node kept in float (repeatable); see --list-nodes.")
-@click.option("--auto-exclude", type=click.IntRange(0), default=0, show_default=True,
-              help="Keep this many of the Conv layers with the largest local error in float.")
-@click.option("--target-cosine", type=click.FloatRange(0, 1, max_open=True), default=0.99, show_default=True,
-              help="Keep the fewest leading Conv layers in float that hold every output's mean feature cosine "
-                   "to the fp32 model at this value on 8 calibration images (0: quantize them all).")
-@click.option("--weight-bits", type=click.Choice(["7", "8"]), default="7", show_default=True,
-              help="7: weights exact on every CPU; 8: full range, exact only with VNNI, AMX, Arm or a GPU (x86 "
-                   "CPUs without VNNI saturate: 'spade-edge calibrate' warns where that applies).")
+@click.option(
+    "--auto-exclude",
+    type=click.IntRange(0),
+    default=0,
+    show_default=True,
+    help="Keep this many of the Conv layers with the largest local error in float.",
+)
+@click.option(
+    "--target-cosine",
+    type=click.FloatRange(0, 1, max_open=True),
+    default=0.99,
+    show_default=True,
+    help="Keep the fewest leading Conv layers in float that hold every output's mean feature cosine "
+    "to the fp32 model at this value on 8 calibration images (0: quantize them all).",
+)
+@click.option(
+    "--weight-bits",
+    type=click.Choice(["7", "8"]),
+    default="7",
+    show_default=True,
+    help="7: weights exact on every CPU; 8: full range, exact only with VNNI, AMX, Arm or a GPU (x86 "
+    "CPUs without VNNI saturate: 'spade-edge calibrate' warns where that applies).",
+)
 @click.option("--crop/--no-crop", default=True, show_default=True)
-@click.option("--report", type=click.Path(file_okay=False, path_type=Path),
-              help="Write a drift report here (features, latency; ELPV accuracy with --accuracy).")
-@click.option("--accuracy", is_flag=True, help="With --report: image and pixel AUROC of both models on the ELPV benchmarks.")
+@click.option(
+    "--report",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Write a drift report here (features, latency; ELPV accuracy with --accuracy).",
+)
+@click.option(
+    "--accuracy", is_flag=True, help="With --report: image and pixel AUROC of both models on the ELPV benchmarks."
+)
 @click.option("--limit", type=click.IntRange(1), help="With --accuracy: cap test images per set (quick look).")
 @_friendly_errors
-def calibrate(model, out, precision, images, count, method, quantizer, percentile, exclude, auto_exclude, target_cosine,
-              weight_bits, crop, report, accuracy, limit):
+def calibrate(
+    model,
+    out,
+    precision,
+    images,
+    count,
+    method,
+    quantizer,
+    percentile,
+    exclude,
+    auto_exclude,
+    target_cosine,
+    weight_bits,
+    crop,
+    report,
+    accuracy,
+    limit,
+):
     """Write a reduced-precision model: INT8 Q/DQ calibrated on normal images (symmetric, per-channel
     weights; TensorRT 10/11 and ONNX Runtime accept it) or FP16 for strongly typed TensorRT."""
+    import onnx
+
     from .calibration.common import read_info
     from .runtime.images import Preprocess
-
-    import onnx
 
     info = read_info(onnx.load(model, load_external_data=False))
     if precision == "int8":
@@ -370,14 +538,22 @@ def calibrate(model, out, precision, images, count, method, quantizer, percentil
         quantize = int8_from_onnx
         if quantizer == "modelopt":
             from .calibration.modelopt import int8_with_modelopt as quantize
-        opts = Int8Options(method, percentile, tuple(exclude), auto_exclude,
-                           target_cosine=target_cosine if quantizer == "ort" else 0.0, weight_bits=int(weight_bits))
+        opts = Int8Options(
+            method,
+            percentile,
+            tuple(exclude),
+            auto_exclude,
+            target_cosine=target_cosine if quantizer == "ort" else 0.0,
+            weight_bits=int(weight_bits),
+        )
         res = quantize(model, paths, out, opts, Preprocess(info.input_size, crop))
         kept = f"; kept in float: {', '.join(res.excluded)}" if res.excluded else ""
         click.echo(f"wrote {out}: int8 Q/DQ ({quantizer}), {method} on {len(paths)} images{kept}")
         if getattr(res, "probe_cosine", None):
-            click.echo(f"first {res.leading_float} Conv layers kept in float for a feature cosine >= {target_cosine}: "
-                       + ", ".join(f"{k} {v:.4f}" for k, v in res.probe_cosine.items()))
+            click.echo(
+                f"first {res.leading_float} Conv layers kept in float for a feature cosine >= {target_cosine}: "
+                + ", ".join(f"{k} {v:.4f}" for k, v in res.probe_cosine.items())
+            )
     else:
         from .calibration.fp16 import fp16_from_onnx
 
@@ -401,16 +577,24 @@ def calibrate(model, out, precision, images, count, method, quantizer, percentil
             cfg = SpadeConfig(k_image=5, k_gallery=5)
             acc = {}
             for kind in ("mono", "poly"):
-                scores = {name: score_setting(b, protocol_data(b, kind, limit=limit, echo=click.echo), Storage(),
-                                              cfg, f"{kind} {name}") for name, b in (("fp32", ref), ("reduced", test))}
+                scores = {
+                    name: score_setting(
+                        b, protocol_data(b, kind, limit=limit, echo=click.echo), Storage.exact(), cfg, f"{kind} {name}"
+                    )
+                    for name, b in (("fp32", ref), ("reduced", test))
+                }
                 acc[f"ELPV {kind} (K=5)"] = scores
         drift_report(ref, test, normal[:32], elpv_cells(1.0, "mono")[:32], report, acc)
         click.echo((report / "drift.md").read_text())
 
 
 @main.command()
-@click.option("--model", "-m", type=click.Path(exists=True, dir_okay=False),
-              help="Also open this model (ONNX or engine) on --device and say where it runs and why.")
+@click.option(
+    "--model",
+    "-m",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Also open this model (ONNX or engine) on --device and say where it runs and why.",
+)
 @device_option
 @_friendly_errors
 def devices(model, device, fp16):
@@ -451,21 +635,43 @@ def devices(model, device, fp16):
         placed.backend.close()
 
 
+def engine_build_options(fn):
+    """The options of an engine build, the same for the Python build and for trtexec's."""
+    opts = [
+        click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True),
+        click.option(
+            "--max-batch",
+            type=click.IntRange(1),
+            default=8,
+            show_default=True,
+            help="Optimization profile: batch 1..N.",
+        ),
+        click.option("--workspace-mb", type=click.IntRange(1), default=1024, show_default=True),
+        click.option("--timing-cache", type=click.Path(dir_okay=False), help="Timing cache kept between builds."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+_ONNX_HELP = "ONNX model (fp32; FP16 / INT8 Q/DQ from 'calibrate' for those precisions on TensorRT 11)."
+
+
 @main.command("build-engine")
-@click.option("--model", "-m", type=click.Path(exists=True, dir_okay=False), required=True,
-              help="ONNX model (fp32; FP16 / INT8 Q/DQ from 'calibrate' for those precisions on TensorRT 11).")
-@click.option("--out", "-o", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Engine file to write.")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True)
-@click.option("--max-batch", type=click.IntRange(1), default=8, show_default=True, help="Optimization profile: batch 1..N.")
-@click.option("--workspace-mb", type=click.IntRange(1), default=1024, show_default=True)
-@click.option("--timing-cache", type=click.Path(dir_okay=False), help="Timing cache kept between builds.")
+@click.option("--model", "-m", type=click.Path(exists=True, dir_okay=False), required=True, help=_ONNX_HELP)
+@click.option(
+    "--out", "-o", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Engine file to write."
+)
+@engine_build_options
 @_friendly_errors
 def build_engine(model, out, precision, max_batch, workspace_mb, timing_cache):
     """Build a TensorRT engine on this machine's GPU (TensorRT 10 and 11 handled by version), with
     a sidecar recording the model and TensorRT version it came from. Prints the trtexec equivalent."""
     import importlib.util
 
-    from .export.engine import engine_from_onnx, parse_version, trtexec_command
+    from .export.engine import engine_from_onnx
+    from .export.trtexec import trtexec_command
+    from .runtime.engine_record import parse_version
 
     args = (model, out, precision, max_batch, workspace_mb, timing_cache)
     if importlib.util.find_spec("tensorrt") is None:  # say what to run on the device anyway
@@ -478,6 +684,68 @@ def build_engine(model, out, precision, max_batch, workspace_mb, timing_cache):
 
 
 @main.group()
+def engine():
+    """TensorRT engines built by trtexec (jetson/build-engine.sh): its command line, the sidecar
+    record, and the check the runtime makes before it uses an engine."""
+
+
+@engine.command("trtexec-args")
+@click.option("--model", "-m", type=click.Path(exists=True, dir_okay=False), required=True, help=_ONNX_HELP)
+@click.option("--out", "-o", type=click.Path(dir_okay=False), required=True, help="Engine file trtexec is to write.")
+@engine_build_options
+@click.option("--tensorrt-version", help="The TensorRT the command is for (default: the installed one).")
+@_friendly_errors
+def engine_trtexec_args(model, out, precision, max_batch, workspace_mb, timing_cache, tensorrt_version):
+    """Print the trtexec arguments that build what 'build-engine' builds, one per line."""
+    from .export.trtexec import trtexec_args
+    from .runtime.engine_record import parse_version
+
+    version = None if tensorrt_version is None else parse_version(tensorrt_version)
+    click.echo("\n".join(trtexec_args(model, out, precision, max_batch, workspace_mb, timing_cache, version=version)))
+
+
+@engine.command("sidecar")
+@click.argument("engine_path", metavar="ENGINE", type=click.Path(exists=True, dir_okay=False))
+@click.option(
+    "--model",
+    "-m",
+    type=click.Path(exists=True, dir_okay=False),
+    required=True,
+    help="The ONNX model the engine was built from.",
+)
+@engine_build_options
+@click.option("--tool", default="trtexec", show_default=True, help="What built the engine (recorded).")
+@_friendly_errors
+def engine_sidecar(engine_path, model, precision, max_batch, workspace_mb, timing_cache, tool):
+    """Write ENGINE.json for an engine built elsewhere, with the options it was built with."""
+    from .export.engine import build_options, write_sidecar
+    from .export.trt_plans import build_plan
+    from .runtime.engine_record import sidecar_path
+    from .runtime.modelinfo import model_info_from_onnx
+
+    plan = build_plan(precision, model_info_from_onnx(model).precision)
+    write_sidecar(
+        engine_path, model, precision, build_options(precision, max_batch, workspace_mb, timing_cache, plan, tool)
+    )
+    click.echo(str(sidecar_path(engine_path)))
+
+
+@engine.command("check")
+@click.argument("engine_path", metavar="ENGINE", type=click.Path(dir_okay=False))
+@click.option(
+    "--model", "-m", type=click.Path(exists=True, dir_okay=False), help="Also check it was built from this ONNX model."
+)
+@_friendly_errors
+def engine_check(engine_path, model):
+    """Refuse (exit 1) an engine that does not match its sidecar, its ONNX model, this TensorRT or
+    this GPU, as the runtime does before it loads one."""
+    from .runtime.engine_record import check_engine
+
+    rec = check_engine(engine_path, model)
+    click.echo(f"{engine_path}: ok ({rec['engine']['precision']}, TensorRT {rec['tensorrt']}, {rec['gpu']['name']})")
+
+
+@main.group()
 def bench():
     """Benchmarks that measure and print tables (and write them as JSON and Markdown)."""
 
@@ -486,8 +754,13 @@ def bench():
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default="bench-results", show_default=True)
 @click.option("--cell-types", default="mono,poly", show_default=True, help="Comma-separated ELPV cell types.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the gallery / test split.")
-@click.option("--pixel-images", type=click.IntRange(2), default=100, show_default=True,
-              help="Normal and synthetic-defect cells each in the pixel-level benchmark.")
+@click.option(
+    "--pixel-images",
+    type=click.IntRange(2),
+    default=100,
+    show_default=True,
+    help="Normal and synthetic-defect cells each in the pixel-level benchmark.",
+)
 @click.option("--limit", type=click.IntRange(1), help="Cap test images per group (a quick look; not the protocol).")
 @click.option("--threads", type=click.IntRange(1), help="CPU threads for ONNX Runtime.")
 @_friendly_errors
@@ -524,12 +797,10 @@ def bench_accuracy(out, cell_types, seed, pixel_images, limit, threads):
 def bench_gallery(out, cell_types, pixel_images, limit, settings, threads, **scoring):
     """Every storage setting against fp32: bytes per normal image, load time, resident memory,
     image / pixel AUROC and AUPRO on the ELPV benchmarks; and the cost of loading a 1 GiB gallery."""
-    from .bench.gallery import big_gallery_load, markdown, run
+    from .bench.gallery import SETTINGS, big_gallery_load, markdown, run
     from .bench.models import lite0_onnx
     from .runtime.features import backend_from_model
     from .runtime.spade import SpadeConfig
-
-    from .bench.gallery import SETTINGS
 
     chosen = dict(SETTINGS)
     if settings:
@@ -539,13 +810,15 @@ def bench_gallery(out, cell_types, pixel_images, limit, settings, threads, **sco
             raise click.BadParameter(f"unknown setting(s) {unknown}; choose from {list(SETTINGS)}")
         chosen = {n: SETTINGS[n] for n in names}
     backend = backend_from_model(lite0_onnx(), threads=threads)
-    config = SpadeConfig(**_scoring_overrides(**scoring))
+    config = SpadeConfig(**scoring_overrides(**scoring))
     kinds = tuple(cell_types.split(","))
     results = run(backend, config, chosen, cell_types=kinds, n_pixel=pixel_images, limit=limit, echo=click.echo)
     big = big_gallery_load()
     out.mkdir(parents=True, exist_ok=True)
     tag = "-".join(kinds)
-    (out / f"gallery-{tag}.json").write_text(json.dumps({"config": config.to_dict(), "results": results, "big": big}, indent=1))
+    (out / f"gallery-{tag}.json").write_text(
+        json.dumps({"config": config.to_dict(), "results": results, "big": big}, indent=1)
+    )
     table = markdown(results, big)
     (out / f"gallery-{tag}.md").write_text(table)
     click.echo(table)
@@ -554,11 +827,19 @@ def bench_gallery(out, cell_types, pixel_images, limit, settings, threads, **sco
 @bench.command("speed")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default="bench-results", show_default=True)
 @click.option("--repeats", type=click.IntRange(1), default=5, show_default=True, help="Runs per measurement (median).")
-@click.option("--threads", type=click.IntRange(1), help="Threads for BLAS, OpenMP (faiss, torch) and ONNX Runtime alike, "
-              "set in each measuring process.")
+@click.option(
+    "--threads",
+    type=click.IntRange(1),
+    help="Threads for BLAS, OpenMP (faiss, torch) and ONNX Runtime alike, set in each measuring process.",
+)
 @click.option("--quick", is_flag=True, help="K = 5 only, no backbones, no end to end (a smoke run).")
-@click.option("--shapes", type=click.Choice(["real", "tiny"]), default="real", show_default=True,
-              help="tiny: made-up small feature shapes instead of the backbones', to check the bench itself in seconds.")
+@click.option(
+    "--shapes",
+    type=click.Choice(["real", "tiny"]),
+    default="real",
+    show_default=True,
+    help="tiny: made-up small feature shapes instead of the backbones', to check the bench itself in seconds.",
+)
 @_friendly_errors
 def bench_speed(out, repeats, threads, quick, shapes):
     """Pixel scoring against faiss-cpu IndexFlatL2, torch.cdist + topk and plain numpy at SPADE's
@@ -570,20 +851,25 @@ def bench_speed(out, repeats, threads, quick, shapes):
     table_shapes = speed.TINY_SHAPES if shapes == "tiny" else speed.SHAPES
     main_shapes = "tiny" if shapes == "tiny" else "wide_resnet50_2"  # the GEMM ceiling's and the profile's
     fine, d = table_shapes[main_shapes][0], sum(s[2] for s in table_shapes[main_shapes])
-    r = {"machine": speed.in_fresh_process("machine", threads), "threads": threads,
-         "gemm_gflops": speed.in_fresh_process("gemm_rate", threads, p=fine[0] * fine[1], d=d)["value"]}
+    r = {
+        "machine": speed.in_fresh_process("machine", threads),
+        "threads": threads,
+        "gemm_gflops": speed.in_fresh_process("gemm_rate", threads, p=fine[0] * fine[1], d=d)["value"],
+    }
     if not quick:
         click.echo("end to end ...")
         r["end_to_end"] = speed.end_to_end(threads=threads)
     r["scoring"] = {}
     for backbone, levels in table_shapes.items():
-        for k in ((5,) if quick else (5, 50)):
+        for k in (5,) if quick else (5, 50):
             click.echo(f"scoring {backbone} K={k} ...")
-            r["scoring"][f"{backbone} concat K={k}"] = speed.scoring(backbone, k, repeats if k == 5 else 1,
-                                                                     threads=threads, shapes=levels)
+            r["scoring"][f"{backbone} concat K={k}"] = speed.scoring(
+                backbone, k, repeats if k == 5 else 1, threads=threads, shapes=levels
+            )
     click.echo("profile of concat scoring ...")
-    r["profile"] = speed.in_fresh_process("profile_concat", threads, k=5 if quick else 50, backbone=main_shapes,
-                                          shapes=table_shapes[main_shapes])
+    r["profile"] = speed.in_fresh_process(
+        "profile_concat", threads, k=5 if quick else 50, backbone=main_shapes, shapes=table_shapes[main_shapes]
+    )
     if not quick:
         click.echo("backbones ...")
         r["backbones"] = speed.backbones(repeats, threads=threads)
@@ -592,6 +878,53 @@ def bench_speed(out, repeats, threads, quick, shapes):
     table = speed.markdown(r)
     (out / "speed.md").write_text(table)
     click.echo(table)
+
+
+@bench.group("jetson")
+def bench_jetson():
+    """The Python half of jetson/bench.sh (which brings the Jetson tools: tegrastats, nvpmodel,
+    jetson_clocks): latency over a folder of images, then one JSON result with power and board."""
+
+
+@bench_jetson.command("run")
+@click.option(
+    "--model", "-m", type=click.Path(exists=True, dir_okay=False), required=True, help="ONNX model or engine."
+)
+@click.option("--gallery", "-g", type=click.Path(exists=True, dir_okay=False), required=True)
+@click.option("--images", "-i", type=click.Path(exists=True, file_okay=False), required=True)
+@click.option(
+    "--out", "-o", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Latency JSON to write."
+)
+@click.option("--threads", type=click.IntRange(1), help="CPU threads for ONNX Runtime and the scorer.")
+@click.option("--warmup", type=click.IntRange(0), default=5, show_default=True, help="Untimed predictions first.")
+@click.option("--repeat", type=click.IntRange(1), default=1, show_default=True, help="Passes over the images.")
+@device_option
+@_friendly_errors
+def bench_jetson_run(model, gallery, images, out, threads, warmup, repeat, device, fp16):
+    """Time the detector's predict on every image of a folder (read into memory first: disk is not
+    timed): latency percentiles, stage medians, throughput, verdicts."""
+    from .bench.jetson import run_latency, summary
+
+    res = run_latency(model, gallery, images, device, threads, warmup, repeat, fp16=fp16)
+    out.write_text(json.dumps(res, indent=1) + "\n")
+    click.echo(summary(out, res), err=True)
+
+
+@bench_jetson.command("report")
+@click.option("--latency", type=click.Path(exists=True, dir_okay=False), required=True, help="What 'run' wrote.")
+@click.option("--tegrastats", help="tegrastats log file (absent: not available).")
+@click.option("--nvpmodel", help="File holding 'nvpmodel -q' output.")
+@click.option("--clocks", help="File holding 'jetson_clocks --show' output.")
+@click.option("--meta", multiple=True, metavar="KEY=VALUE", help="Extra fields (L4T release, board...).")
+@click.option("--out", "-o", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@_friendly_errors
+def bench_jetson_report(latency, tegrastats, nvpmodel, clocks, meta, out):
+    """Merge the latency, a tegrastats log and the power mode into one JSON result."""
+    from .bench.jetson import report_files, summary
+
+    res = report_files(latency, tegrastats, nvpmodel, clocks, dict(kv.split("=", 1) for kv in meta if "=" in kv))
+    out.write_text(json.dumps(res, indent=1) + "\n")
+    click.echo(summary(out, res), err=True)
 
 
 # the inspection service and the watch folder live in spade_edge.service, the line adapters in spade_edge.line

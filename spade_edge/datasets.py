@@ -1,4 +1,5 @@
 """Data sets the toolkit knows: ELPV solar cells (PyPI ``elpv-dataset``) and synthetic defects."""
+
 from __future__ import annotations
 
 import csv
@@ -63,8 +64,9 @@ def mvtec_category(root: str | Path) -> tuple[list[Path], list[tuple[Path, str, 
     return train, tests
 
 
-def write_elpv_category(root: str | Path, cell_type: str = "mono", n_train: int = 20, n_good: int = 5,
-                        n_per_type: int = 3, seed: int = 0) -> Path:
+def write_elpv_category(
+    root: str | Path, cell_type: str = "mono", n_train: int = 20, n_good: int = 5, n_per_type: int = 3, seed: int = 0
+) -> Path:
     """Write an MVTec-AD-layout category of real ELPV normal cells, with synthetic defects of every
     kind (crack, inactive, fingers, scratch) and their masks: a small real-image test set."""
     from PIL import Image

@@ -3,6 +3,7 @@
 EfficientNet-Lite0 (real ImageNet weights) is exported to ONNX, a gallery is built from normal
 monocrystalline ELPV solar cells, and held-out normal and defective cells are scored.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,8 +37,9 @@ def run_demo(out: Path = DEFAULT_OUT, plan: DemoPlan = DemoPlan(), echo=print) -
     from .metrics import roc_auc
     from .render import save_heatmap
     from .runtime import Detector, SpadeConfig
-    from .runtime.build import gallery_from_images, progress
+    from .runtime.build import gallery_from_images
     from .runtime.features import backend_from_model
+    from .runtime.progress import progress
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -49,8 +51,10 @@ def run_demo(out: Path = DEFAULT_OUT, plan: DemoPlan = DemoPlan(), echo=print) -
     rng.shuffle(defective)
     train, test_ok = normal[: plan.n_gallery], normal[plan.n_gallery : plan.n_gallery + plan.n_test]
     test_bad = defective[: plan.n_test]
-    echo(f"ELPV {plan.cell_type} cells: {len(train)} normal for the gallery, "
-         f"{len(test_ok)} normal + {len(test_bad)} defective to test")
+    echo(
+        f"ELPV {plan.cell_type} cells: {len(train)} normal for the gallery, "
+        f"{len(test_ok)} normal + {len(test_bad)} defective to test"
+    )
 
     echo("1/3 exporting EfficientNet-Lite0 (ImageNet weights) to ONNX ...")
     net = create_backbone("efficientnet_lite0")
@@ -89,7 +93,9 @@ def run_demo(out: Path = DEFAULT_OUT, plan: DemoPlan = DemoPlan(), echo=print) -
         "parity_max_rel": max(d.max_rel for d in parity.diffs),
         "ms_per_image": float(np.median([sum(r["timings_ms"].values()) for r in rows])),
         "seconds": time.perf_counter() - t_start,
-        "model": str(model), "gallery": str(gallery_path), "heatmaps": str(heat),
+        "model": str(model),
+        "gallery": str(gallery_path),
+        "heatmaps": str(heat),
         "plan": plan.__dict__,
     }
     (out / "summary.json").write_text(json.dumps({**summary, "images": rows}, indent=1))

@@ -4,6 +4,7 @@ timings, and the worst false positives and false negatives with their heat maps.
 Pixel metrics are computed at the model's input resolution on the pre-processed view (the mask
 goes through the same resize and crop as the image), as in the paper's evaluation.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,10 +16,11 @@ import numpy as np
 
 from .datasets import mvtec_category
 from .metrics import aupro, f1_max, pixel_roc_auc, pro_curve, roc_auc, roc_curve
-from .runtime.build import gallery_from_images, progress
+from .runtime.build import gallery_from_images
 from .runtime.detector import Detector
 from .runtime.features import FeatureBackend
 from .runtime.images import Preprocess, load_image
+from .runtime.progress import progress
 from .runtime.scoring import PixelScorer
 from .runtime.spade import SpadeConfig
 
@@ -56,8 +58,15 @@ def _safe(fn, *args):
         return None
 
 
-def evaluate_category(backend: FeatureBackend, category: Path, out: Path, config: SpadeConfig,
-                      preprocess: Preprocess, echo=print, scorer: PixelScorer | None = None) -> CategoryResult:
+def evaluate_category(
+    backend: FeatureBackend,
+    category: Path,
+    out: Path,
+    config: SpadeConfig,
+    preprocess: Preprocess,
+    echo=print,
+    scorer: PixelScorer | None = None,
+) -> CategoryResult:
     from .render import save_heatmap
 
     train, tests = mvtec_category(category)
@@ -65,8 +74,9 @@ def evaluate_category(backend: FeatureBackend, category: Path, out: Path, config
     echo(f"[{category.name}] gallery from {len(train)} normal images, {len(tests)} test images")
     t0 = time.perf_counter()
     # 10% of train/good held out: thresholds, and the normal medians of the default combined score
-    gallery = gallery_from_images(backend, train, out / f"{category.name}.gallery", holdout=0.1, config=config,
-                                  preprocess=preprocess)
+    gallery = gallery_from_images(
+        backend, train, out / f"{category.name}.gallery", holdout=0.1, config=config, preprocess=preprocess
+    )
     build_s = time.perf_counter() - t0
     det = Detector(backend, gallery, scorer, config=config, preprocess=preprocess)
     s = backend.info.input_size
@@ -79,15 +89,24 @@ def evaluate_category(backend: FeatureBackend, category: Path, out: Path, config
             m = np.zeros((s, s), bool)
         maps.append(p.anomaly_map.astype(np.float32))
         masks.append(m)
-        rows.append({"image": str(path.relative_to(category)), "type": kind, "label": int(kind != "good"),
-                     "score": p.score, "max_pixel": p.max_pixel_score, "timings_ms": p.to_dict()["timings_ms"]})
+        rows.append(
+            {
+                "image": str(path.relative_to(category)),
+                "type": kind,
+                "label": int(kind != "good"),
+                "score": p.score,
+                "max_pixel": p.max_pixel_score,
+                "timings_ms": p.to_dict()["timings_ms"],
+            }
+        )
     labels = np.array([r["label"] for r in rows])
     scores = np.array([r["score"] for r in rows])
     maxpix = np.array([r["max_pixel"] for r in rows])
     maps_a, masks_a = np.stack(maps), np.stack(masks)
     has_masks = masks_a.any()
     metrics = {
-        "images": len(rows), "defective": int(labels.sum()),
+        "images": len(rows),
+        "defective": int(labels.sum()),
         "image_auroc": _safe(roc_auc, labels, scores),
         "image_auroc_max_pixel": _safe(roc_auc, labels, maxpix),
         "pixel_auroc": _safe(pixel_roc_auc, masks_a, maps_a) if has_masks else None,
@@ -111,18 +130,30 @@ def evaluate_category(backend: FeatureBackend, category: Path, out: Path, config
     timings = {k: float(np.median([r["timings_ms"][k] for r in rows])) for k in stages}
     timings["total"] = float(np.median([sum(r["timings_ms"].values()) for r in rows]))
 
-    worst = {"false_positives": [], "false_negatives": []}
+    worst: dict[str, list[dict]] = {"false_positives": [], "false_negatives": []}
     fp = [i for i in np.argsort(-scores) if labels[i] == 0][:N_WORST]
     fn = [i for i in np.argsort(scores) if labels[i] == 1][:N_WORST]
     for key, idx in (("false_positives", fp), ("false_negatives", fn)):
         for i in idx:  # scored again rather than keeping every prediction in memory
-            pic = save_heatmap(det.predict(tests[i][0], name=rows[i]["image"]), gallery, out / "worst" / key, name=rows[i]["image"].replace("/", "_"))
-            worst[key].append({"image": rows[i]["image"], "score": rows[i]["score"], "heatmap": str(pic.relative_to(out.parent))})
+            pic = save_heatmap(
+                det.predict(tests[i][0], name=rows[i]["image"]),
+                gallery,
+                out / "worst" / key,
+                name=rows[i]["image"].replace("/", "_"),
+            )
+            worst[key].append(
+                {"image": rows[i]["image"], "score": rows[i]["score"], "heatmap": str(pic.relative_to(out.parent))}
+            )
     curves = plot_curves(labels, scores, maxpix, masks_a, maps_a, out / f"{category.name}-curves.png", category.name)
-    result = CategoryResult(category.name, metrics, per_type, timings, worst,
-                            {"curves": str(curves.relative_to(out.parent))})
-    (out / "results.json").write_text(json.dumps({**result.to_dict(), "config": config.to_dict(),
-                                                  "preprocess": preprocess.to_dict(), "images": rows}, indent=1))
+    result = CategoryResult(
+        category.name, metrics, per_type, timings, worst, {"curves": str(curves.relative_to(out.parent))}
+    )
+    (out / "results.json").write_text(
+        json.dumps(
+            {**result.to_dict(), "config": config.to_dict(), "preprocess": preprocess.to_dict(), "images": rows},
+            indent=1,
+        )
+    )
     return result
 
 
@@ -149,21 +180,35 @@ def plot_curves(labels, scores, maxpix, masks, maps, path: Path, title: str) -> 
         ax.plot(fpr, pro, label=f"AUPRO@0.3 {aupro(masks, maps):.3f}")
         ax.axvline(0.3, ls=":", color="gray")
         ax.legend(loc="lower right", fontsize=8)
-    ax.set(xlabel="false positive rate (pixels)", ylabel="per-region overlap", title=f"{title}: PRO", xlim=(0, 1), ylim=(0, 1))
+    ax.set(
+        xlabel="false positive rate (pixels)",
+        ylabel="per-region overlap",
+        title=f"{title}: PRO",
+        xlim=(0, 1),
+        ylim=(0, 1),
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
 
 
-def evaluate(backend: FeatureBackend, data: Path, out: Path, config: SpadeConfig, preprocess: Preprocess,
-             echo=print, scorer: PixelScorer | None = None) -> list[CategoryResult]:
+def evaluate(
+    backend: FeatureBackend,
+    data: Path,
+    out: Path,
+    config: SpadeConfig,
+    preprocess: Preprocess,
+    echo=print,
+    scorer: PixelScorer | None = None,
+) -> list[CategoryResult]:
     """Evaluate every category under ``data`` (``scorer``: the one that follows ``backend``'s
     features, runtime/device.py; default this CPU's); write per-category JSON and report.md / .html."""
     from .report import write_reports
 
     out = Path(out)
-    results = [evaluate_category(backend, c, out / c.name, config, preprocess, echo, scorer)
-               for c in find_categories(data)]
+    results = [
+        evaluate_category(backend, c, out / c.name, config, preprocess, echo, scorer) for c in find_categories(data)
+    ]
     write_reports(results, out, backend.info.backbone, config, preprocess)
     return results

@@ -6,6 +6,7 @@
   false-positive rate on anomaly-free pixels; area up to FPR 0.3 (trapezoid), divided by 0.3;
 * F1-max: the best F1 over all thresholds, and that threshold.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

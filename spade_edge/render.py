@@ -2,15 +2,20 @@
 
 Pillow and numpy only, so the device can draw them too.
 """
+
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .runtime.detector import Prediction
 from .runtime.gallery import Gallery
+
+if TYPE_CHECKING:
+    import PIL.Image
 
 # "inferno"-like anchors: black -> purple -> orange -> yellow
 _ANCHORS = np.array([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], np.float32)
@@ -41,7 +46,7 @@ def overlay(image: np.ndarray, amap: np.ndarray, vmax: float, threshold: float |
     return out
 
 
-def heatmap_panel(pred: Prediction, gallery: Gallery) -> "PIL.Image.Image":  # noqa: F821
+def heatmap_panel(pred: Prediction, gallery: Gallery) -> PIL.Image.Image:
     """Side by side: the input the model saw, the heat map, and the gallery image that matched the
     worst pixel (markers at the worst pixel and at its match), with a caption."""
     from PIL import Image, ImageDraw
@@ -52,10 +57,14 @@ def heatmap_panel(pred: Prediction, gallery: Gallery) -> "PIL.Image.Image":  # n
     r, c = pred.worst_pixel()
     idx, mr, mc = pred.correspondence.at(r, c)
     if gallery.thumbnails is not None:
-        match = Image.fromarray(np.asarray(gallery.thumbnails[idx])).resize((s, s), Image.BILINEAR)
+        match = Image.fromarray(np.asarray(gallery.thumbnails[idx])).resize((s, s), Image.Resampling.BILINEAR)
     else:
         match = Image.new("RGB", (s, s), (64, 64, 64))
-    panels = [Image.fromarray(pred.input_image), Image.fromarray(overlay(pred.input_image, pred.anomaly_map, vmax, thr)), match]
+    panels = [
+        Image.fromarray(pred.input_image),
+        Image.fromarray(overlay(pred.input_image, pred.anomaly_map, vmax, thr)),
+        match,
+    ]
     top = 34
     canvas = Image.new("RGB", (3 * s + 20, s + top), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)

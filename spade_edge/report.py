@@ -1,4 +1,5 @@
 """Evaluation reports: Markdown for the repository, one self-contained HTML page for people."""
+
 from __future__ import annotations
 
 import base64
@@ -11,26 +12,42 @@ def _fmt(v) -> str:
 
 
 def markdown(results, backbone: str, config, preprocess) -> str:
-    lines = [f"# spade-edge evaluation: {backbone}", "",
-             f"Settings: {config.to_dict()}; pre-processing: {preprocess.to_dict()}.", "",
-             "| category | images (defective) | image AUROC | image AUROC (max pixel) | pixel AUROC | AUPRO@0.3 | F1-max | ms / image |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"# spade-edge evaluation: {backbone}",
+        "",
+        f"Settings: {config.to_dict()}; pre-processing: {preprocess.to_dict()}.",
+        "",
+        "| category | images (defective) | image AUROC | image AUROC (max pixel) | pixel AUROC | AUPRO@0.3 | F1-max | ms / image |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in results:
         m = r.metrics
         f1 = m["f1_max"]["f1"] if m["f1_max"] else None
-        lines.append(f"| {r.name} | {m['images']} ({m['defective']}) | {_fmt(m['image_auroc'])} | "
-                     f"{_fmt(m['image_auroc_max_pixel'])} | {_fmt(m['pixel_auroc'])} | {_fmt(m['aupro'])} | "
-                     f"{_fmt(f1)} | {r.timings_ms['total']:.0f} |")
+        lines.append(
+            f"| {r.name} | {m['images']} ({m['defective']}) | {_fmt(m['image_auroc'])} | "
+            f"{_fmt(m['image_auroc_max_pixel'])} | {_fmt(m['pixel_auroc'])} | {_fmt(m['aupro'])} | "
+            f"{_fmt(f1)} | {r.timings_ms['total']:.0f} |"
+        )
     for r in results:
-        lines += ["", f"## {r.name}", "", f"![curves]({r.curves['curves']})", "",
-                  "| defect type | images | image AUROC | image AUROC (max pixel) | pixel AUROC | AUPRO@0.3 |",
-                  "|---|---:|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            f"## {r.name}",
+            "",
+            f"![curves]({r.curves['curves']})",
+            "",
+            "| defect type | images | image AUROC | image AUROC (max pixel) | pixel AUROC | AUPRO@0.3 |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
         for kind, t in r.per_type.items():
-            lines.append(f"| {kind} | {t['images']} | {_fmt(t['image_auroc'])} | {_fmt(t['image_auroc_max_pixel'])} | "
-                         f"{_fmt(t['pixel_auroc'])} | {_fmt(t['aupro'])} |")
+            lines.append(
+                f"| {kind} | {t['images']} | {_fmt(t['image_auroc'])} | {_fmt(t['image_auroc_max_pixel'])} | "
+                f"{_fmt(t['pixel_auroc'])} | {_fmt(t['aupro'])} |"
+            )
         lines += ["", "Median timings (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in r.timings_ms.items()), ""]
-        for key, title in (("false_positives", "Worst false positives (normal, highest scores)"),
-                           ("false_negatives", "Worst false negatives (defective, lowest scores)")):
+        for key, title in (
+            ("false_positives", "Worst false positives (normal, highest scores)"),
+            ("false_negatives", "Worst false negatives (defective, lowest scores)"),
+        ):
             lines += [f"**{title}**", ""]
             lines += [f"- {w['image']} (score {w['score']:.3f})  \n  ![]({w['heatmap']})" for w in r.worst[key]]
             lines.append("")
@@ -45,13 +62,30 @@ def _img(path: Path) -> str:
 def html_page(results, backbone: str, config, preprocess, root: Path) -> str:
     """The same content with every picture embedded: one file to mail or archive."""
     e = html.escape
-    head = ["category", "images (defective)", "image AUROC", "image AUROC (max pixel)", "pixel AUROC", "AUPRO@0.3", "F1-max", "ms / image"]
+    head = [
+        "category",
+        "images (defective)",
+        "image AUROC",
+        "image AUROC (max pixel)",
+        "pixel AUROC",
+        "AUPRO@0.3",
+        "F1-max",
+        "ms / image",
+    ]
     rows = []
     for r in results:
         m = r.metrics
         f1 = m["f1_max"]["f1"] if m["f1_max"] else None
-        cells = [r.name, f"{m['images']} ({m['defective']})", _fmt(m["image_auroc"]), _fmt(m["image_auroc_max_pixel"]),
-                 _fmt(m["pixel_auroc"]), _fmt(m["aupro"]), _fmt(f1), f"{r.timings_ms['total']:.0f}"]
+        cells = [
+            r.name,
+            f"{m['images']} ({m['defective']})",
+            _fmt(m["image_auroc"]),
+            _fmt(m["image_auroc_max_pixel"]),
+            _fmt(m["pixel_auroc"]),
+            _fmt(m["aupro"]),
+            _fmt(f1),
+            f"{r.timings_ms['total']:.0f}",
+        ]
         rows.append("<tr>" + "".join(f"<td>{e(c)}</td>" for c in cells) + "</tr>")
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>spade-edge evaluation</title>",
@@ -63,13 +97,20 @@ def html_page(results, backbone: str, config, preprocess, root: Path) -> str:
         "<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr>" + "".join(rows) + "</table>",
     ]
     for r in results:
-        parts += [f"<h2>{e(r.name)}</h2>", _img(root / r.curves["curves"]),
-                  "<table><tr><th>defect type</th><th>images</th><th>image AUROC</th><th>image AUROC (max pixel)</th>"
-                  "<th>pixel AUROC</th><th>AUPRO@0.3</th></tr>"]
+        parts += [
+            f"<h2>{e(r.name)}</h2>",
+            _img(root / r.curves["curves"]),
+            "<table><tr><th>defect type</th><th>images</th><th>image AUROC</th><th>image AUROC (max pixel)</th>"
+            "<th>pixel AUROC</th><th>AUPRO@0.3</th></tr>",
+        ]
         for kind, t in r.per_type.items():
-            parts.append(f"<tr><td>{e(kind)}</td><td>{t['images']}</td><td>{_fmt(t['image_auroc'])}</td>"
-                         f"<td>{_fmt(t['image_auroc_max_pixel'])}</td><td>{_fmt(t['pixel_auroc'])}</td><td>{_fmt(t['aupro'])}</td></tr>")
-        parts.append("</table><p>Median timings (ms): " + e(", ".join(f"{k} {v:.1f}" for k, v in r.timings_ms.items())) + "</p>")
+            parts.append(
+                f"<tr><td>{e(kind)}</td><td>{t['images']}</td><td>{_fmt(t['image_auroc'])}</td>"
+                f"<td>{_fmt(t['image_auroc_max_pixel'])}</td><td>{_fmt(t['pixel_auroc'])}</td><td>{_fmt(t['aupro'])}</td></tr>"
+            )
+        parts.append(
+            "</table><p>Median timings (ms): " + e(", ".join(f"{k} {v:.1f}" for k, v in r.timings_ms.items())) + "</p>"
+        )
         for key, title in (("false_positives", "Worst false positives"), ("false_negatives", "Worst false negatives")):
             parts.append(f"<h3>{title}</h3>")
             for w in r.worst[key]:

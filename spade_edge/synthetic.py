@@ -5,6 +5,7 @@ parts cut off electrically: dark regions), interrupted fingers (short dark strip
 busbars' direction), and bright scratches. Each function returns (image, mask) and places the
 defect inside the central 70% of the image so a centre crop keeps it.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -111,7 +112,9 @@ def scratch(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np
 DEFECTS = {"crack": crack, "inactive": inactive, "fingers": fingers, "scratch": scratch}
 
 
-def add_defect(image: np.ndarray, rng: np.random.Generator, kind: str | None = None) -> tuple[np.ndarray, np.ndarray, str]:
+def add_defect(
+    image: np.ndarray, rng: np.random.Generator, kind: str | None = None
+) -> tuple[np.ndarray, np.ndarray, str]:
     """Add one defect (``kind`` or a random one) to a copy of ``image``: (image, mask, kind)."""
     kind = kind or KINDS[int(rng.integers(len(KINDS)))]
     img, mask = DEFECTS[kind](image, rng)

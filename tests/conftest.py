@@ -1,4 +1,5 @@
 """Shared fixtures: real models exported once per session, tiny hand-made ones, random galleries."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -35,8 +36,16 @@ def elpv_normal():
 
 
 def make_info(levels=(("a", 5, 4), ("b", 7, 8)), global_channels=6, size=32, fingerprint="sha256:test") -> ModelInfo:
-    return ModelInfo(backbone="toy", input_size=size, levels=tuple(Level(*lv) for lv in levels), global_name="global",
-                     global_channels=global_channels, mean=(0.5,) * 3, std=(0.25,) * 3, fingerprint=fingerprint)
+    return ModelInfo(
+        backbone="toy",
+        input_size=size,
+        levels=tuple(Level(*lv) for lv in levels),
+        global_name="global",
+        global_channels=global_channels,
+        mean=(0.5,) * 3,
+        std=(0.25,) * 3,
+        fingerprint=fingerprint,
+    )
 
 
 def random_gallery(info: ModelInfo, n: int, rng: np.random.Generator) -> Gallery:
@@ -69,11 +78,14 @@ def tiny_onnx(path, size=32, fingerprint="sha256:tiny"):
         helper.make_node("Flatten", ["g4"], ["global"]),
     ]
     graph = helper.make_graph(
-        nodes, "tiny",
+        nodes,
+        "tiny",
         [helper.make_tensor_value_info("image", TensorProto.UINT8, ["N", size, size, 3])],
-        [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["N", 3, size // 4, size // 4]),
-         helper.make_tensor_value_info("b", TensorProto.FLOAT, ["N", 3, size // 8, size // 8]),
-         helper.make_tensor_value_info("global", TensorProto.FLOAT, ["N", 3])],
+        [
+            helper.make_tensor_value_info("a", TensorProto.FLOAT, ["N", 3, size // 4, size // 4]),
+            helper.make_tensor_value_info("b", TensorProto.FLOAT, ["N", 3, size // 8, size // 8]),
+            helper.make_tensor_value_info("global", TensorProto.FLOAT, ["N", 3]),
+        ],
         [helper.make_tensor("scale", TensorProto.FLOAT, [], [1 / 255.0])],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])

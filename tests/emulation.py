@@ -3,6 +3,7 @@ qemu-user) executes this interpreter with the CPUID of the model asked for, so n
 and our own code choose the kernels that CPU would get. What it reaches: the AVX2 + FMA class
 (Haswell, AMD Zen 2/3: no AVX-512, no VNNI) from any x86-64 host. QEMU 7.2 has no AVX-512, so the
 AVX-512 and AMX classes are tested only on hosts that have them."""
+
 from __future__ import annotations
 
 import json
@@ -22,14 +23,21 @@ EMULATED = "SPADE_EDGE_TEST_EMULATED"  # set in the emulated process: it runs no
 needs_emulator = pytest.mark.skipif(
     platform.machine() != "x86_64" or shutil.which("qemu-x86_64") is None or EMULATED in os.environ,
     reason="needs qemu-x86_64 on an x86-64 host, not itself emulated (Debian: apt-get install qemu-user; "
-           ".ci/run installs it)")
+    ".ci/run installs it)",
+)
 
 
 def emulate(cpu: str, args: list[str], timeout: float = 600, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run this interpreter with ``args`` as ``cpu`` would."""
     env = {**os.environ, EMULATED: cpu}
-    return subprocess.run(["qemu-x86_64", "-cpu", cpu, sys.executable, *args], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=cwd)
+    return subprocess.run(
+        ["qemu-x86_64", "-cpu", cpu, sys.executable, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=cwd,
+    )
 
 
 def run_as(cpu: str, code: str, *args: str, timeout: float = 600) -> dict:

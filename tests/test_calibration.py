@@ -1,4 +1,5 @@
 """INT8 Q/DQ and FP16 models: structure, parity bounds, and how the runtime takes them."""
+
 import json
 import shutil
 import warnings
@@ -30,8 +31,13 @@ def calib_dir(elpv_normal, tmp_path_factory):
 @pytest.fixture(scope="module")
 def int8_model(lite0_onnx, calib_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("q") / "lite0.int8.onnx"
-    res = int8_from_onnx(lite0_onnx, calibration_images(calib_dir), out, Int8Options(auto_exclude=2, target_cosine=0.99),
-                         show_progress=False)
+    res = int8_from_onnx(
+        lite0_onnx,
+        calibration_images(calib_dir),
+        out,
+        Int8Options(auto_exclude=2, target_cosine=0.99),
+        show_progress=False,
+    )
     return out, res
 
 
@@ -128,8 +134,10 @@ def test_int8_models_on_an_avx2_cpu_without_vnni(int8_model, lite0_onnx, calib_d
     int8_from_onnx(lite0_onnx, calibration_images(calib_dir), full, Int8Options(weight_bits=8), show_progress=False)
     models, probe = {"7": str(int8_model[0]), "8": str(full)}, [str(p) for p in probe_images(calib_dir)]
     ref = backend_from_model(lite0_onnx)
-    here = {bits: {k: v["cosine_mean"] for k, v in feature_drift(ref, backend_from_model(m), probe).items()}
-            for bits, m in models.items()}
+    here = {
+        bits: {k: v["cosine_mean"] for k, v in feature_drift(ref, backend_from_model(m), probe).items()}
+        for bits, m in models.items()
+    }
     avx2 = run_as(AVX2_ONLY, DRIFT, json.dumps({"fp32": str(lite0_onnx), "int8": models, "images": probe}))
     made = backend_from_model(int8_model[0]).info.extra["calibration"]
     assert not avx2["7"]["warned"] and avx2["8"]["warned"]
@@ -149,8 +157,22 @@ def test_calibrate_command_writes_a_model_and_a_report_naming_the_cpu(lite0_onnx
     from spade_edge.cli import main
 
     out, report = tmp_path / "q.onnx", tmp_path / "report"
-    r = CliRunner().invoke(main, ["calibrate", "-m", str(lite0_onnx), "-i", str(calib_dir), "-o", str(out),
-                                  "--target-cosine", "0", "--report", str(report)])
+    r = CliRunner().invoke(
+        main,
+        [
+            "calibrate",
+            "-m",
+            str(lite0_onnx),
+            "-i",
+            str(calib_dir),
+            "-o",
+            str(out),
+            "--target-cosine",
+            "0",
+            "--report",
+            str(report),
+        ],
+    )
     assert r.exit_code == 0, r.output
     made = backend_from_model(out).info.extra["calibration"]
     assert made["weight_bits"] == 7 and made["images"] == 32
@@ -205,8 +227,13 @@ def test_refuses_to_calibrate_twice_and_unknown_nodes(int8_model, lite0_onnx, ca
     with pytest.raises(ValueError, match="already int8"):
         int8_from_onnx(int8_model[0], calibration_images(calib_dir), tmp_path / "x.onnx", show_progress=False)
     with pytest.raises(ValueError, match="no node named"):
-        int8_from_onnx(lite0_onnx, calibration_images(calib_dir), tmp_path / "x.onnx",
-                       Int8Options(exclude=("nope",)), show_progress=False)
+        int8_from_onnx(
+            lite0_onnx,
+            calibration_images(calib_dir),
+            tmp_path / "x.onnx",
+            Int8Options(exclude=("nope",)),
+            show_progress=False,
+        )
 
 
 def test_modelopt_writes_the_same_kind_of_model(lite0_onnx, calib_dir, tmp_path, elpv_normal):

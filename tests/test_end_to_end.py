@@ -1,4 +1,5 @@
 """End to end on a tiny MVTec-layout data set made of real ELPV cells with pasted defects."""
+
 import json
 
 import numpy as np
@@ -34,14 +35,40 @@ def test_defects_score_higher_and_are_located(category, lite0_onnx, tmp_path):
     assert len(train) == 24 and len(tests) == 8 and sum(m is not None for _, _, m in tests) == 4
     runner = CliRunner()
     gallery = tmp_path / "cell.gallery"
-    res = runner.invoke(main, ["gallery", "build", "--model", str(lite0_onnx), "--images", str(category / "train/good"),
-                               "--out", str(gallery), "--k-image", "3", "--k-gallery", "5"])
+    res = runner.invoke(
+        main,
+        [
+            "gallery",
+            "build",
+            "--model",
+            str(lite0_onnx),
+            "--images",
+            str(category / "train/good"),
+            "--out",
+            str(gallery),
+            "--k-image",
+            "3",
+            "--k-gallery",
+            "5",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "19 images" in res.output and gallery.is_file()
 
     heat = tmp_path / "heat"
-    res = runner.invoke(main, ["infer", "--model", str(lite0_onnx), "--gallery", str(gallery), "--heatmaps", str(heat),
-                               *[str(p) for p, _, _ in tests]])
+    res = runner.invoke(
+        main,
+        [
+            "infer",
+            "--model",
+            str(lite0_onnx),
+            "--gallery",
+            str(gallery),
+            "--heatmaps",
+            str(heat),
+            *[str(p) for p, _, _ in tests],
+        ],
+    )
     assert res.exit_code == 0, res.output
     lines = [json.loads(line) for line in res.stdout.splitlines()]
     by_type = {t: [r for r, (_, tt, _) in zip(lines, tests) if tt == t] for t in ("good", "spot")}

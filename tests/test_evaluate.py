@@ -26,8 +26,20 @@ def test_synthetic_defects_change_only_their_mask(kind, elpv_normal):
 def test_evaluate_writes_metrics_and_reports(lite0_onnx, tmp_path):
     root = write_elpv_category(tmp_path / "data" / "cells", n_train=12, n_good=3, n_per_type=1, seed=3)
     out = tmp_path / "eval"
-    res = CliRunner().invoke(main, ["evaluate", "--data", str(tmp_path / "data"), "--model", str(lite0_onnx),
-                                    "--out", str(out), "--k-gallery", "3"])
+    res = CliRunner().invoke(
+        main,
+        [
+            "evaluate",
+            "--data",
+            str(tmp_path / "data"),
+            "--model",
+            str(lite0_onnx),
+            "--out",
+            str(out),
+            "--k-gallery",
+            "3",
+        ],
+    )
     assert res.exit_code == 0, res.output
     result = json.loads((out / "cells" / "results.json").read_text())
     m = result["metrics"]

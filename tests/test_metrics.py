@@ -1,9 +1,10 @@
 """Known answers, and agreement with scikit-learn."""
+
 import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from spade_edge.metrics import aupro, area_to, f1_max, pixel_roc_auc, pro_curve, roc_auc, roc_curve
+from spade_edge.metrics import area_to, aupro, f1_max, pixel_roc_auc, pro_curve, roc_auc, roc_curve
 
 
 def test_roc_auc_hand_cases():

@@ -1,5 +1,6 @@
 """One Q/DQ pair per consumer: what lets ONNX Runtime's CPU optimizer fuse every quantized
 convolution (calibration/qdq_pairs.py)."""
+
 import collections
 from pathlib import Path
 
@@ -19,21 +20,37 @@ def shared_input_model(weight_max: int = 64) -> onnx.ModelProto:
     """x -> Q -> DQ -> {Conv a, Conv b} -> Add: one quantized tensor read by two convolutions, with
     weights in [-weight_max, weight_max] (64: the 7-bit range that calibration writes)."""
     rng = np.random.default_rng(0)
-    inits = [numpy_helper.from_array(np.array(0.05, np.float32), "s"), numpy_helper.from_array(np.array(0, np.int8), "z")]
-    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"], name="q"),
-             helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"], name="dq")]
+    inits = [
+        numpy_helper.from_array(np.array(0.05, np.float32), "s"),
+        numpy_helper.from_array(np.array(0, np.int8), "z"),
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"], name="q"),
+        helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"], name="dq"),
+    ]
     for b in "ab":
         w = rng.integers(-weight_max, weight_max + 1, (8, 4, 3, 3)).astype(np.int8)
-        inits += [numpy_helper.from_array(w, f"w{b}"), numpy_helper.from_array(np.full(8, 0.01, np.float32), f"ws{b}"),
-                  numpy_helper.from_array(np.zeros(8, np.int8), f"wz{b}"),
-                  numpy_helper.from_array(np.array(0.1, np.float32), f"ys{b}"), numpy_helper.from_array(np.array(0, np.int8), f"yz{b}")]
-        nodes += [helper.make_node("DequantizeLinear", [f"w{b}", f"ws{b}", f"wz{b}"], [f"wd{b}"], axis=0, name=f"wdq{b}"),
-                  helper.make_node("Conv", ["xd", f"wd{b}"], [f"y{b}"], pads=[1, 1, 1, 1], name=f"conv{b}"),
-                  helper.make_node("QuantizeLinear", [f"y{b}", f"ys{b}", f"yz{b}"], [f"yq{b}"], name=f"yq{b}"),
-                  helper.make_node("DequantizeLinear", [f"yq{b}", f"ys{b}", f"yz{b}"], [f"yd{b}"], name=f"yd{b}")]
+        inits += [
+            numpy_helper.from_array(w, f"w{b}"),
+            numpy_helper.from_array(np.full(8, 0.01, np.float32), f"ws{b}"),
+            numpy_helper.from_array(np.zeros(8, np.int8), f"wz{b}"),
+            numpy_helper.from_array(np.array(0.1, np.float32), f"ys{b}"),
+            numpy_helper.from_array(np.array(0, np.int8), f"yz{b}"),
+        ]
+        nodes += [
+            helper.make_node("DequantizeLinear", [f"w{b}", f"ws{b}", f"wz{b}"], [f"wd{b}"], axis=0, name=f"wdq{b}"),
+            helper.make_node("Conv", ["xd", f"wd{b}"], [f"y{b}"], pads=[1, 1, 1, 1], name=f"conv{b}"),
+            helper.make_node("QuantizeLinear", [f"y{b}", f"ys{b}", f"yz{b}"], [f"yq{b}"], name=f"yq{b}"),
+            helper.make_node("DequantizeLinear", [f"yq{b}", f"ys{b}", f"yz{b}"], [f"yd{b}"], name=f"yd{b}"),
+        ]
     nodes.append(helper.make_node("Add", ["yda", "ydb"], ["out"], name="add"))
-    g = helper.make_graph(nodes, "shared", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 16, 16])],
-                          [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 8, 16, 16])], inits)
+    g = helper.make_graph(
+        nodes,
+        "shared",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 16, 16])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 8, 16, 16])],
+        inits,
+    )
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
@@ -86,8 +103,11 @@ def test_every_consumer_gets_its_own_pair_and_every_conv_fuses(tmp_path):
     assert fused_error(64) <= STEP
 
 
-@pytest.mark.skipif(not cpu.int8_kernel()[1], reason=f"this CPU's INT8 kernel ({cpu.int8_kernel()[0]}) saturates "
-                    "8-bit weights: test_full_range_weights_saturate_without_vnni covers it")
+@pytest.mark.skipif(
+    not cpu.int8_kernel()[1],
+    reason=f"this CPU's INT8 kernel ({cpu.int8_kernel()[0]}) saturates "
+    "8-bit weights: test_full_range_weights_saturate_without_vnni covers it",
+)
 def test_full_range_weights_are_exact_where_int8_sums_are_32_bit():
     assert fused_error(127) <= STEP
 

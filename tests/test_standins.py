@@ -8,6 +8,7 @@ memory of another device, no GPU, an engine of another TensorRT version). Then t
 spade-edge's own code: the TensorRT backend and the CUDA scorer on the stand-ins, from the thread
 that made them and from another.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,7 +20,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from spade_edge.export import engine as eng
+from spade_edge.export import trt_plans as plans
+from spade_edge.runtime import engine_record
 
 from .conftest import tiny_onnx
 from .export.test_tensorrt_api import INSTALLS, probe, stubs  # noqa: F401 (stubs: a fixture probe needs)
@@ -82,7 +86,7 @@ class _Engine:
         import tensorrt as trt
 
         self.trt = trt
-        self.logger = eng.make_logger(trt)
+        self.logger = engine_record.make_logger(trt)
         self.runtime = trt.Runtime(self.logger)
         self.engine = self.runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
         assert self.engine is not None, self.logger.errors
@@ -106,10 +110,10 @@ def test_standin_has_every_tensorrt_name_the_project_uses(monkeypatch, version):
     import tensorrt as trt
 
     assert trt.STANDIN and trt.__version__ == version
-    own, other = (eng.TRT11_NAMES, eng.TRT10_NAMES) if version.startswith("11") else (eng.TRT10_NAMES, ())
-    assert [n for n in eng.TRT_NAMES + own if not _exists(trt, n)] == []
+    own, other = (plans.TRT11_NAMES, plans.TRT10_NAMES) if version.startswith("11") else (plans.TRT10_NAMES, ())
+    assert [n for n in plans.TRT_NAMES + own if not _exists(trt, n)] == []
     assert [n for n in other if _exists(trt, n)] == []  # TensorRT 11 has no EXPLICIT_BATCH, FP16, INT8
-    assert eng.tensorrt_version() == eng.parse_version(version)  # what the builder routes on
+    assert engine_record.tensorrt_version() == engine_record.parse_version(version)  # what the builder routes on
 
 
 VALUES = r"""
@@ -137,8 +141,9 @@ def test_standin_names_and_enum_values_are_the_real_bindings(monkeypatch, versio
     if site is not None:
         env["PYTHONPATH"] = os.pathsep.join([site, *filter(None, [os.environ.get("PYTHONPATH")])])
     module = "tensorrt" if site is None or (Path(site) / "tensorrt").is_dir() else "tensorrt_bindings"
-    run = subprocess.run([sys.executable, "-c", VALUES, module], check=False, capture_output=True, text=True,
-                         env=env, timeout=120)
+    run = subprocess.run(
+        [sys.executable, "-c", VALUES, module], check=False, capture_output=True, text=True, env=env, timeout=120
+    )
     assert run.returncode == 0, run.stderr
     real_values = json.loads(run.stdout.strip().splitlines()[-1])
 
@@ -148,7 +153,7 @@ def test_standin_names_and_enum_values_are_the_real_bindings(monkeypatch, versio
     ours = {n: _exists(trt, n) for n in real["present"]}
     assert ours == real["present"], {n: (ours[n], real["present"][n]) for n in ours if ours[n] != real["present"][n]}
     for dotted, members in real_values.items():
-        mine = {m.name: int(m) for m in eng._resolve(trt, dotted)}
+        mine = {m.name: int(m) for m in plans.resolve(trt, dotted)}
         assert {m: members.get(m) for m in mine} == mine, dotted
     # not a vacuous comparison: the versions differ, and so do the real bindings
     assert real["present"]["NetworkDefinitionCreationFlag.EXPLICIT_BATCH"] is version.startswith("10")
@@ -166,10 +171,16 @@ def test_engine_from_onnx_runs_like_onnx_runtime(monkeypatch, tmp_path, version)
     import cupyx
 
     model, engine_path = _build(tmp_path)
-    record = eng.check_engine(engine_path, model)
-    assert record["tensorrt"] == version and record["gpu"] == {"name": "Stand-in GPU (numpy)", "compute_capability": "8.7"}
-    assert record["build"]["flags"] == (["NetworkDefinitionCreationFlag.EXPLICIT_BATCH"] if version.startswith("10")
-                                        else ["NetworkDefinitionCreationFlag.STRONGLY_TYPED"])
+    record = engine_record.check_engine(engine_path, model)
+    assert record["tensorrt"] == version and record["gpu"] == {
+        "name": "Stand-in GPU (numpy)",
+        "compute_capability": "8.7",
+    }
+    assert record["build"]["flags"] == (
+        ["NetworkDefinitionCreationFlag.EXPLICIT_BATCH"]
+        if version.startswith("10")
+        else ["NetworkDefinitionCreationFlag.STRONGLY_TYPED"]
+    )
 
     def alloc(nbytes):
         buf = cp.empty(nbytes, dtype=cp.uint8)
@@ -209,11 +220,13 @@ def test_results_are_there_only_after_a_synchronize(monkeypatch, tmp_path):
     e = _Engine(engine_path, alloc, cupyx.empty_pinned, 2)
     rt, stream = cp.cuda.runtime, cp.cuda.Stream(non_blocking=True)
     e.host["image"][...] = _images(2)
-    rt.memcpyAsync(e.device["image"][1], e.host["image"].ctypes.data, e.host["image"].nbytes, rt.memcpyHostToDevice,
-                   stream.ptr)
+    rt.memcpyAsync(
+        e.device["image"][1], e.host["image"].ctypes.data, e.host["image"].nbytes, rt.memcpyHostToDevice, stream.ptr
+    )
     assert e.context.execute_async_v3(stream.ptr)
-    rt.memcpyAsync(e.host["global"].ctypes.data, e.device["global"][1], e.host["global"].nbytes,
-                   rt.memcpyDeviceToHost, stream.ptr)
+    rt.memcpyAsync(
+        e.host["global"].ctypes.data, e.device["global"][1], e.host["global"].nbytes, rt.memcpyDeviceToHost, stream.ptr
+    )
     assert np.isnan(e.host["global"]).all()  # not yet
     stream.synchronize()
     np.testing.assert_array_equal(e.host["global"], _reference(model, e.host["image"])[2])
@@ -231,8 +244,11 @@ def test_cuda_scorer_runs_its_kernel_on_the_cupy_standin(monkeypatch):
 
     launches = []  # the device current at each kernel launch
     launch = cp._rawmodule.Function.__call__
-    monkeypatch.setattr(cp._rawmodule.Function, "__call__",
-                        lambda self, *a, **k: launches.append(cp.cuda.Device().id) or launch(self, *a, **k))
+    monkeypatch.setattr(
+        cp._rawmodule.Function,
+        "__call__",
+        lambda self, *a, **k: launches.append(cp.cuda.Device().id) or launch(self, *a, **k),
+    )
     q, g = tie_data(7)
     blocks = [g[:150], g[150:155].astype(np.float16), g[155:].astype(np.int8)]
     want = reference(q, g, 5)
@@ -249,21 +265,8 @@ def test_cuda_scorer_runs_its_kernel_on_the_cupy_standin(monkeypatch):
 # ---------------------------------------------------------------------------- the backend, the road
 
 
-def _pycuda_identity(monkeypatch):
-    """export.engine.gpu_identity asks CuPy, else libcuda.so.1 (absent here; present on a Jetson):
-    with CuPy absent, answer for the stand-in's GPU."""
-    import pycuda.driver as drv
-
-    drv.init()
-    dev = drv.Device(0)
-    monkeypatch.setattr(eng, "gpu_identity",
-                        lambda device=0: {"name": dev.name(), "compute_capability": "{}.{}".format(*dev.compute_capability())})
-
-
 def _backend(monkeypatch, tmp_path, memory: str, gpus: int = 1, device: int = 0, max_batch: int = 3):
-    use_standins(monkeypatch, gpus=gpus, cupy=memory == "cupy")
-    if memory == "pycuda":
-        _pycuda_identity(monkeypatch)
+    use_standins(monkeypatch, gpus=gpus, cupy=memory == "cupy")  # without CuPy, the GPU's identity comes from pycuda
     from spade_edge.runtime.features.tensorrt import TensorRTBackend
 
     model, engine_path = _build(tmp_path, max_batch)
@@ -358,6 +361,7 @@ def test_tensorrt_enqueue_needs_the_engines_context_in_the_calling_thread(monkey
     ctx = drv.Device(1).retain_primary_context()
     ctx.push()
     try:
+
         def alloc(nbytes):
             mem = drv.mem_alloc(nbytes)
             return mem, int(mem)
@@ -433,8 +437,11 @@ def test_cupy_refuses_memory_of_another_device(monkeypatch):
     with pytest.raises(rt.CUDARuntimeError, match=r"^cudaErrorInvalidValue: invalid argument\n.*device 1") as err:
         rt.memcpyAsync(d1.data.ptr, host.ctypes.data, 16, rt.memcpyHostToDevice, 0)
     assert err.value.status == 1
-    with pytest.raises(ValueError, match=r"^Array device must be same as the current device: array device = 1 while "
-                                         r"current = 0"):
+    with pytest.raises(
+        ValueError,
+        match=r"^Array device must be same as the current device: array device = 1 while "
+        r"current = 0",
+    ):
         d1 + 1
     with cp.cuda.Device(1):
         m1 = cp.ones((4, 4), cp.float32)
@@ -468,8 +475,10 @@ def test_kernel_arguments_are_checked_as_a_gpu_would_need_them(monkeypatch):
     use_standins(monkeypatch, gpus=2)
     import cupy as cp
 
-    source = 'extern "C" __global__ void axpy(float a, const float* x, float* y, int n)\n' \
-             "{ int i = blockIdx.x * blockDim.x + threadIdx.x; if (i < n) y[i] += a * x[i]; }\n"
+    source = (
+        'extern "C" __global__ void axpy(float a, const float* x, float* y, int n)\n'
+        "{ int i = blockIdx.x * blockDim.x + threadIdx.x; if (i < n) y[i] += a * x[i]; }\n"
+    )
     kernel = cp.RawModule(code=source).get_function("axpy")
     x, y = cp.asarray(np.arange(5, dtype=np.float32)), cp.ones(5, cp.float32)
     kernel((1,), (32,), (np.float32(2), x, y, np.int32(5)))
@@ -501,7 +510,7 @@ def test_tensorrt_refuses_what_tensorrt_refuses(monkeypatch, tmp_path):
     import tensorrt as trt
 
     model, engine_path = _build(tmp_path)
-    logger = eng.make_logger(trt)
+    logger = engine_record.make_logger(trt)
     builder = trt.Builder(logger)
     not_onnx = tmp_path / "not.onnx"
     not_onnx.write_text("this is no model")
@@ -529,8 +538,9 @@ def test_tensorrt_refuses_what_tensorrt_refuses(monkeypatch, tmp_path):
     with pytest.raises(TypeError):
         builder.create_builder_config().set_flag(0)  # pybind11 takes the enum only
     with pytest.raises(RuntimeError, match="inconsistent with other shapes"):
-        builder.create_optimization_profile().set_shape("image", (4, SIZE, SIZE, 3), (1, SIZE, SIZE, 3),
-                                                        (4, SIZE, SIZE, 3))
+        builder.create_optimization_profile().set_shape(
+            "image", (4, SIZE, SIZE, 3), (1, SIZE, SIZE, 3), (4, SIZE, SIZE, 3)
+        )
     assert trt.Runtime(logger).deserialize_cuda_engine(b"\0" * 64) is None and "Magic tag" in logger.errors[-1]
 
     engine = trt.Runtime(logger).deserialize_cuda_engine(engine_path.read_bytes())
@@ -586,10 +596,10 @@ def test_no_gpu(monkeypatch, tmp_path, version):
     with pytest.raises(drv.RuntimeError, match=r"^cuInit failed: no CUDA-capable device is detected"):
         drv.init()
     with pytest.raises(TypeError, match="factory function returned nullptr"):
-        trt.Builder(eng.make_logger(trt))
+        trt.Builder(engine_record.make_logger(trt))
     model = tmp_path / "tiny.onnx"
     tiny_onnx(model, size=SIZE)
-    with pytest.raises(eng.EngineError, match="could not create a builder"):
+    with pytest.raises(engine_record.EngineError, match="could not create a builder"):
         eng.engine_from_onnx(model, tmp_path / "x.engine")
 
 
@@ -600,11 +610,11 @@ def test_an_engine_of_another_tensorrt_version_is_refused(monkeypatch, tmp_path)
     import tensorrt as trt
 
     assert trt.__version__ == "11.4.0"
-    logger = eng.make_logger(trt)
+    logger = engine_record.make_logger(trt)
     assert trt.Runtime(logger).deserialize_cuda_engine(engine_path.read_bytes()) is None
     assert "Version tag does not match" in logger.errors[-1] and "10.3.0" in logger.errors[-1]
-    with pytest.raises(eng.EngineError, match="TensorRT"):
-        eng.check_engine(engine_path)  # and the sidecar says so before TensorRT is asked
+    with pytest.raises(engine_record.EngineError, match="TensorRT"):
+        engine_record.check_engine(engine_path)  # and the sidecar says so before TensorRT is asked
 
 
 def test_a_logger_must_call_the_base_init(monkeypatch):
@@ -643,21 +653,33 @@ def test_every_public_standin_module_says_so(monkeypatch):
 
 
 def test_standins_reach_a_subprocess(tmp_path):
-    """``standins_env``: a subprocess (here the engine command line, as jetson/build-engine.sh runs
-    it) imports the stand-ins with the machine's settings."""
+    """``standins_env``: a subprocess (here the engine commands, run as jetson/build-engine.sh runs
+    them) imports the stand-ins with the machine's settings."""
     env = standins_env(gpus=3, trt_version="11.4.0")
-    code = ("import cupy, cupyx, tensorrt, pycuda.driver as drv\n"
-            "assert all(m.STANDIN for m in (cupy, cupyx, tensorrt, drv))\n"
-            "print(tensorrt.__version__, cupy.cuda.runtime.getDeviceCount())\n")
-    out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120,
-                         env=env)
+    code = (
+        "import cupy, cupyx, tensorrt, pycuda.driver as drv\n"
+        "assert all(m.STANDIN for m in (cupy, cupyx, tensorrt, drv))\n"
+        "print(tensorrt.__version__, cupy.cuda.runtime.getDeviceCount())\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120, env=env
+    )
     assert out.returncode == 0 and out.stdout.split("\n")[0] == "11.4.0 3", out.stderr
     model = tmp_path / "tiny.onnx"
     tiny_onnx(model, size=SIZE)
     engine = tmp_path / "tiny.engine"
-    for args in (["build", str(model), str(engine), "--max-batch", "2"], ["check", str(engine), "--onnx", str(model)]):
-        out = subprocess.run([sys.executable, "-m", "spade_edge.export.engine", *args], check=False, capture_output=True,
-                             text=True, timeout=120, env=env)
+    for args in (
+        ["build-engine", "-m", str(model), "-o", str(engine), "--max-batch", "2"],
+        ["engine", "check", str(engine), "-m", str(model)],
+    ):
+        out = subprocess.run(
+            [sys.executable, "-m", "spade_edge", *args],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+        )
         assert out.returncode == 0, out.stderr
     assert "ok (fp32, TensorRT 11.4.0, Stand-in GPU (numpy))" in out.stdout
 
@@ -665,16 +687,25 @@ def test_standins_reach_a_subprocess(tmp_path):
 def test_standins_import_both_ways_and_share_one_machine():
     """``import tests.standins`` imports no stand-in; ``tests.standins.cupy`` (without the folder on
     sys.path) works and shares the machine with ``tests.standins.pycuda``."""
-    code = ("import sys, tests.standins\n"
-            "assert not {'cupy', 'tensorrt', 'pycuda', '_standin_cuda'} & set(sys.modules)\n"
-            "import tests.standins.cupy as cp, tests.standins.pycuda.driver as drv\n"
-            "assert sys.modules['_standin_cuda'] is sys.modules['tests.standins._standin_cuda']\n"
-            "a = cp.zeros(4)\n"
-            "drv.init()\n"
-            "assert drv.Context.get_current() == drv.Device(0).retain_primary_context()\n"
-            "print('ok')\n")
-    out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120,
-                         cwd=ROOT, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    code = (
+        "import sys, tests.standins\n"
+        "assert not {'cupy', 'tensorrt', 'pycuda', '_standin_cuda'} & set(sys.modules)\n"
+        "import tests.standins.cupy as cp, tests.standins.pycuda.driver as drv\n"
+        "assert sys.modules['_standin_cuda'] is sys.modules['tests.standins._standin_cuda']\n"
+        "a = cp.zeros(4)\n"
+        "drv.init()\n"
+        "assert drv.Context.get_current() == drv.Device(0).retain_primary_context()\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+    )
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
@@ -695,8 +726,9 @@ def test_more_of_the_cuda_apis_behave(monkeypatch):
     with stream:
         assert cp.cuda.get_current_stream() == stream
     assert cp.cuda.get_current_stream().ptr == 0
-    double = cp.RawKernel('extern "C" __global__ void twice(long long* x, int n)\n'
-                          "{ int i = threadIdx.x; if (i < n) x[i] *= 2; }", "twice")
+    double = cp.RawKernel(
+        'extern "C" __global__ void twice(long long* x, int n)\n{ int i = threadIdx.x; if (i < n) x[i] *= 2; }', "twice"
+    )
     double((1,), (8,), (b, np.int32(8)), stream=stream)
     assert not stream.done  # queued
     stream.synchronize()

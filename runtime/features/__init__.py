@@ -1,4 +1,5 @@
 """Feature backends: the exported extractor behind one interface."""
+
 from __future__ import annotations
 
 import os
@@ -6,8 +7,9 @@ import os
 from .base import FeatureBackend
 
 
-def backend_from_model(path: str | os.PathLike, device: str = "cpu", threads: int | None = None,
-                       fp16: bool = False) -> FeatureBackend:
+def backend_from_model(
+    path: str | os.PathLike, device: str = "cpu", threads: int | None = None, fp16: bool = False
+) -> FeatureBackend:
     """The feature backend for ``path`` on ``device``, as :func:`spade_edge.runtime.device.place`
     chooses it (an ONNX model or a TensorRT engine; 'cpu', 'cuda[:N]', 'tensorrt[:N]' or 'auto')."""
     from ..device import place

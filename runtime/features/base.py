@@ -3,6 +3,7 @@
 Modelled on Polygraphy's runners: a small lifecycle, name -> array dicts, subclasses fill in
 ``_infer``. Every backend exposes the :class:`ModelInfo` it read from the model.
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod

@@ -1,5 +1,6 @@
 """ONNX Runtime feature backend (the CPU, CUDA and TensorRT providers alike: runtime/device.py
 chooses the providers)."""
+
 from __future__ import annotations
 
 import os
@@ -9,6 +10,7 @@ import numpy as np
 
 from .. import cpu
 from ..errors import ModelError, require
+from ..fingerprint import check_model_file
 from ..modelinfo import ModelInfo
 from .base import FeatureBackend
 
@@ -19,6 +21,7 @@ def session_from_onnx(path: str | os.PathLike, providers: list, threads: int | N
     ort = require("onnxruntime", extra, "Running an ONNX model")
     if not os.path.isfile(path):
         raise ModelError(f"{path}: no such model file; export one with 'spade-edge export'")
+    check_model_file(path)  # the file is what export wrote: its digest recomputed (runtime/fingerprint.py)
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = int(threads)
@@ -41,10 +44,13 @@ def warn_if_int8_saturates(info: ModelInfo, source: str) -> None:
     if bits <= 7 or exact:
         return
     where = made.get("measured_on", {}).get("int8_kernel", "another CPU")
-    warnings.warn(f"{source}: INT8 model with {bits}-bit weights on a CPU whose INT8 products run on {kernel}: "
-                  f"features can differ from those measured at calibration (on {where}); re-calibrate with "
-                  "'spade-edge calibrate --weight-bits 7' for a model that is exact on this CPU", UserWarning,
-                  stacklevel=3)
+    warnings.warn(
+        f"{source}: INT8 model with {bits}-bit weights on a CPU whose INT8 products run on {kernel}: "
+        f"features can differ from those measured at calibration (on {where}); re-calibrate with "
+        "'spade-edge calibrate --weight-bits 7' for a model that is exact on this CPU",
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 class OnnxRuntimeBackend(FeatureBackend):

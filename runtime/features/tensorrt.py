@@ -2,21 +2,24 @@
 tensors. Device buffers come from CuPy (pycuda where CuPy is absent), host buffers are pinned, and
 one CUDA stream carries copy-in, inference and copy-out. CUDA's current device (CuPy) and context
 (pycuda) belong to a thread: every call makes them current in the thread it runs in (the service's
-worker, a line adapter's), so loading, inference and closing may each happen on another thread. The engine has no ONNX metadata: its
-:class:`ModelInfo` comes from the sidecar ``<engine>.json``, after
-:func:`spade_edge.export.engine.check_engine` has refused a stale engine.
+worker, a line adapter's), so loading, inference and closing may each happen on another thread.
+The engine has no ONNX metadata: its :class:`ModelInfo` comes from the sidecar ``<engine>.json``,
+after :func:`~spade_edge.runtime.engine_record.check_engine` has refused a stale engine.
 
 TensorRT, CuPy and pycuda are imported when a backend is made, never at module import.
 """
+
 from __future__ import annotations
 
 import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from ..engine_record import check_engine, make_logger
 from ..errors import ModelError, require
 from ..modelinfo import ModelInfo
 from .base import FeatureBackend
@@ -111,7 +114,7 @@ class _PycudaCuda:
             self.context = None
 
 
-def cuda_memory(device: int = 0):
+def cuda_memory(device: int = 0) -> _CupyCuda | _PycudaCuda:
     """CuPy where installed, else pycuda."""
     import importlib.util
 
@@ -121,16 +124,15 @@ def cuda_memory(device: int = 0):
 
 
 class TensorRTBackend(FeatureBackend):
-    """Feature extraction through a TensorRT engine built by :func:`spade_edge.export.engine.engine_from_onnx`
-    or jetson/build-engine.sh. Batches larger than the engine's profile are run in slices."""
+    """Feature extraction through a TensorRT engine built by ``spade-edge build-engine`` or
+    jetson/build-engine.sh. Batches larger than the engine's profile are run in slices."""
 
     name = "tensorrt"
 
     def __init__(self, engine_path: str | os.PathLike, onnx_path: str | os.PathLike | None = None, device: int = 0):
-        from spade_edge.export.engine import check_engine
-
-        self._cuda = None
-        self._host, self._device = {}, {}
+        self._cuda: _CupyCuda | _PycudaCuda | None = None
+        self._host: dict[str, np.ndarray] = {}
+        self._device: dict[str, tuple[Any, int]] = {}  # (buffer, device address)
         self.path = Path(engine_path)
         self.device = "tensorrt" if device == 0 else f"tensorrt:{device}"
         record = check_engine(self.path, onnx_path, device=device)
@@ -145,13 +147,14 @@ class TensorRTBackend(FeatureBackend):
             raise
 
     def _open(self, trt) -> None:
-        from spade_edge.export.engine import make_logger
-
+        assert self._cuda is not None  # set by __init__ before it calls _open
         self._logger = make_logger(trt)
         self._runtime = trt.Runtime(self._logger)
         self.engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
         if self.engine is None:
-            raise ModelError(f"{self.path}: TensorRT cannot deserialize this engine: " + "; ".join(self._logger.errors[-3:]))
+            raise ModelError(
+                f"{self.path}: TensorRT cannot deserialize this engine: " + "; ".join(self._logger.errors[-3:])
+            )
         self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         modes = {n: self.engine.get_tensor_mode(n) for n in names}
@@ -159,8 +162,10 @@ class TensorRTBackend(FeatureBackend):
         self._outputs = [n for n in names if modes[n] == trt.TensorIOMode.OUTPUT]
         expected = {lv.name for lv in self.info.levels} | {self.info.global_name}
         if inputs != [self.info.input_name] or set(self._outputs) != expected:
-            raise ModelError(f"{self.path}: engine tensors {inputs} -> {self._outputs} do not match its sidecar "
-                             f"({self.info.input_name} -> {sorted(expected)}); rebuild the engine")
+            raise ModelError(
+                f"{self.path}: engine tensors {inputs} -> {self._outputs} do not match its sidecar "
+                f"({self.info.input_name} -> {sorted(expected)}); rebuild the engine"
+            )
         self.max_batch = int(self.engine.get_tensor_profile_shape(self.info.input_name, 0)[2][0])
         s = self.info.input_size
         if not self.context.set_input_shape(self.info.input_name, (self.max_batch, s, s, 3)):
@@ -178,6 +183,7 @@ class TensorRTBackend(FeatureBackend):
         return cls(engine_path, onnx_path, device)
 
     def _run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        assert self._cuda is not None  # _infer checked
         name, n = self.info.input_name, len(batch)
         host_in = self._host[name]
         host_in[:n] = batch
@@ -192,7 +198,9 @@ class TensorRTBackend(FeatureBackend):
             self._cuda.to_host(self._host[o], self._device[o][1], nbytes)
         self._cuda.synchronize()
         # copies: the pinned buffers are reused by the next call
-        return {o: self._host[o].reshape(-1)[: int(np.prod(shapes[o]))].reshape(shapes[o]).copy() for o in self._outputs}
+        return {
+            o: self._host[o].reshape(-1)[: int(np.prod(shapes[o]))].reshape(shapes[o]).copy() for o in self._outputs
+        }
 
     def _infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         if len(batch) == 0:

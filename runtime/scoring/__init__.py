@@ -1,8 +1,20 @@
 """Pixel scorers: numpy on the CPU (with the AMX screen where the CPU has it); the CUDA scorer comes
 with the GPU runtime. Which one serves a model is runtime/device.py's choice."""
+
 import os
 
-from .base import PixelScorer, TopK
+from .base import (
+    SPARE,
+    Candidates,
+    GalleryPyramids,
+    GalleryRows,
+    GalleryView,
+    PixelScorer,
+    TopK,
+    keep,
+    merge,
+    smallest,
+)
 from .numpy import NumpyScorer
 
 
@@ -17,4 +29,17 @@ def cpu_scorer() -> PixelScorer:
     return NumpyScorer()
 
 
-__all__ = ["PixelScorer", "TopK", "NumpyScorer", "cpu_scorer"]
+__all__ = [
+    "SPARE",
+    "Candidates",
+    "GalleryPyramids",
+    "GalleryRows",
+    "GalleryView",
+    "NumpyScorer",
+    "PixelScorer",
+    "TopK",
+    "cpu_scorer",
+    "keep",
+    "merge",
+    "smallest",
+]

@@ -2,11 +2,13 @@
 unit, then re-computed exactly (docs/speed.md, "The AMX screen").
 
 The screen (:mod:`.amx_screen`, ``kernels/amx_screen.c``) ranks a lower bound of each expanded
-distance and keeps the m = kappa + SPARE smallest per query row. Kept candidates that may belong are
+distance and keeps the m = :func:`.base.keep` (kappa) = kappa + SPARE smallest per query row (the
+candidate policy of every scorer, scoring/base.py). Kept candidates that may belong are
 re-computed exactly; a row whose dropped candidates might still belong is searched again in fp32. So
 the neighbours are NumpyScorer's, ties to the lower index, whatever the data; the data only decide
 how much the screen saves. Where the CPU, the compiler or the kernel is missing, this is NumpyScorer.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -21,11 +23,12 @@ from ..resample import interp_matrix, upsample_hwc
 from ..threads import blas_single_threaded
 from . import ccompile
 from .amx_screen import PlainScreen, PyramidScreen, aligned, bf16, factors, parts, ptr, settle_blocks, tiled
-from .base import TopK, concat_upsampled
-from .numpy import NumpyScorer, _smallest, _Top
+from .base import SPARE, Candidates, GalleryPyramids, GalleryRows, TopK, concat_upsampled, smallest
+from .numpy import NumpyScorer
 from .pyramid import PyramidSlabs, exact_distances
 
-SPARE = 15  # candidates kept past kappa: a row is searched again in fp32 when its list ends inside the error window
+# SPARE (scoring/base.py): candidates kept past kappa; a row is searched again in fp32 when its list ends
+# inside the error window
 # after PROBE gallery items, a screen that leaves more than GIVE_UP of the rows unsettled is dropped for
 # the fp32 path: searching rows again one by one costs more than searching them all (docs/speed.md)
 PROBE, GIVE_UP = 4, 0.2
@@ -72,21 +75,50 @@ def _agrees(lib) -> bool:
     b, col, sq = aligned((64 * 32,), np.uint16), np.zeros(32, np.float32), np.zeros(32, np.float32)
     lib.se_pack_b(ptr(g), 40, 1, 32, 40, None, -2.0, 32, 64, 1, ptr(b), ptr(col), ptr(sq))
     e = (factors(64)[0] * 2 * np.linalg.norm(q, axis=1)).astype(np.float32)
-    vals, idx, thr = np.full((32, 1), np.inf, np.float32), np.full((32, 1), -1, np.int64), np.full(32, np.inf, np.float32)
-    lib.se_screen(0, 32, 32, 1, 32, ptr(a), ptr(b), 64, 0, None, ptr(sq), ptr(col), ptr(e), 0, 32, 1,
-                  ptr(vals), ptr(idx), ptr(thr))
+    vals, idx, thr = (
+        np.full((32, 1), np.inf, np.float32),
+        np.full((32, 1), -1, np.int64),
+        np.full(32, np.inf, np.float32),
+    )
+    lib.se_screen(
+        0,
+        32,
+        32,
+        1,
+        32,
+        ptr(a),
+        ptr(b),
+        64,
+        0,
+        None,
+        ptr(sq),
+        ptr(col),
+        ptr(e),
+        0,
+        32,
+        1,
+        ptr(vals),
+        ptr(idx),
+        ptr(thr),
+    )
     norms = np.linalg.norm(g, axis=1)
     lower = (norms**2)[None, :] - 2 * q @ g.T - e[:, None] * norms[None, :]
     slack = 2 * e * norms.max() + 1e-3
-    return bool(np.allclose(col, norms, rtol=1e-5) and np.allclose(sq, norms**2, rtol=1e-5)
-                and np.all(np.abs(vals[:, 0] - lower.min(1)) <= slack))
+    return bool(
+        np.allclose(col, norms, rtol=1e-5)
+        and np.allclose(sq, norms**2, rtol=1e-5)
+        and np.all(np.abs(vals[:, 0] - lower.min(1)) <= slack)
+    )
 
 
 def _weights_exact(slabs: PyramidSlabs) -> bool:
     """Whether the interpolation weights are exact in bf16 (they are for integer scale factors):
     the error bound takes only the left operands as rounded."""
-    return all(np.array_equal(bf16(w).astype(np.uint32) << 16, w.view(np.uint32))
-               for _, _, coarse in slabs.slabs for _, _, w in coarse)
+    return all(
+        np.array_equal(bf16(w).astype(np.uint32) << 16, w.view(np.uint32))
+        for _, _, coarse in slabs.slabs
+        for _, _, w in coarse
+    )
 
 
 class AmxScorer(NumpyScorer):
@@ -99,14 +131,21 @@ class AmxScorer(NumpyScorer):
         super().__init__(block_bytes)
         self.stats: dict = {}
 
-    def topk(self, query, blocks, kappa, sqnorms=None):
+    def topk(self, query, gallery, kappa):
         lib, _ = _kernel()
+        blocks = GalleryRows.of(gallery)  # a view: read twice, screen then re-check
         if lib is None or kappa < 1 or np.ndim(query) != 2:
             self.stats = {"path": "fp32"}
-            return super().topk(query, blocks, kappa, sqnorms)
-        blocks = blocks if isinstance(blocks, Sequence) else list(blocks)  # read twice: screen, then re-check
+            return self._fp32(super().topk, query, blocks, kappa)
         top = self._plain(lib, np.asarray(query, np.float32), blocks, kappa, three=False)
-        return super().topk(query, blocks, kappa, sqnorms) if top is None else top
+        return self._fp32(super().topk, query, blocks, kappa) if top is None else top
+
+    def _fp32(self, search, *args) -> TopK:
+        """The fp32 path (NumpyScorer's ``search``), with this scorer's stats saying why it was taken."""
+        why = self.stats
+        top = search(*args)
+        self.stats = {**self.stats, **why}
+        return top
 
     def _plain(self, lib, q: np.ndarray, blocks: Sequence, kappa: int, three: bool) -> TopK | None:
         """The screen of rows ``q``; rows it cannot settle are screened again with three products, and
@@ -116,7 +155,7 @@ class AmxScorer(NumpyScorer):
             return None
         if screen.offset < kappa:
             raise ValueError(f"gallery has {screen.offset} features, fewer than kappa = {kappa}")
-        again = {}
+        again: dict[str, int] = {}
 
         def rescore(rows: np.ndarray) -> TopK:
             if three or len(rows) < RESCREEN_ROWS:
@@ -135,17 +174,20 @@ class AmxScorer(NumpyScorer):
     def topk_pyramid(self, query, images, grid, kappa):
         lib, _ = _kernel()
         slabs = PyramidSlabs(query, grid, rows=4)
+        images = GalleryPyramids.of(images, grid)
         if lib is None or not slabs.c_fine or kappa < 1 or not len(images) or not _weights_exact(slabs):
             self.stats = {"path": "fp32"}
-            return super().topk_pyramid(query, images, grid, kappa)
+            return self._fp32(super().topk_pyramid, query, images, grid, kappa)
         screen = PyramidScreen(lib, slabs, kappa + SPARE)
-        kept_norms = getattr(images, "sqnorms", None)  # a gallery keeps them: see spade._DecodedPyramids
-        items = _Pyramids(images, kept_norms)
+        items = _Pyramids(images)  # with the norms the gallery keeps (GalleryView.sqnorms)
         if not self._screen(screen, items, kappa):
-            return super().topk_pyramid(query, images, grid, kappa)
+            return self._fp32(super().topk_pyramid, query, images, grid, kappa)
         q_up = concat_upsampled(query, grid)
-        top = screen.settle(kappa, lambda idx, which: exact_distances(q_up, images, grid, idx, which),
-                            lambda rows: _rescore(query, q_up, images, screen.sqnorms, grid, rows, kappa))
+        top = screen.settle(
+            kappa,
+            lambda idx, which: exact_distances(q_up, images, grid, idx, which),
+            lambda rows: _rescore(query, q_up, images, screen.sqnorms, grid, rows, kappa),
+        )
         return self._settled(screen, top)
 
     def _screen(self, screen, items, kappa: int) -> bool:
@@ -185,25 +227,29 @@ class _Args(Sequence):
 
 
 class _Pyramids(_Args):
-    """Gallery pyramids with their kept norms, as arguments of PyramidScreen.add."""
-
-    def __init__(self, images, kept_norms):
-        super().__init__(images)
-        self.kept_norms = kept_norms
+    """Gallery pyramids (a :class:`.base.GalleryPyramids`) with their kept norms, as arguments of
+    PyramidScreen.add (None where the view keeps none: the screen makes them on its own clock)."""
 
     def __getitem__(self, j):
         levels = self.items[j]
-        return levels, self.kept_norms(j, levels) if self.kept_norms else None
+        return levels, self.items.sqnorms(j, levels) if self.items.keeps_norms else None
 
 
-def _rescore(query: list[np.ndarray], q_up: np.ndarray, images, sqnorms: list[np.ndarray], grid: tuple[int, int],
-             rows: np.ndarray, kappa: int) -> TopK:
+def _rescore(
+    query: list[np.ndarray],
+    q_up: np.ndarray,
+    images,
+    sqnorms: list[np.ndarray],
+    grid: tuple[int, int],
+    rows: np.ndarray,
+    kappa: int,
+) -> TopK:
     """Query rows ``rows`` on NumpyScorer's fp32 terms, image by image: the expanded distances of those
     rows only, each level's products taken at the gallery's native resolution and upsampled after."""
     big_h, big_w = grid
     p, n = big_h * big_w, len(rows)
     q_levels = [upsample_hwc(x, *grid).reshape(p, -1)[rows] for x in query]
-    top = _Top(n, kappa)
+    top = Candidates(n, kappa)
     for j in range(len(images)):
         levels = [np.asarray(x, np.float32) for x in images[j]]
         d = np.repeat(sqnorms[j][None, :], n, axis=0)
@@ -213,7 +259,7 @@ def _rescore(query: list[np.ndarray], q_up: np.ndarray, images, sqnorms: list[np
             if (h, w) != (big_h, big_w):
                 prod = interp_matrix(big_h, h) @ prod @ interp_matrix(big_w, w).T
             d -= 2 * prod.reshape(n, p)
-        cand, val = _smallest(d, min(kappa, p))
+        cand, val = smallest(d, min(kappa, p))
         top.add(val, cand + j * p)
     top.exact = exact_distances(q_up[rows], images, grid, top.index, top.index >= 0)
     return top.result()

@@ -8,12 +8,13 @@ move by at most e_i |g_j|, e_i = BF16 * 2 |q_i|; the rest of the error, c_i, doe
 (coarse operands in two bf16 parts, fp32 sums). Everything is centred on the query's mean first:
 distances do not move, products and their rounding shrink.
 """
+
 from __future__ import annotations
 
 import ctypes
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -86,9 +87,18 @@ def tiled(bits: np.ndarray, n_rows: int) -> np.ndarray:
 
 class Window(ctypes.Structure):
     """kernels/amx_screen.c's ``window``: a coarse level's native products and what the slabs read of them."""
-    _fields_ = [("m", ctypes.c_void_p), ("lds", ctypes.c_int64), ("cols", ctypes.c_int64), ("at", ctypes.c_void_p),
-                ("w", ctypes.c_void_p), ("starts", ctypes.c_void_p), ("k_pad", ctypes.c_int64), ("b", ctypes.c_void_p),
-                ("rowmax", ctypes.c_void_p)]
+
+    _fields_ = [
+        ("m", ctypes.c_void_p),
+        ("lds", ctypes.c_int64),
+        ("cols", ctypes.c_int64),
+        ("at", ctypes.c_void_p),
+        ("w", ctypes.c_void_p),
+        ("starts", ctypes.c_void_p),
+        ("k_pad", ctypes.c_int64),
+        ("b", ctypes.c_void_p),
+        ("rowmax", ctypes.c_void_p),
+    ]
 
 
 class Screen:
@@ -130,15 +140,43 @@ class Screen:
         for f in [self.pool.submit(fn, *job) for job in jobs]:
             f.result()
 
-    def _run(self, n_slab: int, n_pad: int, b_fine: np.ndarray, norms: np.ndarray, colnorm: np.ndarray, base: int,
-             per_slab: int, windows=None, n_win: int = 0) -> None:
+    def _run(
+        self,
+        n_slab: int,
+        n_pad: int,
+        b_fine: np.ndarray,
+        norms: np.ndarray,
+        colnorm: np.ndarray,
+        base: int,
+        per_slab: int,
+        windows=None,
+        n_win: int = 0,
+    ) -> None:
         """The kernel over every part of the rows (see se_screen in kernels/amx_screen.c)."""
         lib = self.lib
 
         def part(r0: int, r1: int) -> None:
-            lib.se_screen(r0, r1, self.p, n_slab, n_pad, ptr(self.a_fine), ptr(b_fine), self.k_fine, n_win, windows,
-                          ptr(norms), ptr(colnorm), ptr(self.rowscale), base, per_slab, self.m, ptr(self.vals),
-                          ptr(self.idx), ptr(self.thr))
+            lib.se_screen(
+                r0,
+                r1,
+                self.p,
+                n_slab,
+                n_pad,
+                ptr(self.a_fine),
+                ptr(b_fine),
+                self.k_fine,
+                n_win,
+                windows,
+                ptr(norms),
+                ptr(colnorm),
+                ptr(self.rowscale),
+                base,
+                per_slab,
+                self.m,
+                ptr(self.vals),
+                ptr(self.idx),
+                ptr(self.thr),
+            )
 
         self._parallel(part, self.parts)
 
@@ -214,8 +252,21 @@ class PlainScreen(Screen):
         def pack(t: int) -> None:
             for s in range(t, n_slab, len(self.parts)):
                 rows = min(n_pad, n - s * n_pad)
-                self.lib.se_pack_b(ptr(g) + 4 * s * n_pad * self.dim, self.dim, 1, rows, self.dim, ptr(self.mu), -2.0,
-                                   n_pad, k, 3 if self.three else 1, ptr(b[s]), ptr(colnorm[s]), ptr(colsq[s]))
+                self.lib.se_pack_b(
+                    ptr(g) + 4 * s * n_pad * self.dim,
+                    self.dim,
+                    1,
+                    rows,
+                    self.dim,
+                    ptr(self.mu),
+                    -2.0,
+                    n_pad,
+                    k,
+                    3 if self.three else 1,
+                    ptr(b[s]),
+                    ptr(colnorm[s]),
+                    ptr(colsq[s]),
+                )
 
         self._parallel(pack, [(t,) for t in range(len(self.parts))])
         valid = np.arange(n_slab * n_pad) < n
@@ -225,8 +276,11 @@ class PlainScreen(Screen):
         self.lap("AMX screen: bf16 tiles, products, selection (threads)")
         self.gnorms.append(colnorm.ravel()[valid])
         # c_i: fp32 roundings of the norms and of the epilogue's sums
-        np.maximum(self.slack, 4 * F32 * (float(norms.ravel()[valid].max()) + 2 * self.q_norm * float(colnorm.max())),
-                   out=self.slack)
+        np.maximum(
+            self.slack,
+            4 * F32 * (float(norms.ravel()[valid].max()) + 2 * self.q_norm * float(colnorm.max())),
+            out=self.slack,
+        )
         self.offset += n
         self.lap("other (bounds, bookkeeping)")
 
@@ -268,24 +322,47 @@ class PyramidScreen(Screen):
             b = aligned((n_slab, 2 * k_pad * self.n_pad), np.uint16)
             for s, (start, end, weights) in enumerate(windows):
                 for half in (0, k_pad * self.n_pad):  # hi and lo meet the same weights
-                    lib.se_pack_b(ptr(weights), 1, weights.shape[1], weights.shape[1], end - start, None, 1.0,
-                                  self.n_pad, k_pad, 1, ptr(b[s]) + 2 * int(half), None, None)
+                    lib.se_pack_b(
+                        ptr(weights),
+                        1,
+                        weights.shape[1],
+                        weights.shape[1],
+                        end - start,
+                        None,
+                        1.0,
+                        self.n_pad,
+                        k_pad,
+                        1,
+                        ptr(b[s]) + 2 * int(half),
+                        None,
+                        None,
+                    )
             native = np.ascontiguousarray(centred[i].reshape(h * w, ch))
             # products of the coarsest levels in float64 (cheap there): their fp32 bound, channels x 2^-24
             # x |q| |g|, would otherwise widen every row's window
             dtype = np.float64 if h * w <= NATIVE64 else np.float32
-            self.levels.append({
-                "q": native.astype(dtype), "q_mu": (native.astype(np.float64) @ self.mu[i]).astype(dtype),
-                "q_max": float(np.sqrt(np.einsum("ij,ij->i", native, native).max())), "native": dtype,
-                "channels": ch, "mu_norm": float(np.linalg.norm(self.mu[i])),
-                "at": np.ascontiguousarray(at, np.int64), "w": np.ascontiguousarray(wt, np.float32),
-                "starts": np.array([start for start, _, _ in windows], np.int64), "k_pad": k_pad, "b": b,
-                "rowmax": np.zeros(self.rows, np.float32)})
+            self.levels.append(
+                {
+                    "q": native.astype(dtype),
+                    "q_mu": (native.astype(np.float64) @ self.mu[i]).astype(dtype),
+                    "q_max": float(np.sqrt(np.einsum("ij,ij->i", native, native).max())),
+                    "native": dtype,
+                    "channels": ch,
+                    "mu_norm": float(np.linalg.norm(self.mu[i])),
+                    "at": np.ascontiguousarray(at, np.int64),
+                    "w": np.ascontiguousarray(wt, np.float32),
+                    "starts": np.array([start for start, _, _ in windows], np.int64),
+                    "k_pad": k_pad,
+                    "b": b,
+                    "rowmax": np.zeros(self.rows, np.float32),
+                }
+            )
         self.set_error_scale(self.k_fine + sum(2 * lv["k_pad"] for lv in self.levels))
         self.windows = (Window * max(1, len(self.levels)))()
         for g, lv in enumerate(self.levels):  # the native products (m) come with each gallery image
-            self.windows[g] = Window(None, 0, 0, ptr(lv["at"]), ptr(lv["w"]), ptr(lv["starts"]), lv["k_pad"],
-                                   ptr(lv["b"]), ptr(lv["rowmax"]))
+            self.windows[g] = Window(
+                None, 0, 0, ptr(lv["at"]), ptr(lv["w"]), ptr(lv["starts"]), lv["k_pad"], ptr(lv["b"]), ptr(lv["rowmax"])
+            )
         self.sqnorms: list[np.ndarray] = []  # per gallery image: |Ug|^2
         self.images = 0
         self.lap("query operands (bf16 tiles, taps)")
@@ -304,8 +381,21 @@ class PyramidScreen(Screen):
         def operands(t: int) -> None:  # part t of the slabs' B and of the native products
             for s in range(t, len(slabs.slabs), n_parts):
                 y0, r, _ = slabs.slabs[s]
-                lib.se_pack_b(ptr(g_fine) + 4 * y0 * big_w * c, c, 1, r * big_w, c, ptr(self.mu_fine), -2.0,
-                              self.n_pad, self.k_fine, 1, ptr(self.b_fine[s]), ptr(self.colnorm[s]), None)
+                lib.se_pack_b(
+                    ptr(g_fine) + 4 * y0 * big_w * c,
+                    c,
+                    1,
+                    r * big_w,
+                    c,
+                    ptr(self.mu_fine),
+                    -2.0,
+                    self.n_pad,
+                    self.k_fine,
+                    1,
+                    ptr(self.b_fine[s]),
+                    ptr(self.colnorm[s]),
+                    None,
+                )
             for lv, x, out in zip(self.levels, flat, natives):
                 a, b = len(out) * t // n_parts, len(out) * (t + 1) // n_parts
                 # at native resolution: (q - mu) . (g - mu) = (q - mu) . g - (q - mu) . mu
@@ -333,25 +423,50 @@ class PyramidScreen(Screen):
             self.windows[g_].m, self.windows[g_].lds, self.windows[g_].cols = ptr(m), m.shape[1], m.shape[1]
             lv["rowmax"][:] = 0.0
         self.lap("B packing and native products (threads)")
-        self._run(len(slabs.slabs), self.n_pad, self.b_fine, self.norms, self.colnorm, self.images * p, self.per_slab,
-                  self.windows, len(self.levels))
+        self._run(
+            len(slabs.slabs),
+            self.n_pad,
+            self.b_fine,
+            self.norms,
+            self.colnorm,
+            self.images * p,
+            self.per_slab,
+            self.windows,
+            len(self.levels),
+        )
         self.lap("AMX screen: bf16 tiles, products, selection (threads)")
         self.gnorms.append(np.concatenate([self.colnorm[s, : r * big_w] for s, (_, r, _) in enumerate(slabs.slabs)]))
         # c_i, per image: the coarse parts' rounding (weights' column sums are 2), the native products' own
         # rounding, the fp32 steps of the norms (y-upsampling, <mu, Ug>, storing) and of the epilogue's sums
         rowmax = sum(2 * lv["rowmax"][:p].astype(np.float64) for lv in self.levels)
-        native = sum(2 * lv["channels"] * (F32 if lv["native"] == np.float32 else 2.0**-53) * lv["q_max"] * (lv["mu_norm"]
-                     + float(np.sqrt(np.einsum("ij,ij->i", x, x).max()))) + 4 * F32 * lv["q_max"] * lv["mu_norm"]
-                     for lv, x in zip(self.levels, flat))
+        native = sum(
+            2
+            * lv["channels"]
+            * (F32 if lv["native"] == np.float32 else 2.0**-53)
+            * lv["q_max"]
+            * (lv["mu_norm"] + float(np.sqrt(np.einsum("ij,ij->i", x, x).max())))
+            + 4 * F32 * lv["q_max"] * lv["mu_norm"]
+            for lv, x in zip(self.levels, flat)
+        )
         big = float(np.sqrt(max(float(n.max()), 0.0))) + np.sqrt(mu_sq)
-        sums = 4 * F32 * (big * big + float(np.abs(norms).max()) + rowmax
-                          + 2 * self.q_norm * (float(self.gnorms[-1].max()) + np.sqrt(mu_sq)))
+        sums = (
+            4
+            * F32
+            * (
+                big * big
+                + float(np.abs(norms).max())
+                + rowmax
+                + 2 * self.q_norm * (float(self.gnorms[-1].max()) + np.sqrt(mu_sq))
+            )
+        )
         np.maximum(self.slack, self.hi_lo * rowmax + native + sums, out=self.slack)
         self.images += 1
         self.lap("other (bounds, bookkeeping)")
 
 
-def settle_blocks(screen: Screen, query: np.ndarray, blocks: Sequence[np.ndarray], kappa: int, rescore: Callable) -> TopK:
+def settle_blocks(
+    screen: Screen, query: np.ndarray, blocks: Sequence[np.ndarray], kappa: int, rescore: Callable
+) -> TopK:
     """:meth:`Screen.settle` for plain rows: candidates re-computed from their blocks, unsettled rows
     searched again by ``rescore(rows)``."""
     starts = np.cumsum([0] + [len(b) for b in blocks])

@@ -7,6 +7,7 @@ in place. numpy wheels ship OpenBLAS with its CBLAS symbols exported (ILP64, nam
 ``scipy_cblas_sgemm64_``); where that library is not found, or fails a check against numpy on
 first use, the same call falls back to numpy with identical results.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -44,8 +45,22 @@ def _sgemm():
             if fn is None:
                 continue
             i64, ptr = ctypes.c_int64, ctypes.c_void_p
-            fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, i64, i64, i64, ctypes.c_float, ptr, i64,
-                           ptr, i64, ctypes.c_float, ptr, i64]
+            fn.argtypes = [
+                ctypes.c_int,
+                ctypes.c_int,
+                ctypes.c_int,
+                i64,
+                i64,
+                i64,
+                ctypes.c_float,
+                ptr,
+                i64,
+                ptr,
+                i64,
+                ctypes.c_float,
+                ptr,
+                i64,
+            ]
             fn.restype = None
             if _agrees(fn):
                 return fn
@@ -63,8 +78,22 @@ def _agrees(fn) -> bool:
 
 def _call(fn, a, b, out, alpha, beta) -> None:
     m, k = a.shape
-    fn(_ROW_MAJOR, _NO_TRANS, _NO_TRANS, m, b.shape[1], k, alpha, a.ctypes.data, a.strides[0] // 4,
-       b.ctypes.data, b.strides[0] // 4, beta, out.ctypes.data, out.strides[0] // 4)
+    fn(
+        _ROW_MAJOR,
+        _NO_TRANS,
+        _NO_TRANS,
+        m,
+        b.shape[1],
+        k,
+        alpha,
+        a.ctypes.data,
+        a.strides[0] // 4,
+        b.ctypes.data,
+        b.strides[0] // 4,
+        beta,
+        out.ctypes.data,
+        out.strides[0] // 4,
+    )
 
 
 def _blasable(x: np.ndarray) -> bool:

@@ -2,6 +2,7 @@
 (``$CC``, else ``cc``) and kept in ``$SPADE_EDGE_CACHE/kernels`` (``~/.cache/spade-edge``), like CuPy
 does with CUDA sources: no build step at install, and where no compiler is found the scorer says
 why and runs on numpy instead."""
+
 from __future__ import annotations
 
 import ctypes
@@ -33,8 +34,11 @@ def load(source: str, flags: tuple[str, ...]) -> ctypes.CDLL:
         with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:  # compile aside, then rename: no half-written library
             out = Path(tmp) / lib.name
             try:
-                run = subprocess.run([cc, *flags, "-shared", "-fPIC", "-o", str(out), str(KERNELS / source)],
-                                     capture_output=True, text=True)
+                run = subprocess.run(
+                    [cc, *flags, "-shared", "-fPIC", "-o", str(out), str(KERNELS / source)],
+                    capture_output=True,
+                    text=True,
+                )
             except OSError as exc:
                 raise RuntimeError(f"could not run the C compiler {cc!r}: {exc}") from exc
             if run.returncode:

@@ -1,19 +1,21 @@
 """GPU scorer: cuBLAS dot products (through CuPy) over bounded tiles of each gallery block, the
-running top-kappa of kernels/topk.cu on the device, and, as in NumpyScorer, exact re-computation
-of each block's kept candidates (the |q|^2 + |g|^2 - 2 q.g expansion loses digits when neighbours
-are close; differences do not).
+running top list of kernels/topk.cu on the device, and the candidate policy of every scorer
+(scoring/base.py): :func:`.base.keep` candidates per block by the expanded distance, re-computed
+exactly (the |q|^2 + |g|^2 - 2 q.g expansion loses digits when neighbours are close; differences
+do not), decided by :func:`.base.merge`.
 
 CuPy is imported on first use, never at module import, so that this module imports everywhere.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 
 from ..errors import require
-from .base import PixelScorer, TopK
+from .base import GalleryRows, PixelScorer, TopK, keep, merge
 
 KERNEL_SOURCE = Path(__file__).parent / "kernels" / "topk.cu"
 KERNEL_NAME = "topk_tile"
@@ -27,6 +29,7 @@ class CudaScorer(PixelScorer):
     name = "cuda"
 
     def __init__(self, tile_bytes: int = 64 << 20, device_id: int = 0):
+        super().__init__()
         self.tile_bytes = int(tile_bytes)
         self.device_id = int(device_id)
         self._cp = None
@@ -40,17 +43,18 @@ class CudaScorer(PixelScorer):
             self._cp = cp
         return self._cp, self._kernel
 
-    def topk(self, query: np.ndarray, blocks: Iterable[np.ndarray], kappa: int,
-             sqnorms: Iterable[np.ndarray] | None = None) -> TopK:
-        # sqnorms are not used: on the device the norms are a reduction next to each tile's product
+    def topk(self, query: np.ndarray, gallery: GalleryRows | Iterable[np.ndarray], kappa: int) -> TopK:
+        # the view's kept norms are not used: on the device they are a reduction next to each tile's product
         if kappa < 1:
             raise ValueError(f"kappa must be >= 1, got {kappa}")
         cp = require("cupy", "gpu", "The CUDA pixel scorer")
         # CuPy's current device is per thread: make ours current in whichever thread scores
         with cp.cuda.Device(self.device_id):
-            return self._topk(query, blocks, kappa)
+            top = self._topk(query, GalleryRows.of(gallery), kappa)
+        self.stats = {"path": "cuda"}
+        return top
 
-    def _topk(self, query: np.ndarray, blocks: Iterable[np.ndarray], kappa: int) -> TopK:
+    def _topk(self, query: np.ndarray, blocks: GalleryRows, kappa: int) -> TopK:
         cp, kernel = self._load()
         # fp32 on the device: the kernel reads fp32 dot products, and fp16 GEMM outputs would lose
         # exactly the digits that rank close neighbours
@@ -59,6 +63,7 @@ class CudaScorer(PixelScorer):
         qn = (q * q).sum(axis=1)
         best_d = cp.full((p, kappa), cp.inf, dtype=cp.float32)
         best_i = cp.full((p, kappa), -1, dtype=cp.int64)
+        n_keep = keep(kappa)  # each block's candidates by the expanded distance, before exact re-scoring
         cols = max(1, self.tile_bytes // (4 * max(p, 1)))  # gallery rows per tile
         grid = (p + THREADS - 1) // THREADS
         offset = 0
@@ -68,8 +73,8 @@ class CudaScorer(PixelScorer):
             m = block.shape[0]
             if p and m:
                 g = cp.asarray(block)  # uploaded as stored: int8/fp16 cross the bus at their own size
-                cand_d = cp.full((p, kappa), cp.inf, dtype=cp.float32)
-                cand_i = cp.full((p, kappa), -1, dtype=cp.int64)
+                cand_d = cp.full((p, n_keep), cp.inf, dtype=cp.float32)
+                cand_i = cp.full((p, n_keep), -1, dtype=cp.int64)
                 for s in range(0, m, cols):
                     gt = g[s : s + cols].astype(cp.float32)  # widened one tile at a time
                     gn = (gt * gt).sum(axis=1)
@@ -79,11 +84,25 @@ class CudaScorer(PixelScorer):
                     stride_m, stride_p = (st // 4 for st in dots_t.strides)
                     # scalars as numpy types of the kernel's C types (a Python int would be passed
                     # as long long whatever the parameter is)
-                    kernel((grid,), (THREADS,), (dots_t, np.int64(stride_p), np.int64(stride_m), qn, gn,
-                                                 np.int32(p), np.int32(gt.shape[0]), np.int64(offset + s),
-                                                 cand_d, cand_i, np.int32(kappa)))
+                    kernel(
+                        (grid,),
+                        (THREADS,),
+                        (
+                            dots_t,
+                            np.int64(stride_p),
+                            np.int64(stride_m),
+                            qn,
+                            gn,
+                            np.int32(p),
+                            np.int32(gt.shape[0]),
+                            np.int64(offset + s),
+                            cand_d,
+                            cand_i,
+                            np.int32(n_keep),
+                        ),
+                    )
                 cand_d = self._exact(cp, q, g, cand_i, offset)
-                best_d, best_i = _merge(cp, best_d, best_i, cand_d, cand_i)
+                best_d, best_i = merge([best_d, cand_d], [best_i, cand_i], kappa, xp=cp)
             offset += m
         if offset < kappa:
             raise ValueError(f"gallery has {offset} features, fewer than kappa = {kappa}")
@@ -103,16 +122,3 @@ class CudaScorer(PixelScorer):
             out[a : a + rows] = (diff * diff).sum(axis=2)
         out[~valid] = cp.inf
         return out
-
-
-def _merge(cp, best_d, best_i, new_d, new_i):
-    """The kappa smallest of both sets, ordered by distance and, among equal distances, by index
-    (sort by index, then stably by distance: cupy.argsort is stable)."""
-    kappa = best_d.shape[1]
-    d = cp.concatenate([best_d, new_d], axis=1)
-    i = cp.concatenate([best_i, new_i], axis=1)
-    by_index = cp.argsort(i, axis=1)
-    d = cp.take_along_axis(d, by_index, 1)
-    i = cp.take_along_axis(i, by_index, 1)
-    by_distance = cp.argsort(d, axis=1)[:, :kappa]
-    return cp.take_along_axis(d, by_distance, 1), cp.take_along_axis(i, by_distance, 1)

@@ -1,6 +1,7 @@
 """The concatenated pyramid without upsampling whole feature maps (docs/speed.md): per gallery image,
 the norms of its upsampled features and, per slab of fine-grid rows, products accumulated in place
 that yield the expanded distances |Ug|^2 - 2 <Uq, Ug> of every level."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -22,8 +23,8 @@ class PyramidSlabs:
     """
 
     def __init__(self, query: list[np.ndarray], grid: tuple[int, int], rows: int = 4):
-        self.grid = tuple(grid)
         big_h, big_w = grid
+        self.grid = (big_h, big_w)
         self.p = big_h * big_w
         self.query = [np.asarray(x, np.float32) for x in query]
         self.fine = [x.shape[:2] == self.grid for x in self.query]
@@ -42,7 +43,7 @@ class PyramidSlabs:
             self.slabs.append((y0, len(ys), coarse))
         self.contraction = self.c_fine + 1 + max(sum(e - s for s, e, _ in c) for _, _, c in self.slabs)
         self.rows = rows
-        self._left = None
+        self._left: np.ndarray | None = None
 
     def _buffers(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """[q_fine | 1], the right-hand side and the slab, made on first use (a caller may only
@@ -52,7 +53,8 @@ class PyramidSlabs:
             self._left = np.empty((self.p, self.c_fine + 1), np.float32)
             if self.c_fine:
                 self._left[:, : self.c_fine] = np.concatenate(
-                    [x.reshape(self.p, -1) for x, f in zip(self.query, self.fine) if f], axis=1)
+                    [x.reshape(self.p, -1) for x, f in zip(self.query, self.fine) if f], axis=1
+                )
             self._left[:, self.c_fine] = 1.0
             self._right = np.empty((self.c_fine + 1, width), np.float32)
             self._out = np.empty((self.p, width), np.float32)
@@ -140,7 +142,9 @@ def upsampled_rows(levels: list[np.ndarray], grid: tuple[int, int], cells: np.nd
     return np.concatenate(parts, axis=1)
 
 
-def exact_distances(q_up: np.ndarray, images, grid: tuple[int, int], index: np.ndarray, which: np.ndarray) -> np.ndarray:
+def exact_distances(
+    q_up: np.ndarray, images, grid: tuple[int, int], index: np.ndarray, which: np.ndarray
+) -> np.ndarray:
     """Squared distances, computed directly, of the candidates ``index[which]`` (flat cells, image
     after image) to the query rows ``q_up`` (P, D) of the same row; inf where not ``which``. Each
     image with a candidate is indexed once."""

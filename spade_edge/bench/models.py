@@ -1,4 +1,5 @@
 """Models the benchmarks use, exported once and cached outside the repository."""
+
 from __future__ import annotations
 
 import os

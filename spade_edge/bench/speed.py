@@ -5,6 +5,7 @@ Every figure is measured in a fresh Python process of its own (:func:`in_fresh_p
 process would run it: no other library's thread pool (faiss's OpenMP, torch's) is loaded beside the
 one measured, to spin on the cores it needs. ``python -m spade_edge.bench.speed '{"fn": "machine"}'``
 runs one measurement by hand and prints its JSON."""
+
 from __future__ import annotations
 
 import contextlib
@@ -17,11 +18,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from ..runtime.scoring import NumpyScorer
-from ..runtime.scoring.base import concat_upsampled
+from ..runtime.scoring.base import GalleryPyramids, concat_upsampled
 
 SHAPES = {  # (h, w, C) per level
     "wide_resnet50_2": [(56, 56, 256), (28, 28, 512), (14, 14, 1024)],
@@ -95,23 +97,22 @@ def machine() -> dict:
     from ..runtime import cpu
     from ..runtime.threads import thread_info
 
-    return {"cpu": cpu.model_name(), "arch": platform.machine(), "features": cpu_features(),
-            "int8_kernel": cpu.int8_kernel()[0], "cores": os.cpu_count(), "python": platform.python_version(),
-            "numpy": np.__version__, "pools": thread_info()}
+    return {
+        "cpu": cpu.model_name(),
+        "arch": platform.machine(),
+        "features": cpu_features(),
+        "int8_kernel": cpu.int8_kernel()[0],
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "pools": thread_info(),
+    }
 
 
-class KeptNorms(list):
-    """Gallery images (lists of level maps) with their upsampled squared norms made once, as a loaded
-    gallery keeps them (spade._DecodedPyramids): the scorers' ``sqnorms`` hook."""
-
-    def __init__(self, images: list, grid: tuple[int, int]):
-        super().__init__(images)
-        from ..runtime.scoring.pyramid import upsampled_sqnorms
-
-        self.norms = [upsampled_sqnorms(g, grid) for g in images]
-
-    def sqnorms(self, j: int, levels) -> np.ndarray:
-        return self.norms[j]
+def kept_norms(images: list, grid: tuple[int, int]) -> GalleryPyramids:
+    """Gallery images (lists of level maps) as the view a scorer gets from a loaded gallery
+    (``Gallery.pyramid_view``): their upsampled squared norms made once and kept."""
+    return GalleryPyramids.of(images, grid, keep_norms=True)
 
 
 OURS, PEERS = ("ours", "fp32", "fp32_plain"), ("numpy", "faiss", "torch")
@@ -128,15 +129,16 @@ def scoring_part(part: str, shapes: list, k: int, repeats: int, seed: int = 0) -
     grid = shapes[0][:2]
     q = [rng.random(s, np.float32) for s in shapes]
     gal = [[rng.random(s, np.float32) for s in shapes] for _ in range(k)]
-    out = {}
+    out: dict[str, Any] = {}
     if part in ("ours", "fp32"):
         from ..runtime.scoring import cpu_scorer
 
         scorer = cpu_scorer() if part == "ours" else NumpyScorer()
-        gal = KeptNorms(gal, grid)  # what the runtime does: levels stored at native resolution, their norms kept
+        kept = kept_norms(gal, grid)  # what the runtime does: levels stored at native resolution, their norms kept
 
         def fn():
-            return scorer.topk_pyramid(q, gal, grid, 1).indices[:, 0]
+            return scorer.topk_pyramid(q, kept, grid, 1).indices[:, 0]
+
         if part == "ours":
             out["scorer"] = scorer.name
     else:
@@ -144,9 +146,11 @@ def scoring_part(part: str, shapes: list, k: int, repeats: int, seed: int = 0) -
         gx = np.concatenate([concat_upsampled(g, grid) for g in gal])
         del gal
         if part == "fp32_plain":
+
             def fn():
                 return NumpyScorer().topk(qx, [gx], 1).indices[:, 0]
         elif part == "numpy":
+
             def fn():  # the textbook expansion over the whole gallery at once
                 return ((qx**2).sum(1)[:, None] - 2 * qx @ gx.T + (gx**2).sum(1)[None, :]).argmin(1)
         elif part == "faiss":
@@ -172,81 +176,106 @@ def scoring_part(part: str, shapes: list, k: int, repeats: int, seed: int = 0) -
             raise ValueError(f"unknown scoring part {part!r}; choose from {SCORING_PARTS}")
     out["neighbours"] = fn().tolist()  # also the warm-up: threads, caches, the compiled kernel
     out[f"{part}_s"] = median_time(fn, repeats)
-    if part == "ours":
-        out["stats"] = {key: v for key, v in getattr(scorer, "stats", {}).items() if key != "seconds"}
+    if part == "ours":  # what the last search did, by the scorer's own account: which path ran
+        out["stats"] = {key: v for key, v in scorer.stats.items() if key != "seconds"}
     return out
 
 
-def scoring(backbone: str, k: int, repeats: int, peers: bool = True, seed: int = 0, threads: int | None = None,
-            shapes: list | None = None) -> dict:
+def scoring(
+    backbone: str,
+    k: int,
+    repeats: int,
+    peers: bool = True,
+    seed: int = 0,
+    threads: int | None = None,
+    shapes: list | None = None,
+) -> dict:
     """One test image against ``k`` gallery images at ``backbone``'s concat shapes, kappa = 1: the
     runtime's CPU scorer (``scorer``: AMX where the CPU has it), our fp32 path, and the peers, each
     in a fresh process (:func:`scoring_part`)."""
     shapes = shapes or SHAPES[backbone]
     p, d = shapes[0][0] * shapes[0][1], sum(s[2] for s in shapes)
     flops = 2.0 * p * p * k * d  # the naive concatenation's count, for every method
-    parts = {part: in_fresh_process("scoring_part", threads, part=part, shapes=shapes, k=k, repeats=repeats, seed=seed)
-             for part in (SCORING_PARTS if peers else OURS)}
+    parts = {
+        part: in_fresh_process("scoring_part", threads, part=part, shapes=shapes, k=k, repeats=repeats, seed=seed)
+        for part in (SCORING_PARTS if peers else OURS)
+    }
     same = {part: np.array(r.pop("neighbours")) for part, r in parts.items()}
     ours = parts["ours"]
-    out = {"shape": f"Q={p} G={k}x{p} D={d}", "gflop": flops / 1e9, "scorer": ours["scorer"],
-           "ours_levels_s": ours["ours_s"], "ours_stats": ours["stats"], "fp32_levels_s": parts["fp32"]["fp32_s"],
-           "same_neighbours_as_fp32": float((same["fp32"] == same["ours"]).mean()),
-           "ours_s": parts["fp32_plain"]["fp32_plain_s"]}
+    out = {
+        "shape": f"Q={p} G={k}x{p} D={d}",
+        "gflop": flops / 1e9,
+        "scorer": ours["scorer"],
+        "ours_levels_s": ours["ours_s"],
+        "ours_stats": ours["stats"],
+        "fp32_levels_s": parts["fp32"]["fp32_s"],
+        "same_neighbours_as_fp32": float((same["fp32"] == same["ours"]).mean()),
+        "ours_s": parts["fp32_plain"]["fp32_plain_s"],
+    }
     if peers:
         out.update({f"{peer}_s": parts[peer][f"{peer}_s"] for peer in PEERS})
-        out["same_neighbours_as_faiss"] = float(min((same["faiss"] == same["fp32_plain"]).mean(),
-                                                    (same["faiss"] == same["ours"]).mean()))
+        out["same_neighbours_as_faiss"] = float(
+            min((same["faiss"] == same["fp32_plain"]).mean(), (same["faiss"] == same["ours"]).mean())
+        )
     out["processes"] = {part: r["process"] for part, r in parts.items()}
     return out
 
 
-# where the concatenated-pyramid scoring spends its time: (label, module, function, own or cumulative)
+# where the concatenated-pyramid scoring spends its time on the fp32 path: (label, module, function,
+# own or cumulative time); none of them calls another, so their times add up
 PROFILE_PARTS = (
     ("BLAS products, fine and coarse (8.1 GFLOP per gallery image)", "blas.py", "_call", "own"),
     ("native products and their query-side upsampling", "pyramid.py", "coarse_products", "cumulative"),
-    ("selection (smallest per slab, running candidates)", "numpy.py", "_smallest", "cumulative"),
-    ("", "numpy.py", "add", "cumulative"),
-    ("exact re-computation of the kept candidates", "pyramid.py", "upsampled_rows", "cumulative"),
+    ("slab operands (fine rows scaled, norms placed)", "pyramid.py", "__call__", "own"),
+    ("selection (smallest per slab, running candidates)", "base.py", "smallest", "cumulative"),
+    ("", "base.py", "add", "cumulative"),
+    ("exact re-computation of the candidates that may belong", "pyramid.py", "exact_distances", "cumulative"),
+    ("", "base.py", "concat_upsampled", "cumulative"),  # the query's upsampled rows it compares with
+    ("", "base.py", "may_belong", "cumulative"),
 )
+OTHER = "other (not in a part above)"
 
 
 def profile_concat(k: int = 50, seed: int = 0, backbone: str = "wide_resnet50_2", shapes: list | None = None) -> dict:
     """Where one concatenated-pyramid scoring (WRN50x2's shapes unless told) against ``k`` images
-    spends its time, on the runtime's CPU scorer: the AMX scorer's own clock by part, or for the fp32
-    path cProfile by part (:data:`PROFILE_PARTS`); the rest as 'other', and the total."""
+    spends its time, on the runtime's CPU scorer. ``total_s``: the wall clock of the run; ``parts_s``:
+    the AMX scorer's own clock by part, or on the fp32 path cProfile's by part (:data:`PROFILE_PARTS`),
+    each measured, and :data:`OTHER`, what the total leaves (the profile's gaps: small when the parts
+    name where the time goes). ``path``: the path that ran, by the scorer's own stats."""
     from ..runtime.scoring import cpu_scorer
 
     rng = np.random.default_rng(seed)
     shapes = [tuple(s) for s in shapes or SHAPES[backbone]]
     grid = shapes[0][:2]
     q = [rng.random(s, np.float32) for s in shapes]
-    gal = KeptNorms([[rng.random(s, np.float32) for s in shapes] for _ in range(k)], grid)
+    gal = kept_norms([[rng.random(s, np.float32) for s in shapes] for _ in range(k)], grid)
     scorer = cpu_scorer()
-    scorer.topk_pyramid(q, gal[:2], grid, 1)  # warm: threads, caches, the compiled kernel
+    scorer.topk_pyramid(q, kept_norms(gal[:2], grid), grid, 1)  # warm: threads, caches, the compiled kernel
     res = {"k": k, "backbone": backbone, "scorer": scorer.name}
     if scorer.name == "amx":
         t0 = time.perf_counter()
         scorer.topk_pyramid(q, gal, grid, 1)
         total = time.perf_counter() - t0
         parts = dict(scorer.stats.get("seconds", {}))
-        parts["other (outside the screen's clock)"] = total - sum(parts.values())
-        return {**res, "total_s": total, "parts_s": parts}
-    import cProfile
-    import pstats
+    else:
+        import cProfile
+        import pstats
 
-    prof = cProfile.Profile()
-    prof.runcall(scorer.topk_pyramid, q, gal, grid, 1)
-    stats = pstats.Stats(prof).stats  # (file, line, function) -> (calls, calls, own, cumulative, callers)
-    total = sum(v[2] for v in stats.values())
-    parts: dict[str, float] = {}
-    label = ""
-    for name, module, fn, kind in PROFILE_PARTS:
-        label = name or label  # an empty label adds to the part above it
-        seconds = sum(v[2 if kind == "own" else 3] for key, v in stats.items() if key[0].endswith(module) and key[2] == fn)
-        parts[label] = parts.get(label, 0.0) + seconds
-    parts["other (gallery operands, bookkeeping)"] = total - sum(parts.values())
-    return {**res, "total_s": total, "parts_s": parts}
+        prof = cProfile.Profile()
+        t0 = time.perf_counter()
+        prof.runcall(scorer.topk_pyramid, q, gal, grid, 1)
+        total = time.perf_counter() - t0
+        stats = pstats.Stats(prof).stats  # type: ignore[attr-defined]  # not in typeshed's pstats; (file, line, function) -> (calls, calls, own, cumulative, callers)
+        parts = {}
+        label = ""
+        for name, module, fn, kind in PROFILE_PARTS:
+            label = name or label  # an empty label adds to the part above it
+            seconds = sum(
+                v[2 if kind == "own" else 3] for key, v in stats.items() if key[0].endswith(module) and key[2] == fn
+            )
+            parts[label] = parts.get(label, 0.0) + seconds
+    parts[OTHER] = total - sum(parts.values())
+    return {**res, "path": scorer.stats.get("path"), "total_s": total, "parts_s": parts}
 
 
 def export_backbone(name: str, folder: str) -> dict:
@@ -265,7 +294,9 @@ def export_backbone(name: str, folder: str) -> dict:
     onnx_from_backbone(create_backbone(name, weights="random" if name == "wide_resnet50_2" else None), name, fp32)
     calib.mkdir(exist_ok=True)
     for i in range(8):
-        Image.fromarray(np.random.default_rng(i).integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(calib / f"{i}.png")
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(
+            calib / f"{i}.png"
+        )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         int8_from_onnx(fp32, sorted(calib.iterdir()), int8, Int8Options(), show_progress=False)
@@ -276,7 +307,7 @@ def backbone_time(batches: list, repeats: int, model: str | None = None, torch_n
     """Median seconds per batch size of one backbone: the ONNX ``model`` under ONNX Runtime, or
     ``torch_name`` in PyTorch eager (with the same uint8 input and preprocessing)."""
     xs = [np.random.default_rng(b).integers(0, 256, (b, 224, 224, 3), dtype=np.uint8) for b in batches]
-    mode = contextlib.nullcontext()
+    mode: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
     if model:
         from ..runtime.features import backend_from_model
 
@@ -291,6 +322,8 @@ def backbone_time(batches: list, repeats: int, model: str | None = None, torch_n
         if _threads:
             torch.set_num_threads(_threads)
         torch.manual_seed(0)
+        if torch_name is None:
+            raise ValueError("backbone_time needs model or torch_name")
         net = create_backbone(torch_name, weights="random" if torch_name == "wide_resnet50_2" else None)
         wrapper = WithPreprocess(net, net.feature_info).eval()
         fns, mode = [lambda tx=torch.from_numpy(x): wrapper(tx) for x in xs], torch.inference_mode()
@@ -308,9 +341,14 @@ def backbones(repeats: int, batches=(1, 8), threads: int | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         for name in SHAPES:
             files = in_fresh_process("export_backbone", threads, name=name, folder=tmp)
-            times = {label: in_fresh_process("backbone_time", threads, batches=batches, repeats=repeats, **how)["seconds"]
-                     for label, how in (("ort_fp32_s", {"model": files["fp32"]}), ("ort_int8_s", {"model": files["int8"]}),
-                                        ("torch_s", {"torch_name": name}))}
+            times = {
+                label: in_fresh_process("backbone_time", threads, batches=batches, repeats=repeats, **how)["seconds"]
+                for label, how in (
+                    ("ort_fp32_s", {"model": files["fp32"]}),
+                    ("ort_int8_s", {"model": files["int8"]}),
+                    ("torch_s", {"torch_name": name}),
+                )
+            }
             for i, b in enumerate(batches):
                 res[f"{name} batch {b}"] = {label: t[i] for label, t in times.items()}
     return res
@@ -325,18 +363,29 @@ def end_to_end_files(folder: str, k: int) -> dict:
     from ..export.backbones import create_backbone
     from ..export.onnx_export import onnx_from_backbone
     from ..runtime.build import gallery_from_images
+    from ..runtime.codec import Storage
     from ..runtime.features import backend_from_model
 
     normal, defective = elpv_cells(0.0, "mono")[: k + 10], elpv_cells(1.0, "mono")[0]
     torch.manual_seed(0)
     model, gallery = Path(folder) / "wrn.onnx", Path(folder) / "g.gallery"
     onnx_from_backbone(create_backbone("wide_resnet50_2", weights="random"), "wide_resnet50_2", model)
-    gallery_from_images(backend_from_model(model, threads=_threads), normal, gallery, holdout=0.0, show_progress=False)
+    # stored as extracted (fp32, every pixel): both modes score the same gallery, and the figures compare
+    # with the peers' (the default int8 coreset scores a fifth of the rows, docs/results.md)
+    gallery_from_images(
+        backend_from_model(model, threads=_threads),
+        normal,
+        gallery,
+        holdout=0.0,
+        show_progress=False,
+        storage=Storage.exact(),
+    )
     return {"model": str(model), "gallery": str(gallery), "image": str(defective)}
 
 
-def standalone_predict(model: str, gallery: str, image: str, k: int, mode: str, repeats: int,
-                       fp32: bool = False) -> dict:
+def standalone_predict(
+    model: str, gallery: str, image: str, k: int, mode: str, repeats: int, fp32: bool = False
+) -> dict:
     """What ``spade-edge infer`` does, in this (fresh) process: load the model and the gallery, score
     ``image`` with K = ``k`` in ``mode`` (the runtime's CPU scorer, or the fp32 path); then
     ``repeats`` more times. Returns the stages' median over the repeats (``stages``, with ``total``
@@ -344,8 +393,9 @@ def standalone_predict(model: str, gallery: str, image: str, k: int, mode: str, 
     from ..runtime.detector import Detector
 
     t0 = time.perf_counter()
-    det = Detector.load(model, gallery, device="cpu", threads=_threads, k_image=k, k_gallery=k, mode=mode,
-                        score="top-pixels")
+    det = Detector.load(
+        model, gallery, device="cpu", threads=_threads, k_image=k, k_gallery=k, mode=mode, score="top-pixels"
+    )
     if fp32:
         det.scorer = NumpyScorer()
     load = time.perf_counter() - t0
@@ -354,12 +404,18 @@ def standalone_predict(model: str, gallery: str, image: str, k: int, mode: str, 
     stages = {s: float(np.median([t[s] for t in timings])) for s in timings[0]}
     stages["total"] = float(np.median([sum(t.values()) for t in timings]))
     stages["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"scorer": det.scorer.name, "stages": stages, "first": {**first, "total": sum(first.values())},
-            "load_s": load, "stats": {key: v for key, v in getattr(det.scorer, "stats", {}).items() if key != "seconds"}}
+    return {
+        "scorer": det.scorer.name,
+        "stages": stages,
+        "first": {**first, "total": sum(first.values())},
+        "load_s": load,
+        "stats": {key: v for key, v in getattr(det.scorer, "stats", {}).items() if key != "seconds"},
+    }
 
 
-def end_to_end(k: int = 50, repeats: int = 3, modes: tuple[str, ...] = ("concat", "per-level"),
-               threads: int | None = None) -> dict:
+def end_to_end(
+    k: int = 50, repeats: int = 3, modes: tuple[str, ...] = ("concat", "per-level"), threads: int | None = None
+) -> dict:
     """WRN50x2 end to end on real images, per stage: the model and a gallery of ``k`` + 10 normal
     ELPV cells made in one process (:func:`end_to_end_files`), then one defective cell scored with
     K = ``k`` by a fresh process per row (:func:`standalone_predict`), for each of ``modes`` with the
@@ -373,8 +429,9 @@ def end_to_end(k: int = 50, repeats: int = 3, modes: tuple[str, ...] = ("concat"
         for mode in modes:
             out[mode] = in_fresh_process("standalone_predict", threads, k=k, mode=mode, repeats=repeats, **files)
         if "concat" in modes and out["concat"]["scorer"] != "numpy":
-            out["concat, fp32 scorer"] = in_fresh_process("standalone_predict", threads, k=k, mode="concat",
-                                                          repeats=repeats, fp32=True, **files)
+            out["concat, fp32 scorer"] = in_fresh_process(
+                "standalone_predict", threads, k=k, mode="concat", repeats=repeats, fp32=True, **files
+            )
     return out
 
 
@@ -382,54 +439,83 @@ def markdown(r: dict) -> str:
     m = r["machine"]
     flags = m.get("features", {})
     threads = r.get("threads") or "each library's default"
-    lines = [f"Machine: {m['cpu']} ({m.get('arch', '?')}), {m['cores']} cores; numpy {m['numpy']}; thread pools: "
-             + ", ".join(f"{p['internal_api']} x{p['num_threads']}" for p in m["pools"]),
-             "Instruction sets: " + (" ".join(f for f, on in flags.items() if on) or "-")
-             + (f" (not: {' '.join(f for f, on in flags.items() if not on)})" if not all(flags.values()) else "")
-             + (f"; ONNX Runtime INT8 kernel: {m['int8_kernel']}" if "int8_kernel" in m else ""), "",
-             f"Every figure was measured in a fresh Python process of its own (threads: {threads}): no other "
-             "library's thread pool in it.", "",
-             f"numpy fp32 GEMM ceiling at these shapes: {r['gemm_gflops']:.0f} GFLOP/s", "",
-             "Same data for every peer: one test image's concatenated, upsampled pixel features against K gallery "
-             "images' (rows of D channels). 'ours' is what the runtime runs (scorer named in the row): it starts from "
-             "the stored native-resolution levels and their kept norms (docs/speed.md), upsampling included; 'fp32' "
-             "is our exact fp32 path on the same levels; 'fp32, plain' is our blocked product on the peers' rows. "
-             "Rates count the naive concatenation's FLOPs (2 Q G D) for every method.", "",
-             "| pixel scoring, kappa = 1 | GFLOP (naive) | ours s | fp32 s | fp32, plain s | faiss s | torch s | numpy s | ours vs faiss | ours GFLOP/s | share of GEMM | same neighbours |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"Machine: {m['cpu']} ({m.get('arch', '?')}), {m['cores']} cores; numpy {m['numpy']}; thread pools: "
+        + ", ".join(f"{p['internal_api']} x{p['num_threads']}" for p in m["pools"]),
+        "Instruction sets: "
+        + (" ".join(f for f, on in flags.items() if on) or "-")
+        + (f" (not: {' '.join(f for f, on in flags.items() if not on)})" if not all(flags.values()) else "")
+        + (f"; ONNX Runtime INT8 kernel: {m['int8_kernel']}" if "int8_kernel" in m else ""),
+        "",
+        f"Every figure was measured in a fresh Python process of its own (threads: {threads}): no other "
+        "library's thread pool in it.",
+        "",
+        f"numpy fp32 GEMM ceiling at these shapes: {r['gemm_gflops']:.0f} GFLOP/s",
+        "",
+        "Same data for every peer: one test image's concatenated, upsampled pixel features against K gallery "
+        "images' (rows of D channels). 'ours' is what the runtime runs (scorer named in the row): it starts from "
+        "the stored native-resolution levels and their kept norms (docs/speed.md), upsampling included; 'fp32' "
+        "is our exact fp32 path on the same levels; 'fp32, plain' is our blocked product on the peers' rows. "
+        "Rates count the naive concatenation's FLOPs (2 Q G D) for every method.",
+        "",
+        "| pixel scoring, kappa = 1 | GFLOP (naive) | ours s | fp32 s | fp32, plain s | faiss s | torch s | numpy s | ours vs faiss | ours GFLOP/s | share of GEMM | same neighbours |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for name, s in r["scoring"].items():
         ours = s["ours_levels_s"]
         rate = s["gflop"] / ours
-        peer = (f"{s['faiss_s']:.2f} | {s['torch_s']:.2f} | {s['numpy_s']:.2f} | {s['faiss_s'] / ours:.2f}x"
-                if "faiss_s" in s else "- | - | - | -")
+        peer = (
+            f"{s['faiss_s']:.2f} | {s['torch_s']:.2f} | {s['numpy_s']:.2f} | {s['faiss_s'] / ours:.2f}x"
+            if "faiss_s" in s
+            else "- | - | - | -"
+        )
         same = f"{s['same_neighbours_as_faiss']:.3f}" if "faiss_s" in s else "-"
-        lines.append(f"| {name} ({s['shape']}; {s['scorer']}) | {s['gflop']:.0f} | {ours:.2f} | {s['fp32_levels_s']:.2f} | "
-                     f"{s['ours_s']:.2f} | {peer} | {rate:.0f} | {rate / r['gemm_gflops']:.0%} | {same} |")
+        lines.append(
+            f"| {name} ({s['shape']}; {s['scorer']}) | {s['gflop']:.0f} | {ours:.2f} | {s['fp32_levels_s']:.2f} | "
+            f"{s['ours_s']:.2f} | {peer} | {rate:.0f} | {rate / r['gemm_gflops']:.0%} | {same} |"
+        )
     if "backbones" in r:
-        lines += ["", "| backbone | ORT fp32 ms | ORT int8 ms | PyTorch eager ms | ORT fp32 vs PyTorch | int8 / fp32 |",
-                  "|---|---:|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            "| backbone | ORT fp32 ms | ORT int8 ms | PyTorch eager ms | ORT fp32 vs PyTorch | int8 / fp32 |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
         for name, b in r["backbones"].items():
-            lines.append(f"| {name} | {b['ort_fp32_s'] * 1e3:.1f} | {b['ort_int8_s'] * 1e3:.1f} | {b['torch_s'] * 1e3:.1f} | "
-                         f"{b['torch_s'] / b['ort_fp32_s']:.2f}x | {b['ort_int8_s'] / b['ort_fp32_s']:.2f} |")
+            lines.append(
+                f"| {name} | {b['ort_fp32_s'] * 1e3:.1f} | {b['ort_int8_s'] * 1e3:.1f} | {b['torch_s'] * 1e3:.1f} | "
+                f"{b['torch_s'] / b['ort_fp32_s']:.2f}x | {b['ort_int8_s'] / b['ort_fp32_s']:.2f} |"
+            )
     if "profile" in r:
         pr = r["profile"]
-        lines += ["", f"Where concat scoring spends its time, {pr.get('backbone', 'wide_resnet50_2')}, K = {pr['k']}, "
-                  f"scorer {pr['scorer']} ({pr['total_s']:.2f} s in all, one run):", "",
-                  "| part | s | share | per gallery image ms |", "|---|---:|---:|---:|"]
+        lines += [
+            "",
+            f"Where concat scoring spends its time, {pr.get('backbone', 'wide_resnet50_2')}, K = {pr['k']}, "
+            f"scorer {pr['scorer']} ({pr['total_s']:.2f} s in all, one run):",
+            "",
+            "| part | s | share | per gallery image ms |",
+            "|---|---:|---:|---:|",
+        ]
         for part, sec in pr["parts_s"].items():
             lines.append(f"| {part} | {sec:.2f} | {sec / pr['total_s']:.0%} | {sec / pr['k'] * 1e3:.1f} |")
     if "end_to_end" in r:
-        lines += ["", "End to end, WRN50x2 (random weights), K = 50: a gallery of 60 normal ELPV cells, one defective "
-                  "cell scored. Each row is a standalone prediction: a fresh process loads the model and the gallery "
-                  "as `spade-edge infer` does, predicts once (first predict: the gallery's norms made), then again "
-                  "(stages and total: median of those runs):", "",
-                  "| mode | scorer | preprocess ms | backbone ms | image kNN ms | pixel scoring ms | map ms | total s | "
-                  "first predict s | load s | peak RSS MB |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            "End to end, WRN50x2 (random weights), K = 50: a gallery of 60 normal ELPV cells, one defective "
+            "cell scored. Each row is a standalone prediction: a fresh process loads the model and the gallery "
+            "as `spade-edge infer` does, predicts once (first predict: the gallery's norms made), then again "
+            "(stages and total: median of those runs):",
+            "",
+            "| mode | scorer | preprocess ms | backbone ms | image kNN ms | pixel scoring ms | map ms | total s | "
+            "first predict s | load s | peak RSS MB |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
         for label, e in r["end_to_end"].items():
             st = e["stages"]
-            lines.append(f"| {label} | {e['scorer']} | {st['preprocess'] * 1e3:.0f} | {st['backbone'] * 1e3:.0f} | "
-                         f"{st['image_knn'] * 1e3:.0f} | {st['pixel_scoring'] * 1e3:.0f} | {st['map'] * 1e3:.0f} | "
-                         f"{st['total']:.2f} | {e['first']['total']:.2f} | {e['load_s']:.2f} | {st['peak_rss_mb']:.0f} |")
+            lines.append(
+                f"| {label} | {e['scorer']} | {st['preprocess'] * 1e3:.0f} | {st['backbone'] * 1e3:.0f} | "
+                f"{st['image_knn'] * 1e3:.0f} | {st['pixel_scoring'] * 1e3:.0f} | {st['map'] * 1e3:.0f} | "
+                f"{st['total']:.2f} | {e['first']['total']:.2f} | {e['load_s']:.2f} | {st['peak_rss_mb']:.0f} |"
+            )
         lines += ["", "PaDiM's authors measured SPADE at 7.1 s per image on a CPU."]
     return "\n".join(lines) + "\n"
 

@@ -4,6 +4,7 @@ the image sources (folder, HTTP upload, GStreamer, GenICam/Aravis) a trigger gra
 
 All of them sit on one :class:`~.jobs.Line`: the same detector, queue and metrics as the HTTP
 service (:mod:`spade_edge.service`)."""
+
 from .jobs import Code, JobResult, Line, LineError
 
 __all__ = ["Code", "JobResult", "Line", "LineError"]

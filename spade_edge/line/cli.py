@@ -1,4 +1,5 @@
 """``spade-edge line CONFIG``: run the adapters a configuration file names."""
+
 from __future__ import annotations
 
 import json
@@ -27,15 +28,23 @@ def line(config: Path, check: bool):
         cfg = load_config(config)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
-    summary = {"model": str(cfg.model), "gallery": str(cfg.gallery), "source": cfg.source_settings(),
-               "adapters": {a: {k: v for k, v in cfg.section(a).items() if k != "password"} for a in cfg.adapters},
-               "mqtt": cfg.section("mqtt") and {k: v for k, v in cfg.section("mqtt").items() if k != "password"}}
+    summary = {
+        "model": str(cfg.model),
+        "gallery": str(cfg.gallery),
+        "scoring": cfg.scoring,
+        "source": cfg.source_settings(),
+        "adapters": {a: {k: v for k, v in cfg.sections[a].items() if k != "password"} for a in cfg.adapters},
+        "mqtt": (mqtt := cfg.section("mqtt")) and {k: v for k, v in mqtt.items() if k != "password"},
+    }
     if check:
         click.echo(json.dumps(summary, indent=2))
         click.echo(f"{config}: OK", err=True)
         return
-    logging.basicConfig(level=getattr(logging, cfg.log_level.upper()), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=getattr(logging, cfg.log_level.upper()),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     from .run import LineRunner
 
     stop = threading.Event()

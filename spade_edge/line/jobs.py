@@ -2,7 +2,10 @@
 run by the inspection service, kept until asked for, and announced to publishers (MQTT).
 
 Every adapter (text protocol, Modbus, OPC UA) is a thin translation of this one API, so a job,
-its number and its outcome mean the same thing whichever protocol started it."""
+its number and its outcome mean the same thing whichever protocol started it. The service's
+outcomes (:mod:`spade_edge.service.outcomes`) become line codes here (:data:`LINE_CODES`), and the
+line's job metrics are added to the service's registry here."""
+
 from __future__ import annotations
 
 import itertools
@@ -10,9 +13,20 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from enum import IntEnum
-from typing import Callable
+
+from ..service import metrics as m
+from ..service.outcomes import (
+    BadImage,
+    Busy,
+    DeadlinePassed,
+    InferenceFailed,
+    NotReady,
+    Outcome,
+    lookup,
+)
 
 log = logging.getLogger("spade_edge.line")
 
@@ -73,10 +87,21 @@ class _Pending:
         self.aborted = False
 
 
+# the inspection service's outcomes -> line codes (anything else: ERROR)
+LINE_CODES: dict[type, Code] = {
+    Busy: Code.BUSY,
+    NotReady: Code.REJECTED,
+    BadImage: Code.BAD_IMAGE,  # and its kinds: too large, unsupported format, wrong size
+    DeadlinePassed: Code.DEADLINE,
+    InferenceFailed: Code.ERROR,
+}
+
+# line codes -> outcome label of spade_edge_line_jobs_total (OK: the verdict; anything else: error)
 _METRIC = {Code.NO_IMAGE: "no_image", Code.BAD_IMAGE: "bad_image", Code.DEADLINE: "deadline", Code.ABORTED: "aborted"}
 
-# HTTP-style outcomes of InspectionService.run -> line codes
-_OUTCOMES = {"queue_full": Code.BUSY, "not_ready": Code.REJECTED, "deadline": Code.DEADLINE, "error": Code.ERROR}
+
+def _line_error(o: Outcome) -> LineError:
+    return LineError(lookup(LINE_CODES, o, Code.ERROR), o.message)
 
 
 class Line:
@@ -87,8 +112,15 @@ class Line:
     (oldest dropped); ``publishers``: callables given every :class:`JobResult` (MQTT).
     """
 
-    def __init__(self, service, source=None, *, deadline: float = 10.0, keep: int = 1000,
-                 publishers: list[Callable[[JobResult], None]] | None = None):
+    def __init__(
+        self,
+        service,
+        source=None,
+        *,
+        deadline: float = 10.0,
+        keep: int = 1000,
+        publishers: list[Callable[[JobResult], None]] | None = None,
+    ):
         self.service, self.source, self.deadline, self.keep = service, source, float(deadline), int(keep)
         self.publishers = list(publishers or [])
         self._ids = itertools.count(1)
@@ -96,21 +128,37 @@ class Line:
         self._lock = threading.Lock()
         self.halted = False
         self.done_count = 0
+        r = service.registry
+        self._m_jobs = r.add(
+            m.Counter(
+                "spade_edge_line_jobs_total",
+                "Line jobs (text protocol, Modbus, OPC UA) by outcome.",
+                ("outcome",),
+                preset=[
+                    {"outcome": o} for o in ("ok", "not_ok", "no_image", "bad_image", "deadline", "aborted", "error")
+                ],
+            ),
+            shared=True,
+        )
+        self._m_latency = r.add(
+            m.Histogram(
+                "spade_edge_line_job_latency_seconds", "Trigger to result of successful line jobs, image grab included."
+            ),
+            shared=True,
+        )
 
     # --- jobs ------------------------------------------------------------------------------------
     def trigger(self, image=None, name: str | None = None) -> int:
         """Start a job and return its number at once. The image is ``image`` (bytes or an RGB
         array) or, if None, the next one from the source. Raises :class:`LineError` (BUSY, REJECTED)."""
-        from ..service.inspector import HttpError
-
         if self.halted:
             raise LineError(Code.REJECTED, "halted: reset before triggering")
         if image is None and self.source is None:
             raise LineError(Code.REJECTED, "no image source configured")
         try:
             ticket = self.service.admit()
-        except HttpError as e:
-            raise LineError(_OUTCOMES.get(e.outcome, Code.ERROR), e.message) from None
+        except Outcome as o:
+            raise _line_error(o) from None
         with self._lock:
             p = _Pending(next(self._ids))
             self._jobs[p.job] = p
@@ -118,8 +166,6 @@ class Line:
         return p.job
 
     def _run(self, p: _Pending, ticket, image, name) -> None:
-        from ..service.inspector import HttpError
-
         deadline = p.started + self.deadline
         try:
             if image is None:
@@ -132,11 +178,9 @@ class Line:
             pred, g = done.prediction, done.loaded.detector.gallery
             verdict = pred.verdict if pred.verdict in ("OK", "NOT_OK") else "NOT_DECIDABLE"
             result = self._result(p, verdict, float(pred.score), g.thresholds.get("image"), Code.OK, "", name)
-        except LineError as e:
+        except (LineError, Outcome) as e:
+            e = e if isinstance(e, LineError) else _line_error(e)
             result = self._result(p, "NOT_DECIDABLE", None, None, e.code, e.message, name)
-        except HttpError as e:
-            code = Code.BAD_IMAGE if 400 <= e.status < 500 else _OUTCOMES.get(e.outcome, Code.ERROR)
-            result = self._result(p, "NOT_DECIDABLE", None, None, code, e.message, name)
         except Exception as exc:  # noqa: BLE001 - reported as the job's outcome, the line goes on
             log.exception("job %d failed", p.job)
             result = self._result(p, "NOT_DECIDABLE", None, None, Code.ERROR, f"{type(exc).__name__}: {exc}", name)
@@ -145,8 +189,17 @@ class Line:
         self._finish(p, result)
 
     def _result(self, p, verdict, score, threshold, code, message, name) -> JobResult:
-        return JobResult(p.job, verdict, score, threshold, int(code), message, name,
-                         round((time.perf_counter() - p.started) * 1e3, 2), time.time())
+        return JobResult(
+            p.job,
+            verdict,
+            score,
+            threshold,
+            int(code),
+            message,
+            name,
+            round((time.perf_counter() - p.started) * 1e3, 2),
+            time.time(),
+        )
 
     def _finish(self, p: _Pending, result: JobResult) -> None:
         with self._lock:
@@ -155,8 +208,9 @@ class Line:
             p.result = result
             self.done_count += 1
             p.done.set()
-            self.service.count_job(_METRIC.get(result.code, "error") if result.code else result.verdict.lower(),
-                                   result.latency_ms / 1e3 if result.code == Code.OK else None)
+            self._m_jobs.inc(outcome=_METRIC.get(Code(result.code), "error") if result.code else result.verdict.lower())
+            if result.code == Code.OK:
+                self._m_latency.observe(result.latency_ms / 1e3)
             while len(self._jobs) > self.keep and next(iter(self._jobs.values())).done.is_set():
                 self._jobs.popitem(last=False)  # oldest finished results go first
         for publish in self.publishers:
@@ -189,16 +243,22 @@ class Line:
             p = self._jobs[job]
             self._finish(p, self._result(p, "NOT_DECIDABLE", None, None, Code.DEADLINE, "no result in time", name))
             result = p.result
+            assert result is not None  # _finish sets the result before done, once
         return result
 
-    def abort(self) -> int:
-        """End every running job with ABORTED at once (the worker's late answers are discarded)."""
+    def abort(self, job: int) -> bool:
+        """End ``job`` with ABORTED at once, if it still runs (its worker's late answer is
+        discarded); True if it did. One job: the adapter that started it ends it, and jobs of
+        other adapters (another PLC's trigger) run on. Raises :class:`LineError` (UNKNOWN_JOB)."""
         with self._lock:
-            running = [p for p in self._jobs.values() if not p.done.is_set()]
-        for p in running:
-            p.aborted = True
-            self._finish(p, self._result(p, "NOT_DECIDABLE", None, None, Code.ABORTED, "aborted", None))
-        return len(running)
+            p = self._jobs.get(job)
+        if p is None:
+            raise LineError(Code.UNKNOWN_JOB, f"no job {job}")
+        if p.done.is_set():
+            return False
+        p.aborted = True
+        self._finish(p, self._result(p, "NOT_DECIDABLE", None, None, Code.ABORTED, "aborted", None))
+        return True
 
     @property
     def running(self) -> int:
@@ -208,10 +268,15 @@ class Line:
     # --- service ---------------------------------------------------------------------------------
     def status(self) -> dict:
         cur = self.service.current
-        return {"state": "halted" if self.halted else self.service.state, "running": self.running,
-                "queue_depth": self.service.queue_depth, "queue_capacity": self.service.config.queue_size,
-                "jobs_done": self.done_count, "generation": cur.generation if cur else 0,
-                "source": getattr(self.source, "describe", lambda: None)()}
+        return {
+            "state": "halted" if self.halted else self.service.state,
+            "running": self.running,
+            "queue_depth": self.service.queue_depth,
+            "queue_capacity": self.service.config.queue_size,
+            "jobs_done": self.done_count,
+            "generation": cur.generation if cur else 0,
+            "source": getattr(self.source, "describe", lambda: None)(),
+        }
 
     def reload(self) -> dict:
         """Re-read model and gallery (the current ones keep serving meanwhile)."""

@@ -1,10 +1,12 @@
 """An asyncio event loop in its own daemon thread, for the adapters built on asyncio libraries
 (pymodbus, asyncua) inside a program that is otherwise threads."""
+
 from __future__ import annotations
 
 import asyncio
 import threading
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 
 class LoopThread:
@@ -39,17 +41,23 @@ class LoopThread:
         if error:
             raise error[0]
 
-    def call(self, coro: Awaitable, timeout: float = 10.0):
+    def _running(self) -> asyncio.AbstractEventLoop:
+        if self.loop is None:
+            raise RuntimeError(f"{self.name} is not running")
+        return self.loop
+
+    def call(self, coro: Coroutine[Any, Any, Any], timeout: float = 10.0) -> Any:
         """Run ``coro`` on the loop from another thread and return its result."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+        return asyncio.run_coroutine_threadsafe(coro, self._running()).result(timeout)
 
-    def submit(self, coro: Awaitable) -> None:
+    def submit(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Schedule ``coro`` on the loop from another thread, without waiting."""
-        asyncio.run_coroutine_threadsafe(coro, self.loop)
+        asyncio.run_coroutine_threadsafe(coro, self._running())
 
-    def stop(self, shutdown: Callable[[], Awaitable] | None = None) -> None:
+    def stop(self, shutdown: Callable[[], Coroutine[Any, Any, Any]] | None = None) -> None:
         if self.loop is None:
             return
+        assert self._thread is not None  # start() sets the loop and then the thread
         if shutdown is not None and self._thread.is_alive():
             self.call(shutdown())
         self.loop.call_soon_threadsafe(self.loop.stop)

@@ -6,6 +6,7 @@ the broker-held last will, so a dashboard sees a crashed device). Publishing nev
 fails a job: paho reconnects in its own thread and queues up to ``queue`` messages meanwhile;
 past that new results are refused and counted (``dropped``), so memory stays bounded.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,25 +23,38 @@ log = logging.getLogger("spade_edge.line")
 class MqttPublisher:
     """Call with a :class:`~.jobs.JobResult` (a ``Line`` publisher)."""
 
-    def __init__(self, host: str = "localhost", port: int = 1883, topic: str = "spade-edge", qos: int = 1,
-                 client_id: str | None = None, username: str | None = None, password: str | None = None,
-                 keepalive: int = 30, queue: int = 1000):
+    def __init__(
+        self,
+        host: str = "localhost",
+        port: int = 1883,
+        topic: str = "spade-edge",
+        qos: int = 1,
+        client_id: str | None = None,
+        username: str | None = None,
+        password: str | None = None,
+        keepalive: int = 30,
+        queue: int = 1000,
+    ):
         self._mqtt = mqtt = require("paho.mqtt.client", "line", "MQTT publishing")
         if qos not in (0, 1, 2):
             raise ValueError(f"qos must be 0, 1 or 2, got {qos}")
         self.topic, self.qos = topic.rstrip("/"), qos
+        self.host, self.port = host, int(port)  # before paho's thread starts: its callbacks read them
         self.published = self.dropped = 0
         self._lock = threading.Lock()
-        self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,
-                                   client_id=client_id or f"spade-edge-{socket.gethostname()}")
+        self._client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id=client_id or f"spade-edge-{socket.gethostname()}"
+        )
+        # an exception in a callback would end paho's network thread, silently: nothing sent again
+        self._client.suppress_exceptions = True
+        self._client.enable_logger(log)
         if username:
             self._client.username_pw_set(username, password)
         self._client.max_queued_messages_set(queue)
         self._client.will_set(f"{self.topic}/status", "offline", qos=1, retain=True)
         self._client.on_connect = self._on_connect
-        self._client.connect_async(host, int(port), keepalive=keepalive)
+        self._client.connect_async(host, self.port, keepalive=keepalive)
         self._client.loop_start()
-        self.host, self.port = host, int(port)
 
     def _on_connect(self, client, userdata, flags, reason_code, properties):
         if reason_code.is_failure:

@@ -22,22 +22,30 @@ Transitions: Preoperational while the model loads (the server listens from the s
 Operational/Initialized (:meth:`OpcUaAdapter.service_changed`), and Initialized
 -> Ready at once (the gallery is the one prepared recipe). StartSingleJob: Ready ->
 SingleExecution -> Ready with the result. Stop: the running job finishes, Ready. Abort: the
-running job ends with ResultState Aborted, Initialized; Reset: Initialized / Halted / Error ->
-Ready. Halt: Operational -> Halted (triggers refused). A method called in the wrong state
+running single job (this adapter's own: jobs other adapters started run on) ends with ResultState
+Aborted, Initialized; Reset: Initialized / Halted / Error -> Ready. Halt: Operational -> Halted (triggers refused). A method called in the wrong state
 answers BadInvalidState and changes nothing. Left out (docs/line.md): recipe, configuration and
 safety management, continuous execution, result retrieval methods, the ResultReady event and
 the 40100 type definitions (the nodes are plain objects and variables).
+
+Security (endpoint, certificates, trusted clients, anonymous sessions): :mod:`.opcua_security`.
 """
+
 from __future__ import annotations
 
 import datetime
 import functools
 import logging
 import threading
+from typing import TYPE_CHECKING
 
 from ..runtime.errors import require
 from .jobs import Code, JobResult, Line, LineError
 from .loop import LoopThread
+from .opcua_security import OpcUaSecurity, ensure_certificate, secured_server
+
+if TYPE_CHECKING:
+    from asyncua import Server
 
 log = logging.getLogger("spade_edge.line")
 
@@ -64,22 +72,38 @@ def _ua_method(fn):
             return await fn(self, parent, *args)
         except _Refused as r:
             return ua.StatusCode(r.status)
+
     return call
 
 
-class OpcUaAdapter:
-    """The server above on ``opc.tcp://host:port/spade-edge/`` (``port`` 0: any free port)."""
+def _node_id(object_id: int):
+    """``ua.NodeId`` of a standard object id (asyncua annotates the identifier as its own Int32 class,
+    while its ObjectIds are plain ints)."""
+    from asyncua import ua
 
-    def __init__(self, line: Line, host: str = "127.0.0.1", port: int = 4840):
+    return ua.NodeId(object_id)  # type: ignore[arg-type]
+
+
+class OpcUaAdapter:
+    """The server above on ``opc.tcp://host:port/spade-edge/`` (``port`` 0: any free port), with
+    ``security`` (:class:`~.opcua_security.OpcUaSecurity`; None: no security, anonymous)."""
+
+    def __init__(self, line: Line, host: str = "127.0.0.1", port: int = 4840, security: OpcUaSecurity | None = None):
         require("asyncua", "line", "The OPC UA adapter")
         self.line, self.host, self.port = line, host, int(port)
+        self.security = security or OpcUaSecurity()
         self.state, self.operational = "Preoperational", ""
         self._job: int | None = None  # the job of SingleExecution
         self._latest: int | None = None  # the newest job started: only its result is written
         self._published: int | None = None
         self._loop = LoopThread("line-opcua")
-        self._server = None
+        self._server: Server | None = None
         self.nodes: dict = {}
+
+    @classmethod
+    def from_section(cls, line: Line, section: dict) -> OpcUaAdapter:
+        """The adapter of a checked ``[opcua]`` table (:func:`~.config.load_config`)."""
+        return cls(line, section["host"], section["port"], OpcUaSecurity.from_section(section))
 
     @property
     def url(self) -> str:
@@ -87,13 +111,13 @@ class OpcUaAdapter:
 
     # --- address space -----------------------------------------------------------------------------
     async def _build(self) -> None:
-        from asyncua import Server, ua
+        from asyncua import ua
 
-        server = Server()
+        server = secured_server(self.security)
         await server.init()
         server.set_endpoint(self.url)
         server.set_server_name("spade-edge vision system")
-        server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
+        await server.setup()
         idx = await server.register_namespace(NAMESPACE)
         system = await server.nodes.objects.add_object(idx, "VisionSystem")
         sm = await system.add_object(idx, "VisionStateMachine")
@@ -101,20 +125,34 @@ class OpcUaAdapter:
         V = ua.VariantType
         n, self._types = self.nodes, {}
         for parent, name, val, vt in (
-                (sm, "CurrentState", self.state, V.String), (sm, "OperationalState", "", V.String),
-                (result, "ResultId", "", V.String), (result, "JobId", "", V.String), (result, "MeasId", "", V.String),
-                (result, "PartId", "", V.String), (result, "ResultState", 0, V.Int32),
-                (result, "IsPartial", False, V.Boolean),
-                (result, "CreationTime", datetime.datetime.now(datetime.timezone.utc), V.DateTime),
-                (result, "Evaluation", "", V.String), (result, "Score", float("nan"), V.Double),
-                (result, "Threshold", float("nan"), V.Double), (result, "StatusCode", 0, V.Int32)):
+            (sm, "CurrentState", self.state, V.String),
+            (sm, "OperationalState", "", V.String),
+            (result, "ResultId", "", V.String),
+            (result, "JobId", "", V.String),
+            (result, "MeasId", "", V.String),
+            (result, "PartId", "", V.String),
+            (result, "ResultState", 0, V.Int32),
+            (result, "IsPartial", False, V.Boolean),
+            (result, "CreationTime", datetime.datetime.now(datetime.timezone.utc), V.DateTime),
+            (result, "Evaluation", "", V.String),
+            (result, "Score", float("nan"), V.Double),
+            (result, "Threshold", float("nan"), V.Double),
+            (result, "StatusCode", 0, V.Int32),
+        ):
             n[name], self._types[name] = await parent.add_variable(idx, name, val, vt), vt
-        n["ResultContent"] = await result.add_variable(idx, "ResultContent", ua.Variant([], V.Variant),
-                                                       datatype=ua.NodeId(ua.ObjectIds.BaseDataType))
-        await sm.add_method(idx, "StartSingleJob", self._start_single_job,
-                            [ua.Argument(Name="MeasIdIn", DataType=ua.NodeId(ua.ObjectIds.String), ValueRank=-1),
-                             ua.Argument(Name="PartIdIn", DataType=ua.NodeId(ua.ObjectIds.String), ValueRank=-1)],
-                            [ua.Argument(Name="JobIdOut", DataType=ua.NodeId(ua.ObjectIds.String), ValueRank=-1)])
+        n["ResultContent"] = await result.add_variable(
+            idx, "ResultContent", ua.Variant([], V.Variant), datatype=_node_id(ua.ObjectIds.BaseDataType)
+        )
+        await sm.add_method(
+            idx,
+            "StartSingleJob",
+            self._start_single_job,
+            [
+                ua.Argument(Name="MeasIdIn", DataType=_node_id(ua.ObjectIds.String), ValueRank=-1),
+                ua.Argument(Name="PartIdIn", DataType=_node_id(ua.ObjectIds.String), ValueRank=-1),
+            ],
+            [ua.Argument(Name="JobIdOut", DataType=_node_id(ua.ObjectIds.String), ValueRank=-1)],
+        )
         for name, fn in (("Stop", self._stop), ("Abort", self._abort), ("Halt", self._halt), ("Reset", self._reset)):
             await sm.add_method(idx, name, fn, [], [])
         self._server = server
@@ -145,8 +183,7 @@ class OpcUaAdapter:
         from asyncua import ua
 
         if len(args) != 2:
-            raise _Refused(ua.StatusCodes.BadArgumentsMissing if len(args) < 2
-                                       else ua.StatusCodes.BadTooManyArguments)
+            raise _Refused(ua.StatusCodes.BadArgumentsMissing if len(args) < 2 else ua.StatusCodes.BadTooManyArguments)
         meas, part = args
         if not all(isinstance(v.Value, str) for v in (meas, part)):
             raise _Refused(ua.StatusCodes.BadTypeMismatch)
@@ -156,8 +193,9 @@ class OpcUaAdapter:
             job = self.line.trigger()
         except LineError as e:
             log.warning("opcua: StartSingleJob refused: %s", e.message)
-            raise _Refused(ua.StatusCodes.BadResourceUnavailable if e.code == Code.BUSY
-                                       else ua.StatusCodes.BadInvalidState) from None
+            raise _Refused(
+                ua.StatusCodes.BadResourceUnavailable if e.code == Code.BUSY else ua.StatusCodes.BadInvalidState
+            ) from None
         self._job = self._latest = job
         await self._enter("Operational", "SingleExecution")
         await self._set(JobId=str(job), MeasId=meas.Value, PartId=part.Value, ResultState=PROCESSING)
@@ -176,11 +214,21 @@ class OpcUaAdapter:
             r = JobResult(job, "NOT_DECIDABLE", None, None, int(Code.DEADLINE), "no result in time", None, 0.0, 0.0)
         state = COMPLETED if r.code == Code.OK else ABORTED if r.code == Code.ABORTED else FAILED
         nan = float("nan")
-        await self._set(ResultId=f"{job}", JobId=str(job), ResultState=state, Evaluation=EVALUATION[r.verdict],
-                        Score=nan if r.score is None else r.score, Threshold=nan if r.threshold is None else r.threshold,
-                        StatusCode=r.code, CreationTime=datetime.datetime.now(datetime.timezone.utc),
-                        ResultContent=[EVALUATION[r.verdict], nan if r.score is None else r.score,
-                                       nan if r.threshold is None else r.threshold])
+        await self._set(
+            ResultId=f"{job}",
+            JobId=str(job),
+            ResultState=state,
+            Evaluation=EVALUATION[r.verdict],
+            Score=nan if r.score is None else r.score,
+            Threshold=nan if r.threshold is None else r.threshold,
+            StatusCode=r.code,
+            CreationTime=datetime.datetime.now(datetime.timezone.utc),
+            ResultContent=[
+                EVALUATION[r.verdict],
+                nan if r.score is None else r.score,
+                nan if r.threshold is None else r.threshold,
+            ],
+        )
         if self._job == job and (self.state, self.operational) == ("Operational", "SingleExecution"):
             self._job = None
             await self._enter("Operational", "Ready")
@@ -200,11 +248,16 @@ class OpcUaAdapter:
         return []
 
     async def _end_job(self) -> None:
-        """Abort the running job and write its Aborted result now."""
+        """Abort this adapter's running single job (only it: jobs other adapters started run on)
+        and write its Aborted result now."""
         job, self._job = self._job, None
         if job is not None:
-            self.line.abort()
-            await self._finished(job, self.line.result(job))
+            try:
+                self.line.abort(job)
+                result = self.line.result(job)
+            except LineError:  # dropped from the line's memory meanwhile: nothing left to end
+                return
+            await self._finished(job, result)
 
     @_ua_method
     async def _halt(self, parent):
@@ -234,6 +287,7 @@ class OpcUaAdapter:
 
     def service_changed(self) -> None:
         """Call when the service has finished loading (or failed): leave Preoperational."""
+
         async def update():
             if self.state == "Preoperational":
                 await self._become_operational()
@@ -241,7 +295,7 @@ class OpcUaAdapter:
         self._loop.call(update())
 
     # --- lifecycle ---------------------------------------------------------------------------------
-    def start(self) -> "OpcUaAdapter":
+    def start(self) -> OpcUaAdapter:
         async def boot():
             await self._build()
             await self._server.start()
@@ -249,10 +303,20 @@ class OpcUaAdapter:
             await self._become_operational()
 
         try:
+            if self.security.secure:
+                tp = ensure_certificate(self.security, self.host)
+                log.info(
+                    "opcua: %s, certificate %s (sha256 %s), trusted clients in %s",
+                    self.security.mode,
+                    self.security.certificate,
+                    tp[:16],
+                    self.security.trusted_certificates,
+                )
             self._loop.start(boot)
         except Exception as exc:
             raise OSError(f"OPC UA server could not start on {self.url}: {exc}") from exc
         return self
 
     def stop(self) -> None:
-        self._loop.stop(lambda: self._server.stop())
+        server = self._server  # None if start() failed before the server was built
+        self._loop.stop(None if server is None else lambda: server.stop())

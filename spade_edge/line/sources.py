@@ -10,6 +10,7 @@
 
 GStreamer and Aravis need a camera and system libraries; they are not run here (docs/line.md).
 """
+
 from __future__ import annotations
 
 import os
@@ -17,14 +18,13 @@ import queue
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 import numpy as np
 
 from ..runtime.errors import SpadeError
 from ..runtime.images import IMAGE_SUFFIXES
-
 
 
 class SourceError(SpadeError):
@@ -124,11 +124,15 @@ class UploadSource(ImageSource):
 # --- cameras -------------------------------------------------------------------------------------
 PIPELINES = {
     # Jetson CSI camera: Argus ISP, converted to BGR in the VIC; appsink keeps only the newest frame
-    "csi": ("nvarguscamerasrc sensor-id={sensor} ! video/x-raw(memory:NVMM),width={width},height={height},"
-            "framerate={fps}/1 ! nvvidconv ! video/x-raw,format=BGRx ! videoconvert ! video/x-raw,format=BGR ! "
-            "appsink drop=true max-buffers=1 sync=false"),
-    "usb": ("v4l2src device={device} ! video/x-raw,width={width},height={height},framerate={fps}/1 ! "
-            "videoconvert ! video/x-raw,format=BGR ! appsink drop=true max-buffers=1 sync=false"),
+    "csi": (
+        "nvarguscamerasrc sensor-id={sensor} ! video/x-raw(memory:NVMM),width={width},height={height},"
+        "framerate={fps}/1 ! nvvidconv ! video/x-raw,format=BGRx ! videoconvert ! video/x-raw,format=BGR ! "
+        "appsink drop=true max-buffers=1 sync=false"
+    ),
+    "usb": (
+        "v4l2src device={device} ! video/x-raw,width={width},height={height},framerate={fps}/1 ! "
+        "videoconvert ! video/x-raw,format=BGR ! appsink drop=true max-buffers=1 sync=false"
+    ),
 }
 
 
@@ -143,11 +147,14 @@ class GStreamerSource(ImageSource):
         try:
             import cv2
         except ImportError as exc:
-            raise SourceError("the GStreamer source needs OpenCV built with GStreamer "
-                              "(JetPack's python3-opencv; pip's opencv wheels lack it)") from exc
+            raise SourceError(
+                "the GStreamer source needs OpenCV built with GStreamer "
+                "(JetPack's python3-opencv; pip's opencv wheels lack it)"
+            ) from exc
         if "GStreamer:                   YES" not in cv2.getBuildInformation():
-            raise SourceError(f"this OpenCV ({cv2.__version__}) was built without GStreamer; "
-                              "use JetPack's python3-opencv")
+            raise SourceError(
+                f"this OpenCV ({cv2.__version__}) was built without GStreamer; use JetPack's python3-opencv"
+            )
         defaults = {"sensor": 0, "device": "/dev/video0", "width": 1920, "height": 1080, "fps": 30}
         self.pipeline = PIPELINES[pipeline].format(**{**defaults, **settings}) if pipeline in PIPELINES else pipeline
         self._cv2 = cv2
@@ -185,8 +192,9 @@ class AravisSource(ImageSource):
             gi.require_version("Aravis", "0.8")
             from gi.repository import Aravis
         except (ImportError, ValueError) as exc:
-            raise SourceError("the Aravis source needs Aravis 0.8 and PyGObject "
-                              "(apt install gir1.2-aravis-0.8 python3-gi)") from exc
+            raise SourceError(
+                "the Aravis source needs Aravis 0.8 and PyGObject (apt install gir1.2-aravis-0.8 python3-gi)"
+            ) from exc
         self._arv = Aravis
         try:
             self._camera = Aravis.Camera.new(camera)
@@ -238,8 +246,14 @@ class FakeSource(ImageSource):
 
     kind = "fake"
 
-    def __init__(self, frames: Iterable | None = None, size: tuple[int, int] = (48, 40), delay: float = 0.0,
-                 fail: Callable[[int], bool] | None = None, seed: int = 0):
+    def __init__(
+        self,
+        frames: Iterable | None = None,
+        size: tuple[int, int] = (48, 40),
+        delay: float = 0.0,
+        fail: Callable[[int], bool] | None = None,
+        seed: int = 0,
+    ):
         self.frames = list(frames) if frames is not None else None
         self.size, self.delay, self.fail = size, float(delay), fail
         self._rng = np.random.default_rng(seed)
@@ -250,8 +264,11 @@ class FakeSource(ImageSource):
         with self._lock:
             self.grabs += 1
             n = self.grabs
-            frame = (self.frames[(n - 1) % len(self.frames)] if self.frames else
-                     self._rng.integers(100, 140, (self.size[1], self.size[0], 3), dtype=np.uint8))
+            frame = (
+                self.frames[(n - 1) % len(self.frames)]
+                if self.frames
+                else self._rng.integers(100, 140, (self.size[1], self.size[0], 3), dtype=np.uint8)
+            )
         if self.delay:
             time.sleep(min(self.delay, timeout))
         if self.fail is not None and self.fail(n):

@@ -1,9 +1,10 @@
 """The model side of the inspection service: the current detector, bounded admission, one
-worker thread, atomic reload and the metrics. No HTTP here (that is :mod:`.server`).
+worker thread, atomic reload and its own metrics. No protocol here: what goes wrong is raised as a
+domain outcome (:mod:`.outcomes`), which each adapter maps to its own codes (HTTP: :mod:`.server`).
 
 - Admission: at most ``queue_size`` requests are in the service at once (decoding, waiting or
-  running); past that :meth:`InspectionService.admit` refuses at once (the server answers 503 with
-  ``Retry-After``), so memory stays flat under overload.
+  running); past that :meth:`InspectionService.admit` refuses at once (:class:`Busy`), so memory
+  stays flat under overload.
 - One worker thread runs the model and the scorer, one image at a time: the accelerator and the
   CPU's BLAS are not shared between requests.
 - A reload loads and warms the new model and gallery in the caller's thread while the worker
@@ -11,6 +12,7 @@ worker thread, atomic reload and the metrics. No HTTP here (that is :mod:`.serve
   by the generation that was current when it was admitted: nothing is dropped or mixed.
 - Every request has a deadline; one still waiting when it passes is dropped unrun.
 """
+
 from __future__ import annotations
 
 import io
@@ -21,59 +23,23 @@ import socket
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from . import metrics as m
+from .config import ServiceConfig
+from .inputs import probe_image
+from .outcomes import BadImage, Busy, DeadlinePassed, InferenceFailed, NotReady
+
+if TYPE_CHECKING:
+    from ..runtime.detector import Detector, Prediction
+
+__all__ = ["Done", "InspectionService", "Loaded", "ReloadBusy", "ServiceConfig", "sd_notify"]
 
 log = logging.getLogger("spade_edge.service")
-
-
-@dataclass(frozen=True)
-class ServiceConfig:
-    """Limits and behaviour of the service (one frozen object, checked once)."""
-
-    queue_size: int = 8  # requests in the service at once: decoding, waiting or running
-    deadline: float = 10.0  # seconds from arrival to answer, unless the request asks for less
-    max_deadline: float = 120.0  # a request's own deadline is clipped to this
-    max_bytes: int = 32 << 20  # request body
-    max_pixels: int = 40_000_000  # decoded image (width x height)
-    expect_size: tuple[int, int] | None = None  # (width, height) every image must have, if set
-    min_side: int = 8
-    neighbors: int = 5  # nearest normal images listed in a response
-    heatmap_cache: int = 32  # heat maps kept for GET /heatmaps/<id>.png (oldest dropped)
-    warmup: int = 2  # predictions run before the service says it is ready (and after a reload)
-    allow_reload: bool = True
-    read_timeout: float = 10.0  # seconds a client may take to send its request
-    max_connections: int = 64  # open connections; past that a new one is answered 503 and closed
-    retry_after: int = 1  # seconds, in 503 answers
-    # seconds one image may hold the worker before health says 'stalled' (0: max(60 s, 3 x deadline))
-    stall_after: float = 0.0
-
-    @property
-    def stall_seconds(self) -> float:
-        return self.stall_after or max(60.0, 3 * self.deadline)
-
-    def __post_init__(self):
-        for name in ("queue_size", "max_bytes", "max_pixels", "min_side", "max_connections"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.deadline <= 0 or self.read_timeout <= 0:
-            raise ValueError("deadline and read_timeout must be positive")
-        if self.neighbors < 0 or self.heatmap_cache < 0 or self.warmup < 0:
-            raise ValueError("neighbors, heatmap_cache and warmup cannot be negative")
-
-
-class HttpError(Exception):
-    """An answer other than 200, with the sentence the client sees."""
-
-    def __init__(self, status: int, message: str, outcome: str = "bad_request", retry_after: int | None = None,
-                 close: bool = False, **extra):
-        super().__init__(message)
-        self.status, self.message, self.outcome = int(status), message, outcome
-        self.retry_after, self.close, self.extra = retry_after, close, extra
 
 
 class ReloadBusy(Exception):
@@ -84,7 +50,7 @@ class ReloadBusy(Exception):
 class Loaded:
     """What the service runs: a detector and where it came from."""
 
-    detector: object
+    detector: Detector
     model: str
     gallery: str
     generation: int
@@ -95,7 +61,7 @@ class Loaded:
     _retired: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def use(self) -> "Loaded":
+    def use(self) -> Loaded:
         with self._lock:
             self._users += 1
         return self
@@ -149,7 +115,7 @@ class _Slots:
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
 
-    def try_acquire(self) -> tuple["_Ticket | None", int]:
+    def try_acquire(self) -> tuple[_Ticket | None, int]:
         """(a ticket or None, the number in use when asked)."""
         with self._lock:
             used = self.used
@@ -158,7 +124,7 @@ class _Slots:
             self.used += 1
             return _Ticket(self), used
 
-    def _release(self) -> None:
+    def give_back(self) -> None:
         with self._lock:
             self.used -= 1
             if self.used == 0:
@@ -180,20 +146,21 @@ class _Ticket:
             if not self._held:
                 return
             self._held = False
-        self._slots._release()
+        self._slots.give_back()
 
 
 class _Job:
     """One admitted image on its way through the worker."""
 
-    def __init__(self, loaded: Loaded, x: np.ndarray, geom, name: str | None, heatmap: bool, deadline: float,
-                 ticket: _Ticket):
+    def __init__(
+        self, loaded: Loaded, x: np.ndarray, geom, name: str | None, heatmap: bool, deadline: float, ticket: _Ticket
+    ):
         self.loaded, self.x, self.geom, self.name, self.heatmap = loaded, x, geom, name, heatmap
         self.deadline, self.ticket = deadline, ticket
         self.enqueued = time.perf_counter()
         self.started = 0.0
         self.state = "queued"  # queued -> running -> done | cancelled | expired
-        self.result = None  # (Prediction, heat-map PNG bytes or None)
+        self.result: tuple[Prediction, bytes | None] | None = None  # (Prediction, heat-map PNG bytes or None)
         self.error: BaseException | None = None
         self.done = threading.Event()
         self._lock = threading.Lock()
@@ -209,6 +176,12 @@ class _Job:
             self.started = time.perf_counter()
             return True
 
+    def finish(self) -> None:
+        with self._lock:
+            if self.state == "running":
+                self.state = "done"
+        self.done.set()
+
     def cancel(self) -> bool:
         """Drop the job if the worker has not started it (True), else let it finish (False)."""
         with self._lock:
@@ -221,13 +194,13 @@ class _Job:
 @dataclass
 class Done:
     """A finished inspection: the prediction, its heat map (PNG bytes, if asked), the generation
-    that served it, the worker's job record and when decoding ended (``perf_counter``)."""
+    that served it, when decoding ended (``perf_counter``) and the seconds it waited for the worker."""
 
-    prediction: object
+    prediction: Prediction
     heatmap_png: bytes | None
     loaded: Loaded
-    job: _Job
     decoded: float
+    queued: float
 
 
 def _warmup_image(det) -> np.ndarray:
@@ -256,7 +229,8 @@ class InspectionService:
     """The model side of the service: current detector, admission, worker, reload, metrics.
 
     ``loader(model, gallery)`` returns a detector (default: :meth:`Detector.load` with
-    ``load_options``). HTTP lives in :func:`make_server`; this class knows nothing of it.
+    ``load_options``). It knows no protocol: HTTP lives in :mod:`.server`, the line in
+    :mod:`spade_edge.line`; both add their metrics to :attr:`registry`.
     """
 
     def __init__(self, config: ServiceConfig | None = None, loader: Callable | None = None, **load_options):
@@ -285,7 +259,7 @@ class InspectionService:
 
         return Detector.load(model, gallery, **self._load_options)
 
-    def _load_and_warm(self, model: str, gallery: str) -> tuple[object, float, float]:
+    def _load_and_warm(self, model: str, gallery: str) -> tuple[Detector, float, float]:
         t0 = time.perf_counter()
         det = self._loader(model, gallery)
         t1 = time.perf_counter()
@@ -336,6 +310,8 @@ class InspectionService:
                 raise
             with self._lock:
                 old = self._current
+                if old is None:  # close() ran while the new generation loaded
+                    raise ReloadBusy("the service is closing")
                 new = Loaded(det, model, gallery, old.generation + 1, time.time())
                 self._current = new  # the swap: requests admitted from now on use ``new``
             old.retire()
@@ -362,69 +338,74 @@ class InspectionService:
         since = self._busy_since
         return since is not None and time.monotonic() - since > self.config.stall_seconds
 
+    @property
+    def busy(self) -> bool:
+        """The worker is running an image now."""
+        return self._busy_since is not None
+
     # --- admission and the worker ---------------------------------------------------------------
-    def admit(self) -> _Ticket:
-        """A ticket for one request, or an :class:`HttpError` 503 (not ready / queue full)."""
+    def refusal(self) -> NotReady | Busy | None:
+        """What :meth:`admit` would raise now (None: it would admit), without taking a slot."""
         if not self.ready:
-            raise HttpError(503, f"service is {self.state}" + (f": {self.error}" if self.error else ""),
-                            "not_ready", retry_after=self.config.retry_after)
+            return NotReady(self.state, self.error, self.config.retry_after)
+        used = self._slots.used
+        return Busy(used, self._slots.capacity, self.config.retry_after) if used >= self._slots.capacity else None
+
+    def admit(self) -> _Ticket:
+        """A ticket for one request; raises :class:`NotReady` or :class:`Busy`."""
+        if not self.ready:
+            raise NotReady(self.state, self.error, self.config.retry_after)
         t, used = self._slots.try_acquire()
         if t is None:
-            raise HttpError(503, f"queue full ({used} of {self._slots.capacity} requests in service); retry shortly",
-                            "queue_full", retry_after=self.config.retry_after, queue_depth=used,
-                            queue_capacity=self._slots.capacity)
+            raise Busy(used, self._slots.capacity, self.config.retry_after)
         return t
 
-    def run(self, ticket: _Ticket, data: bytes | np.ndarray, name: str, deadline: float,
-            heatmap: bool = False) -> "Done":
+    def run(self, ticket: _Ticket, data: bytes | np.ndarray, name: str, deadline: float, heatmap: bool = False) -> Done:
         """Inspect one image with an admitted ``ticket`` (always returned): check and decode it here,
         run it on the worker, wait until ``deadline`` (a ``time.perf_counter()`` instant). Raises
-        :class:`HttpError` (400 bad image, 504 deadline, 500 inference failed) like every adapter
-        reports it. ``data`` is encoded image bytes, or an RGB uint8 array from a camera."""
+        :class:`BadImage` (or one of its kinds), :class:`DeadlinePassed` or :class:`InferenceFailed`.
+        ``data`` is encoded image bytes, or an RGB uint8 array from a camera."""
         from ..runtime.errors import ImageError
 
         loaded = None
         try:
             if isinstance(data, (bytes, bytearray, memoryview)):
-                from .inputs import probe_image
-
                 probe_image(bytes(data), self.config, name)
             with self._lock:  # the generation that serves this request, start to end
+                if self._current is None:  # closed since the ticket was admitted
+                    raise NotReady(self.state, self.error, self.config.retry_after)
                 loaded = self._current.use()
             try:
                 x, geom = loaded.detector.prepare(data, name)
             except ImageError as exc:
-                raise HttpError(400, str(exc)) from exc
+                raise BadImage(str(exc)) from exc
             decoded = time.perf_counter()
             if decoded >= deadline:
-                raise HttpError(504, "deadline passed while receiving and decoding", "deadline")
+                raise DeadlinePassed("while receiving and decoding")
             job = _Job(loaded, x, geom, name, heatmap, deadline, ticket)
         except BaseException:
             ticket.release()
             if loaded is not None:
                 loaded.done()
             raise
-        self.submit(job)  # the worker returns the ticket and the generation from now on
+        self._queue.put(job)  # the worker returns the ticket and the generation from now on
         if not job.done.wait(max(0.0, deadline - time.perf_counter())):
             job.cancel()
-            raise HttpError(504, f"deadline passed ({'running' if job.state == 'running' else 'still queued'})",
-                            "deadline")
+            raise DeadlinePassed(f"({'running' if job.state == 'running' else 'still queued'})")
         if job.state in ("cancelled", "expired"):
-            raise HttpError(504, "deadline passed while queued", "deadline")
+            raise DeadlinePassed("while queued")
         if job.error is not None:
             if isinstance(job.error, ImageError):
-                raise HttpError(400, str(job.error))
+                raise BadImage(str(job.error))
             log.error("inference failed for %s", name, exc_info=job.error)
-            raise HttpError(500, f"inference failed: {type(job.error).__name__}: {job.error}", "error")
+            raise InferenceFailed(job.error)
+        assert job.result is not None  # the worker set a result or an error before finish()
         pred, png = job.result
-        return Done(pred, png, loaded, job, decoded)
+        return Done(pred, png, loaded, decoded, job.started - job.enqueued)
 
     @property
     def queue_depth(self) -> int:
         return self._slots.used
-
-    def submit(self, job: _Job) -> None:
-        self._queue.put(job)
 
     def _work(self) -> None:
         while True:
@@ -446,12 +427,9 @@ class InspectionService:
                 self._m_busy.observe(time.perf_counter() - job.started)
                 job.ticket.release()  # before done.set(): a client that answers at once finds the slot free
                 job.loaded.done()
-                with job._lock:
-                    if job.state == "running":
-                        job.state = "done"
-                job.done.set()
+                job.finish()
 
-    def _infer(self, job: _Job):
+    def _infer(self, job: _Job) -> tuple[Prediction, bytes | None]:
         det = job.loaded.detector
         t0 = time.perf_counter()
         features = det.extract(job.x)
@@ -498,43 +476,45 @@ class InspectionService:
             last.retire()
 
     # --- metrics --------------------------------------------------------------------------------
-    OUTCOMES = ("ok", "not_ok", "no_verdict", "bad_request", "unsupported_media_type", "too_large",
-                "unprocessable", "queue_full", "not_ready", "deadline", "error")
-
     def _init_metrics(self) -> None:
+        """The service's own metrics; adapters add theirs to the same :attr:`registry`."""
         r = self.registry = m.Registry()
-        self._m_requests = r.add(m.Counter(
-            "spade_edge_inspect_requests_total", "POST /inspect answers by outcome.", ("outcome",),
-            preset=[{"outcome": o} for o in self.OUTCOMES]))
-        self._m_latency = r.add(m.Histogram(
-            "spade_edge_inspect_latency_seconds", "Arrival to answer of successful inspections (seconds)."))
-        self._m_busy = r.add(m.Histogram(
-            "spade_edge_worker_busy_seconds", "Worker time per image: model, scoring, heat map (seconds)."))
-        r.add(m.Gauge("spade_edge_queue_depth", "Requests in the service now (decoding, waiting or running).",
-                      fn=lambda: self._slots.used))
-        r.add(m.Gauge("spade_edge_queue_capacity", "Requests admitted at once; past it 503.",
-                      fn=lambda: self._slots.capacity))
-        r.add(m.Gauge("spade_edge_ready", "1 once the model and gallery are loaded and warmed up.",
-                      fn=lambda: 1.0 if self.ready else 0.0))
+        self._m_busy = r.add(
+            m.Histogram("spade_edge_worker_busy_seconds", "Worker time per image: model, scoring, heat map (seconds).")
+        )
+        r.add(
+            m.Gauge(
+                "spade_edge_queue_depth",
+                "Requests in the service now (decoding, waiting or running).",
+                fn=lambda: self._slots.used,
+            )
+        )
+        r.add(
+            m.Gauge(
+                "spade_edge_queue_capacity", "Requests admitted at once; past it 503.", fn=lambda: self._slots.capacity
+            )
+        )
+        r.add(
+            m.Gauge(
+                "spade_edge_ready",
+                "1 once the model and gallery are loaded and warmed up.",
+                fn=lambda: 1.0 if self.ready else 0.0,
+            )
+        )
         self._m_generation = r.add(m.Gauge("spade_edge_model_generation", "Loads so far (1 = first, +1 per reload)."))
-        self._m_reloads = r.add(m.Counter("spade_edge_reloads_total", "POST /reload by outcome.", ("outcome",),
-                                          preset=[{"outcome": "ok"}, {"outcome": "failed"}]))
-        self._m_connections_refused = r.add(m.Counter(
-            "spade_edge_connections_refused_total", "Connections answered 503 because max_connections were open."))
-        self._m_jobs = r.add(m.Counter(
-            "spade_edge_line_jobs_total", "Line jobs (text protocol, Modbus, OPC UA) by outcome.", ("outcome",),
-            preset=[{"outcome": o} for o in ("ok", "not_ok", "no_image", "bad_image", "deadline", "aborted", "error")]))
-        self._m_job_latency = r.add(m.Histogram(
-            "spade_edge_line_job_latency_seconds", "Trigger to result of successful line jobs, image grab included."))
-        r.add(m.Gauge("process_resident_memory_bytes", "Resident memory (VmRSS) of the service process.",
-                      fn=m.resident_memory_bytes))
+        self._m_reloads = r.add(
+            m.Counter(
+                "spade_edge_reloads_total",
+                "Reloads (POST /reload, SIGHUP, line RELOAD) by outcome.",
+                ("outcome",),
+                preset=[{"outcome": "ok"}, {"outcome": "failed"}],
+            )
+        )
+        r.add(
+            m.Gauge(
+                "process_resident_memory_bytes",
+                "Resident memory (VmRSS) of the service process.",
+                fn=m.resident_memory_bytes,
+            )
+        )
         r.add(m.Gauge("process_start_time_seconds", "Start of the service, Unix time.", fn=lambda: self.started_at))
-
-    def count_job(self, outcome: str, seconds: float | None = None) -> None:
-        """A finished line job (``spade_edge.line``), by outcome; latency of the successful ones."""
-        self._m_jobs.inc(outcome=outcome)
-        if seconds is not None:
-            self._m_job_latency.observe(seconds)
-
-    def count(self, outcome: str) -> None:
-        self._m_requests.inc(outcome=outcome)

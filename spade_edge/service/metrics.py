@@ -4,11 +4,13 @@ Three kinds, enough for a service: counters (with labels), gauges (set, or read 
 callable at scrape time) and histograms with fixed buckets. All are thread-safe and of fixed
 size: labels come from a small closed set, so memory does not grow with traffic.
 """
+
 from __future__ import annotations
 
 import math
 import threading
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -43,6 +45,9 @@ class _Metric:
     def __init__(self, name: str, doc: str, labels: Iterable[str] = ()):
         self.name, self.doc, self.label_names = name, doc, tuple(labels)
         self._lock = threading.Lock()
+
+    def render(self) -> list[str]:
+        raise NotImplementedError
 
     def header(self) -> list[str]:
         return [f"# HELP {self.name} {self.doc}", f"# TYPE {self.name} {self.kind}"]
@@ -142,21 +147,35 @@ class Histogram(_Metric):
         return lines
 
 
+M = TypeVar("M", bound=_Metric)
+
+
 class Registry:
-    """An ordered set of metrics rendered together."""
+    """An ordered set of metrics rendered together. The service creates it; every adapter adds
+    its own metrics to it."""
 
     def __init__(self):
         self._metrics: list[_Metric] = []
+        self._lock = threading.Lock()
 
-    def add(self, metric: _Metric) -> _Metric:
-        if any(m.name == metric.name for m in self._metrics):
-            raise ValueError(f"metric {metric.name} registered twice")
-        self._metrics.append(metric)
-        return metric
+    def add(self, metric: M, shared: bool = False) -> M:
+        """Register ``metric`` and return it. A name registered twice is an error, unless
+        ``shared``: then the metric already there (of the same kind and labels) is returned, so
+        that two adapters of one kind on one service count together."""
+        with self._lock:
+            old = next((m for m in self._metrics if m.name == metric.name), None)
+            if old is None:
+                self._metrics.append(metric)
+                return metric
+        if shared and isinstance(old, type(metric)) and old.label_names == metric.label_names:
+            return old
+        raise ValueError(f"metric {metric.name} registered twice")
 
     def render(self) -> str:
         lines: list[str] = []
-        for m in self._metrics:
+        with self._lock:
+            metrics = list(self._metrics)
+        for m in metrics:
             lines += m.render()
         return "\n".join(lines) + "\n"
 

@@ -4,29 +4,110 @@ Connection threads (``ThreadingHTTPServer``, one per connection, capped by ``max
 read a request, check it, decode the image and fit it to the model input; the model runs in the
 :class:`~.inspector.InspectionService` worker. Bad input never reaches the worker: it gets a 4xx
 with a sentence saying what is wrong. A request refused for a full queue is answered before its
-body is read.
+body is read. The service raises domain outcomes (:mod:`.outcomes`); :data:`HTTP_STATUS` is where
+they become status codes, and the HTTP metrics (requests by outcome, latency, refused
+connections) are this module's own, added to the service's registry.
+
+Bounds against slow or hostile clients (docs/service.md lists them with their numbers): a whole
+request (line, headers, body) must arrive within ``read_timeout`` of its first byte; a queue slot
+is taken only once the body is in; bodies being received are bounded in bytes as they arrive
+(:class:`ByteBudget`); past ``max_connections``, ``GET /health`` and ``GET /metrics`` are still
+answered (:mod:`.capped`). ``POST /reload`` is refused unless allowed for the client
+(``reload``: off, local, remote), names files under ``reload_dirs`` only, may need a token, and
+its errors do not say what exists on the file system.
 
 Endpoints: ``POST /inspect``, ``GET /health``, ``GET /metrics``, ``POST /reload``,
 ``GET /heatmaps/<id>.png``.
 """
+
 from __future__ import annotations
 
 import base64
+import hmac
+import io
+import ipaddress
 import json
 import logging
+import os
 import socket
 import threading
 import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import cast
 from urllib.parse import parse_qs, urlsplit
 
 from . import metrics as m
-from .inputs import image_from_multipart, probe_image
 from .capped import CappedConnections
-from .inspector import HttpError, InspectionService, Loaded, ReloadBusy, _Job
+from .inputs import image_from_multipart, probe_image
+from .inspector import Done, InspectionService, ReloadBusy
+from .outcomes import (
+    BadImage,
+    Busy,
+    DeadlinePassed,
+    InferenceFailed,
+    NotReady,
+    Outcome,
+    TooLarge,
+    Unsupported,
+    WrongSize,
+    lookup,
+)
 
 log = logging.getLogger("spade_edge.service")
+
+
+class HttpError(Exception):
+    """An answer other than 200: status, the sentence the client sees, the metrics label of
+    ``POST /inspect``, ``Retry-After`` seconds, whether to close, and extra body fields."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        outcome: str = "bad_request",
+        retry_after: int | None = None,
+        close: bool = False,
+        extra: dict | None = None,
+    ):
+        super().__init__(message)
+        self.status, self.message, self.outcome = int(status), message, outcome
+        self.retry_after, self.close, self.extra = retry_after, close, extra or {}
+
+
+# the service's outcomes -> (status, outcome label of spade_edge_inspect_requests_total)
+HTTP_STATUS: dict[type, tuple[int, str]] = {
+    Busy: (503, "queue_full"),
+    NotReady: (503, "not_ready"),
+    TooLarge: (413, "too_large"),
+    Unsupported: (415, "unsupported_media_type"),
+    WrongSize: (422, "unprocessable"),
+    BadImage: (400, "bad_request"),
+    DeadlinePassed: (504, "deadline"),
+    InferenceFailed: (500, "error"),
+}
+# labels of spade_edge_inspect_requests_total: the verdicts of 200 answers, then every error
+OUTCOMES = (
+    "ok",
+    "not_ok",
+    "no_verdict",
+    "bad_request",
+    "unsupported_media_type",
+    "too_large",
+    "unprocessable",
+    "queue_full",
+    "not_ready",
+    "deadline",
+    "error",
+)
+
+
+def http_error(o: Outcome) -> HttpError:
+    """The answer to a domain outcome: its status, ``Retry-After`` when it has one, and the queue
+    of a :class:`Busy` in the body."""
+    status, label = lookup(HTTP_STATUS, o, (500, "error"))
+    extra = {"queue_depth": o.queue_depth, "queue_capacity": o.capacity} if isinstance(o, Busy) else {}
+    return HttpError(status, o.message, label, getattr(o, "retry_after", None), extra=extra)
 
 
 def _truthy(v: str | None) -> bool:
@@ -37,9 +118,105 @@ def _round_ms(seconds: float) -> float:
     return round(seconds * 1e3, 2)
 
 
+class ByteBudget:
+    """Bytes held at once by request bodies, counted as they arrive (a slow client holds only what
+    it has sent); :meth:`take` fails instead of going past ``capacity``."""
+
+    def __init__(self, capacity: int):
+        self.capacity, self.used, self._lock = int(capacity), 0, threading.Lock()
+
+    def take(self, n: int) -> bool:
+        with self._lock:
+            if self.used + n > self.capacity:
+                return False
+            self.used += n
+            return True
+
+    def give(self, n: int) -> None:
+        with self._lock:
+            self.used -= n
+
+
+class _RequestReader(io.RawIOBase):
+    """The socket, read under a deadline for a whole request: the clock starts at the request's
+    first byte and every ``recv`` waits at most what is left, so a client that trickles a byte
+    every few seconds cannot hold a connection (the socket's own timeout is per ``recv``). Before
+    the first byte (an idle keep-alive connection) it waits ``idle`` seconds."""
+
+    def __init__(self, sock: socket.socket, limit: float):
+        self.sock, self.limit = sock, limit
+        self.deadline: float | None = None  # None: between requests
+
+    def readable(self) -> bool:
+        return True
+
+    def next_request(self) -> None:
+        self.deadline = None
+
+    def readinto(self, b) -> int:
+        wait = self.limit if self.deadline is None else self.deadline - time.monotonic()
+        if wait <= 0:
+            raise TimeoutError(f"request not received within {self.limit:.1f} s")
+        self.sock.settimeout(wait)
+        try:
+            n = self.sock.recv_into(b)
+        finally:
+            self.sock.settimeout(self.limit)  # what writes to the client get
+        if n and self.deadline is None:
+            self.deadline = time.monotonic() + self.limit
+        return n
+
+
+def _is_local(address: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return (mapped or ip).is_loopback
+
+
+def health(svc: InspectionService) -> tuple[int, dict, dict | None]:
+    """``GET /health``: (status, body, extra headers)."""
+    cur = svc.current
+    body = {
+        "status": svc.state,
+        "queue_depth": svc.queue_depth,
+        "queue_capacity": svc.config.queue_size,
+        "uptime_s": round(time.time() - svc.started_at, 1),
+    }
+    if cur is not None:
+        body.update(cur.describe())
+    if svc.error:
+        body["error"] = svc.error
+    if svc.ready and svc.stalled:
+        body["status"] = "stalled"
+        body["error"] = f"one image has held the worker for more than {svc.config.stall_seconds:.0f} s"
+    elif svc.ready:
+        return 200, body, None
+    return 503, body, {"Retry-After": svc.config.retry_after}
+
+
+def _http_response(status: int, body: bytes, ctype: str, headers: dict | None = None, head: bool = False) -> bytes:
+    """A whole HTTP/1.1 answer that closes the connection (for over-the-cap clients)."""
+    from http import HTTPStatus
+
+    lines = [
+        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}",
+        f"Content-Type: {ctype}",
+        f"Content-Length: {len(body)}",
+        "Cache-Control: no-store",
+        "Connection: close",
+        *(f"{k}: {v}" for k, v in (headers or {}).items()),
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (b"" if head else body)
+
+
 # --- HTTP ----------------------------------------------------------------------------------------
 class _Handler(BaseHTTPRequestHandler):
     service: InspectionService  # set by make_server
+    server: InspectionServer
+    _headers_buffer: list[bytes]  # BaseHTTPRequestHandler's, made by send_response (not in its stubs)
     protocol_version = "HTTP/1.1"  # keep-alive: a line controller reuses its connection
     server_version = "spade-edge"
     sys_version = ""
@@ -60,6 +237,18 @@ class _Handler(BaseHTTPRequestHandler):
     def setup(self):
         self.timeout = self.service.config.read_timeout
         super().setup()
+        self._reader = _RequestReader(self.connection, self.service.config.read_timeout)
+        self.rfile = io.BufferedReader(self._reader, 1 << 16)
+        self._held = 0  # bytes of ByteBudget this request holds
+
+    def handle_one_request(self):
+        self._reader.next_request()
+        try:
+            super().handle_one_request()
+        finally:
+            if self._held:
+                self.server.receiving.give(self._held)
+                self._held = 0
 
     # -- plumbing --
     def log_message(self, fmt, *args):  # access log through logging, quiet by default
@@ -83,18 +272,6 @@ class _Handler(BaseHTTPRequestHandler):
         if close:
             self._linger()
 
-    def _linger(self) -> None:
-        """Closing with unread request bytes makes the kernel reset the connection, which can destroy
-        the answer in flight: end our side, then drain what the client still sends, briefly."""
-        try:
-            self.wfile.flush()
-            self.connection.shutdown(socket.SHUT_WR)
-            self.connection.settimeout(0.2)
-            while self.connection.recv(65536):
-                pass
-        except OSError:
-            pass
-
     def _json(self, status: int, obj: dict, headers: dict | None = None, close: bool = False) -> None:
         self._send(status, (json.dumps(obj) + "\n").encode(), "application/json", headers, close)
 
@@ -110,10 +287,8 @@ class _Handler(BaseHTTPRequestHandler):
             log.info("%s %s: %d %s", self.command, self.path, e.status, e.message)
         close = e.close or (unread is not None and unread > self.service.config.max_bytes)
         try:
-            self._json(e.status, body, headers, close=close)
-            if close:
-                self._linger()
-            elif unread:
+            self._json(e.status, body, headers, close=close)  # lingers before closing
+            if not close and unread:
                 self._discard(unread)
         except OSError:  # the client left
             self.close_connection = True
@@ -161,16 +336,34 @@ class _Handler(BaseHTTPRequestHandler):
         return n
 
     def _read_body(self, n: int) -> bytes:
+        """The body, within the request's deadline, its bytes counted in the server's
+        :class:`ByteBudget` as they arrive (given back when this request ends)."""
         chunks, left = [], n
+        budget, limit = self.server.receiving, self.service.config.read_timeout
         try:
             while left > 0:
-                c = self.rfile.read(min(left, 1 << 20))
+                c = self.rfile.read1(min(left, 1 << 16))
                 if not c:
                     break
+                if not budget.take(len(c)):
+                    raise HttpError(
+                        503,
+                        "too many request bodies being received at once; retry shortly",
+                        "queue_full",
+                        retry_after=self.service.config.retry_after,
+                        close=True,
+                    )
+                self._held += len(c)
                 chunks.append(c)
                 left -= len(c)
-        except (TimeoutError, socket.timeout, OSError) as exc:
-            raise HttpError(400, f"request body not received in time ({n - left} of {n} bytes)", close=True) from exc
+        except TimeoutError as exc:
+            raise HttpError(
+                408,
+                f"request not received within {limit:.1f} s (read timeout): {n - left} of {n} body bytes came",
+                close=True,
+            ) from exc
+        except OSError as exc:
+            raise HttpError(400, f"request body not received ({n - left} of {n} bytes): {exc}", close=True) from exc
         if left:
             raise HttpError(400, f"request body ended after {n - left} of {n} bytes (Content-Length)", close=True)
         return b"".join(chunks)
@@ -181,16 +374,12 @@ class _Handler(BaseHTTPRequestHandler):
             try:
                 if self._content_length() > self.service.config.max_bytes:
                     raise HttpError(413, self._too_large_message(), "too_large", close=True)
-                if not self.service.ready:
-                    self.service.admit()  # raises the 503 with the reason
-                depth, cap = self.service.queue_depth, self.service.config.queue_size
-                if depth >= cap:
-                    raise HttpError(503, f"queue full ({depth} of {cap} requests in service); retry shortly",
-                                    "queue_full", retry_after=self.service.config.retry_after,
-                                    queue_depth=depth, queue_capacity=cap)
+                refusal = self.service.refusal()
+                if refusal is not None:
+                    raise http_error(refusal)
             except HttpError as e:
                 e.close = True  # the client has not sent its body: this connection ends here
-                self.service.count(e.outcome)
+                self.server.requests.inc(outcome=e.outcome)
                 self._error(e)
                 return False
         return super().handle_expect_100()
@@ -208,17 +397,25 @@ class _Handler(BaseHTTPRequestHandler):
             if url.path == "/metrics":
                 return self._send(200, self.service.registry.render().encode(), m.CONTENT_TYPE)
             if url.path.startswith("/heatmaps/") and url.path.endswith(".png"):
-                png = self.service.heatmap(url.path[len("/heatmaps/"):-len(".png")])
+                png = self.service.heatmap(url.path[len("/heatmaps/") : -len(".png")])
                 if png is None:
                     raise HttpError(404, "no such heat map (only the most recent ones are kept)")
                 return self._send(200, png, "image/png")
             if url.path in ("/inspect", "/reload"):
                 raise HttpError(405, f"{url.path} takes POST", close=True)
             if url.path == "/":
-                return self._json(200, {"service": "spade-edge", "endpoints": {
-                    "POST /inspect": "image bytes or multipart field 'image'; ?heatmap=1|inline, ?name=, ?deadline_ms=",
-                    "GET /health": "200 when ready", "GET /metrics": "Prometheus text",
-                    "POST /reload": 'JSON {"model": path, "gallery": path}, both optional'}})
+                return self._json(
+                    200,
+                    {
+                        "service": "spade-edge",
+                        "endpoints": {
+                            "POST /inspect": "image bytes or multipart field 'image'; ?heatmap=1|inline, ?name=, ?deadline_ms=",
+                            "GET /health": "200 when ready",
+                            "GET /metrics": "Prometheus text",
+                            "POST /reload": 'JSON {"model": path, "gallery": path}, both optional',
+                        },
+                    },
+                )
             raise HttpError(404, f"no such endpoint: GET {url.path}")
         except HttpError as e:
             self._error(e)
@@ -253,7 +450,10 @@ class _Handler(BaseHTTPRequestHandler):
             raise HttpError(413, self._too_large_message(), "too_large", close=True)
         data = self._read_body(n)
         name = {k: v[-1] for k, v in parse_qs(url.query).items()}.get("name") or self.headers.get("X-Image-Name")
-        probe_image(data, self.service.config, name or "<frame>")
+        try:
+            probe_image(data, self.service.config, name or "<frame>")
+        except Outcome as o:
+            raise http_error(o) from None
         try:
             waiting = self.service.frames.put(data, name)
         except SpadeError as exc:
@@ -266,29 +466,26 @@ class _Handler(BaseHTTPRequestHandler):
     do_PUT = do_DELETE = do_PATCH = _method_not_allowed
 
     def _health(self):
-        svc = self.service
-        cur = svc.current
-        body = {"status": svc.state, "queue_depth": svc.queue_depth, "queue_capacity": svc.config.queue_size,
-                "uptime_s": round(time.time() - svc.started_at, 1)}
-        if cur is not None:
-            body.update(cur.describe())
-        if svc.error:
-            body["error"] = svc.error
-        if svc.ready and svc.stalled:
-            body["status"] = "stalled"
-            body["error"] = f"one image has held the worker for more than {svc.config.stall_seconds:.0f} s"
-        elif svc.ready:
-            return self._json(200, body)
-        return self._json(503, body, {"Retry-After": svc.config.retry_after})
+        status, body, headers = health(self.service)
+        return self._json(status, body, headers)
 
     def _reload(self):
-        svc = self.service
-        n = 0 if self.headers.get("Content-Length") is None and not self.headers.get("Transfer-Encoding") \
-            else self._content_length()  # a bare 'curl -X POST .../reload' sends no body and no length
-        if not svc.config.allow_reload:
-            raise HttpError(403, "reload is disabled on this service (--no-reload)", close=True)
+        svc, cfg = self.service, self.service.config
+        n = (
+            0
+            if self.headers.get("Content-Length") is None and not self.headers.get("Transfer-Encoding")
+            else self._content_length()
+        )  # a bare 'curl -X POST .../reload' sends no body and no length
+        if cfg.reload == "off":
+            raise HttpError(403, "reload is disabled on this service (--reload off)", close=True)
+        if cfg.reload == "local" and not _is_local(self.client_address[0]):
+            raise HttpError(
+                403, "reload is allowed from this machine only (--reload remote allows other clients)", close=True
+            )
+        if cfg.reload_token is not None and not self._token_ok(cfg.reload_token):
+            raise HttpError(401, "reload needs the service's token: 'Authorization: Bearer <token>'", close=True)
         if n > 1 << 16:
-            raise HttpError(413, "reload body too large: send JSON {\"model\": ..., \"gallery\": ...}", close=True)
+            raise HttpError(413, 'reload body too large: send JSON {"model": ..., "gallery": ...}', close=True)
         raw = self._read_body(n)
         try:
             req = json.loads(raw) if raw.strip() else {}
@@ -296,19 +493,52 @@ class _Handler(BaseHTTPRequestHandler):
             raise HttpError(400, f"reload body is not JSON ({exc})") from exc
         if not isinstance(req, dict) or set(req) - {"model", "gallery"}:
             raise HttpError(400, 'reload body must be JSON {"model": path, "gallery": path} (both optional)')
+        paths = {k: self._reload_path(k, v) for k, v in req.items() if v is not None}
         from ..runtime.errors import SpadeError
 
         try:
-            result = svc.reload(req.get("model"), req.get("gallery"))
+            result = svc.reload(paths.get("model"), paths.get("gallery"))
         except ReloadBusy as exc:
-            raise HttpError(409, str(exc), retry_after=svc.config.retry_after) from exc
+            raise HttpError(409, str(exc), retry_after=cfg.retry_after) from exc
         except Exception as exc:  # noqa: BLE001 - whatever the files did, the old generation keeps serving
+            log.warning("reload failed: %s: %s", type(exc).__name__, exc)
             if not isinstance(exc, (SpadeError, OSError, ValueError)):
                 log.exception("reload failed")
-            raise HttpError(422, f"reload failed, still serving generation "
-                                 f"{svc.current.generation if svc.current else '-'}: {type(exc).__name__}: {exc}",
-                            "unprocessable") from exc
+            raise HttpError(
+                422,
+                f"reload failed, still serving generation "
+                f"{svc.current.generation if svc.current else '-'}: {_public_error(exc, req)}",
+                "unprocessable",
+            ) from exc
         self._json(200, result)
+
+    def _token_ok(self, token: str) -> bool:
+        given = self.headers.get("X-Reload-Token")
+        auth = self.headers.get("Authorization") or ""
+        if auth[:7].lower() == "bearer ":
+            given = auth[7:].strip()
+        return given is not None and hmac.compare_digest(given.encode(), token.encode())
+
+    def _reload_path(self, key: str, value) -> str:
+        """The real path of a file ``/reload`` names, if it lies under a reload directory; else one
+        403 that says the same whether the file exists or not."""
+        dirs = self.service.config.reload_dirs
+        if not isinstance(value, str) or not value:
+            raise HttpError(400, f"{key} must be a path (a string)")
+        if not dirs:
+            raise HttpError(
+                403,
+                f"{key}: this service only re-reads its current files (a body without paths); "
+                "start it with --reload-dir DIR to load other files from DIR",
+            )
+        real = os.path.realpath(value)
+        for d in dirs:
+            root = os.path.realpath(d)
+            if real.startswith(root.rstrip(os.sep) + os.sep) and os.path.isfile(real):
+                return real
+        raise HttpError(
+            403, f"{key}: not a file this service may load; name a file under one of its {len(dirs)} reload directories"
+        )
 
     def _inspect(self, url):
         svc, cfg = self.service, self.service.config
@@ -319,7 +549,9 @@ class _Handler(BaseHTTPRequestHandler):
             n = self._content_length()
             if n > cfg.max_bytes:
                 raise HttpError(413, self._too_large_message(), "too_large")  # closed: too much to read
-            ticket = svc.admit()
+            refusal = svc.refusal()  # Busy, NotReady: answered before the body is read
+            if refusal is not None:
+                raise refusal
             deadline_s = cfg.deadline
             wanted = q.get("deadline_ms") or self.headers.get("X-Deadline-Ms")
             if wanted:
@@ -328,13 +560,14 @@ class _Handler(BaseHTTPRequestHandler):
                 except ValueError:
                     raise HttpError(400, f"bad deadline_ms {wanted!r}") from None
             deadline = t0 + deadline_s
-            body = self._read_body(n)
+            body = self._read_body(n)  # within read_timeout, before any slot is taken
             body_read = True
+            ticket = svc.admit()  # a slot only for a body that is in
             t_recv = time.perf_counter()
             ctype = self.headers.get("Content-Type") or ""
             name = q.get("name") or self.headers.get("X-Image-Name")
             if ctype.lower().startswith("multipart/"):
-                data, filename = image_from_multipart(body, ctype)
+                data, filename = image_from_multipart(body, ctype, cfg.max_parts)
                 name = name or filename
             else:
                 data = body
@@ -343,9 +576,9 @@ class _Handler(BaseHTTPRequestHandler):
             held, ticket = ticket, None  # run() returns it, whatever happens
             done = svc.run(held, data, name or "<request>", deadline, heatmap=_truthy(mode))
             del data
-            pred, png, job = done.prediction, done.heatmap_png, done.job
+            pred, png = done.prediction, done.heatmap_png
             rid = uuid.uuid4().hex
-            out = self._result(pred, done.loaded, rid, t0, t_recv, done.decoded, job)
+            out = self._result(done, rid, t0, t_recv)
             if png is not None:
                 if mode == "inline":
                     out["heatmap"] = "data:image/png;base64," + base64.b64encode(png).decode()
@@ -355,28 +588,34 @@ class _Handler(BaseHTTPRequestHandler):
             outcome = {"OK": "ok", "NOT_OK": "not_ok"}.get(pred.verdict, "no_verdict")
             total = time.perf_counter() - t0
             out["latency_ms"]["total"] = _round_ms(total)
-            svc.count(outcome)  # counted before the answer leaves, so a client reading /metrics next sees it
-            svc._m_latency.observe(total)
+            self.server.requests.inc(outcome=outcome)  # before the answer leaves: /metrics next sees it
+            self.server.latency.observe(total)
             self._json(200, out)
-        except HttpError as e:
-            svc.count(e.outcome)
+        except (HttpError, Outcome) as e:
+            if isinstance(e, Outcome):
+                e = http_error(e)
+            self.server.requests.inc(outcome=e.outcome)
             if not body_read and n is None:
                 e.close = True  # unknown body length: the connection cannot be reused
             self._error(e, unread=None if body_read else n)
         except Exception as exc:  # noqa: BLE001 - one bad request must not take the thread down silently
             log.exception("unexpected error in /inspect")
-            svc.count("error")
+            self.server.requests.inc(outcome="error")
             self._error(HttpError(500, f"internal error: {type(exc).__name__}: {exc}", "error", close=True))
         finally:
             if ticket is not None:
                 ticket.release()
 
-    def _result(self, pred, loaded: Loaded, rid: str, t0, t_recv, t_dec, job: _Job) -> dict:
+    def _result(self, done: Done, rid: str, t0: float, t_recv: float) -> dict:
+        pred, loaded = done.prediction, done.loaded
         g = loaded.detector.gallery
         d = pred.to_dict()
         k = self.service.config.neighbors
-        timings = {"receive": _round_ms(t_recv - t0), "decode": _round_ms(t_dec - t_recv),
-                   "queue": _round_ms(job.started - job.enqueued)}
+        timings = {
+            "receive": _round_ms(t_recv - t0),
+            "decode": _round_ms(done.decoded - t_recv),
+            "queue": _round_ms(done.queued),
+        }
         timings.update(d.get("timings_ms", {}))
         return {
             "id": rid,
@@ -395,8 +634,25 @@ class _Handler(BaseHTTPRequestHandler):
         }
 
 
+def _public_error(exc: Exception, req: dict) -> str:
+    """What a reload failure may tell the client: the service's own sentences (SpadeError) with
+    file paths cut to the names the client gave; for other errors only their kind (the log has
+    the rest), so that an error never says what else exists on the file system."""
+    from ..runtime.errors import SpadeError
+
+    if not isinstance(exc, SpadeError):
+        return f"{type(exc).__name__} (details in the service log)"
+    text = str(exc)
+    for given in (v for v in req.values() if isinstance(v, str) and v):
+        real = os.path.realpath(given)
+        text = text.replace(real, os.path.basename(given)).replace(given, os.path.basename(given))
+    return text
+
+
 class InspectionServer(CappedConnections, ThreadingHTTPServer):
-    """ThreadingHTTPServer with a cap on open connections (503 past it)."""
+    """ThreadingHTTPServer with a cap on open connections (past it ``GET /health`` and
+    ``GET /metrics`` are answered, anything else 503), a byte budget for bodies being received,
+    and the HTTP metrics."""
 
     daemon_threads = True
     allow_reuse_address = True
@@ -404,17 +660,48 @@ class InspectionServer(CappedConnections, ThreadingHTTPServer):
 
     def __init__(self, addr, handler, service: InspectionService):
         self.service = service
+        self.overflow_peek = min(2.0, service.config.read_timeout)  # to read an over-the-cap request
+        self.receiving = ByteBudget(service.config.max_receiving_bytes)
+        r = service.registry
+        self.requests = r.add(
+            m.Counter(
+                "spade_edge_inspect_requests_total",
+                "POST /inspect answers by outcome.",
+                ("outcome",),
+                preset=[{"outcome": o} for o in OUTCOMES],
+            ),
+            shared=True,
+        )
+        self.latency = r.add(
+            m.Histogram("spade_edge_inspect_latency_seconds", "Arrival to answer of successful inspections (seconds)."),
+            shared=True,
+        )
+        self.refused = r.add(
+            m.Counter(
+                "spade_edge_connections_refused_total", "Connections answered 503 because max_connections were open."
+            ),
+            shared=True,
+        )
         super().__init__(addr, handler)
 
     def connection_cap(self) -> int:
         return self.service.config.max_connections
 
-    def refusal(self) -> bytes:
-        self.service._m_connections_refused.inc()
+    def refusal(self, head: bytes | None = None) -> bytes:
+        """The answer to a client over the connection cap: ``GET /health`` and ``GET /metrics``
+        (so that a health check or a scraper still sees the truth), else 503."""
+        words = (head or b"").split(b"\r\n", 1)[0].split(b"\n", 1)[0].split()
+        if len(words) == 3 and words[0] in (b"GET", b"HEAD") and words[2].startswith(b"HTTP/"):
+            path = urlsplit(words[1].decode("latin-1")).path
+            is_head = words[0] == b"HEAD"
+            if path == "/health":
+                status, info, headers = health(self.service)
+                return _http_response(status, (json.dumps(info) + "\n").encode(), "application/json", headers, is_head)
+            if path == "/metrics":
+                return _http_response(200, self.service.registry.render().encode(), m.CONTENT_TYPE, None, is_head)
+        self.refused.inc()
         body = b'{"error": "too many open connections; retry shortly", "status": 503}\n'
-        return (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                b"Retry-After: %d\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
-                % (self.service.config.retry_after, len(body), body))
+        return _http_response(503, body, "application/json", {"Retry-After": self.service.config.retry_after})
 
     @property
     def port(self) -> int:
@@ -435,13 +722,14 @@ class RunningService:
     def __init__(self, service: InspectionService, host: str = "127.0.0.1", port: int = 0):
         self.service = service
         self.httpd = make_server(service, host, port)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.1},
-                                       name="spade-edge-http", daemon=True)
+        self.thread = threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.1}, name="spade-edge-http", daemon=True
+        )
         self.thread.start()
 
     @property
     def url(self) -> str:
-        host, port = self.httpd.server_address[:2]
+        host, port = cast(tuple, self.httpd.server_address)[:2]  # AF_INET or AF_INET6: (host, port, ...)
         return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
 
     def stop(self, drain_timeout: float = 10.0) -> None:

@@ -2,18 +2,26 @@
 target), once, even across restarts.
 
 - Polling, not inotify: network shares (SMB, NFS) do not deliver change events reliably.
-- A file is read only once it has stopped changing (same size and modification time over
-  ``settle`` seconds), so a half-copied image is never scored.
+- A file is complete when it has stopped changing (same size and modification time over
+  ``settle`` seconds) AND it decodes. A copy can stall for longer than ``settle`` (a busy share):
+  a file that does not decode is retried while it changes, and is recorded as failed only once it
+  has stayed unchanged for ``give_up`` seconds. A file that changes while it is scored is
+  neither recorded nor moved: it is looked at again. So a half-copied image is never scored, and
+  a file is never moved while it may still be written.
+- Symbolic links are not read (nor, with ``recursive``, entered): a link could make the watcher
+  read, score and move files outside the folder. Files are opened without following links.
 - ``results.jsonl`` in the output folder gets one JSON line per image (the ``infer`` line plus
   ``key``, ``sha256``, ``time``, ``threshold`` and the heat map's path), written and fsync'ed
   before the next image. It is also the record of what was done: an image whose key (relative
   path, size, modification time) is in it is never scored again. A line torn by a crash is cut off
   at start, and that image is scored again: each image gets exactly one complete line.
-- An image that cannot be read gets an ``error`` line, once (it is not retried forever).
+- An image that cannot be read gets an ``error`` line, once, after ``give_up`` (it is not retried
+  forever).
 - One watcher per output folder (a lock file); a second one refuses to start.
 - ``done_dir``: processed images are moved there (failed ones to ``done_dir/failed``), which
   keeps the watched folder small; without it images stay where they are.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -21,11 +29,12 @@ import hashlib
 import json
 import logging
 import os
+import stat
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 from ..runtime.images import IMAGE_SUFFIXES
 
@@ -39,6 +48,7 @@ HEATMAP_MODES = ("all", "not-ok", "none")
 class WatchConfig:
     interval: float = 1.0  # seconds between scans
     settle: float = 1.0  # seconds a file must stay unchanged before it is read
+    give_up: float = 60.0  # seconds a file that does not decode must stay unchanged before it is failed
     heatmaps: str = "all"  # all | not-ok | none
     recursive: bool = False
     done_dir: Path | None = None
@@ -46,8 +56,8 @@ class WatchConfig:
     def __post_init__(self):
         if self.heatmaps not in HEATMAP_MODES:
             raise ValueError(f"heatmaps must be one of {HEATMAP_MODES}, got {self.heatmaps!r}")
-        if self.interval <= 0 or self.settle < 0:
-            raise ValueError("interval must be positive and settle not negative")
+        if self.interval <= 0 or self.settle < 0 or self.give_up < 0:
+            raise ValueError("interval must be positive, settle and give_up not negative")
 
 
 def file_key(rel: str, st: os.stat_result) -> str:
@@ -136,8 +146,14 @@ class FolderLock:
 class Watcher:
     """Scores the images in ``folder`` with ``detector``, writing into ``out``."""
 
-    def __init__(self, detector, folder: str | os.PathLike, out: str | os.PathLike | None = None,
-                 config: WatchConfig | None = None, emit: Callable[[dict], None] | None = None):
+    def __init__(
+        self,
+        detector,
+        folder: str | os.PathLike,
+        out: str | os.PathLike | None = None,
+        config: WatchConfig | None = None,
+        emit: Callable[[dict], None] | None = None,
+    ):
         self.detector = detector
         self.folder = Path(folder).resolve()
         if not self.folder.is_dir():
@@ -150,6 +166,7 @@ class Watcher:
         self._lock = FolderLock(self.out)
         self.results = Results(self.out / RESULTS)
         self._seen: dict[Path, tuple[int, int, float]] = {}  # path -> (size, mtime_ns, since when unchanged)
+        self._undecodable: dict[str, tuple[str, str]] = {}  # key -> (error, sha256): waiting to be given up on
         present = {file_key(self._rel(p), st) for p, st in self._candidates()}
         self.done: set[str] = self.results.keys(present)
         self.processed = 0  # this run
@@ -178,13 +195,15 @@ class Watcher:
                     continue  # hidden, and the temporary names many copy tools use
                 p = Path(e.path)
                 try:
+                    if e.is_symlink():
+                        continue  # never followed: it may lead out of the folder
                     if e.is_dir(follow_symlinks=False):
                         if self.config.recursive and p not in skip:
                             stack.append(p)
                         continue
-                    if not e.is_file() or p.suffix.lower() not in IMAGE_SUFFIXES:
+                    if not e.is_file(follow_symlinks=False) or p.suffix.lower() not in IMAGE_SUFFIXES:
                         continue
-                    yield p, e.stat()
+                    yield p, e.stat(follow_symlinks=False)
                 except OSError:
                     continue  # vanished while we looked
 
@@ -197,7 +216,7 @@ class Watcher:
             keys.add(key)
             if key in self.done:
                 if self.config.done_dir is not None:
-                    self._move_done(p, failed=False)  # recorded, but the move did not happen (crash)
+                    self._move_done(p, False, st)  # recorded, but the move did not happen (crash)
                 continue
             sig = (st.st_size, st.st_mtime_ns)
             prev = self._seen.get(p)
@@ -207,41 +226,78 @@ class Watcher:
                 ready.append((p, st))
         self._seen = seen
         self.done &= keys  # forget files that are gone: memory bounded by the folder
+        self._undecodable = {k: v for k, v in self._undecodable.items() if k in keys}
         ready.sort(key=lambda t: (t[1].st_mtime_ns, t[0].name))
         return ready
 
     # --- processing ---------------------------------------------------------------------------
+    def _stable_for(self, path: Path, st: os.stat_result) -> float:
+        """Seconds this watcher has seen ``path`` unchanged at ``st``'s size and time."""
+        prev = self._seen.get(path)
+        return time.monotonic() - prev[2] if prev is not None and prev[:2] == (st.st_size, st.st_mtime_ns) else 0.0
+
+    @staticmethod
+    def _unchanged(path: Path, st: os.stat_result) -> bool:
+        try:
+            now = os.lstat(path)
+        except OSError:
+            return False
+        return stat.S_ISREG(now.st_mode) and (now.st_size, now.st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+
+    @staticmethod
+    def _read(path: Path, st: os.stat_result) -> bytes | None:
+        """The file's bytes if it is still the regular file ``st`` describes (never through a
+        link, never blocking on a FIFO put in its place); None if it changed or vanished."""
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+        except OSError:
+            return None
+        with os.fdopen(fd, "rb") as f:
+            before = os.fstat(fd)
+            if not stat.S_ISREG(before.st_mode) or (before.st_size, before.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
+                return None
+            data = f.read(st.st_size + 1)
+        return data if len(data) == st.st_size else None
+
     def process(self, path: Path, st: os.stat_result) -> dict | None:
-        """Score one file and record it; None if it changed or vanished (looked at again later)."""
+        """Score one file and record it; None if it changed, vanished or does not decode yet
+        (looked at again later)."""
         from ..runtime.errors import ImageError
 
         rel = self._rel(path)
         key = file_key(rel, st)
-        try:
-            data = path.read_bytes()
-            st2 = path.stat()
-        except FileNotFoundError:
-            return None
-        if (st2.st_size, st2.st_mtime_ns) != (st.st_size, st.st_mtime_ns) or len(data) != st.st_size:
-            return None  # still being written after all: wait for it to settle again
-        sha = hashlib.sha256(data).hexdigest()
-        rec: dict = {"key": key, "image": rel, "sha256": sha}
-        try:
-            p = self.detector.predict(data, name=rel)
-        except ImageError as exc:
-            rec["error"] = str(exc)
-            failed = True
-        except Exception as exc:  # noqa: BLE001 - recorded once, the watcher goes on
-            log.exception("scoring %s failed", rel)
-            rec["error"] = f"{type(exc).__name__}: {exc}"
-            failed = True
+        waited, give_up = self._stable_for(path, st), max(self.config.give_up, self.config.settle)
+        rec: dict = {"key": key, "image": rel}
+        failed = True
+        if key in self._undecodable:  # the same bytes failed before: no need to decode them again
+            if waited < give_up:
+                return None
+            rec["error"], rec["sha256"] = self._undecodable.pop(key)
         else:
-            failed = False
-            rec.update({k: v for k, v in p.to_dict().items() if k != "image"})
-            rec["threshold"] = self.detector.gallery.thresholds.get("image")
-            mode = self.config.heatmaps
-            if mode == "all" or (mode == "not-ok" and p.verdict == "NOT_OK"):
-                rec["heatmap"] = str(self._save_heatmap(p, rel, sha))
+            data = self._read(path, st)
+            if data is None:
+                return None  # still being written after all: wait for it to settle again
+            sha = rec["sha256"] = hashlib.sha256(data).hexdigest()
+            try:
+                p = self.detector.predict(data, name=rel)
+            except ImageError as exc:
+                if waited < give_up:  # maybe a copy that stalled: retried until it stays unchanged
+                    log.debug("%s does not decode yet (%s); retried until unchanged for %.0f s", rel, exc, give_up)
+                    self._undecodable[key] = (str(exc), sha)
+                    return None
+                rec["error"] = str(exc)
+            except Exception as exc:  # noqa: BLE001 - recorded once, the watcher goes on
+                log.exception("scoring %s failed", rel)
+                rec["error"] = f"{type(exc).__name__}: {exc}"
+            else:
+                failed = False
+                rec.update({k: v for k, v in p.to_dict().items() if k != "image"})
+                rec["threshold"] = self.detector.gallery.thresholds.get("image")
+                mode = self.config.heatmaps
+                if mode == "all" or (mode == "not-ok" and p.verdict == "NOT_OK"):
+                    rec["heatmap"] = str(self._save_heatmap(p, rel, sha))
+        if not self._unchanged(path, st):
+            return None  # written to while it was scored: that was not the whole image
         rec["time"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         self.results.append(rec)  # the commit point: from here on this image is done
         self.done.add(key)
@@ -249,7 +305,7 @@ class Watcher:
         if self.emit:
             self.emit(rec)
         if self.config.done_dir is not None:
-            self._move_done(path, failed)
+            self._move_done(path, failed, st)
         return rec
 
     def _save_heatmap(self, pred, rel: str, sha: str) -> Path:
@@ -263,7 +319,13 @@ class Watcher:
         os.replace(tmp, path)
         return path
 
-    def _move_done(self, path: Path, failed: bool) -> None:
+    def _move_done(self, path: Path, failed: bool, st: os.stat_result) -> None:
+        """Move ``path`` out of the folder, unless it changed since ``st`` (a writer is back: the
+        new bytes are a new image, looked at again)."""
+        if not self._unchanged(path, st):
+            log.warning("%s changed after it was recorded; not moved, looked at again", path)
+            return
+        assert self.config.done_dir is not None  # called only when there is one
         dest_dir = Path(self.config.done_dir) / ("failed" if failed else "")
         dest = dest_dir / self._rel(path)
         try:

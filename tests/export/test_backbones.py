@@ -24,8 +24,11 @@ def check_declared_pyramid(net):
 
 def test_wrn_pyramid_matches_its_declaration(wrn):
     check_declared_pyramid(wrn)
-    assert [(lv.name, lv.channels, lv.stride) for lv in wrn.feature_info.levels] == \
-        [("layer1", 256, 4), ("layer2", 512, 8), ("layer3", 1024, 16)]
+    assert [(lv.name, lv.channels, lv.stride) for lv in wrn.feature_info.levels] == [
+        ("layer1", 256, 4),
+        ("layer2", 512, 8),
+        ("layer3", 1024, 16),
+    ]
 
 
 def test_lite0_pyramid_matches_its_declaration(lite0):
@@ -38,8 +41,9 @@ def test_lite0_real_weights_see_a_cat(lite0):
 
     x, _ = Preprocess(224)(chelsea())
     info = lite0.feature_info
-    t = (torch.from_numpy(x).permute(2, 0, 1)[None].float() / 255 - torch.tensor(info.mean).view(1, 3, 1, 1)) \
-        / torch.tensor(info.std).view(1, 3, 1, 1)
+    t = (
+        torch.from_numpy(x).permute(2, 0, 1)[None].float() / 255 - torch.tensor(info.mean).view(1, 3, 1, 1)
+    ) / torch.tensor(info.std).view(1, 3, 1, 1)
     with torch.no_grad():
         probs = lite0.classify(t).softmax(1)[0]
     cats = probs[281:286].sum().item()  # tabby, tiger cat, Persian, Siamese, Egyptian cat

@@ -1,4 +1,5 @@
 """Reading .pth checkpoints without unpickling: the same tensors torch.load gives, and nothing run."""
+
 import pickle
 
 import pytest
@@ -11,10 +12,16 @@ from spade_edge.export.checkpoint import UnsafeCheckpointError, read_checkpoint
 def test_same_tensors_as_torch_in_both_layouts(tmp_path, zip_format):
     g = torch.Generator().manual_seed(0)
     base = torch.randn(6, 5, generator=g)
-    state = {"w": torch.randn(4, 3, 3, 3, generator=g), "t": base.t(),  # non-contiguous
-             "s": base[2:4],  # a view at a storage offset, sharing base's storage
-             "base": base, "h": torch.randn(7, generator=g).half(), "bf": torch.randn(5, generator=g).bfloat16(),
-             "n": torch.tensor([3, -1], dtype=torch.int64), "b": torch.tensor([True, False])}
+    state = {
+        "w": torch.randn(4, 3, 3, 3, generator=g),
+        "t": base.t(),  # non-contiguous
+        "s": base[2:4],  # a view at a storage offset, sharing base's storage
+        "base": base,
+        "h": torch.randn(7, generator=g).half(),
+        "bf": torch.randn(5, generator=g).bfloat16(),
+        "n": torch.tensor([3, -1], dtype=torch.int64),
+        "b": torch.tensor([True, False]),
+    }
     path = tmp_path / "c.pth"
     torch.save(state, path, _use_new_zipfile_serialization=zip_format)
     ours = read_checkpoint(path)

@@ -1,6 +1,7 @@
 """CudaScorer on a real GPU against NumpyScorer on the CPU. Skipped, with the reason reported,
 where CuPy or a CUDA device is missing (DESIGN.md section 4); the kernel's logic and the glue are
 also checked without a GPU by tests/runtime/test_cuda_kernel.py."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -10,14 +10,18 @@ Stated bounds, per output (cosine of every pixel feature, relative error ||trt -
 - int8 engine vs ONNX Runtime fp32: cosine >= 0.95 (the Q/DQ model's bound under ONNX Runtime),
   and vs ONNX Runtime running the same Q/DQ model: cosine >= 0.97.
 """
+
 from __future__ import annotations
 
 import json
 
 import numpy as np
 import pytest
+
 from spade_edge.calibration.drift import feature_drift
 from spade_edge.export import engine as eng
+from spade_edge.export.trt_plans import PRECISIONS
+from spade_edge.runtime import engine_record as record
 from spade_edge.runtime.features.onnxruntime import OnnxRuntimeBackend
 
 pytestmark = pytest.mark.gpu
@@ -30,7 +34,7 @@ def _no_gpu_reason() -> str | None:
     except (ImportError, OSError) as exc:  # not installed, or installed without its libraries
         return f"TensorRT is not usable here ({type(exc).__name__}: {exc}); pip install 'spade-edge[trt]'"
     try:
-        gpu = eng.gpu_identity()
+        gpu = record.gpu_identity()
     except Exception as exc:
         return f"no usable CUDA device: {exc}"
     print(f"TensorRT {tensorrt.__version__} on {gpu['name']} (compute capability {gpu['compute_capability']})")
@@ -57,7 +61,7 @@ def onnx_models(lite0_onnx, elpv_normal, tmp_path_factory):
 
 def _source(precision: str, onnx_models):
     """TensorRT 10 makes fp16 from the fp32 model (BuilderFlag.FP16); 11 needs the FP16 model."""
-    if precision == "fp16" and eng.tensorrt_version().major < 11:
+    if precision == "fp16" and record.tensorrt_version().major < 11:
         return onnx_models["fp32"]
     return onnx_models[precision]
 
@@ -66,31 +70,36 @@ def _source(precision: str, onnx_models):
 def engines(onnx_models, tmp_path_factory):
     d = tmp_path_factory.mktemp("engines")
     cache = d / "timing.cache"
-    return {p: eng.engine_from_onnx(_source(p, onnx_models), d / f"lite0.{p}.engine", p, MAX_BATCH, 1024, cache)
-            for p in eng.PRECISIONS}
+    return {
+        p: eng.engine_from_onnx(_source(p, onnx_models), d / f"lite0.{p}.engine", p, MAX_BATCH, 1024, cache)
+        for p in PRECISIONS
+    }
 
 
-@pytest.mark.parametrize("precision", eng.PRECISIONS)
+@pytest.mark.parametrize("precision", PRECISIONS)
 def test_build_writes_engine_sidecar_and_timing_cache(engines, onnx_models, precision):
     path = engines[precision]
-    rec = eng.check_engine(path, _source(precision, onnx_models))
+    rec = record.check_engine(path, _source(precision, onnx_models))
     assert rec["engine"]["precision"] == rec["model_info"]["precision"] == precision
-    assert rec["build"]["max_batch"] == MAX_BATCH and rec["tensorrt"] == str(eng.tensorrt_version())
-    assert rec["gpu"] == eng.gpu_identity()
+    assert rec["build"]["max_batch"] == MAX_BATCH and rec["tensorrt"] == str(record.tensorrt_version())
+    assert rec["gpu"] == record.gpu_identity()
     assert (path.parent / "timing.cache").stat().st_size > 0
 
 
-@pytest.mark.parametrize("precision", eng.PRECISIONS)
+@pytest.mark.parametrize("precision", PRECISIONS)
 def test_engine_matches_onnxruntime_cpu(engines, onnx_models, precision, elpv_normal):
-    from spade_edge.runtime.features.tensorrt import TensorRTBackend
-
     from spade_edge.datasets import elpv_cells
+    from spade_edge.runtime.features.tensorrt import TensorRTBackend
 
     images = list(elpv_normal[100:106]) + list(elpv_cells(1.0, "mono")[:4])
     ref = OnnxRuntimeBackend.from_path(onnx_models["fp32"])
     with TensorRTBackend(engines[precision]) as trt:
         drift = feature_drift(ref, trt, images, batch=MAX_BATCH)
-        same = feature_drift(OnnxRuntimeBackend.from_path(onnx_models["int8"]), trt, images) if precision == "int8" else None
+        same = (
+            feature_drift(OnnxRuntimeBackend.from_path(onnx_models["int8"]), trt, images)
+            if precision == "int8"
+            else None
+        )
     print(precision, json.dumps(drift, indent=1), json.dumps(same))
     for level, d in drift.items():
         if precision == "fp32":
@@ -126,8 +135,8 @@ def test_backend_refuses_an_engine_for_another_tensorrt(engines, tmp_path):
 
     path = tmp_path / "copy.engine"
     shutil.copy(engines["fp32"], path)
-    rec = json.loads(eng.sidecar_path(engines["fp32"]).read_text())
+    rec = json.loads(record.sidecar_path(engines["fp32"]).read_text())
     rec["tensorrt"] = "10.0.0"
-    eng.sidecar_path(path).write_text(json.dumps(rec))
-    with pytest.raises(eng.EngineError, match="built with TensorRT 10.0.0"):
+    record.sidecar_path(path).write_text(json.dumps(rec))
+    with pytest.raises(record.EngineError, match="built with TensorRT 10.0.0"):
         TensorRTBackend(path)

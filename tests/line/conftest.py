@@ -1,5 +1,6 @@
 """Fixtures of the line adapters: the service's tiny model and galleries, loaded in-process, and a
 Line whose fake camera cycles through normal images and one bright (defective) image."""
+
 from __future__ import annotations
 
 import numpy as np

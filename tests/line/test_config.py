@@ -1,5 +1,6 @@
 """The line configuration file: checked whole, every problem named; and `spade-edge line` /
 `spade-edge serve --tcp` run as real processes."""
+
 from __future__ import annotations
 
 import re
@@ -34,7 +35,10 @@ def files(tmp_path, assets):
 
 
 def test_a_good_file_loads_with_defaults_and_relative_paths(files):
-    cfg = load_config(write(files, '''
+    cfg = load_config(
+        write(
+            files,
+            """
 model = "model.onnx"
 gallery = "parts.gallery"
 [source]
@@ -49,7 +53,9 @@ port = 4841
 [mqtt]
 host = "mes.local"
 topic = "plant/line3"
-'''))
+""",
+        )
+    )
     assert cfg.model == files / "model.onnx" and cfg.adapters == ["tcp", "modbus", "opcua"]
     assert cfg.section("tcp")["result_format"] == "{code},{job},{verdict},{score:.6f}"
     assert cfg.section("modbus")["ack_timeout"] == 10.0 and cfg.section("mqtt")["qos"] == 1
@@ -58,7 +64,10 @@ topic = "plant/line3"
 
 def test_every_problem_is_reported_at_once(files):
     with pytest.raises(ConfigError) as e:
-        load_config(write(files, '''
+        load_config(
+            write(
+                files,
+                """
 model = "missing.onnx"
 galery = "parts.gallery"
 device = "tpu"
@@ -77,37 +86,65 @@ host = "mes"
 qos = 3
 [camera]
 x = 1
-'''))
+""",
+            )
+        )
     text = str(e.value)
-    for needle in ("missing.onnx': no such file", "galery: unknown setting (did you mean 'gallery'?)",
-                   "gallery: required", "device = 'tpu'", "[source] type = 'foldr'", "(did you mean 'folder'?)",
-                   "[tcp] result format", "[modbus] port = 2001: already used by [tcp]",
-                   "[modbus] ack_timeout = 'soon': must be int or float", "[opcua] port = 70000: must be 0..65535",
-                   "[mqtt] qos = 3", "[camera]: unknown section"):
+    for needle in (
+        "missing.onnx': no such file",
+        "galery: unknown setting (did you mean 'gallery'?)",
+        "gallery: required",
+        "device = 'tpu'",
+        "[source] type = 'foldr'",
+        "(did you mean 'folder'?)",
+        "[tcp] result format",
+        "[modbus] port = 2001: already used by [tcp]",
+        "[modbus] ack_timeout = 'soon': must be int or float",
+        "[opcua] port = 70000: must be 0..65535",
+        "[mqtt] qos = 3",
+        "[camera]: unknown section",
+    ):
         assert needle in text, f"{needle!r} not reported:\n{text}"
     assert len(e.value.problems) == 11  # one line per problem (the suggestion is part of its line)
 
 
-@pytest.mark.parametrize("body,needle", [
-    ('model = "model.onnx"\ngallery = "parts.gallery"\n', "no adapter"),
-    ('model = "model.onnx"\ngallery = "parts.gallery"\n[tcp]\nport = 1\n', "[tcp] triggers need an image source"),
-    ('model = "model.onnx"\ngallery = "parts.gallery"\n[tcp]\n[source]\ntype = "upload"\n', "add an [http] section"),
-    ('model = "model.onnx"\ngallery = "parts.gallery"\n[tcp]\n[source]\ntype = "folder"\npath = "nowhere"\n',
-     "path = 'nowhere': no such folder"),
-    ('model = "model.onnx"\ngallery = "parts.gallery"\n[tcp]\n[source]\ntype = "upload"\npath = "x"\n[http]\n',
-     "path: not a setting of a upload source"),
-    ('model = "model.onnx"\ngallery = "parts.gallery"\n[tcp\n', "not valid TOML"),
-])
+@pytest.mark.parametrize(
+    "body,needle",
+    [
+        ('model = "model.onnx"\ngallery = "parts.gallery"\n', "no adapter"),
+        ('model = "model.onnx"\ngallery = "parts.gallery"\n[tcp]\nport = 1\n', "[tcp] triggers need an image source"),
+        (
+            'model = "model.onnx"\ngallery = "parts.gallery"\n[tcp]\n[source]\ntype = "upload"\n',
+            "add an [http] section",
+        ),
+        (
+            'model = "model.onnx"\ngallery = "parts.gallery"\n[tcp]\n[source]\ntype = "folder"\npath = "nowhere"\n',
+            "path = 'nowhere': no such folder",
+        ),
+        (
+            'model = "model.onnx"\ngallery = "parts.gallery"\n[tcp]\n[source]\ntype = "upload"\npath = "x"\n[http]\n',
+            "path: not a setting of a upload source",
+        ),
+        ('model = "model.onnx"\ngallery = "parts.gallery"\n[tcp\n', "not valid TOML"),
+        ('model = "model.onnx"\ngallery = "parts.gallery"\nmode = "fancy"\n[http]\n', "scoring: mode must be one of"),
+        ('model = "model.onnx"\ngallery = "parts.gallery"\nk_image = 0\n[http]\n', "scoring: k_image must be >= 1"),
+        ('model = "model.onnx"\ngallery = "parts.gallery"\nlevels = [1]\n[http]\n', "must be a list of level names"),
+    ],
+)
 def test_single_mistakes_are_named(files, body, needle):
     with pytest.raises(ConfigError, match=re.escape(needle)):
         load_config(write(files, body))
 
 
 def test_check_flag_prints_the_plan_and_refuses_bad_files(files):
-    good = write(files, 'model = "model.onnx"\ngallery = "parts.gallery"\n[tcp]\nport = 0\n'
-                        '[source]\ntype = "folder"\npath = "incoming"\n')
+    good = write(
+        files,
+        'model = "model.onnx"\ngallery = "parts.gallery"\nk_image = 3\nlevels = "s4, s8"\n'
+        '[tcp]\nport = 0\n[source]\ntype = "folder"\npath = "incoming"\n',
+    )
     r = CliRunner().invoke(main, ["line", str(good), "--check"])
     assert r.exit_code == 0 and '"tcp"' in r.output and "OK" in r.output
+    assert load_config(good).scoring == {"k_image": 3, "levels": ("s4", "s8")}  # as --k-image 3 --levels s4,s8
     bad = files / "bad.toml"
     bad.write_text('model = "model.onnx"\n')
     r = CliRunner().invoke(main, ["line", str(bad), "--check"])
@@ -149,7 +186,9 @@ def _opcua_state(url: str) -> tuple[str, str]:
         async with Client(url, timeout=30) as c:
             idx = await c.get_namespace_index(NAMESPACE)
             sm = await c.nodes.objects.get_child([f"{idx}:VisionSystem", f"{idx}:VisionStateMachine"])
-            return tuple([await (await sm.get_child(f"{idx}:{n}")).read_value() for n in ("CurrentState", "OperationalState")])
+            return tuple(
+                [await (await sm.get_child(f"{idx}:{n}")).read_value() for n in ("CurrentState", "OperationalState")]
+            )
 
     return asyncio.run(read())
 
@@ -157,14 +196,18 @@ def _opcua_state(url: str) -> tuple[str, str]:
 def test_line_command_runs_the_adapters_of_a_file(files, assets):
     shutil.copy(assets["images"]["normal0.png"], files / "incoming" / "cam-0001.png")
     shutil.copy(assets["images"]["bright.png"], files / "incoming" / "cam-0002.png")
-    cfg = write(files, 'model = "model.onnx"\ngallery = "parts.gallery"\ndevice = "cpu"\nthreads = 1\n'
-                       '[source]\ntype = "folder"\npath = "incoming"\nsettle = 0.0\n'
-                       '[tcp]\nhost = "127.0.0.1"\nport = 0\n[modbus]\nhost = "127.0.0.1"\nport = 0\n'
-                       '[opcua]\nhost = "127.0.0.1"\nport = 0\n')
+    cfg = write(
+        files,
+        'model = "model.onnx"\ngallery = "parts.gallery"\ndevice = "cpu"\nthreads = 1\n'
+        '[source]\ntype = "folder"\npath = "incoming"\nsettle = 0.0\n'
+        '[tcp]\nhost = "127.0.0.1"\nport = 0\n[modbus]\nhost = "127.0.0.1"\nport = 0\n'
+        '[opcua]\nhost = "127.0.0.1"\nport = 0\n',
+    )
     log = files / "line.log"
     with open(log, "wb") as lf:
-        proc = subprocess.Popen([sys.executable, "-m", "spade_edge", "line", str(cfg)], stdout=lf,
-                                stderr=subprocess.STDOUT, cwd=ROOT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "spade_edge", "line", str(cfg)], stdout=lf, stderr=subprocess.STDOUT, cwd=ROOT
+        )
     try:
         port = int(_wait_for(log, proc, r"tcp listening on tcp://127\.0\.0\.1:(\d+)").group(1))
         _wait_for(log, proc, r"modbus listening on modbus://127\.0\.0\.1:\d+")
@@ -196,3 +239,89 @@ def test_serve_with_tcp_takes_uploaded_frames(assets, tmp_path):
         assert ok.split(",")[2] == "OK" and ng.split(",")[2] == "NOT_OK"
     finally:
         srv.stop()
+
+
+def test_every_listener_binds_loopback_unless_the_file_says_where(files):
+    """Issue 17: `spade-edge line` bound every adapter to 0.0.0.0 by default, with reload open to
+    anyone. Now 127.0.0.1 unless configured, and reload only from this machine by default."""
+    cfg = load_config(
+        write(
+            files,
+            'model = "model.onnx"\ngallery = "parts.gallery"\n'
+            '[source]\ntype = "folder"\npath = "incoming"\n'
+            "[http]\n[tcp]\n[modbus]\n[opcua]\n",
+        )
+    )
+    assert {a: cfg.section(a)["host"] for a in cfg.adapters} == {
+        a: "127.0.0.1" for a in ("http", "tcp", "modbus", "opcua")
+    }
+    assert cfg.section("tcp")["idle_timeout"] == 60.0
+    from spade_edge.line.config import reload_settings
+
+    assert reload_settings(cfg) == {"allow": "local", "dirs": (), "token": None}
+    (files / "galleries").mkdir()
+    cfg = load_config(
+        write(
+            files,
+            'model = "model.onnx"\ngallery = "parts.gallery"\n[http]\nhost = "0.0.0.0"\n'
+            '[reload]\nallow = "remote"\ndirs = ["galleries"]\ntoken = "0123456789abcdef"\n',
+        )
+    )
+    assert cfg.section("http")["host"] == "0.0.0.0"
+    assert reload_settings(cfg) == {"allow": "remote", "dirs": (str(files / "galleries"),), "token": "0123456789abcdef"}
+
+
+@pytest.mark.parametrize(
+    "body,needle",
+    [
+        ('[reload]\nallow = "yes"\n', "[reload] allow = 'yes': one of 'off', 'local', 'remote'"),
+        ('[reload]\ndirs = ["nowhere"]\n', "[reload] dirs: 'nowhere': no such folder"),
+        ('[reload]\ndirs = "galleries"\n', "[reload] dirs = 'galleries': must be list"),
+        ('[reload]\ntoken = "short"\n', "[reload] token: at least 16 characters"),
+        ('[tcp]\nidle_timeout = -1\n[source]\ntype = "fake"\n', "[tcp] idle_timeout = -1: seconds >= 0"),
+    ],
+)
+def test_reload_and_idle_settings_are_checked(files, body, needle):
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        load_config(write(files, 'model = "model.onnx"\ngallery = "parts.gallery"\n[http]\nport = 0\n' + body))
+
+
+def test_line_reloads_only_what_its_file_allows(files, assets):
+    """A running `spade-edge line`: listeners on loopback by default; POST /reload needs the token,
+    loads only files under [reload] dirs and answers the same for every other path; the text
+    protocol's RELOAD is answered for a client on this machine."""
+    import json
+
+    (files / "galleries").mkdir()
+    shutil.copy(assets["gallery_b"], files / "galleries" / "b.gallery")
+    token = "line-3-reload-token"
+    cfg = write(
+        files,
+        'model = "model.onnx"\ngallery = "parts.gallery"\ndevice = "cpu"\nthreads = 1\n'
+        '[source]\ntype = "folder"\npath = "incoming"\n[http]\nport = 0\n[tcp]\nport = 0\n'
+        f'[reload]\ndirs = ["galleries"]\ntoken = "{token}"\n',
+    )
+    log = files / "line.log"
+    with open(log, "wb") as lf:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "spade_edge", "line", str(cfg)], stdout=lf, stderr=subprocess.STDOUT, cwd=ROOT
+        )
+    try:
+        url = _wait_for(log, proc, r"http listening on (http://127\.0\.0\.1:\d+)").group(1)
+        port = int(_wait_for(log, proc, r"tcp listening on tcp://127\.0\.0\.1:(\d+)").group(1))
+        _wait_for(log, proc, "spade-edge line: ready")
+        auth = {"Authorization": f"Bearer {token}"}
+        assert request(url, "POST", "/reload", b"{}")[0] == 401
+        answers = {
+            request(url, "POST", "/reload", json.dumps({"gallery": p}).encode(), auth)[2]
+            for p in ("/etc/passwd", "/nonexistent.gallery", str(files / "parts.gallery"))
+        }
+        assert len(answers) == 1 and b"not a file this service may load" in answers.pop()
+        status, _, body = request(
+            url, "POST", "/reload", json.dumps({"gallery": str(files / "galleries" / "b.gallery")}).encode(), auth
+        )
+        assert status == 200 and json.loads(body)["generation"] == 2, body
+        assert _ask(port, "RELOAD") == ["0,RELOADED,3"]
+    finally:
+        proc.terminate()
+        assert proc.wait(30) == 0

@@ -1,4 +1,5 @@
 """The Modbus TCP handshake driven by pymodbus's own client on loopback."""
+
 from __future__ import annotations
 
 import struct
@@ -137,3 +138,103 @@ def test_malformed_writes_get_modbus_exceptions_and_the_server_keeps_serving(ada
     r = regs(c)
     assert r[mb.CONTROL] == 0 and not r[mb.STATUS] & mb.BUSY  # nothing was triggered by the bad writes
     assert handshake(c)[mb.VERDICT] == 1
+
+
+# --- function codes outside the register map (issue 17) ---------------------------------------------
+def raw_request(port: int, pdu: bytes, tid: int = 0x1234, unit: int = 1, timeout: float = 5.0) -> bytes:
+    """One Modbus TCP request as raw bytes (MBAP header + ``pdu``); the reply's PDU."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(struct.pack(">HHHB", tid, 0, len(pdu) + 1, unit) + pdu)
+        head = b""
+        while len(head) < 7:
+            chunk = s.recv(7 - len(head))
+            assert chunk, "connection closed without an answer"
+            head += chunk
+        rtid, proto, length, runit = struct.unpack(">HHHB", head)
+        assert (rtid, proto, runit) == (tid, 0, unit)
+        body = b""
+        while len(body) < length - 1:
+            chunk = s.recv(length - 1 - len(body))
+            assert chunk, "connection closed in the middle of an answer"
+            body += chunk
+        return body
+
+
+def test_undocumented_function_codes_answer_illegal_function_and_start_nothing(adapter, client_for, line):
+    """FC01/02/04/05/15/22/23 and the diagnostics are not in the register map: exception 01 with
+    function byte code + 0x80. Before: FC05 started a job, FC01/02/04 read the holding registers."""
+    c = client_for(adapter)
+    calls = {
+        0x01: lambda: c.read_coils(0, count=8, device_id=1),
+        0x02: lambda: c.read_discrete_inputs(0, count=8, device_id=1),
+        0x04: lambda: c.read_input_registers(0, count=mb.REGISTERS, device_id=1),
+        0x05: lambda: c.write_coil(0, True, device_id=1),  # bit 0 of CONTROL would be TRIGGER
+        0x0F: lambda: c.write_coils(0, [True, False, True], device_id=1),
+        0x16: lambda: c.mask_write_register(address=0, and_mask=0xFFFF, or_mask=mb.TRIGGER, device_id=1),
+        0x17: lambda: c.readwrite_registers(
+            read_address=0, read_count=2, write_address=0, values=[mb.TRIGGER], device_id=1
+        ),
+        0x07: lambda: c.read_exception_status(device_id=1),
+        0x08: lambda: c.diag_query_data(b"\x12\x34", device_id=1),
+        0x11: lambda: c.report_device_id(device_id=1),
+        0x2B: lambda: c.read_device_information(device_id=1),
+    }
+    for fc, call in calls.items():
+        rr = call()
+        assert rr.isError(), f"FC{fc:02X} answered {rr}"
+        assert (rr.function_code, rr.exception_code) == (fc | 0x80, 1), f"FC{fc:02X}: {rr}"
+    time.sleep(0.2)  # a job started by a coil write would be running or done by now
+    r = regs(c)
+    assert r[mb.CONTROL] == 0 and not r[mb.STATUS] & (mb.BUSY | mb.RESULT_VALID) and r[mb.JOB] == 0
+    assert line.done_count == 0 and line.running == 0
+    assert handshake(c)[mb.VERDICT] == 1  # and the documented codes still work
+
+
+def test_unknown_function_code_exception_carries_the_code_plus_0x80(adapter):
+    """Before: an unknown code got an exception with function byte 0x80 (code 0)."""
+    for fc in (0x00, 0x09, 0x41, 0x64, 0x7F, 0x83, 0xC1):  # (0x80 and up: not a request code at all)
+        assert raw_request(adapter.port, bytes([fc]) + b"\x00\x01", tid=fc) == bytes([fc | 0x80, 0x01]), hex(fc)
+    # a documented code whose request is cut short: 03 (illegal data value), with its own code
+    assert raw_request(adapter.port, b"\x03\x00") == b"\x83\x03"
+    assert raw_request(adapter.port, b"\x06\x00\x00") == b"\x86\x03"
+    # a documented request, raw: the map's 10 registers
+    body = raw_request(adapter.port, b"\x03\x00\x00\x00\x0a")
+    assert body[:2] == b"\x03\x14" and len(body) == 22
+
+
+def test_every_documented_error_through_pymodbus(adapter, client_for):
+    """docs/line.md's Modbus errors, each through pymodbus's client, the server serving on."""
+    c = client_for(adapter)
+    cases = [
+        (lambda: c.write_register(mb.STATUS, 1, device_id=1), 2),  # read-only register
+        (lambda: c.write_register(mb.REJECTED, 1, device_id=1), 2),
+        (lambda: c.write_register(mb.REGISTERS, 1, device_id=1), 2),  # past the map
+        (lambda: c.write_registers(mb.CONTROL, [0, 0], device_id=1), 2),  # reaches STATUS
+        (lambda: c.read_holding_registers(mb.REGISTERS - 1, count=2, device_id=1), 2),  # spills past 9
+        (lambda: c.write_register(mb.CONTROL, 8, device_id=1), 3),  # undefined CONTROL bit
+        (lambda: c.write_registers(mb.CONTROL, [0x100], device_id=1), 3),
+    ]
+    for call, code in cases:
+        rr = call()
+        assert rr.isError() and rr.exception_code == code, rr
+    # what pymodbus's client will not send, raw: counts over Modbus's limits (125 read, 123 written)
+    assert raw_request(adapter.port, b"\x03\x00\x00\x00\x7e") == b"\x83\x03"
+    assert raw_request(adapter.port, b"\x03\x00\x00\x00\x00") == b"\x83\x03"
+    assert raw_request(adapter.port, b"\x10\x00\x00\x00\x7c\xf8" + bytes(248)) == b"\x90\x03"
+    assert regs(c)[mb.REJECTED] == 0
+    assert handshake(c)[mb.VERDICT] == 1
+
+
+def test_a_set_device_id_answers_only_its_own_unit(line, client_for):
+    a = mb.ModbusAdapter(line, port=0, device_id=7).start()
+    try:
+        c = client_for(a)
+        assert not c.read_holding_registers(0, count=mb.REGISTERS, device_id=7).isError()
+        rr = c.read_holding_registers(0, count=mb.REGISTERS, device_id=8)
+        assert rr.isError() and rr.exception_code == 0x0B  # gateway target failed to respond
+        rr = c.write_coil(0, True, device_id=7)
+        assert rr.isError() and rr.exception_code == 1
+    finally:
+        a.stop()

@@ -1,4 +1,5 @@
 """Results published to a real MQTT broker (amqtt, in-process) and read by paho's client."""
+
 from __future__ import annotations
 
 import asyncio
@@ -25,8 +26,10 @@ def broker():
 
     port = free_port()
     loop = asyncio.new_event_loop()
-    config = {"listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}},
-              "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}}}
+    config = {
+        "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}},
+        "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+    }
     started = threading.Event()
     held = {}
 
@@ -41,6 +44,7 @@ def broker():
     t.start()
     assert started.wait(30)
     yield port
+
     async def stop():  # the broker leaves tasks behind: end them here, not at interpreter exit
         await held["broker"].shutdown()
         rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]

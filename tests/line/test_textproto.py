@@ -1,4 +1,5 @@
 """The TCP text protocol driven by a raw socket on loopback."""
+
 from __future__ import annotations
 
 import socket
@@ -44,7 +45,7 @@ def server(line):
 def test_200_synchronous_triggers_give_200_distinct_results_in_order(server, line):
     c = Client(server.port)
     jobs, verdicts = [], []
-    for i in range(200):
+    for _ in range(200):
         code, job, verdict, score = c.ask("TRIGGER").split(",")
         assert code == "0" and float(score) > 0
         jobs.append(int(job))
@@ -199,3 +200,123 @@ def test_connections_beyond_the_cap_are_told_and_closed(line):
         b.close()
     finally:
         srv.stop()
+
+
+def test_idle_connections_are_closed_so_they_cannot_lock_the_plcs_out(line):
+    """Issue 17: no idle timeout, so 32 idle connections locked every PLC out for good. Now a
+    connection without a byte for idle_timeout seconds is closed and its slot freed."""
+    srv = TextServer(line, port=0, max_connections=2, idle_timeout=0.5).start()
+    try:
+        idle = [socket.create_connection(("127.0.0.1", srv.port), timeout=10) for _ in range(2)]
+        time.sleep(0.1)
+        late = Client(srv.port)
+        assert late.line() == f"ER,?,{int(Code.BUSY)},2 connections open"  # the cap still holds meanwhile
+        late.close()
+        t0 = time.monotonic()
+        for s in idle:
+            assert s.recv(10) == b""  # closed by the server
+        assert 0.3 < time.monotonic() - t0 < 3
+        busy = Client(srv.port)
+        for _ in range(4):  # a connection in use is never idle: commands 0.3 s apart keep it
+            assert busy.ask("PING") == "0,PONG"
+            time.sleep(0.3)
+        plc = Client(srv.port)
+        assert plc.ask("TRIGGER").startswith("0,")
+        plc.close()
+        busy.close()
+    finally:
+        srv.stop()
+
+
+def test_control_characters_and_split_overlong_lines_get_exactly_one_answer(server):
+    """Issue 17: a line holding \\x1c-\\x1f (line breaks to str.splitlines, separators to str.split)
+    raised IndexError and dropped the connection without an answer; an over-long line got 2 to 5
+    ER answers depending on how it was split, putting the PLC out of step."""
+    c = Client(server.port)
+    for raw in (b"\x1c", b"\x1d\x1e", b"\x1f", b"\x0b", b"\x0c", b" \x1c \t"):
+        c.send(raw + b"\r\n")
+        assert c.line().startswith(f"ER,?,{int(Code.UNKNOWN_COMMAND)},empty command"), raw
+    c.send(b"PING\x1c\r\n")  # a separator after the command
+    assert c.line() == "0,PONG"
+    for pieces in ([b"X" * 5000], [b"Y" * 1000] * 5, [b"Z" * 200] * 3, [b"W" * 300, b"W" * 4000]):
+        for p in pieces:  # each piece its own segment
+            c.send(p)
+            time.sleep(0.05)
+        c.send(b"\r\nPING\r\n")
+        assert c.line() == f"ER,?,{int(Code.BAD_ARGUMENT)},line longer than 256 bytes"
+        assert c.line() == "0,PONG"  # the next answer is the PING's: one answer for the long line
+    c.send(b"A" * 300 + b"\r\nPING\r\n")  # over-long, with its end in the same segment
+    assert c.line().startswith(f"ER,?,{int(Code.BAD_ARGUMENT)},line longer")
+    assert c.line() == "0,PONG"
+    c.close()
+
+
+def test_a_client_that_half_closes_gets_its_answers_then_the_server_closes(server):
+    """`printf 'TRIGGER\\r\\n' | nc -N host 2000`: the client sends its line and EOF; it gets its
+    answer, then EOF, so the one-liner ends. A last line without a line end is answered too."""
+    for payload, want in ((b"TRIGGER\r\n", "0,"), (b"PING", "0,PONG"), (b"PING\r\nSTATUS", "0,READY")):
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+            s.sendall(payload)
+            s.shutdown(socket.SHUT_WR)
+            got = b""
+            while chunk := s.recv(4096):
+                got += chunk
+        lines = got.decode().split("\r\n")
+        assert lines[-1] == "" and lines[-2].startswith(want), (payload, got)
+
+
+def test_the_readme_one_liner_ends(server):
+    """The README's netcat line must return with the answer (netcat-openbsd without -N never did:
+    it keeps the connection open after its input ends)."""
+    import re
+    import shutil
+    import subprocess
+
+    from ..service.conftest import ROOT
+
+    if shutil.which("nc") is None:
+        pytest.skip("nc (netcat-openbsd) not installed: the README's one-liner was not run")
+    readme = (ROOT / "README.md").read_text()
+    cmd = re.search(r"^\$ (printf 'TRIGGER\\r\\n' \| nc .*)$", readme, re.MULTILINE).group(1)
+    cmd = cmd.replace("jetson", "127.0.0.1").replace(" 2000", f" {server.port}")
+    r = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=20, check=False)
+    assert r.returncode == 0 and re.fullmatch(r"0,\d+,(OK|NOT_OK),[0-9.]+\s*", r.stdout), (cmd, r)
+
+
+def test_an_image_name_cannot_forge_a_result_line(service, frames):
+    """Issue 17: POST /frames?name=part1.png%0D%0AOK,0.000,forged.png made TRIGGER answer a second,
+    forged line. Fields of an answer cannot hold line ends, control characters or commas."""
+    import io
+
+    from PIL import Image
+
+    from spade_edge.line import Line
+    from spade_edge.line.sources import UploadSource
+
+    src = UploadSource()
+    buf = io.BytesIO()
+    Image.fromarray(frames[0]).save(buf, format="PNG")
+    src.put(buf.getvalue(), "part1.png\r\nOK,0.000,forged.png")
+    srv = TextServer(Line(service, src, deadline=20), port=0, result_format="{code},{job},{verdict},{image}").start()
+    try:
+        c = Client(srv.port)
+        answer = c.ask("T")
+        assert answer.startswith("0,") and answer.endswith("part1.png??OK;0.000;forged.png")
+        assert c.ask("PING") == "0,PONG"  # nothing else was waiting
+        c.close()
+    finally:
+        srv.stop()
+
+
+def test_reload_is_refused_unless_allowed_for_the_client(line):
+    srv = TextServer(line, port=0, reload="off").start()
+    try:
+        c = Client(srv.port)
+        assert c.ask("RELOAD").startswith(f"ER,RELOAD,{int(Code.RELOAD_FAILED)},reload is not allowed")
+        assert c.ask("STATUS").split(",")[-1] == "1"  # nothing was reloaded
+        c.close()
+    finally:
+        srv.stop()
+    assert srv.answer(b"RELOAD", local=False).startswith("ER,RELOAD,")  # 'remote' is needed from another host
+    with pytest.raises(ValueError, match="reload must be one of"):
+        TextServer(line, port=0, reload="yes")

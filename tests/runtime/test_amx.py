@@ -1,6 +1,7 @@
 """The AMX screen (runtime/scoring/amx.py, kernels/amx_screen.c): the same neighbours as an exact
 float64 search, its error bound holding pair by pair, and the fp32 paths it falls back on. It needs
 a CPU with AMX-BF16 and a C compiler; elsewhere the module is skipped with the reason."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -11,7 +12,12 @@ from spade_edge.runtime.scoring import NumpyScorer, amx, cpu_scorer
 from spade_edge.runtime.scoring.amx_screen import PyramidScreen
 from spade_edge.runtime.scoring.pyramid import PyramidSlabs
 
-from ..scorer_contract import check_close_neighbours_keep_their_digits, check_rejects_bad_arguments
+from ..scorer_contract import (
+    check_close_neighbours_keep_their_digits,
+    check_near_ties_are_decided_exactly,
+    check_reads_the_gallery_view,
+    check_rejects_bad_arguments,
+)
 from .test_scoring import brute_force
 
 ok, why = amx.available()
@@ -24,8 +30,10 @@ def _concat(levels, grid):
 
 def _pyramid(rng, shapes, n, offset=0.0, scale=1.0):
     """A test pyramid and n gallery pyramids; offset and scale move every feature (ReLU-like magnitudes)."""
+
     def one():
         return [(offset + scale * rng.normal(size=s)).astype(np.float32) for s in shapes]
+
     return one(), [one() for _ in range(n)]
 
 
@@ -38,13 +46,16 @@ def _brute_force(q, g, kappa):
     return np.take_along_axis(d, idx, 1), idx
 
 
-@pytest.mark.parametrize("kappa,grid,shapes,n,offset", [
-    (1, (16, 16), [(16, 16, 6), (8, 8, 10), (4, 4, 20)], 3, 0.0),
-    (4, (16, 16), [(16, 16, 6), (8, 8, 10), (4, 4, 20)], 3, 0.0),
-    (3, (20, 20), [(20, 20, 40), (10, 10, 70), (5, 5, 130)], 5, 0.0),  # 400 rows: a padded row block
-    (2, (12, 12), [(12, 12, 4), (12, 12, 3), (6, 6, 8)], 4, 0.0),  # two levels at the fine grid
-    (1, (32, 32), [(32, 32, 64), (16, 16, 128), (8, 8, 256)], 12, 20.0),  # several slabs, far from the origin
-])
+@pytest.mark.parametrize(
+    "kappa,grid,shapes,n,offset",
+    [
+        (1, (16, 16), [(16, 16, 6), (8, 8, 10), (4, 4, 20)], 3, 0.0),
+        (4, (16, 16), [(16, 16, 6), (8, 8, 10), (4, 4, 20)], 3, 0.0),
+        (3, (20, 20), [(20, 20, 40), (10, 10, 70), (5, 5, 130)], 5, 0.0),  # 400 rows: a padded row block
+        (2, (12, 12), [(12, 12, 4), (12, 12, 3), (6, 6, 8)], 4, 0.0),  # two levels at the fine grid
+        (1, (32, 32), [(32, 32, 64), (16, 16, 128), (8, 8, 256)], 12, 20.0),  # several slabs, far from the origin
+    ],
+)
 def test_screen_finds_the_exact_neighbours(kappa, grid, shapes, n, offset):
     rng = np.random.default_rng(kappa + n)
     q, gallery = _pyramid(rng, shapes, n, offset)
@@ -120,13 +131,16 @@ def test_real_features_match_the_fp32_path(lite0_onnx, elpv_normal, tmp_path):
     cells at exactly the same distance (equal in float64), which go to the lower index."""
     from spade_edge.datasets import elpv_cells
     from spade_edge.runtime.build import gallery_from_images
+    from spade_edge.runtime.codec import Storage
     from spade_edge.runtime.detector import Detector
     from spade_edge.runtime.features import backend_from_model
-    from spade_edge.runtime.spade import SpadeConfig, _DecodedPyramids, _hwc, image_knn
+    from spade_edge.runtime.spade import SpadeConfig, image_knn, projected_levels
 
     backend = backend_from_model(lite0_onnx)
     info = backend.info
-    gallery = gallery_from_images(backend, elpv_normal[:12], tmp_path / "g.gallery", holdout=0.0, show_progress=False)
+    gallery = gallery_from_images(
+        backend, elpv_normal[:12], tmp_path / "g.gallery", holdout=0.0, show_progress=False, storage=Storage.exact()
+    )
 
     det = Detector(backend, gallery, config=SpadeConfig(score="top-pixels"))
     x, _ = det.prepare(str(elpv_cells(1.0, "mono")[0]), None)
@@ -134,8 +148,8 @@ def test_real_features_match_the_fp32_path(lite0_onnx, elpv_normal, tmp_path):
     names = [lv.name for lv in info.levels]
     _, near = image_knn(out[info.global_name], gallery, 10)
     grid = out[names[0]].shape[1:]
-    query = [gallery.levels[n].codec.project(_hwc(out[n])) for n in names]
-    images = _DecodedPyramids(gallery, names, near, grid)
+    query = projected_levels(out, gallery, names)
+    images = gallery.pyramid_view(names, near, grid)
     scorer = amx.AmxScorer()
     ours, fp32 = scorer.topk_pyramid(query, images, grid, 1), NumpyScorer().topk_pyramid(query, images, grid, 1)
     assert scorer.stats["path"] == "amx"
@@ -144,7 +158,10 @@ def test_real_features_match_the_fp32_path(lite0_onnx, elpv_normal, tmp_path):
     p = grid[0] * grid[1]
     for row in np.flatnonzero(ours.indices[:, 0] != fp32.indices[:, 0]):
         a, b = (int(t.indices[row, 0]) for t in (ours, fp32))
-        da, db = (((q64[row] - _concat([x.astype(np.float64) for x in images[i // p]], grid)[i % p]) ** 2).sum() for i in (a, b))
+        da, db = (
+            ((q64[row] - _concat([x.astype(np.float64) for x in images[i // p]], grid)[i % p]) ** 2).sum()
+            for i in (a, b)
+        )
         assert da == pytest.approx(db, rel=1e-9) and a < b
 
 
@@ -191,6 +208,8 @@ def test_plain_rows_the_screen_cannot_settle_are_searched_again(rescreen_rows, m
 def test_owes_what_every_scorer_owes():
     check_close_neighbours_keep_their_digits(amx.AmxScorer())
     check_rejects_bad_arguments(amx.AmxScorer())
+    check_near_ties_are_decided_exactly(amx.AmxScorer())
+    check_reads_the_gallery_view(amx.AmxScorer())
 
 
 def test_the_three_product_bound_holds_and_is_tighter():

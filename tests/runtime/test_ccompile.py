@@ -1,4 +1,5 @@
 """Kernels compiled on first use: cached by source, flags and compiler; clear errors otherwise."""
+
 from __future__ import annotations
 
 import platform

@@ -1,4 +1,5 @@
 """Compressed galleries: stored precisions, projections, coresets, growth and shrinkage."""
+
 import subprocess
 import sys
 import textwrap
@@ -8,7 +9,12 @@ import pytest
 from PIL import Image
 
 from spade_edge.runtime import Detector, Gallery, SpadeConfig
-from spade_edge.runtime.build import add_images, extract, gallery_from_images, remove_images
+from spade_edge.runtime.build import (
+    add_images,
+    extract,
+    gallery_from_images,
+    remove_images,
+)
 from spade_edge.runtime.codec import Storage, fit_codec, kcenter
 from spade_edge.runtime.features import backend_from_model
 from spade_edge.runtime.gallery import write_gallery
@@ -37,7 +43,7 @@ def build(backend, images, out, **kw):
 
 def test_fp32_round_trip_is_exact(setup, tmp_path):
     backend, images = setup
-    g = build(backend, images, tmp_path / "g.gallery")
+    g = build(backend, images, tmp_path / "g.gallery", storage=Storage.exact())
     feats, _, _ = extract(backend, [str(p) for p in images], Preprocess(32), show=False)
     for j, f in enumerate(feats):
         for n in ("a", "b"):
@@ -49,8 +55,8 @@ def test_fp16_and_int8_errors_are_bounded(setup, tmp_path):
     backend, images = setup
     feats, _, _ = extract(backend, [str(p) for p in images], Preprocess(32), show=False)
     ref = {n: np.stack([f[n].reshape(-1, 3) for f in feats]) for n in ("a", "b")}
-    g16 = build(backend, images, tmp_path / "h.gallery", storage=Storage(precision="fp16"))
-    g8 = build(backend, images, tmp_path / "q.gallery", storage=Storage(precision="int8"))
+    g16 = build(backend, images, tmp_path / "h.gallery", storage=Storage.exact(precision="fp16"))
+    g8 = build(backend, images, tmp_path / "q.gallery", storage=Storage.exact(precision="int8"))
     for n in ("a", "b"):
         x16 = np.stack([g16.levels[n].rows(j) for j in range(len(images))])
         # fp16 keeps 11 significant bits: relative error <= 2^-11
@@ -65,26 +71,84 @@ def test_fp16_and_int8_errors_are_bounded(setup, tmp_path):
 def test_pca_keeping_every_channel_preserves_distances():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(500, 8)).astype(np.float32) @ rng.normal(size=(8, 8)).astype(np.float32)
-    codec = fit_codec(x, Storage(projection="pca", keep=1.0))
+    codec = fit_codec(x, Storage.exact(projection="pca", keep=1.0))
     y = codec.project(x)
     d_x = ((x[:50, None] - x[None, 50:100]) ** 2).sum(-1)
     d_y = ((y[:50, None] - y[None, 50:100]) ** 2).sum(-1)
     np.testing.assert_allclose(d_y, d_x, rtol=1e-3, atol=1e-3)
     # keeping half the channels keeps the leading variance
-    half = fit_codec(x, Storage(projection="pca", keep=0.5)).project(x)
+    half = fit_codec(x, Storage.exact(projection="pca", keep=0.5)).project(x)
     assert half.shape == (500, 4) and half.var(0).sum() >= 0.5 * y.var(0).sum()
 
 
-@pytest.mark.parametrize("storage", [Storage(projection="random", keep=0.67), Storage(projection="pca", keep=0.67, precision="int8")])
+@pytest.mark.parametrize(
+    "storage",
+    [
+        Storage.exact(projection="random", keep=0.67),
+        Storage(projection="pca", keep=0.67, precision="int8", coreset=1.0),
+    ],
+)
 def test_projected_gallery_scores_through_the_same_projection(setup, tmp_path, storage):
     backend, images = setup
-    g = build(backend, images[:12], tmp_path / "p.gallery", storage=storage,
-              config=SpadeConfig(k_image=3, k_gallery=4, mode="concat", score="top-pixels"))
+    g = build(
+        backend,
+        images[:12],
+        tmp_path / "p.gallery",
+        storage=storage,
+        config=SpadeConfig(k_image=3, k_gallery=4, mode="concat", score="top-pixels"),
+    )
     assert g.levels["a"].channels == 2 and g.levels["a"].codec.proj.shape == (3, 2)
     det = Detector(backend, g)
     same = det.predict(str(images[0]))  # an image of the gallery matches itself: distance ~ 0
     other = det.predict(np.full((40, 40, 3), 250, np.uint8))
     assert same.anomaly_map.max() < 0.05 * other.anomaly_map.max()
+
+
+def test_one_default_for_the_command_line_and_the_python_api(setup, tmp_path):
+    """runtime/codec.py defines the storage default once: `gallery build` without storage options and
+    gallery_from_images without ``storage`` store the same (int8, a coreset in per-level mode; every
+    pixel in concat mode, which needs them all)."""
+    from click.testing import CliRunner
+
+    from spade_edge.cli import main
+    from spade_edge.runtime.codec import DEFAULT_CORESET, DEFAULT_PRECISION
+
+    backend, images = setup
+    assert Storage() == Storage.default() == Storage.default("per-level")
+    assert (Storage().precision, Storage().coreset) == (DEFAULT_PRECISION, DEFAULT_CORESET)
+    assert Storage.default("concat").coreset == 1.0 and Storage.default("concat", coreset=0.5).coreset == 0.5
+    for mode in ("per-level", "concat"):
+        api = gallery_from_images(
+            backend,
+            images,
+            tmp_path / f"api-{mode}.gallery",
+            holdout=0.0,
+            show_progress=False,
+            config=SpadeConfig(mode=mode, score="top-pixels"),
+        )
+        res = CliRunner().invoke(
+            main,
+            [
+                "gallery",
+                "build",
+                "-m",
+                str(tmp_path / "tiny.onnx"),
+                "-i",
+                str(images[0].parent),
+                "-o",
+                str(tmp_path / f"cli-{mode}.gallery"),
+                "--holdout",
+                "0",
+                "--mode",
+                mode,
+                "--score",
+                "top-pixels",
+            ],
+        )
+        assert res.exit_code == 0, res.output
+        cli = Gallery.load(tmp_path / f"cli-{mode}.gallery")
+        assert cli.storage == api.storage == Storage.default(mode).to_dict()
+        assert api.levels["a"].coreset == (mode == "per-level") and api.levels["a"].data.dtype == np.int8
 
 
 def test_kcenter_covers_the_extremes():
@@ -110,8 +174,15 @@ def test_coreset_gallery_per_level_and_correspondences(setup, tmp_path):
         build(backend, images, tmp_path / "x.gallery", storage=Storage(coreset=0.25), config=SpadeConfig(mode="concat"))
 
 
-@pytest.mark.parametrize("storage", [Storage(), Storage(precision="int8", projection="pca", keep=0.67),
-                                     Storage(precision="fp16", coreset=0.5)])
+@pytest.mark.parametrize(
+    "storage",
+    [
+        Storage.exact(),
+        Storage(),
+        Storage(precision="int8", projection="pca", keep=0.67),
+        Storage(precision="fp16", coreset=0.5),
+    ],
+)
 def test_add_and_remove_equal_a_rebuild(setup, tmp_path, storage):
     backend, images = setup
     a, b = images[:9], images[9:]
@@ -171,7 +242,7 @@ def test_killed_build_leaves_the_previous_gallery(setup, tmp_path):
         from spade_edge.runtime.images import list_images
         slow = build.extract
         build.extract = lambda *a, **k: (time.sleep(10), slow(*a, **k))[1]
-        build.gallery_from_images(backend_from_model({str(tmp_path / 'tiny.onnx')!r}), list_images({str(many)!r}),
+        build.gallery_from_images(backend_from_model({str(tmp_path / "tiny.onnx")!r}), list_images({str(many)!r}),
                                   {str(out)!r}, show_progress=False)
     """)
     proc = subprocess.Popen([sys.executable, "-c", code])
@@ -190,8 +261,12 @@ def test_loading_a_large_gallery_maps_instead_of_reading(tmp_path):
     path = tmp_path / "big.gallery"
     level = np.lib.format.open_memmap(tmp_path / "tmp.npy", mode="w+", dtype=np.int8, shape=(n, *grid, c))
     level[::50] = 1
-    write_gallery(path, [f"{i}" for i in range(n)], {"global": np.zeros((n, 8), np.float32), "level/x": level},
-                  {"model": {"fingerprint": "sha256:x"}, "levels": {"x": {"grid": list(grid)}}})
+    write_gallery(
+        path,
+        [f"{i}" for i in range(n)],
+        {"global": np.zeros((n, 8), np.float32), "level/x": level},
+        {"model": {"fingerprint": "sha256:x"}, "levels": {"x": {"grid": list(grid)}}},
+    )
     del level
     (tmp_path / "tmp.npy").unlink()
     code = textwrap.dedent(f"""

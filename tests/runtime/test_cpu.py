@@ -1,4 +1,5 @@
 """runtime/cpu.py: what this CPU is, read from CPUID, so that an emulated CPU is seen as itself."""
+
 import platform
 from pathlib import Path
 
@@ -23,9 +24,19 @@ def numpy_cpu_features() -> dict[str, bool]:
     return __cpu_features__
 
 
-NUMPY_NAMES = {"sse4_2": "SSE42", "avx": "AVX", "avx2": "AVX2", "fma": "FMA3", "f16c": "F16C", "avx512f": "AVX512F",
-               "avx512bw": "AVX512BW", "avx512vl": "AVX512VL", "avx512_vnni": "AVX512VNNI", "avx512_bf16": "AVX512BF16",
-               "avx512_fp16": "AVX512FP16"}
+NUMPY_NAMES = {
+    "sse4_2": "SSE42",
+    "avx": "AVX",
+    "avx2": "AVX2",
+    "fma": "FMA3",
+    "f16c": "F16C",
+    "avx512f": "AVX512F",
+    "avx512bw": "AVX512BW",
+    "avx512vl": "AVX512VL",
+    "avx512_vnni": "AVX512VNNI",
+    "avx512_bf16": "AVX512BF16",
+    "avx512_fp16": "AVX512FP16",
+}
 
 
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="the CPUID reader is x86-64's")

@@ -11,6 +11,7 @@ Features are small integers so that every float32 product and sum is exact: the 
 expands |q|^2 + |g|^2 - 2 q.g) and the references (which subtract) agree bit for bit, and ties are
 real ties.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -72,8 +73,27 @@ def build(code: str, workdir: Path) -> ctypes.CDLL:
         src.mkdir(exist_ok=True)
         (src / "topk.cu").write_text(code)  # the name the launcher includes
         lib = src / "libtopk_shim.so"
-        subprocess.run([gxx, "-std=c++17", "-O2", "-Wall", "-Werror", "-shared", "-fPIC", "-include", str(SHIM),
-                        "-I", str(src), str(LAUNCHER), "-o", str(lib)], check=True, capture_output=True, text=True)
+        subprocess.run(
+            [
+                gxx,
+                "-std=c++17",
+                "-O2",
+                "-Wall",
+                "-Werror",
+                "-shared",
+                "-fPIC",
+                "-include",
+                str(SHIM),
+                "-I",
+                str(src),
+                str(LAUNCHER),
+                "-o",
+                str(lib),
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
         dll = ctypes.CDLL(str(lib))
         dll.launch_topk_tile.argtypes = [ctypes.c_uint, ctypes.c_uint] + [C_TYPES[t][0] for t in kernel_params(code)]
         dll.launch_topk_tile.restype = None
@@ -95,7 +115,9 @@ def launch(lib: ctypes.CDLL, grid: int, block: int, args: tuple) -> None:
     for a, t in zip(args, types_):
         want = C_TYPES[t][1]
         if isinstance(want, np.dtype):
-            assert isinstance(a, np.ndarray) and a.dtype == want, f"{t} parameter given {type(a)} {getattr(a, 'dtype', '')}"
+            assert isinstance(a, np.ndarray) and a.dtype == want, (
+                f"{t} parameter given {type(a)} {getattr(a, 'dtype', '')}"
+            )
             c_args.append(a.ctypes.data)
         else:  # a CUDA launch copies sizeof(param) bytes: a scalar of another width would be garbage
             assert type(a) is want, f"{t} parameter given {type(a).__name__}, needs {want.__name__}"
@@ -122,9 +144,24 @@ def kernel_topk(lib, query, blocks, kappa, layout="columns") -> TopK:
             else:  # the (w, P) product, as CudaScorer hands it over
                 dots = np.ascontiguousarray(g @ q.T)
                 stride_p, stride_m = 1, p
-            launch(lib, (p + THREADS - 1) // THREADS, THREADS,
-                   (dots, np.int64(stride_p), np.int64(stride_m), qn, (g * g).sum(1), np.int32(p), np.int32(w),
-                    np.int64(offset + s), best_d, best_i, np.int32(kappa)))
+            launch(
+                lib,
+                (p + THREADS - 1) // THREADS,
+                THREADS,
+                (
+                    dots,
+                    np.int64(stride_p),
+                    np.int64(stride_m),
+                    qn,
+                    (g * g).sum(1),
+                    np.int32(p),
+                    np.int32(w),
+                    np.int64(offset + s),
+                    best_d,
+                    best_i,
+                    np.int32(kappa),
+                ),
+            )
         offset += block.shape[0]
     return TopK(best_d, best_i)
 
@@ -201,8 +238,24 @@ def test_kernel_clamps_rounding_below_zero(shim_lib):
     best_d = np.full((1, 2), np.inf, np.float32)
     best_i = np.full((1, 2), -1, np.int64)
     one = np.ones(1, np.float32)
-    launch(shim_lib, 1, THREADS, (dots, np.int64(2), np.int64(1), one, np.ones(2, np.float32), np.int32(1),
-                                  np.int32(2), np.int64(40), best_d, best_i, np.int32(2)))
+    launch(
+        shim_lib,
+        1,
+        THREADS,
+        (
+            dots,
+            np.int64(2),
+            np.int64(1),
+            one,
+            np.ones(2, np.float32),
+            np.int32(1),
+            np.int32(2),
+            np.int64(40),
+            best_d,
+            best_i,
+            np.int32(2),
+        ),
+    )
     np.testing.assert_array_equal(best_d, [[0.0, 2.0]])
     np.testing.assert_array_equal(best_i, [[40, 41]])
 
@@ -218,8 +271,24 @@ def test_threads_past_the_last_query_row_do_nothing(shim_lib):
     qn = np.zeros(p + pad, np.float32)
     qn[p:] = np.nan
     dots = np.zeros((p + pad, 4), np.float32)
-    launch(shim_lib, 1, THREADS, (dots, np.int64(4), np.int64(1), qn, np.arange(4, dtype=np.float32), np.int32(p),
-                                  np.int32(4), np.int64(0), best_d, best_i, np.int32(kappa)))
+    launch(
+        shim_lib,
+        1,
+        THREADS,
+        (
+            dots,
+            np.int64(4),
+            np.int64(1),
+            qn,
+            np.arange(4, dtype=np.float32),
+            np.int32(p),
+            np.int32(4),
+            np.int64(0),
+            best_d,
+            best_i,
+            np.int32(kappa),
+        ),
+    )
     np.testing.assert_array_equal(best_d[:p], [[0.0, 1.0]] * p)
     np.testing.assert_array_equal(best_d[p:], -7.0)
     np.testing.assert_array_equal(best_i[p:], -7)
@@ -245,9 +314,17 @@ def cupy_stand_in(monkeypatch, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("cupy_stand_in")
     cp = types.ModuleType("cupy")
     cp.__dict__.update(
-        asarray=np.asarray, ascontiguousarray=np.ascontiguousarray, full=np.full, empty=np.empty, inf=np.inf,
-        float32=np.float32, int64=np.int64, matmul=np.matmul, concatenate=np.concatenate,
-        take_along_axis=np.take_along_axis, asnumpy=np.array,
+        asarray=np.asarray,
+        ascontiguousarray=np.ascontiguousarray,
+        full=np.full,
+        empty=np.empty,
+        inf=np.inf,
+        float32=np.float32,
+        int64=np.int64,
+        matmul=np.matmul,
+        concatenate=np.concatenate,
+        take_along_axis=np.take_along_axis,
+        asnumpy=np.array,
         argsort=lambda a, axis=-1: np.argsort(a, axis=axis, kind="stable"),  # cupy.argsort is always stable
         RawModule=lambda code: StandInModule(workdir, code=code),
         cuda=types.SimpleNamespace(Device=lambda n: contextlib.nullcontext()),
@@ -287,8 +364,9 @@ def test_cuda_scorer_without_cupy_names_the_extra(monkeypatch):
 
 
 def test_importing_the_cuda_scorer_imports_no_gpu_package():
-    code = ("import sys, spade_edge.runtime.scoring.cuda; "
-            "print(sorted(m for m in ('cupy', 'pycuda') if m in sys.modules))")
+    code = (
+        "import sys, spade_edge.runtime.scoring.cuda; print(sorted(m for m in ('cupy', 'pycuda') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     assert out.strip() == "[]"
 
@@ -303,8 +381,11 @@ def test_kernel_compiles_with_nvcc(arch, tmp_path):
     if nvcc is None:
         pytest.skip("nvcc is not on PATH: the CUDA kernel was not compiled for " + arch)
     cubin = tmp_path / f"topk_{arch}.cubin"
-    run = subprocess.run([nvcc, f"-arch={arch}", "-cubin", "--Werror", "all-warnings", "-o", str(cubin),
-                          str(KERNEL_SOURCE)], capture_output=True, text=True)
+    run = subprocess.run(
+        [nvcc, f"-arch={arch}", "-cubin", "--Werror", "all-warnings", "-o", str(cubin), str(KERNEL_SOURCE)],
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 0, run.stderr
     # extern "C": the name CuPy's get_function and pycuda's get_function look up, unmangled
     assert KERNEL_NAME.encode() in cubin.read_bytes()

@@ -29,7 +29,9 @@ def tiny(tmp_path):
 def test_build_and_predict(tiny, tmp_path):
     model, images = tiny
     backend = backend_from_model(model)
-    g = gallery_from_images(backend, images, tmp_path / "g.gallery", config=SpadeConfig(k_image=2, k_gallery=3), show_progress=False)
+    g = gallery_from_images(
+        backend, images, tmp_path / "g.gallery", config=SpadeConfig(k_image=2, k_gallery=3), show_progress=False
+    )
     assert len(g) == 10 and len(g.thresholds["heldout"]) == 2
     assert g.thresholds["image"] == pytest.approx(max(g.thresholds["heldout_scores"]), rel=1e-5)
     det = Detector.load(model, tmp_path / "g.gallery")
@@ -80,8 +82,21 @@ def test_model_errors(tmp_path):
     with pytest.raises(ModelError, match="no such model"):
         backend_from_model(tmp_path / "nope.onnx")
     (tmp_path / "bad.onnx").write_bytes(b"garbage")
-    with pytest.raises(ModelError, match="cannot load"):
+    with pytest.raises(ModelError, match="bad.onnx: not an ONNX model"):
         backend_from_model(tmp_path / "bad.onnx")
+
+
+def test_a_score_that_is_not_a_number_is_not_ok(tiny, tmp_path, monkeypatch):
+    from spade_edge.runtime import detector as detector_module
+
+    model, images = tiny
+    g = gallery_from_images(
+        backend_from_model(model), images, tmp_path / "g.gallery", holdout=0.25, show_progress=False
+    )
+    det = Detector.load(model, g.path, device="cpu")
+    assert det.gallery.thresholds.get("image") is not None
+    monkeypatch.setattr(detector_module, "final_score", lambda *a, **k: float("nan"))
+    assert det.predict(np.full((32, 32, 3), 128, np.uint8)).verdict == "NOT_OK"
 
 
 def test_backend_checks_its_input(tiny):
@@ -95,15 +110,19 @@ def test_backend_checks_its_input(tiny):
 def test_combined_score_uses_heldout_medians(tiny, tmp_path):
     model, images = tiny
     cfg = SpadeConfig(k_image=2, k_gallery=3, score="combined")
-    g = gallery_from_images(backend_from_model(model), images, tmp_path / "g.gallery", config=cfg, holdout=0.25,
-                            show_progress=False)
+    g = gallery_from_images(
+        backend_from_model(model), images, tmp_path / "g.gallery", config=cfg, holdout=0.25, show_progress=False
+    )
     normal = g.manifest["normal"]
     assert normal["image"] > 0 and normal["top_pixels"] > 0
     p = Detector.load(model, tmp_path / "g.gallery").predict(images[0])
-    top = np.sort(p.anomaly_map.ravel())[-int(p.anomaly_map.size * 0.01):].mean()
+    top = np.sort(p.anomaly_map.ravel())[-int(p.anomaly_map.size * 0.01) :].mean()
     assert p.score == pytest.approx(p.image_score / normal["image"] + top / normal["top_pixels"], rel=1e-5)
     assert g.thresholds["image"] == pytest.approx(max(g.thresholds["heldout_scores"]))
+    # without a held-out share the gallery has no normal medians: it is built, and the detector refuses it
+    h = gallery_from_images(
+        backend_from_model(model), images, tmp_path / "h.gallery", config=cfg, holdout=0.0, show_progress=False
+    )
+    assert "normal" not in h.manifest
     with pytest.raises(ValueError, match="holdout"):
-        gallery_from_images(backend_from_model(model), images, tmp_path / "h.gallery", config=cfg, holdout=0.0,
-                            show_progress=False)
         Detector.load(model, tmp_path / "h.gallery")

@@ -1,5 +1,6 @@
 """runtime/device.py without a GPU: device names, provider options, and the CPU's answers. The GPU
 roads are proven with the stand-ins in tests/test_gpu_road.py."""
+
 import pytest
 
 from spade_edge.runtime import device as dev

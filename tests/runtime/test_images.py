@@ -1,4 +1,5 @@
 """Bad input is refused with an error that names the problem."""
+
 import io
 
 import numpy as np
@@ -26,13 +27,16 @@ def test_accepts_every_documented_form(tmp_path):
     assert out.shape == (40, 50, 3) and (out[:, :, 2] == gray).all()
 
 
-@pytest.mark.parametrize("arr,match", [
-    (np.zeros((20, 20, 3), np.float32), "dtype is float32"),
-    (np.zeros((0, 0), np.uint8), "empty"),
-    (np.zeros((20, 20, 4), np.uint8), "4 channels"),
-    (np.zeros((20, 20, 2), np.uint8), "2 channels"),
-    (np.zeros((2, 20, 20, 3), np.uint8), "4 dimensions"),
-])
+@pytest.mark.parametrize(
+    "arr,match",
+    [
+        (np.zeros((20, 20, 3), np.float32), "dtype is float32"),
+        (np.zeros((0, 0), np.uint8), "empty"),
+        (np.zeros((20, 20, 4), np.uint8), "4 channels"),
+        (np.zeros((20, 20, 2), np.uint8), "2 channels"),
+        (np.zeros((2, 20, 20, 3), np.uint8), "4 dimensions"),
+    ],
+)
 def test_bad_arrays(arr, match):
     with pytest.raises(ImageError, match=match):
         load_image(arr)
@@ -57,7 +61,7 @@ def test_bad_files(tmp_path):
 
 
 def test_sixteen_bit_gray_is_scaled():
-    arr = (np.arange(256 * 16, dtype=np.uint16).reshape(64, 64) * 16)
+    arr = np.arange(256 * 16, dtype=np.uint16).reshape(64, 64) * 16
     out = load_image(Image.fromarray(arr))
     assert out.dtype == np.uint8 and out.max() == 255 and out.min() == 0
 

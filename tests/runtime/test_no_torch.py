@@ -1,4 +1,5 @@
 """The runtime path never imports torch (checked in a fresh interpreter)."""
+
 import subprocess
 import sys
 import textwrap
@@ -12,7 +13,7 @@ def test_runtime_inference_imports_no_torch(lite0_onnx, elpv_normal, tmp_path):
         from spade_edge.render import save_heatmap
         backend = backend_from_model({str(lite0_onnx)!r})
         images = {[str(p) for p in elpv_normal[:6]]!r}
-        g = gallery_from_images(backend, images[:5], {str(tmp_path / 'g.gallery')!r}, show_progress=False)
+        g = gallery_from_images(backend, images[:5], {str(tmp_path / "g.gallery")!r}, show_progress=False)
         p = Detector(backend, g).predict(images[5])
         save_heatmap(p, g, {str(tmp_path)!r})
         assert p.anomaly_map.shape == (224, 224)

@@ -7,7 +7,9 @@ from scipy.ndimage import gaussian_filter
 from spade_edge.runtime.resample import gaussian_blur, interp_matrix, upsample_hwc, upsample_map
 
 
-@pytest.mark.parametrize("src,dst", [((14, 14), (224, 224)), ((7, 9), (56, 30)), ((5, 5), (5, 5)), ((28, 28), (56, 56))])
+@pytest.mark.parametrize(
+    "src,dst", [((14, 14), (224, 224)), ((7, 9), (56, 30)), ((5, 5), (5, 5)), ((28, 28), (56, 56))]
+)
 def test_bilinear_matches_torch(src, dst):
     x = np.random.default_rng(0).normal(size=(4, *src)).astype(np.float32)
     ref = F.interpolate(torch.from_numpy(x)[None], size=dst, mode="bilinear", align_corners=False)[0].numpy()

@@ -1,11 +1,12 @@
 """The paper's equations, written plainly, against the runtime on random features."""
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from spade_edge.runtime.scoring import NumpyScorer
-from spade_edge.runtime.scoring.pyramid import upsampled_sqnorms
+from spade_edge.runtime.scoring.base import GalleryPyramids, GalleryRows
 from spade_edge.runtime.spade import SpadeConfig, image_knn, pixel_scores
 
 from ..conftest import make_info, random_features, random_gallery
@@ -40,7 +41,9 @@ def reference(test, gallery, info, k_image, k_gallery, kappa, mode):
                 out[y, x] = np.sort(d)[:kappa].mean()
         return out
 
-    gal_levels = {n: [np.asarray(gallery.levels[n].data[j], np.float64).transpose(2, 0, 1) for j in retrieved] for n in names}
+    gal_levels = {
+        n: [np.asarray(gallery.levels[n].data[j], np.float64).transpose(2, 0, 1) for j in retrieved] for n in names
+    }
     if mode == "concat":
         h0, w0 = test[names[0]].shape[1:]
         t = np.concatenate([upsample(test[n], (h0, w0)) for n in names])
@@ -75,12 +78,13 @@ def test_gallery_norms_are_made_once_per_image(mode, monkeypatch):
     its upsampled concatenation) and the maps still match the paper's; concat takes the
     per-level-cost path (forced: these toy levels are narrow)."""
     import spade_edge.runtime.scoring.numpy as scoring
-    import spade_edge.runtime.spade as spade
 
     monkeypatch.setattr(scoring, "PER_LEVEL_SHARE", 100.0)
     made = []
-    monkeypatch.setattr(spade, "upsampled_sqnorms", lambda levels, grid: made.append(1) or upsampled_sqnorms(levels, grid))
-    monkeypatch.setattr(spade, "_sqnorms", lambda rows: made.append(1) or np.einsum("ij,ij->i", rows, rows))
+    for view in (GalleryPyramids, GalleryRows):
+        monkeypatch.setattr(
+            view, "make_sqnorms", lambda self, block, real=view.make_sqnorms: made.append(1) or real(self, block)
+        )
     rng = np.random.default_rng(11)
     info = make_info(levels=(("a", 5, 4), ("b", 7, 8), ("c", 3, 16)), size=32)
     gallery = random_gallery(info, 6, rng)

@@ -1,5 +1,6 @@
 """Fixtures of the service tests: a tiny model, two galleries of normal images that differ (to see
 which one answered), test images, and the service run in-process or as a real process."""
+
 from __future__ import annotations
 
 import http.client
@@ -43,7 +44,9 @@ def assets(tmp_path_factory):
     for tag, lo, hi in (("a", 100, 140), ("b", 90, 150)):
         folder = d / f"good_{tag}"
         folder.mkdir()
-        imgs = [_png(rng.integers(lo, hi, (40, 48, 3), dtype=np.uint8), folder / f"{tag}_{i:02d}.png") for i in range(12)]
+        imgs = [
+            _png(rng.integers(lo, hi, (40, 48, 3), dtype=np.uint8), folder / f"{tag}_{i:02d}.png") for i in range(12)
+        ]
         backend = backend_from_model(model)
         paths[tag] = gallery_from_images(backend, imgs, d / f"{tag}.gallery", show_progress=False).path
     tests = d / "test"
@@ -57,12 +60,19 @@ def assets(tmp_path_factory):
 
     Image.fromarray(np.full((64, 80, 3), 20, np.uint8)).save(images["dark.jpg"], quality=90)
     images["gray.png"] = _png(rng.integers(100, 140, (50, 50), dtype=np.uint8), tests / "gray.png")
-    return {"dir": d, "model": model, "other_model": other, "gallery_a": paths["a"], "gallery_b": paths["b"],
-            "images": images}
+    return {
+        "dir": d,
+        "model": model,
+        "other_model": other,
+        "gallery_a": paths["a"],
+        "gallery_b": paths["b"],
+        "images": images,
+    }
 
 
-def request(url: str, method: str = "GET", path: str = "/", body: bytes | None = None, headers=None,
-            timeout: float = 30.0):
+def request(
+    url: str, method: str = "GET", path: str = "/", body: bytes | None = None, headers=None, timeout: float = 30.0
+):
     """(status, headers dict, body bytes) of one request on a new connection."""
     host, port = url.split("//")[1].rsplit(":", 1)
     conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
@@ -76,9 +86,15 @@ def request(url: str, method: str = "GET", path: str = "/", body: bytes | None =
 
 def multipart(data: bytes, filename: str = "part.png", field: str = "image") -> tuple[bytes, str]:
     b = "spadeEdgeTestBoundary7d1e"
-    body = (f"--{b}\r\nContent-Disposition: form-data; name=\"station\"\r\n\r\nline-3\r\n"
-            f"--{b}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"{filename}\"\r\n"
-            f"Content-Type: application/octet-stream\r\n\r\n").encode() + data + f"\r\n--{b}--\r\n".encode()
+    body = (
+        (
+            f'--{b}\r\nContent-Disposition: form-data; name="station"\r\n\r\nline-3\r\n'
+            f'--{b}\r\nContent-Disposition: form-data; name="{field}"; filename="{filename}"\r\n'
+            f"Content-Type: application/octet-stream\r\n\r\n"
+        ).encode()
+        + data
+        + f"\r\n--{b}--\r\n".encode()
+    )
     return body, f"multipart/form-data; boundary={b}"
 
 
@@ -94,8 +110,10 @@ def parse_metrics(text: str) -> dict[str, float]:
     """Prometheus text -> {'name{labels}': value}, checking every line is well formed."""
     out = {}
     label = r'[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\[\\"n])*"'
-    pat = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{' + label + r'(?:,' + label + r')*\})? '
-                     r'([-+]?(?:[0-9.]+(?:[eE][-+]?[0-9]+)?|Inf|NaN))$')
+    pat = re.compile(
+        r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{" + label + r"(?:," + label + r")*\})? "
+        r"([-+]?(?:[0-9.]+(?:[eE][-+]?[0-9]+)?|Inf|NaN))$"
+    )
     for line in text.splitlines():
         if not line or line.startswith("# HELP ") or line.startswith("# TYPE "):
             continue
@@ -106,15 +124,33 @@ def parse_metrics(text: str) -> dict[str, float]:
 
 
 class ServerProcess:
-    """``python -m spade_edge.service serve`` on a free loopback port, as a separate process; or
+    """``python -m spade_edge serve`` on a free loopback port, as a separate process; or
     ``command`` as given (a deployment's own command line, listening on port 0)."""
 
-    def __init__(self, model, gallery, tmp: Path, *args: str, env: dict | None = None,
-                 command: list[str] | None = None):
+    def __init__(
+        self, model, gallery, tmp: Path, *args: str, env: dict | None = None, command: list[str] | None = None
+    ):
         self.log = tmp / f"serve-{time.monotonic_ns()}.log"
         self._logf = open(self.log, "wb")
-        cmd = command or [sys.executable, "-m", "spade_edge.service", "serve", "-m", str(model), "-g", str(gallery),
-                          "--host", "127.0.0.1", "--port", "0", "--device", "cpu", "--threads", "1", *args]
+        cmd = command or [
+            sys.executable,
+            "-m",
+            "spade_edge",
+            "serve",
+            "-m",
+            str(model),
+            "-g",
+            str(gallery),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+            *args,
+        ]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc = subprocess.Popen(cmd, stdout=self._logf, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
         self.url = self._wait_url()

@@ -1,5 +1,6 @@
 """Fuzzing POST /inspect on a real service process: whatever the body, the service answers (4xx for
 bad input, never 5xx), stays alive, and its memory does not jump."""
+
 from __future__ import annotations
 
 import io

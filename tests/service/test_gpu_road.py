@@ -15,6 +15,7 @@ jetson/build-engine.sh builds (the step of install.sh --build-engine) is served 
 command line of the systemd unit with the settings install.sh writes, and answers /inspect from
 the service's worker thread; the Dockerfile's command and bench.sh's run start too.
 """
+
 from __future__ import annotations
 
 import json
@@ -76,7 +77,7 @@ def _in_worker(fn):
 
 def _same_as_cpu(det, assets, reference):
     for name, path in assets["images"].items():
-        p = _in_worker(lambda: det.predict(path))
+        p = _in_worker(lambda: det.predict(path))  # noqa: B023 - run and joined in this iteration
         want = reference[name]
         assert p.verdict == want.verdict, name
         np.testing.assert_allclose(p.anomaly_map, want.anomaly_map, rtol=1e-4, atol=1e-6, err_msg=name)
@@ -93,8 +94,9 @@ def _engine(assets, tmp_path) -> Path:
 
 @pytest.mark.parametrize("kind", ["onnx", "engine"])
 @pytest.mark.parametrize("device", DEVICE_VALUES)
-def test_every_device_value_loads_a_detector_that_scores_like_the_cpu(assets, reference, tmp_path, monkeypatch,
-                                                                      kind, device):
+def test_every_device_value_loads_a_detector_that_scores_like_the_cpu(
+    assets, reference, tmp_path, monkeypatch, kind, device
+):
     use_standins(monkeypatch, gpus=2)
     use_ort_gpu_providers(monkeypatch)
     model = assets["model"] if kind == "onnx" else _engine(assets, tmp_path)
@@ -136,7 +138,9 @@ def test_a_device_asked_for_is_obtained_or_refused_and_auto_says_what_it_missed(
     det = Detector.load(assets["model"], assets["gallery_a"], device="auto")
     assert det.backend.device == "cpu" and det.scorer.name == "numpy"
     assert "tensorrt: " in det.fallback and "cuda: " in det.fallback and "could not start" in det.fallback
-    with pytest.raises(ModelError, match=r"needs CUDA device 3: no usable CUDA device 3 \(CuPy: .*invalid device ordinal"):
+    with pytest.raises(
+        ModelError, match=r"needs CUDA device 3: no usable CUDA device 3 \(CuPy: .*invalid device ordinal"
+    ):
         Detector.load(assets["model"], assets["gallery_a"], device="cuda:3")
 
 
@@ -175,8 +179,9 @@ def test_infer_command_on_an_engine(assets, reference, tmp_path, monkeypatch):
     use_standins(monkeypatch)
     engine = _engine(assets, tmp_path)
     path = assets["images"]["bright.png"]
-    r = CliRunner().invoke(main, ["infer", "-m", str(engine), "-g", str(assets["gallery_a"]), str(path),
-                                  "--device", "tensorrt"])
+    r = CliRunner().invoke(
+        main, ["infer", "-m", str(engine), "-g", str(assets["gallery_a"]), str(path), "--device", "tensorrt"]
+    )
     assert r.exit_code == 0, r.output
     line = json.loads([x for x in r.output.splitlines() if x.startswith("{")][0])
     assert line["verdict"] == reference["bright.png"].verdict
@@ -186,8 +191,13 @@ def test_infer_command_on_an_engine(assets, reference, tmp_path, monkeypatch):
 def test_devices_command_says_what_the_machine_offers_and_where_a_model_runs(assets, tmp_path, monkeypatch):
     use_standins(monkeypatch)
     engine = _engine(assets, tmp_path)
-    r = subprocess.run([str(BIN / "spade-edge"), "devices", "-m", str(engine)], capture_output=True, text=True,
-                       env=standins_env(), timeout=120)
+    r = subprocess.run(
+        [str(BIN / "spade-edge"), "devices", "-m", str(engine)],
+        capture_output=True,
+        text=True,
+        env=standins_env(),
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     assert "gpu 0: Stand-in GPU (numpy) (compute capability 8.7)" in r.stdout and "cupy: usable" in r.stdout
     assert f"{engine} on --device auto: TensorRT engine tiny.engine on Stand-in GPU" in r.stdout
@@ -195,11 +205,28 @@ def test_devices_command_says_what_the_machine_offers_and_where_a_model_runs(ass
 
 # ---------------------------------------------------------------------------- the Jetson kit's command lines
 
+
 def _installed_settings(tmp_path) -> dict:
     """/etc/default/spade-edge as ``install.sh --build-engine`` writes it (read from its dry run)."""
-    r = subprocess.run(["bash", str(JETSON / "install.sh"), "--dry-run", "--jetpack", "6", "--model", "m.onnx",
-                        "--gallery", "p.gallery", "--build-engine", "--", "fp16"], capture_output=True, text=True,
-                       timeout=60)
+    r = subprocess.run(
+        [
+            "bash",
+            str(JETSON / "install.sh"),
+            "--dry-run",
+            "--jetpack",
+            "6",
+            "--model",
+            "m.onnx",
+            "--gallery",
+            "p.gallery",
+            "--build-engine",
+            "--",
+            "fp16",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
     block = r.stdout.split("+ write /etc/default/spade-edge:\n", 1)[1]
     settings = dict(line.split("=", 1) for line in block.splitlines() if re.match(r"^SPADE_EDGE_\w+=", line))
@@ -232,8 +259,13 @@ def test_unit_serves_the_engine_that_install_builds(assets, reference, tmp_path)
     (state / "model.onnx").write_bytes(Path(assets["model"]).read_bytes())
     (state / "parts.gallery").write_bytes(Path(assets["gallery_a"]).read_bytes())
     env = standins_env({**os.environ, "PYTHON": sys.executable, "TRTEXEC": str(TRTEXEC)})
-    build = subprocess.run(["bash", str(JETSON / "build-engine.sh"), str(state / "model.onnx"),
-                            str(state / "model.engine"), "fp16"], capture_output=True, text=True, env=env, timeout=300)
+    build = subprocess.run(
+        ["bash", str(JETSON / "build-engine.sh"), str(state / "model.onnx"), str(state / "model.engine"), "fp16"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert build.returncode == 0, build.stdout + build.stderr
     assert json.loads((state / "model.engine.json").read_text())["build"]["tool"] == "trtexec"
 
@@ -244,15 +276,18 @@ def test_unit_serves_the_engine_that_install_builds(assets, reference, tmp_path)
         health = srv.wait_ready()
         assert health["scorer"] == "cuda" and "TensorRT engine model.engine" in health["device"], health
         for name in ("bright.png", "normal0.png"):
-            status, _, body = request(srv.url, "POST", f"/inspect?name={name}",
-                                      body=Path(assets["images"][name]).read_bytes())
+            status, _, body = request(
+                srv.url, "POST", f"/inspect?name={name}", body=Path(assets["images"][name]).read_bytes()
+            )
             assert status == 200, body
             result = json.loads(body)
             assert result["verdict"] == reference[name].verdict
             assert result["score"] == pytest.approx(reference[name].score, rel=1e-3)
         status, _, body = request(srv.url, "POST", "/reload")  # the old generation is closed, the new serves
         assert status == 200 and json.loads(body)["generation"] == 2, body
-        status, _, _ = request(srv.url, "POST", "/inspect?name=x.png", body=Path(assets["images"]["gray.png"]).read_bytes())
+        status, _, _ = request(
+            srv.url, "POST", "/inspect?name=x.png", body=Path(assets["images"]["gray.png"]).read_bytes()
+        )
         assert status == 200
     finally:
         assert srv.stop() == 0, srv.log.read_text()
@@ -275,7 +310,9 @@ def test_dockerfile_command_starts_and_says_why_it_runs_on_the_cpu(assets, tmp_p
     try:
         health = srv.wait_ready()
         assert health["device_fallback"] == "this onnxruntime has no GPU provider", health
-        status, _, _ = request(srv.url, "POST", "/inspect?name=n.png", body=Path(assets["images"]["normal1.png"]).read_bytes())
+        status, _, _ = request(
+            srv.url, "POST", "/inspect?name=n.png", body=Path(assets["images"]["normal1.png"]).read_bytes()
+        )
         assert status == 200
     finally:
         assert srv.stop() == 0
@@ -289,13 +326,37 @@ def test_bench_script_on_an_engine(assets, tmp_path):
     env = standins_env({**os.environ, "PYTHON": sys.executable, "TRTEXEC": str(TRTEXEC)})
     model = tmp_path / "m.onnx"
     model.write_bytes(Path(assets["model"]).read_bytes())
-    build = subprocess.run(["bash", str(JETSON / "build-engine.sh"), str(model), str(tmp_path / "m.engine")],
-                           capture_output=True, text=True, env=env, timeout=300)
+    build = subprocess.run(
+        ["bash", str(JETSON / "build-engine.sh"), str(model), str(tmp_path / "m.engine")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert build.returncode == 0, build.stderr
     out = tmp_path / "bench.json"
-    r = subprocess.run(["bash", str(JETSON / "bench.sh"), "-m", str(tmp_path / "m.engine"), "-g", str(assets["gallery_a"]),
-                        "-i", str(images), "-o", str(out), "--repeat", "3", "--warmup", "1"],
-                       capture_output=True, text=True, env={**env, "PATH": f"{BIN}:/usr/bin:/bin"}, timeout=300)
+    r = subprocess.run(
+        [
+            "bash",
+            str(JETSON / "bench.sh"),
+            "-m",
+            str(tmp_path / "m.engine"),
+            "-g",
+            str(assets["gallery_a"]),
+            "-i",
+            str(images),
+            "-o",
+            str(out),
+            "--repeat",
+            "3",
+            "--warmup",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        env={**env, "PATH": f"{BIN}:/usr/bin:/bin"},
+        timeout=300,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     res = json.loads(out.read_text())
     assert res["latency_ms"]["n"] == 9 and res["scorer"] == "cuda", res

@@ -1,5 +1,6 @@
 """jetson/: the bench's numbers (tegrastats, power mode, percentiles), the scripts in dry-run and on
 this machine, the unit's readiness protocol, and the linters."""
+
 from __future__ import annotations
 
 import json
@@ -11,22 +12,27 @@ import subprocess
 
 import pytest
 
-from spade_edge.service.jetson_bench import (parse_tegrastats_line, percentiles, power_mode,
-                                             summarize_tegrastats)
+from spade_edge.bench.jetson import parse_tegrastats_line, percentiles, power_mode, summarize_tegrastats
 
 from .conftest import ROOT, ServerProcess
 
 JETSON = ROOT / "jetson"
 
-ORIN_NANO = ("11-22-2026 08:00:00 RAM 2411/7620MB (lfb 2x4MB) SWAP 0/3810MB (cached 0MB) "
-             "CPU [2%@729,1%@729,0%@729,9%@729,off,off] EMC_FREQ 0%@2133 GR3D_FREQ 37%@[305] "
-             "NVDEC off NVJPG off VIC off OFA off APE 200 cpu@47.5C soc2@46.2C gpu@45.906C tj@48.1C "
-             "VDD_IN 4736mW/4700mW VDD_CPU_GPU_CV 514mW/514mW VDD_SOC 1480mW/1480mW")
-AGX_ORIN = ("RAM 5059/30623MB (lfb 5843x4MB) SWAP 0/15311MB (cached 0MB) CPU [15%@735,8%@853] EMC_FREQ 1%@2133 "
-            "GR3D_FREQ 80%@[1300,1300] VIC_FREQ 729 APE 174 CV0@-256C CPU@47C GPU@45C "
-            "VDD_GPU_SOC 6000mW/5000mW VDD_CPU_CV 1200mW/1100mW VIN_SYS_5V0 4000mW/3900mW VDDQ_VDD2_1V8AO 500mW/500mW")
-NANO_JP4 = ("RAM 1766/3964MB (lfb 197x4MB) SWAP 0/2048MB (cached 0MB) CPU [24%@1224,15%@1224,13%@1224,10%@1224] "
-            "EMC_FREQ 0% GR3D_FREQ 0% PLL@21C CPU@25C GPU@23.5C POM_5V_IN 2545/2547 POM_5V_GPU 0/0 POM_5V_CPU 549/529")
+ORIN_NANO = (
+    "11-22-2026 08:00:00 RAM 2411/7620MB (lfb 2x4MB) SWAP 0/3810MB (cached 0MB) "
+    "CPU [2%@729,1%@729,0%@729,9%@729,off,off] EMC_FREQ 0%@2133 GR3D_FREQ 37%@[305] "
+    "NVDEC off NVJPG off VIC off OFA off APE 200 cpu@47.5C soc2@46.2C gpu@45.906C tj@48.1C "
+    "VDD_IN 4736mW/4700mW VDD_CPU_GPU_CV 514mW/514mW VDD_SOC 1480mW/1480mW"
+)
+AGX_ORIN = (
+    "RAM 5059/30623MB (lfb 5843x4MB) SWAP 0/15311MB (cached 0MB) CPU [15%@735,8%@853] EMC_FREQ 1%@2133 "
+    "GR3D_FREQ 80%@[1300,1300] VIC_FREQ 729 APE 174 CV0@-256C CPU@47C GPU@45C "
+    "VDD_GPU_SOC 6000mW/5000mW VDD_CPU_CV 1200mW/1100mW VIN_SYS_5V0 4000mW/3900mW VDDQ_VDD2_1V8AO 500mW/500mW"
+)
+NANO_JP4 = (
+    "RAM 1766/3964MB (lfb 197x4MB) SWAP 0/2048MB (cached 0MB) CPU [24%@1224,15%@1224,13%@1224,10%@1224] "
+    "EMC_FREQ 0% GR3D_FREQ 0% PLL@21C CPU@25C GPU@23.5C POM_5V_IN 2545/2547 POM_5V_GPU 0/0 POM_5V_CPU 549/529"
+)
 
 
 def test_tegrastats_lines_of_three_board_families():
@@ -43,7 +49,11 @@ def test_tegrastats_lines_of_three_board_families():
 
 
 def test_tegrastats_summary_and_energy_per_image():
-    lines = [ORIN_NANO, ORIN_NANO.replace("VDD_IN 4736mW", "VDD_IN 5264mW").replace("GR3D_FREQ 37%", "GR3D_FREQ 63%"), "junk"]
+    lines = [
+        ORIN_NANO,
+        ORIN_NANO.replace("VDD_IN 4736mW", "VDD_IN 5264mW").replace("GR3D_FREQ 37%", "GR3D_FREQ 63%"),
+        "junk",
+    ]
     s = summarize_tegrastats(lines, seconds=2.0, images=10)
     assert s["samples"] == 2 and s["total_rail"] == "VDD_IN"
     assert s["power_mw"]["VDD_IN"] == {"mean": 5000.0, "max": 5264}
@@ -55,10 +65,12 @@ def test_tegrastats_summary_and_energy_per_image():
 
 def test_power_mode_and_percentiles():
     nv = "NV Power Mode: 15W\n0\n"
-    clocks = ("SOC family:tegra234  Machine:NVIDIA Jetson Orin Nano Developer Kit\n"
-              "cpu0: Online=1 Governor=schedutil MinFreq=1510400 MaxFreq=1510400 CurrentFreq=1510400\n"
-              "GPU MinFreq=624750000 MaxFreq=624750000 CurrentFreq=624750000\n"
-              "EMC MinFreq=204000000 MaxFreq=2133000000 CurrentFreq=2133000000 FreqOverride=1\n")
+    clocks = (
+        "SOC family:tegra234  Machine:NVIDIA Jetson Orin Nano Developer Kit\n"
+        "cpu0: Online=1 Governor=schedutil MinFreq=1510400 MaxFreq=1510400 CurrentFreq=1510400\n"
+        "GPU MinFreq=624750000 MaxFreq=624750000 CurrentFreq=624750000\n"
+        "EMC MinFreq=204000000 MaxFreq=2133000000 CurrentFreq=2133000000 FreqOverride=1\n"
+    )
     p = power_mode(nv, clocks)
     assert p["mode"] == "15W" and p["mode_id"] == 0 and p["clocks_pinned"] is True
     assert power_mode(nv, clocks.replace("MinFreq=1510400", "MinFreq=729600"))["clocks_pinned"] is False
@@ -81,16 +93,35 @@ def test_bench_script_on_this_machine_with_and_without_jetson_tools(assets, tmp_
     env = {**os.environ, "PYTHON": os.environ.get("PYTHON", str(ROOT / ".venv/bin/python"))}
     if not os.path.exists(env["PYTHON"]):
         env["PYTHON"] = "python3"
-    base = ["bash", str(JETSON / "bench.sh"), "-m", str(assets["model"]), "-g", str(assets["gallery_a"]),
-            "-i", str(images), "--device", "cpu", "--repeat", "20", "--warmup", "2"]
+    base = [
+        "bash",
+        str(JETSON / "bench.sh"),
+        "-m",
+        str(assets["model"]),
+        "-g",
+        str(assets["gallery_a"]),
+        "-i",
+        str(images),
+        "--device",
+        "cpu",
+        "--repeat",
+        "20",
+        "--warmup",
+        "2",
+    ]
     fakes = {
         "TEGRASTATS": _fake_tool(tmp_path / "tegrastats", f"while true; do echo '{ORIN_NANO}'; sleep 0.05; done\n"),
         "NVPMODEL": _fake_tool(tmp_path / "nvpmodel", "echo 'NV Power Mode: MAXN_SUPER'; echo 2\n"),
         "JETSON_CLOCKS": _fake_tool(tmp_path / "jetson_clocks", "echo 'GPU MinFreq=1 MaxFreq=1 CurrentFreq=1'\n"),
     }
     out = tmp_path / "with.json"
-    r = subprocess.run(base + ["-o", str(out)], env={**env, **{k: str(v) for k, v in fakes.items()}},
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        base + ["-o", str(out)],
+        env={**env, **{k: str(v) for k, v in fakes.items()}},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     res = json.loads(out.read_text())
     lat = res["latency_ms"]
@@ -112,22 +143,37 @@ def test_bench_script_on_this_machine_with_and_without_jetson_tools(assets, tmp_
 
 def test_install_script_dry_run_plans():
     def plan(*args):
-        return subprocess.run(["bash", str(JETSON / "install.sh"), "--dry-run", *args], capture_output=True,
-                              text=True, timeout=60)
+        return subprocess.run(
+            ["bash", str(JETSON / "install.sh"), "--dry-run", *args], capture_output=True, text=True, timeout=60
+        )
 
-    r = plan("--jetpack", "6", "--model", "m.onnx", "--gallery", "p.gallery", "--with-pycuda", "--build-engine", "--", "fp16")
+    r = plan(
+        "--jetpack", "6", "--model", "m.onnx", "--gallery", "p.gallery", "--with-pycuda", "--build-engine", "--", "fp16"
+    )
     assert r.returncode == 0, r.stderr
     out = r.stdout
-    for step in ("python3 -m venv --system-site-packages /opt/spade-edge/venv", "jp6/cu126 onnxruntime-gpu",
-                 "cupy-cuda12x", "--no-binary pycuda", "useradd --system", "/usr/sbin/nologin",
-                 "build-engine.sh /var/lib/spade-edge/model.onnx /var/lib/spade-edge/model.engine fp16",
-                 "SPADE_EDGE_MODEL=/var/lib/spade-edge/model.engine", "systemctl enable spade-edge.service",
-                 "systemctl restart spade-edge.service"):
+    for step in (
+        "python3 -m venv --system-site-packages /opt/spade-edge/venv",
+        "jp6/cu126 onnxruntime-gpu",
+        "cupy-cuda12x",
+        "--no-binary pycuda",
+        "useradd --system",
+        "/usr/sbin/nologin",
+        "build-engine.sh /var/lib/spade-edge/model.onnx /var/lib/spade-edge/model.engine fp16",
+        "SPADE_EDGE_MODEL=/var/lib/spade-edge/model.engine",
+        "systemctl enable spade-edge.service",
+        "systemctl restart spade-edge.service",
+    ):
         assert step in out, step
     r = plan("--jetpack", "7")
     assert r.returncode == 0 and "cupy-cuda13x" in r.stdout and "cu130" in r.stdout and "restart" not in r.stdout
     r = plan("--cpu-only", "--no-service")
-    assert r.returncode == 0 and "onnxruntime>=1.17" in r.stdout and "cupy" not in r.stdout and "+ systemctl" not in r.stdout
+    assert (
+        r.returncode == 0
+        and "onnxruntime>=1.17" in r.stdout
+        and "cupy" not in r.stdout
+        and "+ systemctl" not in r.stdout
+    )
     if not os.path.exists("/etc/nv_tegra_release"):
         r = plan()
         assert r.returncode == 2 and "not a Jetson" in r.stderr
@@ -135,15 +181,26 @@ def test_install_script_dry_run_plans():
     assert r.returncode == 2 and "--build-engine needs --model" in r.stderr
 
 
-@pytest.mark.parametrize("soc, jetpack, outcome", [
-    ("tegra234", "6", "GPU Orin (sm_87)"), ("tegra264", "7", "GPU Thor (sm_110)"),
-    ("tegra234", "7", "holds Thor (sm_110) wheels"), ("tegra264", "6", "Thor needs JetPack 7"),
-    ("tegra194", "6", "JetPack 5 or older (Python 3.8, TensorRT 8.5)")])
+@pytest.mark.parametrize(
+    "soc, jetpack, outcome",
+    [
+        ("tegra234", "6", "GPU Orin (sm_87)"),
+        ("tegra264", "7", "GPU Thor (sm_110)"),
+        ("tegra234", "7", "holds Thor (sm_110) wheels"),
+        ("tegra264", "6", "Thor needs JetPack 7"),
+        ("tegra194", "6", "JetPack 5 or older (Python 3.8, TensorRT 8.5)"),
+    ],
+)
 def test_install_script_checks_the_boards_gpu_against_the_wheels(tmp_path, soc, jetpack, outcome):
     compatible = tmp_path / "compatible"  # as /proc/device-tree/compatible lists it: NUL-separated
     compatible.write_bytes(f"nvidia,p3768-0000+p3767-0005\0nvidia,{soc}\0".encode())
-    r = subprocess.run(["bash", str(JETSON / "install.sh"), "--dry-run", "--jetpack", jetpack], capture_output=True,
-                       text=True, timeout=60, env={**os.environ, "JETSON_COMPATIBLE": str(compatible)})
+    r = subprocess.run(
+        ["bash", str(JETSON / "install.sh"), "--dry-run", "--jetpack", jetpack],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "JETSON_COMPATIBLE": str(compatible)},
+    )
     assert outcome in (r.stdout if outcome.startswith("GPU") else r.stderr)
     assert r.returncode == (0 if outcome.startswith("GPU") else 2)
 
@@ -163,8 +220,12 @@ def test_service_tells_systemd_when_ready(assets, tmp_path):
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
         s.bind(str(sock_path))
         s.settimeout(60)
-        srv = ServerProcess(assets["model"], assets["gallery_a"], tmp_path,
-                            env={"NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "600000"})
+        srv = ServerProcess(
+            assets["model"],
+            assets["gallery_a"],
+            tmp_path,
+            env={"NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "600000"},
+        )
         try:
             msg = s.recv(4096).decode()
             assert msg.startswith("READY=1") and "STATUS=serving tiny.onnx" in msg
@@ -179,8 +240,9 @@ def test_service_tells_systemd_when_ready(assets, tmp_path):
 
 def _lint_tools_missing() -> list[str]:
     venv = ROOT / ".venv/bin"
-    return [t for t in ("shellcheck", "hadolint", "systemd-analyze")
-            if shutil.which(t) is None and not (venv / t).exists()]
+    return [
+        t for t in ("shellcheck", "hadolint", "systemd-analyze") if shutil.which(t) is None and not (venv / t).exists()
+    ]
 
 
 @pytest.mark.skipif(bool(_lint_tools_missing()), reason=f"lint tools not installed: {_lint_tools_missing()}")

@@ -7,6 +7,7 @@ Duration: SPADE_EDGE_LOAD_SECONDS (default 10 s per run, not the 30 s of the iss
 runs on a 2-core CI machine within its time budget, and with the tiny model 10 s is already
 several thousand requests; set SPADE_EDGE_LOAD_SECONDS=30 for the full soak).
 """
+
 from __future__ import annotations
 
 import http.client
@@ -129,7 +130,10 @@ def test_eight_clients_every_answer_valid_none_lost_memory_flat(assets, images, 
         assert srv.alive
 
         vals = parse_metrics(request(srv.url, path="/metrics")[2].decode())
-        served = vals['spade_edge_inspect_requests_total{outcome="ok"}'] + vals['spade_edge_inspect_requests_total{outcome="not_ok"}']
+        served = (
+            vals['spade_edge_inspect_requests_total{outcome="ok"}']
+            + vals['spade_edge_inspect_requests_total{outcome="not_ok"}']
+        )
         assert served == len(answers) + len(images)
         assert vals['spade_edge_inspect_requests_total{outcome="queue_full"}'] == 0
         assert vals["spade_edge_inspect_latency_seconds_count"] == served
@@ -137,8 +141,10 @@ def test_eight_clients_every_answer_valid_none_lost_memory_flat(assets, images, 
         # memory: after the first 30 % (allocators and caches settle), RSS stays within a few MB
         rss = [r for t, r in samples if t > 0.3 * SECONDS]
         base, peak, end = statistics.median(rss[: max(3, len(rss) // 5)]), max(rss), statistics.median(rss[-5:])
-        report = (f"{len(answers)} requests in {SECONDS:.0f} s by {CLIENTS} clients; RSS {rss[0] / 1e6:.1f} MB "
-                  f"-> {end / 1e6:.1f} MB (peak {peak / 1e6:.1f} MB)")
+        report = (
+            f"{len(answers)} requests in {SECONDS:.0f} s by {CLIENTS} clients; RSS {rss[0] / 1e6:.1f} MB "
+            f"-> {end / 1e6:.1f} MB (peak {peak / 1e6:.1f} MB)"
+        )
         print(report)
         assert end - base < 16e6 and peak - base < 32e6, report
         assert abs(vals["process_resident_memory_bytes"] - rss_bytes(srv.proc.pid)) < 16e6
@@ -164,7 +170,7 @@ def test_small_queue_sheds_load_with_503_only_when_full(assets, images, tmp_path
         assert set(by) <= {200, 503}, set(by)
         assert by.get(503), "8 clients on a queue of 2 never saw a 503"
         assert len(by.get(200, [])) > 20
-        for status, _, body, headers in by[503]:
+        for _, _, body, headers in by[503]:
             assert headers["retry-after"] == "1"
             assert body["queue_depth"] == body["queue_capacity"] == 2, body  # refused only when full
         for a in by[200]:
@@ -176,7 +182,9 @@ def test_small_queue_sheds_load_with_503_only_when_full(assets, images, tmp_path
 
 
 def test_reload_under_load_fails_no_request(assets, images, tmp_path):
-    srv = ServerProcess(assets["model"], assets["gallery_a"], tmp_path, "--queue-size", "16")
+    srv = ServerProcess(
+        assets["model"], assets["gallery_a"], tmp_path, "--queue-size", "16", "--reload-dir", str(assets["dir"])
+    )  # /reload may name the other gallery
     try:
         srv.wait_ready()
         expected_a = _expected(srv.url, images)

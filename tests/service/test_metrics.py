@@ -39,6 +39,9 @@ def test_labels_are_checked_and_names_unique():
         c.inc(code="200")
     with pytest.raises(ValueError, match="twice"):
         r.add(m.Gauge("y_total", "again"))
+    with pytest.raises(ValueError, match="twice"):  # shared, but not the same kind of metric
+        r.add(m.Gauge("y_total", "again"), shared=True)
+    assert r.add(m.Counter("y_total", "Y.", ("outcome",)), shared=True) is c  # two adapters of one kind
 
 
 def test_resident_memory_reads_proc():

@@ -1,9 +1,11 @@
 """The service in-process (a thread on a loopback port): answers, queue bound, deadlines, reload."""
+
 from __future__ import annotations
 
 import base64
 import io
 import json
+import os
 import socket
 import threading
 import time
@@ -99,7 +101,9 @@ def test_not_ready_until_loaded_then_inspects(serve, assets):
         assert out["threshold"] == g.thresholds["image"] and out["pixel_threshold"] == g.thresholds["pixel"]
         assert len(out["neighbors"]) == 5 and all(n.startswith("a_") for n in out["neighbors"])
         assert out["neighbor_distances"] == sorted(out["neighbor_distances"])
-        assert {"receive", "decode", "queue", "backbone", "image_knn", "pixel_scoring", "map", "total"} <= set(out["latency_ms"])
+        assert {"receive", "decode", "queue", "backbone", "image_knn", "pixel_scoring", "map", "total"} <= set(
+            out["latency_ms"]
+        )
         assert out["generation"] == 1 and len(out["id"]) == 32
     status, _, out = post_image(rs.url, assets["images"]["bright.png"].read_bytes())
     assert out["verdict"] == "NOT_OK" and out["score"] > out["threshold"]
@@ -121,8 +125,12 @@ def test_multipart_and_curl(serve, assets):
         pytest.skip("curl not installed: the README's curl examples were not run")
     img = assets["images"]["bright.png"]
     for args in (["-F", f"image=@{img}"], ["--data-binary", f"@{img}", "-H", "Content-Type: image/png"]):
-        r = subprocess.run(["curl", "-sS", "--max-time", "20", *args, rs.url + "/inspect?heatmap=1"],
-                           capture_output=True, text=True, check=True)
+        r = subprocess.run(
+            ["curl", "-sS", "--max-time", "20", *args, rs.url + "/inspect?heatmap=1"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         out = json.loads(r.stdout)
         assert out["verdict"] == "NOT_OK" and out["heatmap_url"].startswith("/heatmaps/")
 
@@ -178,7 +186,9 @@ def test_deadline_gives_504_and_a_queued_request_is_dropped_unrun(serve, assets)
     calls = gate.calls
     data = assets["images"]["normal0.png"].read_bytes()
     results = {}
-    first = threading.Thread(target=lambda: results.__setitem__("running", post_image(rs.url, data, "?deadline_ms=400")))
+    first = threading.Thread(
+        target=lambda: results.__setitem__("running", post_image(rs.url, data, "?deadline_ms=400"))
+    )
     first.start()
     wait_for(lambda: gate.calls == calls + 1)
     t0 = time.monotonic()
@@ -234,17 +244,17 @@ def test_too_large_body_is_refused_before_reading(serve, assets):
 
 
 def test_reload_swaps_generation_and_refuses_bad_input(serve, assets):
-    rs, _ = serve()
+    rs, _ = serve(ServiceConfig(reload_dirs=(str(assets["dir"]),)))
     (assets["dir"] / "corrupt.onnx").write_bytes(b"\x08\x01garbage" * 10)
     data = assets["images"]["normal3.png"].read_bytes()
     status, _, body = request(rs.url, "POST", "/reload", json.dumps({"gallery": str(assets["gallery_b"])}).encode())
     info = json.loads(body)
-    assert status == 200 and info["generation"] == 2 and info["gallery"] == str(assets["gallery_b"])
+    assert status == 200 and info["generation"] == 2 and info["gallery"] == os.path.realpath(assets["gallery_b"])
     out = post_image(rs.url, data)[2]
     assert out["generation"] == 2 and all(n.startswith("b_") for n in out["neighbors"])
     # failures keep generation 2 serving
     cases = [
-        (json.dumps({"gallery": "/nonexistent/x.gallery"}).encode(), 422, "no such gallery"),
+        (json.dumps({"gallery": "/nonexistent/x.gallery"}).encode(), 403, "not a file this service may load"),
         (json.dumps({"model": str(assets["other_model"])}).encode(), 422, "rebuild the gallery"),
         (json.dumps({"model": str(assets["dir"] / "corrupt.onnx")}).encode(), 422, "reload failed"),
         (b"{not json", 400, "not JSON"),
@@ -258,8 +268,92 @@ def test_reload_swaps_generation_and_refuses_bad_input(serve, assets):
     status, _, body = request(rs.url, "POST", "/reload")  # no body: re-read the same files
     assert status == 200 and json.loads(body)["generation"] == 3
     vals = parse_metrics(request(rs.url, path="/metrics")[2].decode())
-    assert vals['spade_edge_reloads_total{outcome="ok"}'] == 2 and vals['spade_edge_reloads_total{outcome="failed"}'] == 3
+    assert (
+        vals['spade_edge_reloads_total{outcome="ok"}'] == 2 and vals['spade_edge_reloads_total{outcome="failed"}'] == 2
+    )
     assert vals["spade_edge_model_generation"] == 3
+
+
+def test_reload_loads_only_files_under_its_directories_and_says_nothing_of_others(serve, assets, tmp_path):
+    """Issue 17: /reload loaded any path, and its errors told whether a path existed ('no such
+    gallery' for one, a parse error for another). Now only files under reload_dirs (symlinks and
+    '..' resolved first), and one answer for every other path, existing or not."""
+    allowed = tmp_path / "galleries"
+    allowed.mkdir()
+    (allowed / "b.gallery").write_bytes(assets["gallery_b"].read_bytes())
+    (allowed / "escape.gallery").symlink_to(assets["gallery_a"])  # points out of the directory
+    outside = tmp_path / "secret.txt"
+    outside.write_text("not for you")
+    rs, _ = serve(ServiceConfig(reload_dirs=(str(allowed),)))
+    answers = {}
+    for name, path in {
+        "missing": "/nonexistent/x.gallery",
+        "exists": str(outside),
+        "passwd": "/etc/passwd",
+        "dotdot": str(allowed / ".." / "secret.txt"),
+        "symlink": str(allowed / "escape.gallery"),
+        "dir": str(allowed),
+        "missing inside": str(allowed / "nope.gallery"),
+    }.items():
+        status, _, body = request(rs.url, "POST", "/reload", json.dumps({"gallery": path}).encode())
+        answers[name] = (status, json.loads(body)["error"])
+    assert len(set(answers.values())) == 1, answers  # the same answer, whatever exists
+    status, error = answers["missing"]
+    assert status == 403 and "/" not in error and "nonexistent" not in error
+    status, _, body = request(rs.url, "POST", "/reload", json.dumps({"gallery": str(allowed / "b.gallery")}).encode())
+    assert status == 200 and json.loads(body)["generation"] == 2
+    (allowed / "bad.gallery").write_bytes(b"garbage" * 100)
+    status, _, body = request(rs.url, "POST", "/reload", json.dumps({"gallery": str(allowed / "bad.gallery")}).encode())
+    error = json.loads(body)["error"]
+    assert status == 422 and str(allowed) not in error and "bad.gallery" in error, error
+    # without reload directories only the current files are re-read
+    rs2, _ = serve(ServiceConfig())
+    status, _, body = request(rs2.url, "POST", "/reload", json.dumps({"gallery": str(allowed / "b.gallery")}).encode())
+    assert status == 403 and "--reload-dir" in json.loads(body)["error"]
+    assert request(rs2.url, "POST", "/reload")[0] == 200
+
+
+def test_reload_token(serve, assets):
+    rs, _ = serve(ServiceConfig(reload_token="s3cret-token"))
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"X-Reload-Token": "s3cret-toke"}):
+        status, h, body = request(rs.url, "POST", "/reload", b"{}", headers)
+        assert status == 401 and "token" in json.loads(body)["error"] and h.get("connection") == "close"
+    assert request(rs.url, "POST", "/reload", b"{}", {"Authorization": "Bearer s3cret-token"})[0] == 200
+    assert request(rs.url, "POST", "/reload", b"{}", {"X-Reload-Token": "s3cret-token"})[0] == 200
+    assert rs.service.current.generation == 3
+
+
+def _public_address() -> str | None:
+    """An address of this machine that is not loopback (a client connecting to it is 'remote')."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))  # no packet is sent: this only picks the outgoing interface
+            addr = s.getsockname()[0]
+        except OSError:
+            return None
+    return None if addr.startswith("127.") or addr == "0.0.0.0" else addr
+
+
+@pytest.mark.parametrize("mode,expected", [("local", 403), ("remote", 200), ("off", 403)])
+def test_reload_from_another_machine_needs_remote(assets, mode, expected):
+    """Issue 17: reload was open to anyone who could reach the port. By default (local) only
+    clients on this machine may reload; 'remote' lets others; 'off' nobody."""
+    addr = _public_address()
+    if addr is None:
+        pytest.skip("no non-loopback address on this machine to connect from")
+    svc = InspectionService(ServiceConfig(reload=mode, warmup=0), device="cpu", threads=1)
+    rs = RunningService(svc, host="0.0.0.0")
+    try:
+        svc.load(assets["model"], assets["gallery_a"])
+        port = rs.httpd.port
+        status, _, body = request(f"http://{addr}:{port}", "POST", "/reload", b"{}")
+        assert status == expected, body
+        if mode != "remote":
+            assert "reload" in json.loads(body)["error"]
+        local = request(f"http://127.0.0.1:{port}", "POST", "/reload", b"{}")[0]
+        assert local == (403 if mode == "off" else 200)
+    finally:
+        rs.stop()
 
 
 def test_a_second_reload_while_one_runs_is_409(serve, assets):
@@ -286,7 +380,7 @@ def test_a_second_reload_while_one_runs_is_409(serve, assets):
 
 
 def test_reload_can_be_disabled(serve):
-    rs, _ = serve(ServiceConfig(allow_reload=False))
+    rs, _ = serve(ServiceConfig(reload="off"))
     status, _, body = request(rs.url, "POST", "/reload", b"{}")
     assert status == 403 and "disabled" in json.loads(body)["error"]
 
@@ -296,8 +390,11 @@ def test_open_connections_are_capped(serve, assets):
     idle = [socket.create_connection(("127.0.0.1", rs.httpd.port)) for _ in range(2)]
     time.sleep(0.2)
     with socket.create_connection(("127.0.0.1", rs.httpd.port), timeout=5) as s:
-        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         assert s.recv(4096).startswith(b"HTTP/1.1 503")
+    with socket.create_connection(("127.0.0.1", rs.httpd.port), timeout=5) as s:  # health is still answered
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert s.recv(4096).startswith(b"HTTP/1.1 200")
     for s in idle:
         s.close()
     # the server notices each closed socket on its own thread: until both slots are free, a request
@@ -313,7 +410,7 @@ def test_health_says_stalled_when_one_image_holds_the_worker(serve, assets):
     gate.open.clear()
     t = threading.Thread(target=lambda: post_image(rs.url, assets["images"]["normal0.png"].read_bytes()))
     t.start()
-    wait_for(lambda: rs.service._busy_since is not None)
+    wait_for(lambda: rs.service.busy)
     time.sleep(0.4)
     status, _, body = request(rs.url, path="/health")
     assert status == 503 and json.loads(body)["status"] == "stalled"
@@ -322,11 +419,11 @@ def test_health_says_stalled_when_one_image_holds_the_worker(serve, assets):
     assert request(rs.url, path="/health")[0] == 200
 
 
-def test_a_client_that_stalls_mid_body_gets_400_and_frees_its_slot(serve, assets):
+def test_a_client_that_stalls_mid_body_gets_408_and_frees_its_slot(serve, assets):
     rs, _ = serve(ServiceConfig(read_timeout=0.5, queue_size=1))
     with socket.create_connection(("127.0.0.1", rs.httpd.port), timeout=10) as s:
         s.sendall(b"POST /inspect HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n0123456789")
         answer = s.recv(4096)
-    assert answer.startswith(b"HTTP/1.1 400") and b"not received in time" in answer
+    assert answer.startswith(b"HTTP/1.1 408") and b"not received within 0.5 s" in answer
     wait_for(lambda: rs.service.queue_depth == 0)
     assert post_image(rs.url, assets["images"]["normal0.png"].read_bytes())[0] == 200

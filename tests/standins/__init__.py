@@ -29,6 +29,7 @@ This module is the helper only: it imports none of the stand-ins, which are top-
 when this folder is on sys.path (they also import as ``tests.standins.cupy`` etc. and then share
 the same machine).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -59,8 +60,15 @@ def _top(name: str) -> str:
     return name.split(".")[0]
 
 
-def use_standins(monkeypatch, gpus: int = 1, trt_version: str = "10.3.0", *, cupy: bool = True,
-                 pycuda: bool = True, tensorrt: bool = True) -> SimpleNamespace:
+def use_standins(
+    monkeypatch,
+    gpus: int = 1,
+    trt_version: str = "10.3.0",
+    *,
+    cupy: bool = True,
+    pycuda: bool = True,
+    tensorrt: bool = True,
+) -> SimpleNamespace:
     """For the rest of the test: ``import cupy`` (cupyx, tensorrt, pycuda.driver) gives the
     stand-ins, on a fresh fake machine with ``gpus`` GPUs and TensorRT ``trt_version``.
     ``cupy=False`` (``pycuda=False``, ``tensorrt=False``) makes that package absent instead: its
@@ -85,12 +93,12 @@ def use_standins(monkeypatch, gpus: int = 1, trt_version: str = "10.3.0", *, cup
 
 
 def _fresh_tensorrt_version(monkeypatch) -> None:
-    """export.engine remembers the TensorRT version it saw first: give this test its own memory."""
-    from spade_edge.export import engine
+    """runtime.engine_record remembers the TensorRT version it saw first: give this test its own memory."""
+    from spade_edge.runtime import engine_record
 
-    wrapped = getattr(engine.tensorrt_version, "__wrapped__", None)
+    wrapped = getattr(engine_record.tensorrt_version, "__wrapped__", None)
     if wrapped is not None:
-        monkeypatch.setattr(engine, "tensorrt_version", lru_cache(maxsize=1)(wrapped))
+        monkeypatch.setattr(engine_record, "tensorrt_version", lru_cache(maxsize=1)(wrapped))
 
 
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")

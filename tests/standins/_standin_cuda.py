@@ -27,6 +27,7 @@ copy through.
 Not modelled: timing, concurrency between streams (queues run in the synchronizing thread),
 memory limits, events, graphs.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -90,6 +91,7 @@ class CudaError(Exception):
 
 
 # ---------------------------------------------------------------------------- devices and contexts
+
 
 def check_device(device: int) -> None:
     if GPU_COUNT == 0:
@@ -183,6 +185,7 @@ def describe_current() -> str:
 
 # ---------------------------------------------------------------------------- memory
 
+
 @dataclass
 class Allocation:
     start: int
@@ -264,15 +267,20 @@ def check_device_memory(ptr: int, nbytes: int, context: Context, what: str, fore
     ptr = int(ptr)
     alloc = find(ptr)
     if alloc is None:
-        raise CudaError(INVALID_VALUE, f"{what} 0x{ptr:x} is not live device memory (never allocated through the "
-                                       "stand-ins, freed, or a host address)")
+        raise CudaError(
+            INVALID_VALUE,
+            f"{what} 0x{ptr:x} is not live device memory (never allocated through the "
+            "stand-ins, freed, or a host address)",
+        )
     if alloc.kind != "device":
         raise CudaError(INVALID_VALUE, f"{what} 0x{ptr:x} is {alloc}, not device memory")
     if ptr + nbytes > alloc.end:
         raise CudaError(INVALID_VALUE, f"{what} 0x{ptr:x}+{nbytes} runs past the end of its {alloc}")
     if alloc.context is not context:
-        raise CudaError(foreign, f"{what} 0x{ptr:x} is memory of {alloc.context}, but {context} is the one in use "
-                                 f"({describe_current()})")
+        raise CudaError(
+            foreign,
+            f"{what} 0x{ptr:x} is memory of {alloc.context}, but {context} is the one in use ({describe_current()})",
+        )
     return alloc
 
 
@@ -305,6 +313,7 @@ def memmove(dst: int, src: int, nbytes: int) -> None:
 
 
 # ---------------------------------------------------------------------------- streams
+
 
 class Stream:
     """A CUDA stream: a queue of work, run in order when synchronized."""
@@ -372,8 +381,9 @@ def stream_for(handle: int, context: Context, what: str) -> Stream | None:
     if stream is None:
         raise CudaError(INVALID_HANDLE, f"{what}: 0x{int(handle):x} is not a live CUDA stream")
     if stream.context is not context:
-        raise CudaError(INVALID_HANDLE, f"{what}: {stream} belongs to {stream.context}, not to {context} "
-                                        f"({describe_current()})")
+        raise CudaError(
+            INVALID_HANDLE, f"{what}: {stream} belongs to {stream.context}, not to {context} ({describe_current()})"
+        )
     return stream
 
 

@@ -18,6 +18,7 @@ Compiled libraries are cached by content in ``$SPADE_STANDIN_KERNEL_CACHE`` (def
 the temporary directory), built into a temporary name and renamed, so parallel test processes
 share them safely.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -40,19 +41,36 @@ KERNEL_FILE = "kernel.cu"  # the name launchers include
 
 # C type of a parameter (pointee for pointers) -> the numpy dtype an argument must have
 C_TYPES = {
-    "float": np.float32, "double": np.float64,
-    "signed char": np.int8, "char": np.int8, "unsigned char": np.uint8,
-    "short": np.int16, "unsigned short": np.uint16,
-    "int": np.int32, "unsigned int": np.uint32, "unsigned": np.uint32,
-    "long": np.int64, "unsigned long": np.uint64,  # LP64
-    "long long": np.int64, "long long int": np.int64, "unsigned long long": np.uint64,
-    "size_t": np.uint64, "bool": np.bool_,
+    "float": np.float32,
+    "double": np.float64,
+    "signed char": np.int8,
+    "char": np.int8,
+    "unsigned char": np.uint8,
+    "short": np.int16,
+    "unsigned short": np.uint16,
+    "int": np.int32,
+    "unsigned int": np.uint32,
+    "unsigned": np.uint32,
+    "long": np.int64,
+    "unsigned long": np.uint64,  # LP64
+    "long long": np.int64,
+    "long long int": np.int64,
+    "unsigned long long": np.uint64,
+    "size_t": np.uint64,
+    "bool": np.bool_,
 }
 CTYPES_SCALARS = {
-    np.dtype(np.float32): ctypes.c_float, np.dtype(np.float64): ctypes.c_double, np.dtype(np.int8): ctypes.c_int8,
-    np.dtype(np.uint8): ctypes.c_uint8, np.dtype(np.int16): ctypes.c_int16, np.dtype(np.uint16): ctypes.c_uint16,
-    np.dtype(np.int32): ctypes.c_int32, np.dtype(np.uint32): ctypes.c_uint32, np.dtype(np.int64): ctypes.c_int64,
-    np.dtype(np.uint64): ctypes.c_uint64, np.dtype(np.bool_): ctypes.c_bool,
+    np.dtype(np.float32): ctypes.c_float,
+    np.dtype(np.float64): ctypes.c_double,
+    np.dtype(np.int8): ctypes.c_int8,
+    np.dtype(np.uint8): ctypes.c_uint8,
+    np.dtype(np.int16): ctypes.c_int16,
+    np.dtype(np.uint16): ctypes.c_uint16,
+    np.dtype(np.int32): ctypes.c_int32,
+    np.dtype(np.uint32): ctypes.c_uint32,
+    np.dtype(np.int64): ctypes.c_int64,
+    np.dtype(np.uint64): ctypes.c_uint64,
+    np.dtype(np.bool_): ctypes.c_bool,
 }
 
 _KERNEL = re.compile(r'extern\s+"C"\s+__global__\s+void\s+(?:__launch_bounds__\s*\([^)]*\)\s*)?(\w+)\s*\(([^)]*)\)')
@@ -81,8 +99,10 @@ class Param:
         if type_words.count("*") > 1:
             raise CompileError(f"kernel parameter {decl.strip()!r}: pointers to pointers are not supported")
         if base not in C_TYPES:
-            raise CompileError(f"kernel parameter {decl.strip()!r}: C type {base!r} has no numpy mapping in "
-                               "tests/standins/_standin_kernels.py (C_TYPES)")
+            raise CompileError(
+                f"kernel parameter {decl.strip()!r}: C type {base!r} has no numpy mapping in "
+                "tests/standins/_standin_kernels.py (C_TYPES)"
+            )
         text = " ".join(type_words).replace(" *", "*")
         return cls(text, "*" in type_words, "const" in type_words, np.dtype(C_TYPES[base]))
 
@@ -121,9 +141,11 @@ def has_custom_launcher(kernel: str) -> bool:
 def _generic_launcher(name: str, params: tuple[Param, ...]) -> str:
     decls = "".join(f", {p.text} a{i}" for i, p in enumerate(params))
     call = ", ".join(f"a{i}" for i in range(len(params)))
-    return (f'extern "C" void standin_launch_{name}(unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, '
-            f"unsigned bz, unsigned /*shared_mem*/{decls})\n"
-            f"{{\n    cuda_shim_run({{gx, gy, gz}}, {{bx, by, bz}}, [&] {{ {name}({call}); }});\n}}\n")
+    return (
+        f'extern "C" void standin_launch_{name}(unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, '
+        f"unsigned bz, unsigned /*shared_mem*/{decls})\n"
+        f"{{\n    cuda_shim_run({{gx, gy, gz}}, {{bx, by, bz}}, [&] {{ {name}({call}); }});\n}}\n"
+    )
 
 
 def _launchers(kernels: dict[str, tuple[Param, ...]]) -> str:
@@ -175,8 +197,9 @@ class Library:
             fn.restype = None
             self._fns[name] = fn
 
-    def launch(self, name: str, grid: tuple[int, int, int], block: tuple[int, int, int], shared_mem: int,
-               c_args: list) -> None:
+    def launch(
+        self, name: str, grid: tuple[int, int, int], block: tuple[int, int, int], shared_mem: int, c_args: list
+    ) -> None:
         """Run kernel ``name`` for every thread; ``c_args`` already checked against its Params."""
         self._fns[name](*grid, *block, int(shared_mem), *c_args)
 
@@ -201,8 +224,23 @@ def compile_source(source: str, options: tuple[str, ...] = ()) -> Library:
             work = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root.parent))
             (work / KERNEL_FILE).write_text(source)
             (work / "launch.cpp").write_text(launcher)
-            cmd = [gxx, "-std=c++17", "-O2", "-Wall", "-Werror", "-shared", "-fPIC", "-include", str(SHIM),
-                   "-I", str(work), *flags, str(work / "launch.cpp"), "-o", str(work / "kernels.so")]
+            cmd = [
+                gxx,
+                "-std=c++17",
+                "-O2",
+                "-Wall",
+                "-Werror",
+                "-shared",
+                "-fPIC",
+                "-include",
+                str(SHIM),
+                "-I",
+                str(work),
+                *flags,
+                str(work / "launch.cpp"),
+                "-o",
+                str(work / "kernels.so"),
+            ]
             run = subprocess.run(cmd, check=False, capture_output=True, text=True)
             if run.returncode != 0:
                 shutil.rmtree(work, ignore_errors=True)

@@ -2,6 +2,7 @@
 the engine built through the tensorrt stand-in's builder API (the folder above this one must be on
 PYTHONPATH: tests.standins.standins_env does it). An option trtexec does not know, or a malformed
 one, ends the build with an error, as the real trtexec does."""
+
 import re
 import sys
 
@@ -41,8 +42,11 @@ def main(argv: list[str]) -> int:
 
     logger = Logger()
     builder = trt.Builder(logger)
-    bits = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if "stronglyTyped" in flags else (
-        1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH))
+    bits = (
+        1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+        if "stronglyTyped" in flags
+        else (1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH))
+    )
     network = builder.create_network(bits)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(opts["onnx"]):
@@ -58,8 +62,12 @@ def main(argv: list[str]) -> int:
     if "minShapes" in opts:
         profile = builder.create_optimization_profile()
         name, lo = shape(opts["minShapes"])
-        profile.set_shape(name, lo, shape(opts.get("optShapes", opts["minShapes"]))[1],
-                          shape(opts.get("maxShapes", opts["minShapes"]))[1])
+        profile.set_shape(
+            name,
+            lo,
+            shape(opts.get("optShapes", opts["minShapes"]))[1],
+            shape(opts.get("maxShapes", opts["minShapes"]))[1],
+        )
         config.add_optimization_profile(profile)
     engine = builder.build_serialized_network(network, config)
     if engine is None:

@@ -6,9 +6,10 @@ device, streams whose work runs when synchronized. Kernels (``RawModule``) are c
 their CUDA source as C++ with the repository's CPU shim and run for every thread.
 
 The subset is what spade-edge uses (runtime/scoring/cuda.py, runtime/features/tensorrt.py,
-runtime/device.py, export/engine.py) plus a little; see each module's docstring for what is
+runtime/device.py, runtime/gpu.py) plus a little; see each module's docstring for what is
 faithful and what is not. Anything else is absent, so that code using it fails here first.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -38,6 +39,7 @@ def _device_arrays(values, what: str):
 
 
 # ---------------------------------------------------------------------------- making arrays
+
 
 def asarray(a, dtype=None, order=None, *, blocking=False) -> ndarray:
     """``a`` on the current device: the same array when it is already there (and of ``dtype``),
@@ -93,6 +95,7 @@ def full(shape, fill_value, dtype=None, order="C") -> ndarray:
 
 # ---------------------------------------------------------------------------- computing
 
+
 def matmul(a, b, out=None) -> ndarray:
     _device_arrays([a, b], "matmul")
     return np.matmul(a, b) if out is None else np.matmul(a, b, out=out)
@@ -129,5 +132,21 @@ def asnumpy(a, stream=None, order="C", out=None, blocking=True) -> np.ndarray:
 # numpy.<name>(device array) runs these (ndarray.__array_function__), as CuPy dispatches
 NUMPY_FUNCTIONS = {np.concatenate: concatenate, np.take_along_axis: take_along_axis, np.argsort: argsort}
 
-__all__ = ["RawKernel", "RawModule", "argsort", "array", "asarray", "ascontiguousarray", "asnumpy", "concatenate",
-           "cuda", "empty", "full", "matmul", "ndarray", "ones", "take_along_axis", "zeros"]
+__all__ = [
+    "RawKernel",
+    "RawModule",
+    "argsort",
+    "array",
+    "asarray",
+    "ascontiguousarray",
+    "asnumpy",
+    "concatenate",
+    "cuda",
+    "empty",
+    "full",
+    "matmul",
+    "ndarray",
+    "ones",
+    "take_along_axis",
+    "zeros",
+]

@@ -1,5 +1,6 @@
 """The shared fake CUDA machine and kernel compiler (tests/standins/_standin_*.py), one per
 process whether this package was imported as ``cupy`` or as ``tests.standins.cupy``."""
+
 import importlib
 
 try:

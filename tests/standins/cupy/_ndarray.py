@@ -19,6 +19,7 @@ in code under test and do not take a passing stand-in test as proof against that
 (basic slicing, transpose, reshape) are free and unchecked, as in CuPy. Operations run eagerly
 after the work queued on the current stream.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -151,8 +152,10 @@ def on_current_device(values, what: str):
     for v in values:
         if isinstance(v, ndarray):
             if v._context is not ctx:
-                raise ValueError(f"Array device must be same as the current device: array device = "
-                                 f"{v._context.device} while current = {ctx.device}\n[stand-in] in {what}")
+                raise ValueError(
+                    f"Array device must be same as the current device: array device = "
+                    f"{v._context.device} while current = {ctx.device}\n[stand-in] in {what}"
+                )
         elif not isinstance(v, _SCALARS) and v is not None:
             raise TypeError(f"Unsupported type {type(v)}")
     _stream.after_current_stream(ctx)

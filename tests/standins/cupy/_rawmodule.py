@@ -17,6 +17,7 @@ CUDARuntimeError (cudaErrorIllegalAddress: the kernel would fault).
 Not modelled: ``shared_mem`` (kernels with shared memory need their own launcher; see
 ``_standin_kernels.register_launcher``), cooperative launches, ``path=`` (cubin/PTX files).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -49,8 +50,18 @@ def _dims(value, what: str) -> tuple[int, int, int]:
 
 
 class RawModule:
-    def __init__(self, code: str | None = None, *, path=None, options=(), backend="nvrtc", translate_cucomplex=False,
-                 enable_cooperative_groups=False, name_expressions=None, jitify=False):
+    def __init__(
+        self,
+        code: str | None = None,
+        *,
+        path=None,
+        options=(),
+        backend="nvrtc",
+        translate_cucomplex=False,
+        enable_cooperative_groups=False,
+        name_expressions=None,
+        jitify=False,
+    ):
         if (code is None) == (path is None):
             raise TypeError("Exactly one of code and path keyword arguments must be given.")
         if path is not None:
@@ -66,16 +77,27 @@ class RawModule:
     def get_function(self, name: str) -> Function:
         lib = self._lib()
         if name not in lib.kernels:
-            raise CUDADriverError(machine.NOT_FOUND, f"no extern \"C\" __global__ function {name!r} in the module "
-                                                     f"(it has {sorted(lib.kernels)})")
+            raise CUDADriverError(
+                machine.NOT_FOUND,
+                f'no extern "C" __global__ function {name!r} in the module (it has {sorted(lib.kernels)})',
+            )
         return Function(lib, name)
 
 
 class RawKernel:
     """``cupy.RawKernel(code, name, options=())``: one kernel of a source, compiled on first call."""
 
-    def __init__(self, code: str, name: str, options=(), backend="nvrtc", translate_cucomplex=False, *,
-                 enable_cooperative_groups=False, jitify=False):
+    def __init__(
+        self,
+        code: str,
+        name: str,
+        options=(),
+        backend="nvrtc",
+        translate_cucomplex=False,
+        *,
+        enable_cooperative_groups=False,
+        jitify=False,
+    ):
         self.code, self.name, self.options = code, name, tuple(options)
         self._module = RawModule(code=code, options=options)
 
@@ -97,8 +119,10 @@ class Function:
         if any(g > m for g, m in zip(grid3, MAX_GRID)) or min(grid3) < 1:
             raise CUDADriverError(machine.INVALID_VALUE, f"grid {grid3}: at least 1 and at most {MAX_GRID}")
         if shared_mem and not kernels.has_custom_launcher(self.name):
-            raise NotImplementedError(f"kernel {self.name}: dynamic shared memory needs its own CPU launcher "
-                                      "(_standin_kernels.register_launcher)")
+            raise NotImplementedError(
+                f"kernel {self.name}: dynamic shared memory needs its own CPU launcher "
+                "(_standin_kernels.register_launcher)"
+            )
         ctx = current_context()
         with driver_errors():
             s = machine.stream_for((stream or _stream.get_current_stream()).ptr, ctx, f"kernel {self.name}")
@@ -112,8 +136,10 @@ class Function:
 
     def _c_args(self, args: tuple, ctx) -> list:
         if len(args) != len(self.params):
-            raise TypeError(f"kernel {self.name} takes {len(self.params)} arguments, got {len(args)} "
-                            "[stand-in: CuPy would launch it with garbage]")
+            raise TypeError(
+                f"kernel {self.name} takes {len(self.params)} arguments, got {len(args)} "
+                "[stand-in: CuPy would launch it with garbage]"
+            )
         out = []
         for i, (a, p) in enumerate(zip(args, self.params)):
             where = f"kernel {self.name} argument {i} ({p.text})"
@@ -121,19 +147,30 @@ class Function:
                 if not isinstance(a, ndarray):
                     raise TypeError(f"Unsupported type {type(a)}\n[stand-in] {where}")
                 if a.dtype != p.dtype:
-                    raise TypeError(f"{where} given a {a.dtype} array [stand-in: the kernel would read it as {p.dtype}]")
+                    raise TypeError(
+                        f"{where} given a {a.dtype} array [stand-in: the kernel would read it as {p.dtype}]"
+                    )
                 if a._context is not ctx:
-                    raise CUDARuntimeError(machine.ILLEGAL_ADDRESS, f"{where}: array of device {a._context.device}, "
-                                                                    f"launched on device {ctx.device}")
+                    raise CUDARuntimeError(
+                        machine.ILLEGAL_ADDRESS,
+                        f"{where}: array of device {a._context.device}, launched on device {ctx.device}",
+                    )
                 out.append(a.data.ptr)
                 continue
             # what CuPy passes for Python scalars: int as long long, float as double, bool as bool
-            v = np.bool_(a) if isinstance(a, bool) else np.int64(a) if isinstance(a, int) else (
-                np.float64(a) if isinstance(a, float) else a)
+            v = (
+                np.bool_(a)
+                if isinstance(a, bool)
+                else np.int64(a)
+                if isinstance(a, int)
+                else (np.float64(a) if isinstance(a, float) else a)
+            )
             if not isinstance(v, np.generic):
                 raise TypeError(f"Unsupported type {type(a)}\n[stand-in] {where}")
             if v.dtype != p.dtype:
-                raise TypeError(f"{where} given {type(a).__name__} {a!r}, which CuPy passes as {v.dtype.itemsize} bytes "
-                                f"of {v.dtype} [stand-in: the kernel would read it as {p.dtype}]")
+                raise TypeError(
+                    f"{where} given {type(a).__name__} {a!r}, which CuPy passes as {v.dtype.itemsize} bytes "
+                    f"of {v.dtype} [stand-in: the kernel would read it as {p.dtype}]"
+                )
             out.append(v.item())
         return out

@@ -5,6 +5,7 @@ the fake machine knows as pinned host memory, so asynchronous copies from and to
 asynchronous, and using them where device memory is expected is refused. Allocating needs a usable
 device (CUDARuntimeError otherwise), as cudaHostAlloc does.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -14,8 +15,9 @@ import numpy as np
 from ._machine import machine
 
 # the CuPy stand-in beside this package, however this one was reached
-_runtime = importlib.import_module("cupy.cuda.runtime" if __name__ == "cupyx" else
-                                   __name__.rpartition(".")[0] + ".cupy.cuda.runtime")
+_runtime = importlib.import_module(
+    "cupy.cuda.runtime" if __name__ == "cupyx" else __name__.rpartition(".")[0] + ".cupy.cuda.runtime"
+)
 
 STANDIN = True
 

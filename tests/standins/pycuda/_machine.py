@@ -1,5 +1,6 @@
 """The shared fake CUDA machine (tests/standins/_standin_cuda.py), one per process whether this
 package was imported as ``pycuda`` or as ``tests.standins.pycuda``."""
+
 import importlib
 
 try:

@@ -19,6 +19,7 @@ Stricter than CUDA: memory of another context is refused even where unified addr
 the copy through. Not provided: ``pycuda.autoinit`` (spade-edge must not depend on it),
 ``pycuda.compiler``, events, textures, ``gpuarray``.
 """
+
 from __future__ import annotations
 
 import weakref
@@ -94,6 +95,7 @@ def init(flags: int = 0) -> None:
 
 
 # ---------------------------------------------------------------------------- devices and contexts
+
 
 class Device:
     def __init__(self, number: int):
@@ -192,6 +194,7 @@ class Context:
 
 # ---------------------------------------------------------------------------- streams
 
+
 class Stream:
     def __init__(self, flags: int = 0):
         with _Call("cuStreamCreate") as call:
@@ -211,6 +214,7 @@ class Stream:
 
 
 # ---------------------------------------------------------------------------- memory
+
 
 class DeviceAllocation:
     """``mem_alloc``'s result: ``int()`` is the address; freed by ``free()`` or garbage collection."""

@@ -18,10 +18,11 @@ Faithful:
   (returns False) unless ``ignore_mismatch``; a build adds to the cache it was given.
 
 Not faithful: no layer is built or timed (the engine runs the ONNX model); the parser accepts
-every operator ONNX Runtime runs (which operators TensorRT takes is export.engine's
-tensorrt_onnx_problems' business); ``create_timing_cache`` of bytes that are no cache logs an error
+every operator ONNX Runtime runs (which operators TensorRT takes is the business of
+export.trt_ops.tensorrt_onnx_problems); ``create_timing_cache`` of bytes that are no cache logs an error
 and returns None (believed to be TensorRT's behaviour, not verified on a GPU).
 """
+
 from __future__ import annotations
 
 import os
@@ -165,9 +166,11 @@ class IOptimizationProfile:
         lo, mid, hi = (Dims(int(d) for d in s) for s in (min, opt, max))
         if not len(lo) == len(mid) == len(hi):
             raise RuntimeError("Shape provided for opt is inconsistent with other shapes.")
-        for which, bad in (("min", any(d < 0 for d in lo)),
-                           ("opt", any(a > b for a, b in zip(lo, mid))),
-                           ("max", any(a > b for a, b in zip(mid, hi)))):
+        for which, bad in (
+            ("min", any(d < 0 for d in lo)),
+            ("opt", any(a > b for a, b in zip(lo, mid))),
+            ("max", any(a > b for a, b in zip(mid, hi))),
+        ):
             if bad:
                 raise RuntimeError(f"Shape provided for {which} is inconsistent with other shapes.")
         self.shapes[input] = (lo, mid, hi)
@@ -237,8 +240,10 @@ class IBuilderConfig:
         if not isinstance(profile, IOptimizationProfile):
             raise TypeError(f"add_optimization_profile(): incompatible function arguments: {profile!r}")
         if not profile.shapes:
-            error(self._logger, "IBuilderConfig::addOptimizationProfile: Error Code 3: API Usage Error (the "
-                                "profile has no shapes)")
+            error(
+                self._logger,
+                "IBuilderConfig::addOptimizationProfile: Error Code 3: API Usage Error (the profile has no shapes)",
+            )
             return -1
         self.profiles.append(profile)
         return len(self.profiles) - 1
@@ -261,8 +266,11 @@ class IBuilderConfig:
         if not isinstance(cache, ITimingCache):
             raise TypeError(f"set_timing_cache(): incompatible function arguments: cache {cache!r}")
         if not ignore_mismatch and _owner(cache.record) != _owner(_new_cache().record):
-            warning(self._logger, f"the timing cache is from TensorRT {cache.record['tensorrt']} on "
-                                  f"{cache.record['gpu']['name']}: not used")
+            warning(
+                self._logger,
+                f"the timing cache is from TensorRT {cache.record['tensorrt']} on "
+                f"{cache.record['gpu']['name']}: not used",
+            )
             return False
         self._cache = cache
         return True
@@ -284,9 +292,12 @@ class Builder:
     def create_network(self, flags: int = 0) -> INetworkDefinition | None:
         valid = sum(1 << m.value for m in NetworkDefinitionCreationFlag)
         if not isinstance(flags, int) or flags & ~valid:
-            error(self.logger, f"Builder::createNetworkV2: Error Code 3: API Usage Error (Parameter check failed, "
-                               f"condition: flags {flags!r} are not NetworkDefinitionCreationFlag bits of TensorRT "
-                               f"{VERSION})")
+            error(
+                self.logger,
+                f"Builder::createNetworkV2: Error Code 3: API Usage Error (Parameter check failed, "
+                f"condition: flags {flags!r} are not NetworkDefinitionCreationFlag bits of TensorRT "
+                f"{VERSION})",
+            )
             return None
         return INetworkDefinition(flags)
 
@@ -304,8 +315,10 @@ class Builder:
             try:
                 header = _header(network, config)
             except Exception as exc:  # noqa: BLE001 (the network does not run at the profile's shapes)
-                problem = (f"Error Code 10: Internal Error (Could not find any implementation for the network at the "
-                           f"profile's shapes: {type(exc).__name__}: {str(exc).strip().splitlines()[0]})")
+                problem = (
+                    f"Error Code 10: Internal Error (Could not find any implementation for the network at the "
+                    f"profile's shapes: {type(exc).__name__}: {str(exc).strip().splitlines()[0]})"
+                )
         if problem is not None:
             error(self.logger, f"Builder::buildSerializedNetwork: {problem}")
             return None
@@ -321,27 +334,35 @@ def _refusal(network: INetworkDefinition, config: IBuilderConfig) -> str | None:
         return "Error Code 4: API Usage Error (Network must have at least one output)"
     precision = sorted(f.name for f in config._flags if f.name in _PRECISION_FLAGS)
     if network.strongly_typed and precision:
-        return (f"Error Code 3: API Usage Error (BuilderFlag {', '.join(precision)} is not allowed for a strongly "
-                "typed network: its precision is the model's own)")
+        return (
+            f"Error Code 3: API Usage Error (BuilderFlag {', '.join(precision)} is not allowed for a strongly "
+            "typed network: its precision is the model's own)"
+        )
     inputs = {i["name"]: i["shape"] for i in network.inputs}
     dynamic = [n for n, s in inputs.items() if -1 in s]
     if dynamic and not config.profiles:
-        return ("Error Code 4: API Usage Error (Network has dynamic or shape inputs, but no optimization profile has "
-                "been defined.)")
+        return (
+            "Error Code 4: API Usage Error (Network has dynamic or shape inputs, but no optimization profile has "
+            "been defined.)"
+        )
     for k, profile in enumerate(config.profiles):
         for name in profile.shapes:
             if name not in inputs:
                 return f"Error Code 4: API Usage Error (Optimization profile {k} has shapes for {name!r}, no network input)"
         for name in dynamic:
             if name not in profile.shapes:
-                return (f"Error Code 4: API Usage Error (Optimization profile {k} is missing values for dynamic input "
-                        f"{name!r})")
+                return (
+                    f"Error Code 4: API Usage Error (Optimization profile {k} is missing values for dynamic input "
+                    f"{name!r})"
+                )
         for name, dims in profile.shapes.items():
             declared = inputs[name]
             for which, shape in zip(("min", "opt", "max"), dims):
                 if len(shape) != len(declared) or any(d != -1 and d != s for d, s in zip(declared, shape)):
-                    return (f"Error Code 4: API Usage Error (Optimization profile {k}: {which} dimensions {tuple(shape)} "
-                            f"of input {name!r} are inconsistent with the network's {tuple(declared)})")
+                    return (
+                        f"Error Code 4: API Usage Error (Optimization profile {k}: {which} dimensions {tuple(shape)} "
+                        f"of input {name!r} are inconsistent with the network's {tuple(declared)})"
+                    )
     return None
 
 
@@ -352,17 +373,28 @@ def _header(network: INetworkDefinition, config: IBuilderConfig) -> dict:
     profiles = [{n: [list(d) for d in dims] for n, dims in p.shapes.items()} for p in config.profiles]
     static = {i["name"]: tuple(i["shape"]) for i in network.inputs}
     first = profiles[0] if profiles else {}
-    at_min = _plan.dry_run(sess, network.inputs, {n: tuple(first[n][0]) if n in first else s for n, s in static.items()},
-                           _nptype_by_name)
-    at_max = _plan.dry_run(sess, network.inputs, {n: tuple(first[n][2]) if n in first else s for n, s in static.items()},
-                           _nptype_by_name)
-    outputs = [{**o, "shape": [a if a == b else -1 for a, b in zip(at_min[o["name"]], at_max[o["name"]])]}
-               for o in network.outputs]
-    return {"format": 1, "tensorrt": VERSION, "gpu": gpu_identity(), "profiles": profiles, "inputs": network.inputs,
-            "outputs": outputs, "strongly_typed": network.strongly_typed,
-            "network_flags": [m.name for m in NetworkDefinitionCreationFlag if network.get_flag(m)],
-            "builder_flags": sorted(f.name for f in config._flags),
-            "workspace": config.get_memory_pool_limit(MemoryPoolType.WORKSPACE)}
+    at_min = _plan.dry_run(
+        sess, network.inputs, {n: tuple(first[n][0]) if n in first else s for n, s in static.items()}, _nptype_by_name
+    )
+    at_max = _plan.dry_run(
+        sess, network.inputs, {n: tuple(first[n][2]) if n in first else s for n, s in static.items()}, _nptype_by_name
+    )
+    outputs = [
+        {**o, "shape": [a if a == b else -1 for a, b in zip(at_min[o["name"]], at_max[o["name"]])]}
+        for o in network.outputs
+    ]
+    return {
+        "format": 1,
+        "tensorrt": VERSION,
+        "gpu": gpu_identity(),
+        "profiles": profiles,
+        "inputs": network.inputs,
+        "outputs": outputs,
+        "strongly_typed": network.strongly_typed,
+        "network_flags": [m.name for m in NetworkDefinitionCreationFlag if network.get_flag(m)],
+        "builder_flags": sorted(f.name for f in config._flags),
+        "workspace": config.get_memory_pool_limit(MemoryPoolType.WORKSPACE),
+    }
 
 
 def _nptype_by_name(name: str):

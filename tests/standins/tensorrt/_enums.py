@@ -5,6 +5,7 @@ the members and values of the real bindings of that major version (read from ten
 The enums behave as pybind11's: ``int(x)`` and ``operator.index(x)`` work, ``x == 1`` is False
 (only a member equals itself), members of one enum are ordered, ``1 << x`` is a TypeError.
 """
+
 from __future__ import annotations
 
 import enum
@@ -61,34 +62,110 @@ def _enum(name: str, members: dict[str, int]):
 
 _COMMON = {
     "TensorIOMode": {"NONE": 0, "INPUT": 1, "OUTPUT": 2},
-    "MemoryPoolType": {"WORKSPACE": 0, "DLA_MANAGED_SRAM": 1, "DLA_LOCAL_DRAM": 2, "DLA_GLOBAL_DRAM": 3,
-                       "TACTIC_DRAM": 4, "TACTIC_SHARED_MEMORY": 5},
-    "ErrorCode": {"SUCCESS": 0, "INTERNAL_ERROR": 1, "MEM_ALLOC_FAILED": 2, "MODEL_DESERIALIZE_FAILED": 3,
-                  "INVALID_VALUE": 4, "INVALID_GRAPH": 5, "INVALID_NODE": 6, "UNSUPPORTED_GRAPH": 7,
-                  "UNSUPPORTED_NODE": 8, "UNSUPPORTED_NODE_ATTR": 9, "UNSUPPORTED_NODE_INPUT": 10,
-                  "UNSUPPORTED_NODE_DATATYPE": 11, "UNSUPPORTED_NODE_DYNAMIC": 12, "UNSUPPORTED_NODE_SHAPE": 13},
+    "MemoryPoolType": {
+        "WORKSPACE": 0,
+        "DLA_MANAGED_SRAM": 1,
+        "DLA_LOCAL_DRAM": 2,
+        "DLA_GLOBAL_DRAM": 3,
+        "TACTIC_DRAM": 4,
+        "TACTIC_SHARED_MEMORY": 5,
+    },
+    "ErrorCode": {
+        "SUCCESS": 0,
+        "INTERNAL_ERROR": 1,
+        "MEM_ALLOC_FAILED": 2,
+        "MODEL_DESERIALIZE_FAILED": 3,
+        "INVALID_VALUE": 4,
+        "INVALID_GRAPH": 5,
+        "INVALID_NODE": 6,
+        "UNSUPPORTED_GRAPH": 7,
+        "UNSUPPORTED_NODE": 8,
+        "UNSUPPORTED_NODE_ATTR": 9,
+        "UNSUPPORTED_NODE_INPUT": 10,
+        "UNSUPPORTED_NODE_DATATYPE": 11,
+        "UNSUPPORTED_NODE_DYNAMIC": 12,
+        "UNSUPPORTED_NODE_SHAPE": 13,
+    },
 }
 _BY_MAJOR = {
     10: {
         "NetworkDefinitionCreationFlag": {"EXPLICIT_BATCH": 0, "STRONGLY_TYPED": 1},
-        "BuilderFlag": {"FP16": 0, "INT8": 1, "DEBUG": 2, "GPU_FALLBACK": 3, "REFIT": 4, "DISABLE_TIMING_CACHE": 5,
-                        "TF32": 6, "SPARSE_WEIGHTS": 7, "SAFETY_SCOPE": 8, "OBEY_PRECISION_CONSTRAINTS": 9,
-                        "PREFER_PRECISION_CONSTRAINTS": 10, "DIRECT_IO": 11, "REJECT_EMPTY_ALGORITHMS": 12,
-                        "VERSION_COMPATIBLE": 13, "EXCLUDE_LEAN_RUNTIME": 14, "FP8": 15,
-                        "ERROR_ON_TIMING_CACHE_MISS": 16, "BF16": 17, "DISABLE_COMPILATION_CACHE": 18,
-                        "STRIP_PLAN": 19, "REFIT_IDENTICAL": 20, "WEIGHT_STREAMING": 21, "INT4": 22},
-        "DataType": {"FLOAT": 0, "HALF": 1, "INT8": 2, "INT32": 3, "BOOL": 4, "UINT8": 5, "FP8": 6, "BF16": 7,
-                     "INT64": 8, "INT4": 9},
+        "BuilderFlag": {
+            "FP16": 0,
+            "INT8": 1,
+            "DEBUG": 2,
+            "GPU_FALLBACK": 3,
+            "REFIT": 4,
+            "DISABLE_TIMING_CACHE": 5,
+            "TF32": 6,
+            "SPARSE_WEIGHTS": 7,
+            "SAFETY_SCOPE": 8,
+            "OBEY_PRECISION_CONSTRAINTS": 9,
+            "PREFER_PRECISION_CONSTRAINTS": 10,
+            "DIRECT_IO": 11,
+            "REJECT_EMPTY_ALGORITHMS": 12,
+            "VERSION_COMPATIBLE": 13,
+            "EXCLUDE_LEAN_RUNTIME": 14,
+            "FP8": 15,
+            "ERROR_ON_TIMING_CACHE_MISS": 16,
+            "BF16": 17,
+            "DISABLE_COMPILATION_CACHE": 18,
+            "STRIP_PLAN": 19,
+            "REFIT_IDENTICAL": 20,
+            "WEIGHT_STREAMING": 21,
+            "INT4": 22,
+        },
+        "DataType": {
+            "FLOAT": 0,
+            "HALF": 1,
+            "INT8": 2,
+            "INT32": 3,
+            "BOOL": 4,
+            "UINT8": 5,
+            "FP8": 6,
+            "BF16": 7,
+            "INT64": 8,
+            "INT4": 9,
+        },
     },
     11: {  # strongly typed only: no EXPLICIT_BATCH, no precision flags
-        "NetworkDefinitionCreationFlag": {"STRONGLY_TYPED": 0, "PREFER_JIT_PYTHON_PLUGINS": 1,
-                                          "PREFER_AOT_PYTHON_PLUGINS": 2},
-        "BuilderFlag": {"DEBUG": 2, "GPU_FALLBACK": 3, "REFIT": 4, "DISABLE_TIMING_CACHE": 5, "TF32": 6,
-                        "SPARSE_WEIGHTS": 7, "SAFETY_SCOPE": 8, "DIRECT_IO": 11, "VERSION_COMPATIBLE": 12,
-                        "EXCLUDE_LEAN_RUNTIME": 13, "ERROR_ON_TIMING_CACHE_MISS": 15, "DISABLE_COMPILATION_CACHE": 17,
-                        "STRIP_PLAN": 18, "REFIT_IDENTICAL": 19, "WEIGHT_STREAMING": 20, "STRICT_NANS": 23},
-        "DataType": {"FLOAT": 0, "HALF": 1, "INT8": 2, "INT32": 3, "BOOL": 4, "UINT8": 5, "FP8": 6, "BF16": 7,
-                     "INT64": 8, "INT4": 9, "FP4": 10, "E8M0": 11},
+        "NetworkDefinitionCreationFlag": {
+            "STRONGLY_TYPED": 0,
+            "PREFER_JIT_PYTHON_PLUGINS": 1,
+            "PREFER_AOT_PYTHON_PLUGINS": 2,
+        },
+        "BuilderFlag": {
+            "DEBUG": 2,
+            "GPU_FALLBACK": 3,
+            "REFIT": 4,
+            "DISABLE_TIMING_CACHE": 5,
+            "TF32": 6,
+            "SPARSE_WEIGHTS": 7,
+            "SAFETY_SCOPE": 8,
+            "DIRECT_IO": 11,
+            "VERSION_COMPATIBLE": 12,
+            "EXCLUDE_LEAN_RUNTIME": 13,
+            "ERROR_ON_TIMING_CACHE_MISS": 15,
+            "DISABLE_COMPILATION_CACHE": 17,
+            "STRIP_PLAN": 18,
+            "REFIT_IDENTICAL": 19,
+            "WEIGHT_STREAMING": 20,
+            "STRICT_NANS": 23,
+        },
+        "DataType": {
+            "FLOAT": 0,
+            "HALF": 1,
+            "INT8": 2,
+            "INT32": 3,
+            "BOOL": 4,
+            "UINT8": 5,
+            "FP8": 6,
+            "BF16": 7,
+            "INT64": 8,
+            "INT4": 9,
+            "FP4": 10,
+            "E8M0": 11,
+        },
     },
 }
 _TABLE = {**_COMMON, **_BY_MAJOR[11 if MAJOR >= 11 else 10]}
@@ -101,8 +178,15 @@ BuilderFlag = _enum("BuilderFlag", _TABLE["BuilderFlag"])
 DataType = _enum("DataType", _TABLE["DataType"])
 Severity = _enum("Severity", {"INTERNAL_ERROR": 0, "ERROR": 1, "WARNING": 2, "INFO": 3, "VERBOSE": 4})
 
-_NUMPY = {"FLOAT": np.float32, "HALF": np.float16, "INT8": np.int8, "INT32": np.int32, "INT64": np.int64,
-          "BOOL": np.bool_, "UINT8": np.uint8}
+_NUMPY = {
+    "FLOAT": np.float32,
+    "HALF": np.float16,
+    "INT8": np.int8,
+    "INT32": np.int32,
+    "INT64": np.int64,
+    "BOOL": np.bool_,
+    "UINT8": np.uint8,
+}
 
 
 def nptype(trt_type):

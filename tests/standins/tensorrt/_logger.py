@@ -5,6 +5,7 @@ pybind11 says it); ``ILogger.log`` is pure virtual; ``Builder``/``Runtime`` take
 exception raised by ``log`` is printed and swallowed, as TensorRT does. Severity is an enum whose
 ``int()`` gives TensorRT's order (INTERNAL_ERROR=0 ... VERBOSE=4).
 """
+
 from __future__ import annotations
 
 import sys
@@ -46,8 +47,10 @@ class Logger(ILogger):
 
 def check_logger(logger, where: str) -> None:
     if not isinstance(logger, ILogger):
-        raise TypeError(f"{where}(): incompatible constructor arguments. The following argument types are "
-                        f"supported:\n    1. {where}(logger: tensorrt.ILogger)\n\nInvoked with: {logger!r}")
+        raise TypeError(
+            f"{where}(): incompatible constructor arguments. The following argument types are "
+            f"supported:\n    1. {where}(logger: tensorrt.ILogger)\n\nInvoked with: {logger!r}"
+        )
 
 
 def report(logger, severity, msg: str) -> None:

@@ -8,6 +8,7 @@ cache is ``CACHE_MAGIC`` and a JSON record of the version and GPU it belongs to.
 The network computes in the ONNX model's own precision: an engine built with BuilderFlag.FP16 from
 an fp32 model gives ONNX Runtime's fp32 results, not TensorRT's fp16 ones.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,16 @@ import numpy as np
 
 ENGINE_MAGIC = b"SPADE-EDGE STAND-IN TENSORRT ENGINE\0"
 CACHE_MAGIC = b"SPADE-EDGE STAND-IN TIMING CACHE\0"
-ORT_TYPES = {"tensor(float)": "FLOAT", "tensor(float16)": "HALF", "tensor(int8)": "INT8", "tensor(int32)": "INT32",
-             "tensor(int64)": "INT64", "tensor(bool)": "BOOL", "tensor(uint8)": "UINT8", "tensor(bfloat16)": "BF16"}
+ORT_TYPES = {
+    "tensor(float)": "FLOAT",
+    "tensor(float16)": "HALF",
+    "tensor(int8)": "INT8",
+    "tensor(int32)": "INT32",
+    "tensor(int64)": "INT64",
+    "tensor(bool)": "BOOL",
+    "tensor(uint8)": "UINT8",
+    "tensor(bfloat16)": "BF16",
+}
 
 
 def version_key(version: str) -> tuple[int, ...]:
@@ -40,6 +49,7 @@ def session(onnx: bytes):
 def tensors(sess) -> tuple[list[dict], list[dict]]:
     """The inputs and outputs of ``sess``: name, TensorRT data type name, declared shape (-1 for
     symbolic or unknown dimensions). KeyError names an element type TensorRT has no I/O type for."""
+
     def one(arg) -> dict:
         if arg.type not in ORT_TYPES:
             raise KeyError(f"tensor {arg.name!r} has type {arg.type}, which TensorRT does not take as network I/O")

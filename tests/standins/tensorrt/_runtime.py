@@ -22,6 +22,7 @@ must be live device memory of the engine's context, large enough for the tensor 
 shape; an execution context may not be enqueued from two threads at once, nor on a second stream
 while its work on the first is still queued.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -59,15 +60,21 @@ class Runtime:
             error(self.logger, f"{where}: Error Code 1: Serialization ({exc})")
             return None
         if _plan.version_key(header["tensorrt"]) != _plan.version_key(VERSION):
-            error(self.logger, f"{where}: Error Code 1: Serialization (Serialization assertion stdVersionRead == "
-                               f"kSERIALIZATION_VERSION failed.Version tag does not match. Note: Current Version: "
-                               f"{VERSION}, Serialized Engine Version: {header['tensorrt']})")
+            error(
+                self.logger,
+                f"{where}: Error Code 1: Serialization (Serialization assertion stdVersionRead == "
+                f"kSERIALIZATION_VERSION failed.Version tag does not match. Note: Current Version: "
+                f"{VERSION}, Serialized Engine Version: {header['tensorrt']})",
+            )
             return None
         here = gpu_identity()
         if header["gpu"]["compute_capability"] != here["compute_capability"]:
-            error(self.logger, f"{where}: Error Code 1: Serialization (The engine plan file is generated on an "
-                               f"incompatible device, expecting compute {header['gpu']['compute_capability']} got "
-                               f"compute {here['compute_capability']}, please rebuild.)")
+            error(
+                self.logger,
+                f"{where}: Error Code 1: Serialization (The engine plan file is generated on an "
+                f"incompatible device, expecting compute {header['gpu']['compute_capability']} got "
+                f"compute {here['compute_capability']}, please rebuild.)",
+            )
             return None
         return ICudaEngine(header, onnx, ctx, self.logger)
 
@@ -96,8 +103,11 @@ class ICudaEngine:
 
     def get_tensor_name(self, index: int) -> str | None:
         if not 0 <= index < len(self._names):
-            error(self._logger, f"ICudaEngine::getIOTensorName: Error Code 3: API Usage Error (index {index} out of "
-                                f"range [0, {len(self._names)}))")
+            error(
+                self._logger,
+                f"ICudaEngine::getIOTensorName: Error Code 3: API Usage Error (index {index} out of "
+                f"range [0, {len(self._names)}))",
+            )
             return None
         return self._names[index]
 
@@ -121,8 +131,11 @@ class ICudaEngine:
     def get_tensor_profile_shape(self, name: str, profile_index: int) -> list[Dims]:
         profiles = self._header["profiles"]
         if self.get_tensor_mode(name) != TensorIOMode.INPUT or not 0 <= profile_index < max(1, len(profiles)):
-            error(self._logger, f"ICudaEngine::getProfileShape: Error Code 3: API Usage Error ({name!r} is not an "
-                                f"input, or profile {profile_index} does not exist)")
+            error(
+                self._logger,
+                f"ICudaEngine::getProfileShape: Error Code 3: API Usage Error ({name!r} is not an "
+                f"input, or profile {profile_index} does not exist)",
+            )
             return []
         if profiles and name in profiles[profile_index]:
             return [Dims(d) for d in profiles[profile_index][name]]
@@ -136,9 +149,12 @@ class ICudaEngine:
             error(self._logger, f"ICudaEngine::createExecutionContext: Error Code 1: Cuda Runtime ({exc.description})")
             return None
         if ctx is not self._context:
-            error(self._logger, f"ICudaEngine::createExecutionContext: Error Code 1: Cuda Runtime (invalid resource "
-                                f"handle)\n[stand-in] the engine belongs to {self._context}; "
-                                f"{machine.describe_current()}")
+            error(
+                self._logger,
+                f"ICudaEngine::createExecutionContext: Error Code 1: Cuda Runtime (invalid resource "
+                f"handle)\n[stand-in] the engine belongs to {self._context}; "
+                f"{machine.describe_current()}",
+            )
             return None
         return IExecutionContext(self)
 
@@ -147,8 +163,9 @@ class ICudaEngine:
         key = tuple(sorted(inputs.items()))
         with self._shapes_lock:
             if key not in self._shapes:
-                self._shapes[key] = _plan.dry_run(self._session, self._header["inputs"], inputs,
-                                                   lambda n: nptype(DataType[n]))
+                self._shapes[key] = _plan.dry_run(
+                    self._session, self._header["inputs"], inputs, lambda n: nptype(DataType[n])
+                )
             return self._shapes[key]
 
 
@@ -174,8 +191,11 @@ class IExecutionContext:
         shape = tuple(int(d) for d in shape)
         lo, _, hi = self._engine.get_tensor_profile_shape(name, 0)
         if len(shape) != len(lo) or any(not a <= s <= b for a, s, b in zip(lo, shape, hi)):
-            error(self._logger, f"{where}: Error Code 3: API Usage Error (Parameter check failed, condition: "
-                                f"shape {shape} of {name!r} within the optimization profile's [{tuple(lo)}, {tuple(hi)}])")
+            error(
+                self._logger,
+                f"{where}: Error Code 3: API Usage Error (Parameter check failed, condition: "
+                f"shape {shape} of {name!r} within the optimization profile's [{tuple(lo)}, {tuple(hi)}])",
+            )
             return False
         self._shapes[name] = shape
         return True
@@ -195,7 +215,11 @@ class IExecutionContext:
             return Dims(self._shapes.get(name, self._engine.get_tensor_shape(name)))
         if mode == TensorIOMode.OUTPUT:
             inputs = self._input_shapes()
-            return self._engine.get_tensor_shape(name) if inputs is None else Dims(self._engine.output_shapes(inputs)[name])
+            return (
+                self._engine.get_tensor_shape(name)
+                if inputs is None
+                else Dims(self._engine.output_shapes(inputs)[name])
+            )
         error(self._logger, f"IExecutionContext::getTensorShape: Error Code 3: API Usage Error (no tensor {name!r})")
         return Dims(())
 
@@ -207,8 +231,11 @@ class IExecutionContext:
             error(self._logger, f"{where}: Error Code 3: API Usage Error (no input or output tensor named {name!r})")
             return False
         if int(memory) % ADDRESS_ALIGNMENT:
-            error(self._logger, f"{where}: Error Code 3: API Usage Error (Parameter check failed, condition: address "
-                                f"0x{int(memory):x} of tensor {name!r} is {ADDRESS_ALIGNMENT}-byte aligned)")
+            error(
+                self._logger,
+                f"{where}: Error Code 3: API Usage Error (Parameter check failed, condition: address "
+                f"0x{int(memory):x} of tensor {name!r} is {ADDRESS_ALIGNMENT}-byte aligned)",
+            )
             return False
         self._addresses[name] = int(memory)
         return True
@@ -218,12 +245,17 @@ class IExecutionContext:
 
     def execute_async_v3(self, stream_handle: int) -> bool:
         if not isinstance(stream_handle, (int, np.integer)) or isinstance(stream_handle, bool):
-            raise TypeError("execute_async_v3(): incompatible function arguments. The following argument types are "
-                            "supported:\n    1. (self: tensorrt.IExecutionContext, stream_handle: int) -> bool\n\n"
-                            f"Invoked with: {stream_handle!r}")
+            raise TypeError(
+                "execute_async_v3(): incompatible function arguments. The following argument types are "
+                "supported:\n    1. (self: tensorrt.IExecutionContext, stream_handle: int) -> bool\n\n"
+                f"Invoked with: {stream_handle!r}"
+            )
         if not self._enqueue.acquire(blocking=False):
-            error(self._logger, "IExecutionContext::enqueueV3: Error Code 1: Internal Error\n[stand-in] this execution "
-                                "context is being enqueued from another thread at the same time")
+            error(
+                self._logger,
+                "IExecutionContext::enqueueV3: Error Code 1: Internal Error\n[stand-in] this execution "
+                "context is being enqueued from another thread at the same time",
+            )
             return False
         try:
             problem = self._enqueue_v3(int(stream_handle))
@@ -242,26 +274,35 @@ class IExecutionContext:
         except machine.CudaError as exc:
             return f"Error Code 1: Cuda Runtime ({exc.description})"
         if ctx is not engine._context:
-            return (f"Error Code 1: Cuda Runtime (invalid resource handle)\n[stand-in] the engine belongs to "
-                    f"{engine._context}, but {ctx} is the runtime's context in thread "
-                    f"{threading.current_thread().name!r}: make the engine's device current (cudaSetDevice / "
-                    "cupy.cuda.Device.use) or push its context (pycuda) in the calling thread")
+            return (
+                f"Error Code 1: Cuda Runtime (invalid resource handle)\n[stand-in] the engine belongs to "
+                f"{engine._context}, but {ctx} is the runtime's context in thread "
+                f"{threading.current_thread().name!r}: make the engine's device current (cudaSetDevice / "
+                "cupy.cuda.Device.use) or push its context (pycuda) in the calling thread"
+            )
         try:
             stream = machine.stream_for(handle, ctx, "enqueueV3")
         except machine.CudaError as exc:
             return f"Error Code 1: Cuda Runtime ({exc.description})\n[stand-in] {exc.detail}"
         if stream is None:
-            warning(self._logger, "Using default stream in enqueueV3() may lead to performance issues due to additional "
-                                  "calls to cudaStreamSynchronize() by TensorRT to ensure correct synchronization. "
-                                  "Please use non-default stream instead.")
+            warning(
+                self._logger,
+                "Using default stream in enqueueV3() may lead to performance issues due to additional "
+                "calls to cudaStreamSynchronize() by TensorRT to ensure correct synchronization. "
+                "Please use non-default stream instead.",
+            )
         if self._queued and self._queued_on is not stream:
-            return ("Error Code 1: Internal Error\n[stand-in] this execution context still has an inference queued on "
-                    f"{self._queued_on}: synchronize it before enqueueing on another stream")
+            return (
+                "Error Code 1: Internal Error\n[stand-in] this execution context still has an inference queued on "
+                f"{self._queued_on}: synchronize it before enqueueing on another stream"
+            )
         inputs = self._input_shapes()
         if inputs is None:
             missing = [t["name"] for t in engine._header["inputs"] if -1 in self.get_tensor_shape(t["name"])]
-            return (f"Error Code 3: API Usage Error (Parameter check failed, condition: all input shapes specified; "
-                    f"{missing} are not: call set_input_shape)")
+            return (
+                f"Error Code 3: API Usage Error (Parameter check failed, condition: all input shapes specified; "
+                f"{missing} are not: call set_input_shape)"
+            )
         shapes = {**inputs, **engine.output_shapes(inputs)}
         plan = []
         for name in engine._names:
@@ -269,13 +310,16 @@ class IExecutionContext:
             address = self._addresses.get(name, 0)
             kind = "input" if mode == TensorIOMode.INPUT else "output"
             if not address:
-                return (f"Error Code 3: API Usage Error (Parameter check failed. Neither address or allocator is set "
-                        f"for {kind} tensor {name}. Call setTensorAddress before enqueue/execute.)")
+                return (
+                    f"Error Code 3: API Usage Error (Parameter check failed. Neither address or allocator is set "
+                    f"for {kind} tensor {name}. Call setTensorAddress before enqueue/execute.)"
+                )
             dtype = np.dtype(nptype(DataType[t["dtype"]]))
             nbytes = int(np.prod(shapes[name], dtype=np.int64)) * dtype.itemsize
             try:
-                alloc = machine.check_device_memory(address, nbytes, ctx, f"{kind} tensor {name!r} address",
-                                                    foreign=machine.ILLEGAL_ADDRESS)
+                alloc = machine.check_device_memory(
+                    address, nbytes, ctx, f"{kind} tensor {name!r} address", foreign=machine.ILLEGAL_ADDRESS
+                )
             except machine.CudaError as exc:
                 return f"Error Code 1: Cuda Runtime ({exc.description})\n[stand-in] {exc.detail}"
             plan.append((name, mode, address, shapes[name], dtype, nbytes, alloc))

@@ -1,4 +1,5 @@
 """``cupy.cuda`` stand-in: devices, streams, the runtime API, and the driver/compiler exceptions."""
+
 from . import compiler, driver, runtime
 from .device import Device
 from .stream import Stream, get_current_stream

@@ -6,6 +6,7 @@ exist. The current device belongs to the calling thread (default 0, as in CUDA a
 changes it for this thread only and for good; ``with Device(n):`` changes it and restores the
 previous one on exit. ``Device()`` is the calling thread's current device.
 """
+
 from __future__ import annotations
 
 import threading

@@ -1,4 +1,5 @@
 """``cupy.cuda.driver`` stand-in: only the exception the driver API raises (kernel launches)."""
+
 from __future__ import annotations
 
 from contextlib import contextmanager

@@ -15,6 +15,7 @@ copy it.
 pycuda's pagelocked_empty): the copy happens when the stream is synchronized. With pageable host
 memory CUDA copies synchronously, and so does the stand-in.
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -66,9 +67,18 @@ def getDeviceProperties(device: int) -> dict:
     with errors():
         machine.check_device(device)
     major, minor = machine.COMPUTE_CAPABILITY
-    return {"name": machine.GPU_NAME.encode(), "major": major, "minor": minor, "totalGlobalMem": machine.TOTAL_MEMORY,
-            "multiProcessorCount": 16, "integrated": 1, "warpSize": 32, "maxThreadsPerBlock": 1024,
-            "canMapHostMemory": 1, "unifiedAddressing": 1}
+    return {
+        "name": machine.GPU_NAME.encode(),
+        "major": major,
+        "minor": minor,
+        "totalGlobalMem": machine.TOTAL_MEMORY,
+        "multiProcessorCount": 16,
+        "integrated": 1,
+        "warpSize": 32,
+        "maxThreadsPerBlock": 1024,
+        "canMapHostMemory": 1,
+        "unifiedAddressing": 1,
+    }
 
 
 def getDevice() -> int:
@@ -94,13 +104,21 @@ def _plan(dst: int, src: int, size: int, kind: int, ctx):
         d, s = machine.find(int(dst)), machine.find(int(src))
         dst_dev, src_dev = d is not None and d.kind == "device", s is not None and s.kind == "device"
     else:
-        dst_dev, src_dev = kind in (memcpyHostToDevice, memcpyDeviceToDevice), kind in (memcpyDeviceToHost,
-                                                                                         memcpyDeviceToDevice)
+        dst_dev, src_dev = (
+            kind in (memcpyHostToDevice, memcpyDeviceToDevice),
+            kind in (memcpyDeviceToHost, memcpyDeviceToDevice),
+        )
     what = f"cudaMemcpy{_KINDS[kind]}"
-    dst_alloc = (machine.check_device_memory(dst, size, ctx, f"{what} destination") if dst_dev
-                 else machine.check_host_memory(dst, size, f"{what} destination"))
-    src_alloc = (machine.check_device_memory(src, size, ctx, f"{what} source") if src_dev
-                 else machine.check_host_memory(src, size, f"{what} source"))
+    dst_alloc = (
+        machine.check_device_memory(dst, size, ctx, f"{what} destination")
+        if dst_dev
+        else machine.check_host_memory(dst, size, f"{what} destination")
+    )
+    src_alloc = (
+        machine.check_device_memory(src, size, ctx, f"{what} source")
+        if src_dev
+        else machine.check_host_memory(src, size, f"{what} source")
+    )
     pageable = (not dst_dev and dst_alloc is None) or (not src_dev and src_alloc is None)
     return dst_alloc, src_alloc, pageable, what
 
@@ -110,6 +128,7 @@ def _copy(dst, src, size, dst_alloc, src_alloc, what):
         machine.still_live(dst_alloc, what)
         machine.still_live(src_alloc, what)
         machine.memmove(dst, src, size)
+
     return work
 
 

@@ -6,6 +6,7 @@ queued on it runs at ``synchronize()``; ``with stream:`` makes it the thread's c
 stream does not wait for the null stream (nor the null stream for it), as
 cudaStreamNonBlocking.
 """
+
 from __future__ import annotations
 
 import threading
@@ -79,4 +80,3 @@ def after_current_stream(ctx) -> None:
             machine.wait_null_stream(ctx)
         else:
             stream._stream.synchronize()
-

@@ -1,22 +1,21 @@
 """The Python half of ``jetson/bench.sh``: latency percentiles of the detector over a folder of
 images, and a summary of a tegrastats log (power, GPU load, memory), merged into one JSON result.
 
-    python -m spade_edge.service.jetson_bench run -m model.onnx -g parts.gallery -i images/ -o lat.json
-    python -m spade_edge.service.jetson_bench report --latency lat.json --tegrastats t.log \\
+    spade-edge bench jetson run -m model.onnx -g parts.gallery -i images/ -o lat.json
+    spade-edge bench jetson report --latency lat.json --tegrastats t.log \\
         --nvpmodel nvpmodel.txt --clocks clocks.txt -o result.json
 
 The shell script owns the device tools (nvpmodel, jetson_clocks, tegrastats); this module owns the
 numbers. Nothing here needs a Jetson, so it is tested on any machine.
 """
+
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
 import re
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -39,13 +38,13 @@ def parse_tegrastats_line(line: str) -> dict | None:
     if not ram:
         return None
     out: dict = {"ram_used_mb": int(ram.group(1)), "ram_total_mb": int(ram.group(2))}
-    if (m := _SWAP.search(line)):
+    if m := _SWAP.search(line):
         out["swap_used_mb"] = int(m.group(1))
-    if (m := _GR3D.search(line)):
+    if m := _GR3D.search(line):
         out["gpu_load_pct"] = int(m.group(1))
-    if (m := _EMC.search(line)):
+    if m := _EMC.search(line):
         out["emc_load_pct"] = int(m.group(1))
-    if (m := _CPU.search(line)):
+    if m := _CPU.search(line):
         loads = [int(c.split("%")[0]) for c in m.group(1).split(",") if "%" in c]
         if loads:
             out["cpu_load_pct"] = round(sum(loads) / len(loads), 1)
@@ -103,25 +102,36 @@ def percentiles(values_ms: list[float]) -> dict:
         lo, hi = int(k), min(int(k) + 1, len(v) - 1)
         return v[lo] + (v[hi] - v[lo]) * (k - lo)
 
-    return {"n": len(v), "mean": round(statistics.fmean(v), 3), "p50": round(q(0.5), 3), "p90": round(q(0.9), 3),
-            "p95": round(q(0.95), 3), "p99": round(q(0.99), 3), "max": round(v[-1], 3), "min": round(v[0], 3)}
+    return {
+        "n": len(v),
+        "mean": round(statistics.fmean(v), 3),
+        "p50": round(q(0.5), 3),
+        "p90": round(q(0.9), 3),
+        "p95": round(q(0.95), 3),
+        "p99": round(q(0.99), 3),
+        "max": round(v[-1], 3),
+        "min": round(v[0], 3),
+    }
 
 
-def run_latency(model, gallery, images_dir, device="auto", threads=None, warmup=5, repeat=1) -> dict:
+def run_latency(model, gallery, images_dir, device="auto", threads=None, warmup=5, repeat=1, fp16=False) -> dict:
     """Time :meth:`Detector.predict` on every image of ``images_dir`` (bytes preloaded: disk excluded)."""
     from ..runtime.detector import Detector
+    from ..runtime.errors import ImageError
     from ..runtime.images import IMAGE_SUFFIXES
 
     files = sorted(p for p in Path(images_dir).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise SystemExit(f"{images_dir}: no images ({', '.join(IMAGE_SUFFIXES)})")
+        raise ImageError(f"{images_dir}: no images ({', '.join(IMAGE_SUFFIXES)})")
     data = [(p.name, p.read_bytes()) for p in files]
     t0 = time.perf_counter()
-    det = Detector.load(model, gallery, device=device, threads=threads)
+    det = Detector.load(model, gallery, device=device, threads=threads, fp16=fp16)
     load_s = time.perf_counter() - t0
     for i in range(warmup):
         det.predict(data[i % len(data)][1])
-    totals, stages, verdicts = [], {}, {}
+    totals: list[float] = []
+    stages: dict[str, list[float]] = {}
+    verdicts: dict[str, int] = {}
     start = time.perf_counter()
     for _ in range(repeat):
         for name, blob in data:
@@ -133,10 +143,19 @@ def run_latency(model, gallery, images_dir, device="auto", threads=None, warmup=
             verdicts[str(p.verdict)] = verdicts.get(str(p.verdict), 0) + 1
     wall = time.perf_counter() - start
     return {
-        "model": str(model), "gallery": str(gallery), "images_dir": str(images_dir), "images": len(data),
-        "repeat": repeat, "warmup": warmup, "device": device, "threads": threads,
-        "ran_on": det.device, "scorer": det.scorer.name, "device_fallback": det.fallback,
-        "load_s": round(load_s, 3), "wall_s": round(wall, 3),
+        "model": str(model),
+        "gallery": str(gallery),
+        "images_dir": str(images_dir),
+        "images": len(data),
+        "repeat": repeat,
+        "warmup": warmup,
+        "device": device,
+        "threads": threads,
+        "ran_on": det.device,
+        "scorer": det.scorer.name,
+        "device_fallback": det.fallback,
+        "load_s": round(load_s, 3),
+        "wall_s": round(wall, 3),
         "throughput_img_s": round(len(totals) / wall, 2) if wall > 0 else None,
         "latency_ms": percentiles(totals),
         "stages_ms_p50": {k: percentiles(v)["p50"] for k, v in stages.items()},
@@ -157,12 +176,17 @@ def power_mode(nvpmodel_text: str | None, clocks_text: str | None) -> dict:
     out: dict = {"nvpmodel": nvpmodel_text, "jetson_clocks": clocks_text}
     if nvpmodel_text and (m := re.search(r"NV Power Mode:\s*(\S+)", nvpmodel_text)):
         out["mode"] = m.group(1)
-        if (n := re.search(r"^\s*(\d+)\s*$", nvpmodel_text, re.M)):
+        if n := re.search(r"^\s*(\d+)\s*$", nvpmodel_text, re.M):
             out["mode_id"] = int(n.group(1))
     if clocks_text:
         # jetson_clocks pins CPU and GPU min = max frequency (EMC is pinned by an override flag instead)
-        pairs = [m.groups() for line in clocks_text.splitlines() if line.lstrip().startswith(("cpu", "GPU"))
-                 for m in [re.search(r"MinFreq=(\d+) MaxFreq=(\d+)", line)] if m]
+        pairs = [
+            m.groups()
+            for line in clocks_text.splitlines()
+            if line.lstrip().startswith(("cpu", "GPU"))
+            for m in [re.search(r"MinFreq=(\d+) MaxFreq=(\d+)", line)]
+            if m
+        ]
         if pairs:
             out["clocks_pinned"] = all(a == b for a, b in pairs)
     return out
@@ -174,44 +198,33 @@ def report(latency: dict, tegrastats_lines, nvpmodel_text, clocks_text, meta: di
         teg = {"available": False, "reason": meta.pop("tegrastats_reason", "tegrastats not run")}
     else:
         teg = summarize_tegrastats(tegrastats_lines, seconds, n)
-    return {"spade_edge_bench": 1, "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": platform.node(),
-            "machine": platform.machine(), **meta, "power": power_mode(nvpmodel_text, clocks_text),
-            **latency, "tegrastats": teg}
+    return {
+        "spade_edge_bench": 1,
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "host": platform.node(),
+        "machine": platform.machine(),
+        **meta,
+        "power": power_mode(nvpmodel_text, clocks_text),
+        **latency,
+        "tegrastats": teg,
+    }
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m spade_edge.service.jetson_bench", description=__doc__.split("\n")[0])
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("run", help="time the detector over a folder of images")
-    r.add_argument("-m", "--model", required=True)
-    r.add_argument("-g", "--gallery", required=True)
-    r.add_argument("-i", "--images", required=True)
-    r.add_argument("-o", "--out", required=True)
-    r.add_argument("--device", default="auto")
-    r.add_argument("--threads", type=int)
-    r.add_argument("--warmup", type=int, default=5)
-    r.add_argument("--repeat", type=int, default=1)
-    p = sub.add_parser("report", help="merge latency, tegrastats and power mode into one JSON")
-    p.add_argument("--latency", required=True)
-    p.add_argument("--tegrastats", help="tegrastats log file (absent: not available)")
-    p.add_argument("--nvpmodel", help="file holding 'nvpmodel -q' output")
-    p.add_argument("--clocks", help="file holding 'jetson_clocks --show' output")
-    p.add_argument("--meta", action="append", default=[], metavar="KEY=VALUE", help="extra fields (L4T release...)")
-    p.add_argument("-o", "--out", required=True)
-    a = ap.parse_args(argv)
-    if a.cmd == "run":
-        res = run_latency(a.model, a.gallery, a.images, a.device, a.threads, a.warmup, a.repeat)
-    else:
-        meta = dict(kv.split("=", 1) for kv in a.meta if "=" in kv)
-        teg = _read(a.tegrastats)
-        res = report(json.loads(Path(a.latency).read_text()), teg.splitlines() if teg else None,
-                     _read(a.nvpmodel), _read(a.clocks), meta)
-    Path(a.out).write_text(json.dumps(res, indent=1) + "\n")
-    lat = res.get("latency_ms", {})
-    print(f"{a.out}: {lat.get('n')} images, p50 {lat.get('p50')} ms, p95 {lat.get('p95')} ms, "
-          f"p99 {lat.get('p99')} ms", file=sys.stderr)
-    return 0
+def report_files(
+    latency: str | os.PathLike, tegrastats: str | None, nvpmodel: str | None, clocks: str | None, meta: dict
+) -> dict:
+    """:func:`report` from the files bench.sh writes (an absent or empty file: not available)."""
+    teg = _read(tegrastats)
+    return report(
+        json.loads(Path(latency).read_text()),
+        teg.splitlines() if teg else None,
+        _read(nvpmodel),
+        _read(clocks),
+        dict(meta),
+    )
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def summary(out, result: dict) -> str:
+    """One line for the terminal: where the result went, and its latency percentiles."""
+    lat = result.get("latency_ms", {})
+    return f"{out}: {lat.get('n')} images, p50 {lat.get('p50')} ms, p95 {lat.get('p95')} ms, p99 {lat.get('p99')} ms"
