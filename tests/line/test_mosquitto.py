@@ -69,6 +69,11 @@ class Mosquitto:
                 time.sleep(0.02)
         raise AssertionError("mosquitto did not listen within 15 s")
 
+    def saves(self) -> int:
+        """How many times the broker has written its state to disk so far."""
+        log = self.folder / "mosquitto.log"
+        return log.read_text(errors="replace").count("Saving in-memory database") if log.exists() else 0
+
     def report(self, dash) -> str:
         log = (self.folder / "mosquitto.log").read_text(errors="replace").splitlines()
         return (
@@ -204,7 +209,10 @@ def test_a_killed_broker_loses_no_result_of_the_jobs_during_the_outage(publishin
     broker, dash, pub, line = publishing
     before = [line.inspect() for _ in range(20)]
     assert dash.wait_for({r.job for r in before}) == set()
-    time.sleep(1.5)  # the broker's autosave (1 s) has the dashboard's session
+    # a SIGKILLed broker keeps what its last autosave wrote: wait for one that has the dashboard's
+    # subscription, or the queued results would reach a broker that knows no subscriber for them
+    saved = broker.saves()
+    assert wait(lambda: broker.saves() > saved, 10)
     broker.stop(signal.SIGKILL)
     assert wait(lambda: not pub.connected, 10)
     t0 = time.monotonic()
