@@ -75,7 +75,7 @@ def drift_report(
         "features": {"normal": feature_drift(ref, test, normal), "anomalous": feature_drift(ref, test, anomalous)},
         "images": {"normal": len(normal), "anomalous": len(anomalous)},
         # INT8 products differ by CPU kernel (runtime/cpu.py): the figures hold for this one
-        "measured_on": {"cpu": cpu.model_name(), "int8_kernel": cpu.int8_kernel()[0], "summary": cpu.summary()},
+        "measured_on": cpu.measured_on(),
     }
     t_ref, t_test = latency(ref, repeats=repeats), latency(test, repeats=repeats)
     report["latency"] = {"fp32_ms": t_ref * 1e3, "reduced_ms": t_test * 1e3, "ratio": t_test / t_ref, "batch": 1}

@@ -253,7 +253,7 @@ def int8_from_onnx(
             "weights": f"int8 symmetric per channel, {opts.weight_bits}-bit range",
             "weight_bits": opts.weight_bits,
             "kept_float": result.excluded,
-            "measured_on": {"cpu": cpu.model_name(), "int8_kernel": cpu.int8_kernel()[0]},
+            "measured_on": cpu.measured_on(),
         }
         if opts.target_cosine:
             details.update(

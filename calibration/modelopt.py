@@ -62,6 +62,6 @@ def int8_with_modelopt(
             "weights": "int8 symmetric per channel, 8-bit range",
             "weight_bits": 8,
             "kept_float": list(opts.exclude),
-            "measured_on": {"cpu": cpu.model_name(), "int8_kernel": cpu.int8_kernel()[0]},
+            "measured_on": cpu.measured_on(),
         }
         return Int8Result(save_with_info(onnx.load(str(staged)), info, "int8", details, out), list(opts.exclude))

@@ -152,3 +152,8 @@ def summary() -> str:
     """One line for a report: model, instruction sets present, INT8 kernel."""
     present = [f for f, ok in features().items() if ok]
     return f"{model_name()} ({platform.machine()}): {' '.join(present) or 'no SIMD flags read'}; INT8 kernel {int8_kernel()[0]}"
+
+
+def measured_on() -> dict[str, str]:
+    """What a reduced-precision figure was measured on: the CPU, its INT8 kernel, and the summary line."""
+    return {"cpu": model_name(), "int8_kernel": int8_kernel()[0], "summary": summary()}

@@ -2,8 +2,8 @@
 
 - its logic: the same source compiled as C++ with cuda_shim.h, run for every thread of the grid,
   driven tile by tile as the GPU scorer drives it, and compared with the CPU scorer;
-- the CuPy glue (CudaScorer): run against a numpy stand-in for CuPy whose RawModule compiles the
-  source it is given with the shim, so tiling, offsets, widening, scalar types and the exact
+- the CuPy glue (CudaScorer): run against the CuPy stand-in (tests/standins) whose RawModule compiles
+  the source it is given with the shim, so tiling, offsets, widening, scalar types and the exact
   re-computation are exercised; CuPy's own behaviour is left to tests/gpu;
 - the source compiles with nvcc for the real targets.
 
@@ -14,15 +14,9 @@ real ties.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import hashlib
-import re
 import shutil
 import subprocess
 import sys
-import types
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,98 +25,44 @@ from spade_edge.runtime.scoring import NumpyScorer, TopK
 from spade_edge.runtime.scoring.cuda import KERNEL_NAME, KERNEL_SOURCE, CudaScorer
 
 from ..scorer_contract import check_close_neighbours_keep_their_digits, check_rejects_bad_arguments
+from ..standins import use_standins
+from ..standins._standin_kernels import CompileError, Library, compile_source
 
-HERE = Path(__file__).parent
-SHIM = HERE / "cuda_shim.h"
-LAUNCHER = HERE / "cuda_shim_launch.cpp"
 THREADS = 128  # as the GPU scorer launches
 TILE = 100  # gallery columns per tile
 
-# C parameter types of the kernel -> (ctypes type, what the caller must pass)
-C_TYPES = {
-    "const float*": (ctypes.c_void_p, np.dtype(np.float32)),
-    "float*": (ctypes.c_void_p, np.dtype(np.float32)),
-    "long long*": (ctypes.c_void_p, np.dtype(np.int64)),
-    "long long": (ctypes.c_longlong, np.int64),
-    "int": (ctypes.c_int, np.int32),
-}
 
-
-def kernel_params(source: str) -> list[str]:
-    """The C types of the kernel's parameters, read from the source itself."""
-    source = re.sub(r"//[^\n]*", "", source)
-    params = re.search(KERNEL_NAME + r"\s*\(([^)]*)\)", source).group(1)
-    return [" ".join(p.replace("*", "* ").split()[:-1]).replace(" *", "*") for p in params.split(",")]
-
-
-# ---------------------------------------------------------------------------------------------
-# building the kernel as C++
-
-
-_BUILT: dict[str, ctypes.CDLL] = {}
-
-
-def build(code: str, workdir: Path) -> ctypes.CDLL:
-    """Compile kernel source ``code`` with the shim and the launcher; load it with ctypes."""
-    key = hashlib.sha256(code.encode()).hexdigest()[:16]
-    if key not in _BUILT:
-        gxx = shutil.which("g++")
-        if gxx is None:
+def build(code: str) -> Library:
+    """Compile kernel source ``code`` with the shim (the stand-ins' compiler, cached by content)."""
+    try:
+        return compile_source(code)
+    except CompileError:
+        if shutil.which("g++") is None:
             pytest.skip("g++ is not on PATH: the CUDA kernel's logic cannot be run on the CPU")
-        src = workdir / key
-        src.mkdir(exist_ok=True)
-        (src / "topk.cu").write_text(code)  # the name the launcher includes
-        lib = src / "libtopk_shim.so"
-        subprocess.run(
-            [
-                gxx,
-                "-std=c++17",
-                "-O2",
-                "-Wall",
-                "-Werror",
-                "-shared",
-                "-fPIC",
-                "-include",
-                str(SHIM),
-                "-I",
-                str(src),
-                str(LAUNCHER),
-                "-o",
-                str(lib),
-            ],
-            check=True,
-            capture_output=True,
-            text=True,
-        )
-        dll = ctypes.CDLL(str(lib))
-        dll.launch_topk_tile.argtypes = [ctypes.c_uint, ctypes.c_uint] + [C_TYPES[t][0] for t in kernel_params(code)]
-        dll.launch_topk_tile.restype = None
-        _BUILT[key] = dll
-    return _BUILT[key]
+        raise
 
 
 @pytest.fixture(scope="module")
-def shim_lib(tmp_path_factory) -> ctypes.CDLL:
-    return build(KERNEL_SOURCE.read_text(), tmp_path_factory.mktemp("topk_shim"))
+def shim_lib() -> Library:
+    return build(KERNEL_SOURCE.read_text())
 
 
-def launch(lib: ctypes.CDLL, grid: int, block: int, args: tuple) -> None:
+def launch(lib: Library, grid: int, block: int, args: tuple) -> None:
     """Call the kernel for every thread of a (grid, block) launch; ``args`` as a GPU launch takes
     them: arrays for pointers, numpy scalars of the exact C types."""
-    types_ = kernel_params(KERNEL_SOURCE.read_text())
-    assert len(args) == len(types_), f"the kernel takes {len(types_)} arguments, got {len(args)}"
+    params = lib.kernels[KERNEL_NAME]
+    assert len(args) == len(params), f"the kernel takes {len(params)} arguments, got {len(args)}"
     c_args = []
-    for a, t in zip(args, types_):
-        want = C_TYPES[t][1]
-        if isinstance(want, np.dtype):
-            assert isinstance(a, np.ndarray) and a.dtype == want, (
-                f"{t} parameter given {type(a)} {getattr(a, 'dtype', '')}"
+    for a, p in zip(args, params):
+        if p.pointer:
+            assert isinstance(a, np.ndarray) and a.dtype == p.dtype, (
+                f"{p.text} parameter given {type(a)} {getattr(a, 'dtype', '')}"
             )
             c_args.append(a.ctypes.data)
         else:  # a CUDA launch copies sizeof(param) bytes: a scalar of another width would be garbage
-            assert type(a) is want, f"{t} parameter given {type(a).__name__}, needs {want.__name__}"
+            assert type(a) is p.dtype.type, f"{p.text} parameter given {type(a).__name__}, needs {p.dtype}"
             c_args.append(int(a))
-    lib.launch_topk_tile(grid, block, *c_args)
+    lib.launch(KERNEL_NAME, (grid, 1, 1), (block, 1, 1), 0, c_args)
 
 
 def kernel_topk(lib, query, blocks, kappa, layout="columns") -> TopK:
@@ -298,39 +238,13 @@ def test_threads_past_the_last_query_row_do_nothing(shim_lib):
 # CudaScorer's glue, against a numpy stand-in for CuPy
 
 
-class StandInModule:
-    """cupy.RawModule(code=...): compiles ``code`` with the shim instead of NVRTC."""
-
-    def __init__(self, workdir: Path, *, code: str):
-        self.lib, self.code = build(code, workdir), code
-
-    def get_function(self, name: str):
-        assert name == KERNEL_NAME
-        return lambda grid, block, args: launch(self.lib, int(np.prod(grid)), int(np.prod(block)), args)
-
-
 @pytest.fixture
-def cupy_stand_in(monkeypatch, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("cupy_stand_in")
-    cp = types.ModuleType("cupy")
-    cp.__dict__.update(
-        asarray=np.asarray,
-        ascontiguousarray=np.ascontiguousarray,
-        full=np.full,
-        empty=np.empty,
-        inf=np.inf,
-        float32=np.float32,
-        int64=np.int64,
-        matmul=np.matmul,
-        concatenate=np.concatenate,
-        take_along_axis=np.take_along_axis,
-        asnumpy=np.array,
-        argsort=lambda a, axis=-1: np.argsort(a, axis=axis, kind="stable"),  # cupy.argsort is always stable
-        RawModule=lambda code: StandInModule(workdir, code=code),
-        cuda=types.SimpleNamespace(Device=lambda n: contextlib.nullcontext()),
-    )
-    monkeypatch.setitem(sys.modules, "cupy", cp)
-    return cp
+def cupy_stand_in(monkeypatch):
+    """CuPy as tests/standins has it: numpy memory, RawModule compiling the source with the shim."""
+    use_standins(monkeypatch)
+    import cupy
+
+    return cupy
 
 
 @pytest.mark.parametrize("kappa", [1, 3, 10])
