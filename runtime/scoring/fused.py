@@ -1,0 +1,209 @@
+"""CPU scorer without a distance matrix: ``kernels/fused.c`` computes expanded distances tile by tile
+and keeps each query row's running candidates in place (docs/speed.md, "The fused kernels").
+
+The candidate policy is every scorer's (scoring/base.py): the m = :func:`.base.keep` (kappa) smallest
+expanded distances |g|^2 - 2 q.g (fp32) per query row are kept, each candidate's squared distance is
+re-computed exactly from its difference while its block is at hand, and :func:`.base.merge` decides
+the kappa nearest, ties to the lower index. So the neighbours are NumpyScorer's; what changes is
+that the P x M distance block is never written and re-read (for narrow features, 24-176 channels,
+that traffic, not the arithmetic, is what NumpyScorer's BLAS path pays).
+
+The kernel is compiled on first use for the best level this CPU has (:data:`LEVELS`: AVX-512,
+AVX2+FMA, NEON, portable C), checked against numpy once, and chosen at run time;
+``SPADE_EDGE_CPU_LEVEL`` caps the level (e.g. ``avx2`` on an AVX-512 machine measures the AVX2
+kernels; ``numpy``: no fused kernel). The concatenated pyramid keeps NumpyScorer's per-level-cost
+path where it pays (wide pyramids, PER_LEVEL_SHARE) and otherwise searches the upsampled rows here.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+from concurrent.futures import ThreadPoolExecutor
+from functools import cache
+
+import numpy as np
+
+from .. import cpu
+from ..threads import compute_threads
+from . import ccompile
+from .base import GalleryRows, TopK, keep, merge
+from .numpy import NumpyScorer
+
+LEVEL_ENV = "SPADE_EDGE_CPU_LEVEL"
+# level -> (CPU flags it needs, compiler flags): VW floats per vector, RB query rows per register tile
+# (AVX-512 and NEON have 32 vector registers: 8 rows x 2 panels of accumulators; AVX2 and SSE 16: 4 x 2)
+LEVELS = {
+    "avx512": (
+        ("avx512f", "avx512vl", "avx2", "fma"),
+        ("-DVW=16", "-DRB=8", "-mavx512f", "-mavx512vl", "-mavx2", "-mfma", "-mprefer-vector-width=512"),
+    ),
+    "avx2": (("avx2", "fma"), ("-DVW=8", "-DRB=4", "-mavx2", "-mfma")),
+    "neon": (("asimd",), ("-DVW=4", "-DRB=8")),
+    "portable": ((), ("-DVW=4", "-DRB=4")),
+}
+ORDER = {"x86_64": ("avx512", "avx2", "portable"), "aarch64": ("neon", "portable")}
+
+
+def levels_here() -> tuple[str, ...]:
+    """The kernel levels this CPU can run, best first, capped by ``SPADE_EDGE_CPU_LEVEL``."""
+    machine = {"AMD64": "x86_64", "arm64": "aarch64"}.get(platform.machine(), platform.machine())
+    order = ORDER.get(machine, ("portable",))
+    cap = os.environ.get(LEVEL_ENV, "").strip().lower()
+    if cap == "numpy":
+        return ()
+    if cap and cap != "amx":  # amx: no cap below it (runtime/scoring/__init__.py cpu_scorer)
+        if cap not in order:
+            raise ValueError(f"{LEVEL_ENV}={cap!r}: this {machine} CPU's levels are amx, {', '.join(order)} or numpy")
+        order = order[order.index(cap) :]
+    return tuple(lv for lv in order if cpu.has(*LEVELS[lv][0]))
+
+
+@cache
+def kernel(level: str) -> tuple[ctypes.CDLL | None, str]:
+    """(the compiled kernel of ``level``, '') or (None, why not)."""
+    try:
+        lib = ccompile.load("fused.c", ("-O3", *LEVELS[level][1]))
+    except (RuntimeError, OSError) as exc:
+        return None, str(exc)
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
+    lib.sf_pack.argtypes = [p, i64, i64, i64, p, i64, p, p]
+    lib.sf_pack.restype = None
+    lib.sf_search.argtypes = [i64, i64, p, i64, p, p, i64, i64, i32, p, p, p]
+    lib.sf_search.restype = None
+    lib.sf_width.restype = lib.sf_rows.restype = i32
+    if not _agrees(lib):
+        return None, f"the compiled {level} kernel disagreed with numpy on its first use"
+    return lib, ""
+
+
+def best() -> tuple[str | None, str]:
+    """(the best level that compiles and checks here, '') or (None, why none does)."""
+    why = []
+    for level in levels_here():
+        lib, reason = kernel(level)
+        if lib is not None:
+            return level, ""
+        why.append(f"{level}: {reason}")
+    return None, "; ".join(why) or f"{LEVEL_ENV}=numpy"
+
+
+def _agrees(lib) -> bool:
+    """A small search against numpy's expanded distances: each row's list is numpy's m smallest."""
+    rng = np.random.default_rng(0)
+    q, g = rng.standard_normal((13, 21), np.float32), rng.standard_normal((77, 21), np.float32)
+    vals, idx, _ = Fused(lib).search(q, [g], 5)
+    d = (g * g).sum(1)[None, :] - 2 * q @ g.T
+    want = np.sort(d, axis=1)[:, :5]
+    return bool(np.allclose(vals, want, rtol=1e-4, atol=1e-4) and np.all(np.take_along_axis(d, idx, 1) == want))
+
+
+class Fused:
+    """One level's kernel driven over blocks of gallery rows, the query rows split among threads."""
+
+    def __init__(self, lib: ctypes.CDLL):
+        self.lib, self.width, self.rows = lib, int(lib.sf_width()), int(lib.sf_rows())
+
+    def start(self, q: np.ndarray, m: int) -> None:
+        """New lists of m slots for query rows ``q`` (P, D) float32, C order."""
+        self.q, self.m = q, m
+        p = len(q)
+        self.vals = np.full((p, m), np.inf, np.float32)
+        self.idx = np.full((p, m), -1, np.int64)
+        self.exact = np.full((p, m), np.inf, np.float32)
+        threads = max(1, min(compute_threads(), -(-p // (self.rows * 4))))
+        cuts = [p * t // threads // self.rows * self.rows for t in range(threads)] + [p]
+        self.parts = list(zip(cuts[:-1], cuts[1:]))
+        self.pool = ThreadPoolExecutor(threads) if threads > 1 else None  # ctypes lets go of the GIL
+
+    def add(self, g: np.ndarray, norms: np.ndarray, base: int) -> None:
+        """Offer gallery rows ``g`` (n, D) float32 (squared norms ``norms``), indices base.., to every list;
+        then re-compute exactly the candidates of this block that are in the lists now."""
+        n, d = g.shape
+        w = self.width
+        npan = -(-n // (2 * w)) * 2  # panels, a multiple of the kernel's two per step
+        g = np.ascontiguousarray(g, np.float32)
+        norms = np.ascontiguousarray(norms, np.float32)
+        panels = np.empty(npan * d * w, np.float32)
+        pnorms = np.empty(npan * w, np.float32)
+        lib = self.lib
+        lib.sf_pack(g.ctypes.data, n, d, d, norms.ctypes.data, npan, panels.ctypes.data, pnorms.ctypes.data)
+        q = self.q
+
+        def part(r0: int, r1: int) -> None:
+            lib.sf_search(
+                r0, r1, q.ctypes.data, d, panels.ctypes.data, pnorms.ctypes.data, npan, base, self.m,
+                self.vals.ctypes.data, self.idx.ctypes.data, self.exact.ctypes.data,
+            )  # fmt: skip
+
+        if self.pool is None:
+            part(*self.parts[0])
+        else:
+            for f in [self.pool.submit(part, *rows) for rows in self.parts]:
+                f.result()
+        pp, ss = np.nonzero((self.idx >= base) & (self.idx < base + n))
+        diff = q[pp] - g[self.idx[pp, ss] - base]
+        self.exact[pp, ss] = np.einsum("nd,nd->n", diff, diff)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+
+    def search(self, q: np.ndarray, blocks, m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(expanded distances, indices, exact distances) of each row's m kept candidates, for arrays at hand."""
+        self.start(np.ascontiguousarray(q, np.float32), m)
+        base = 0
+        try:
+            for g in blocks:
+                g = np.asarray(g, np.float32)
+                self.add(g, np.einsum("ij,ij->i", g, g), base)
+                base += len(g)
+        finally:
+            self.close()
+        return self.vals, self.idx, self.exact
+
+
+class FusedScorer(NumpyScorer):
+    """Exact top-kappa by the fused kernel of this CPU's best level (``level``; :func:`best`). Where
+    no kernel compiles here it is NumpyScorer. ``stats["path"]``: "fused <level>", or NumpyScorer's
+    path where that ran (the per-level-cost pyramid, or no kernel)."""
+
+    def __init__(self, level: str | None = None, block_bytes: int = 8 << 20):
+        super().__init__(block_bytes)
+        self.level = level if level is not None else best()[0]
+        self.lib = kernel(self.level)[0] if self.level else None
+        self.name = f"fused {self.level}" if self.lib is not None else "numpy"
+
+    def topk(self, query, gallery, kappa: int) -> TopK:
+        if self.lib is None:
+            return super().topk(query, gallery, kappa)
+        if kappa < 1:
+            raise ValueError(f"kappa must be >= 1, got {kappa}")
+        view = GalleryRows.of(gallery)
+        q = np.ascontiguousarray(query, np.float32)
+        dim = q.shape[1]
+        run = Fused(self.lib)
+        run.start(q, keep(kappa))
+        base = 0
+        try:
+            for j in range(len(view)):
+                block = view[j]
+                if block.ndim != 2 or block.shape[1] != dim:
+                    raise ValueError(f"gallery block has shape {block.shape}, expected (M, {dim})")
+                g = np.asarray(block, np.float32)
+                norms = view.sqnorms(j, block) if view.keeps_norms else np.einsum("ij,ij->i", g, g)
+                if len(norms) != len(g):
+                    raise ValueError(f"gallery block {j} has {len(g)} rows but {len(norms)} kept norms")
+                if len(g):
+                    run.add(g, norms, base)
+                base += len(g)
+        finally:
+            run.close()
+        if base < kappa:
+            raise ValueError(f"gallery has {base} features, fewer than kappa = {kappa}")
+        self.stats = {"path": f"fused {self.level}"}
+        return TopK(*merge(run.exact, run.idx, kappa))
+
+    def __repr__(self) -> str:
+        return f"FusedScorer(level={self.level!r})"

@@ -1,0 +1,133 @@
+/* Fused distance and selection (runtime/scoring/fused.py, docs/speed.md "The fused kernels").
+
+   Expanded distances |g|^2 - 2 q.g in fp32, a register tile of RB query rows by NP panels of VW
+   gallery rows at a time; each query row's running list of the m smallest (m = kappa + SPARE) is
+   kept sorted in place, so the distance matrix is never written. The gallery is packed into panels
+   (VW rows side by side, channel-major) and walked in chunks that stay in L2 while every row tile
+   of this thread reads them.
+
+   One source for every instruction set: GCC/Clang vector extensions of VW floats, compiled once per
+   level (-DVW=16 with AVX-512, 8 with AVX2+FMA, 4 with NEON or SSE2) and chosen at run time by the
+   CPU's features. Lists are sorted ascending; a candidate enters when strictly below the last, after
+   any equal value: ties keep the earlier (lower) gallery index. */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#elif defined(__ARM_NEON)
+#include <arm_neon.h>
+#endif
+
+#ifndef VW
+#define VW 4
+#endif
+#ifndef RB
+#define RB 4
+#endif
+#define NP 2
+
+typedef float vf __attribute__((vector_size(VW * 4)));
+typedef int32_t vi __attribute__((vector_size(VW * 4)));
+
+static inline vf ld(const float *p) {
+    vf v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+int32_t sf_width(void) { return VW; }
+int32_t sf_rows(void) { return RB; }
+
+/* rows [0, n) of g (row stride ldg floats) into npan panels of VW rows, channel-major: panel p holds
+   g[p*VW + l][k] at panels[(p*d + k)*VW + l]; rows past n are zero with norm +inf (never enter). */
+void sf_pack(const float *g, int64_t n, int64_t d, int64_t ldg, const float *norms, int64_t npan, float *panels,
+             float *pnorms) {
+    for (int64_t p = 0; p < npan; p++) {
+        float *out = panels + p * d * VW;
+        for (int l = 0; l < VW; l++) {
+            int64_t row = p * VW + l;
+            if (row < n) {
+                const float *src = g + row * ldg;
+                for (int64_t k = 0; k < d; k++) out[k * VW + l] = src[k];
+                pnorms[p * VW + l] = norms[row];
+            } else {
+                for (int64_t k = 0; k < d; k++) out[k * VW + l] = 0.0f;
+                pnorms[p * VW + l] = INFINITY;
+            }
+        }
+    }
+}
+
+/* d (< v[m-1]) into the sorted list v/ix/ex of m, after any equal value; its exact distance unset. */
+static inline void insert(float *v, int64_t *ix, float *ex, int32_t m, float d, int64_t id) {
+    int32_t i = m - 1;
+    while (i > 0 && v[i - 1] > d) {
+        v[i] = v[i - 1];
+        ix[i] = ix[i - 1];
+        ex[i] = ex[i - 1];
+        i--;
+    }
+    v[i] = d;
+    ix[i] = id;
+    ex[i] = INFINITY;
+}
+
+static inline void offer(vf dist, int64_t first, float *v, int64_t *ix, float *ex, int32_t m) {
+    vi hit = dist < v[m - 1];
+#if VW == 16 && defined(__AVX512F__)
+    if (!_mm512_test_epi32_mask((__m512i)hit, (__m512i)hit)) return;
+#elif VW == 8 && defined(__AVX2__)
+    if (_mm256_testz_si256((__m256i)hit, (__m256i)hit)) return;
+#elif VW == 4 && defined(__SSE4_1__)
+    if (_mm_testz_si128((__m128i)hit, (__m128i)hit)) return;
+#elif VW == 4 && defined(__aarch64__)
+    if (!vmaxvq_u32((uint32x4_t)hit)) return;
+#else
+    int any = 0;
+    for (int l = 0; l < VW; l++) any |= hit[l];
+    if (!any) return;
+#endif
+    for (int l = 0; l < VW; l++)
+        if (dist[l] < v[m - 1]) insert(v, ix, ex, m, dist[l], first + l);
+}
+
+/* query rows [r0, r1) of q (row stride d) against npan panels (npan a multiple of NP); panel p's
+   lane l is gallery index base + p*VW + l. vals/idx/ex: m slots per query row (row-major, whole
+   query), sorted by vals; ex moves with its candidate (its exact distance, set by the caller). */
+void sf_search(int64_t r0, int64_t r1, const float *q, int64_t d, const float *panels, const float *pnorms,
+               int64_t npan, int64_t base, int32_t m, float *vals, int64_t *idx, float *ex) {
+    int64_t chunk = (192 << 10) / (d * VW * 4); /* panels per L2 chunk */
+    chunk = chunk / NP * NP;
+    if (chunk < NP) chunk = NP;
+    for (int64_t c0 = 0; c0 < npan; c0 += chunk) {
+        int64_t c1 = c0 + chunk < npan ? c0 + chunk : npan;
+        for (int64_t r = r0; r < r1; r += RB) {
+            int nr = r1 - r < RB ? (int)(r1 - r) : RB;
+            const float *qr[RB];
+            for (int i = 0; i < RB; i++) qr[i] = q + (r + (i < nr ? i : nr - 1)) * d;
+            for (int64_t pn = c0; pn < c1; pn += NP) {
+                vf acc[RB][NP];
+                for (int i = 0; i < RB; i++)
+                    for (int j = 0; j < NP; j++) acc[i][j] = (vf){0};
+                const float *pa = panels + pn * d * VW;
+                for (int64_t k = 0; k < d; k++) {
+                    vf b[NP];
+                    for (int j = 0; j < NP; j++) b[j] = ld(pa + (j * d + k) * VW);
+                    for (int i = 0; i < RB; i++) {
+                        vf a = (vf){0} + qr[i][k];
+                        for (int j = 0; j < NP; j++) acc[i][j] += a * b[j];
+                    }
+                }
+                for (int j = 0; j < NP; j++) {
+                    vf nrm = ld(pnorms + (pn + j) * VW);
+                    int64_t first = base + (pn + j) * VW;
+                    for (int i = 0; i < nr; i++) {
+                        int64_t row = r + i;
+                        offer(nrm - 2.0f * acc[i][j], first, vals + row * m, idx + row * m, ex + row * m, m);
+                    }
+                }
+            }
+        }
+    }
+}

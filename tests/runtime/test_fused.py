@@ -1,0 +1,131 @@
+"""The fused kernels (runtime/scoring/fused.py, kernels/fused.c): every level this CPU runs finds the
+float64 search's neighbours, ties to the lower index; the dispatch takes the best level and obeys
+SPADE_EDGE_CPU_LEVEL; the concatenated pyramid goes through the kernel where it is narrow."""
+
+import numpy as np
+import pytest
+
+from spade_edge.runtime import cpu
+from spade_edge.runtime.scoring import NumpyScorer, cpu_scorer, fused
+from spade_edge.runtime.scoring.base import GalleryPyramids, concat_upsampled
+
+from ..scorer_contract import (
+    check_close_neighbours_keep_their_digits,
+    check_near_ties_are_decided_exactly,
+    check_reads_the_gallery_view,
+    check_rejects_bad_arguments,
+)
+
+X86 = cpu.platform.machine() in ("x86_64", "AMD64")
+
+
+def runnable(level: str):
+    """``level`` as a parameter, skipped with the reason where this CPU cannot run it."""
+    need = fused.LEVELS[level][0]
+    arch = "aarch64" if level == "neon" else None
+    if arch and cpu.platform.machine() not in ("aarch64", "arm64"):
+        return pytest.param(
+            level, marks=pytest.mark.skip(reason=f"{level} kernels run on Arm; this is x86 (see test_neon)")
+        )
+    if not cpu.has(*need):
+        return pytest.param(
+            level, marks=pytest.mark.skip(reason=f"this CPU lacks {', '.join(need)} for the {level} kernel")
+        )
+    return level
+
+
+LEVELS = [runnable(lv) for lv in fused.LEVELS]
+
+
+def brute_force(q, g, kappa):
+    d = ((q[:, None, :].astype(np.float64) - g[None].astype(np.float64)) ** 2).sum(-1)
+    idx = np.argsort(d, axis=1, kind="stable")[:, :kappa]
+    return np.take_along_axis(d, idx, 1), idx
+
+
+def scorer(level):
+    s = fused.FusedScorer(level)
+    assert s.lib is not None, fused.kernel(level)[1]
+    return s
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("kappa", [1, 4, 20])
+@pytest.mark.parametrize("dim", [3, 24, 40, 177])
+def test_every_level_finds_the_float64_neighbours(level, kappa, dim):
+    rng = np.random.default_rng(kappa * 1000 + dim)
+    q = rng.normal(size=(53, dim)).astype(np.float32)  # 53: not a multiple of any row tile
+    g = rng.normal(size=(301, dim)).astype(np.float32)
+    blocks = [g[:100], g[100:101], g[101:250], g[250:]]  # uneven, one a single row: panels padded
+    ref_d, ref_i = brute_force(q, g, kappa)
+    s = scorer(level)
+    top = s.topk(q, blocks, kappa)
+    np.testing.assert_array_equal(top.indices, ref_i)
+    np.testing.assert_allclose(top.distances, ref_d, rtol=1e-5, atol=1e-6)
+    assert s.stats["path"] == f"fused {level}"
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_ties_resolve_to_the_lower_gallery_index(level):
+    """Duplicated gallery rows (equal expanded and exact distances): the earlier copy wins, in every
+    position of the list, across panels, lanes and blocks."""
+    rng = np.random.default_rng(5)
+    base = rng.integers(0, 4, size=(40, 8)).astype(np.float32)  # small integers: many exact ties
+    g = np.concatenate([base, base, base])
+    q = rng.integers(0, 4, size=(37, 8)).astype(np.float32)
+    ref_d, ref_i = brute_force(q, g, 6)
+    top = scorer(level).topk(q, [g[:50], g[50:]], 6)
+    np.testing.assert_array_equal(top.indices, ref_i)
+    np.testing.assert_array_equal(top.distances, ref_d.astype(np.float32))
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_owes_what_every_scorer_owes(level):
+    s = scorer(level)
+    check_close_neighbours_keep_their_digits(s)
+    check_rejects_bad_arguments(s)
+    check_near_ties_are_decided_exactly(s)
+    check_reads_the_gallery_view(s)
+
+
+def test_narrow_pyramids_go_through_the_kernel_and_wide_ones_take_the_per_level_path():
+    level = fused.best()[0]
+    if level is None:
+        pytest.skip(f"no fused kernel runs here: {fused.best()[1]}")
+    rng = np.random.default_rng(2)
+    grid = (8, 32)
+    for shapes, path in (
+        ([(8, 32, 8), (4, 16, 8), (2, 8, 8)], f"fused {level}"),  # narrow: the plain product (PER_LEVEL_SHARE)
+        ([(8, 32, 16), (4, 16, 128), (2, 8, 256)], "fp32 levels"),  # wide: per-level cost wins
+    ):
+        q = [rng.normal(size=s).astype(np.float32) for s in shapes]
+        gal = [[rng.normal(size=s).astype(np.float32) for s in shapes] for _ in range(4)]
+        s = fused.FusedScorer(level)
+        top = s.topk_pyramid(q, GalleryPyramids.of(gal, grid, keep_norms=True), grid, 3)
+        assert s.stats["path"] == path
+        ref_d, ref_i = brute_force(
+            concat_upsampled(q, grid), np.concatenate([concat_upsampled(x, grid) for x in gal]), 3
+        )
+        np.testing.assert_array_equal(top.indices, ref_i)
+        np.testing.assert_allclose(top.distances, ref_d, rtol=1e-5)
+
+
+def test_cpu_scorer_takes_the_best_level_and_the_cap(monkeypatch):
+    monkeypatch.setenv("SPADE_EDGE_AMX", "0")
+    levels = fused.levels_here()
+    assert cpu_scorer().name == (f"fused {levels[0]}" if levels else "numpy")
+    for level in levels:
+        monkeypatch.setenv(fused.LEVEL_ENV, level)
+        assert fused.levels_here()[0] == level
+        assert cpu_scorer().name == f"fused {level}"
+    monkeypatch.setenv(fused.LEVEL_ENV, "numpy")
+    assert type(cpu_scorer()) is NumpyScorer
+    monkeypatch.setenv(fused.LEVEL_ENV, "sse9")
+    with pytest.raises(ValueError, match="sse9"):
+        fused.levels_here()
+
+
+@pytest.mark.skipif(not X86, reason="the x86 levels' order is checked on x86")
+def test_x86_levels_follow_the_cpu_features():
+    want = [lv for lv in ("avx512", "avx2", "portable") if cpu.has(*fused.LEVELS[lv][0])]
+    assert list(fused.levels_here()) == want
