@@ -22,6 +22,7 @@ import os
 import platform
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
+from typing import Any
 
 import numpy as np
 
@@ -35,6 +36,20 @@ LEVEL_ENV = "SPADE_EDGE_CPU_LEVEL"
 # level -> (CPU flags it needs, compiler flags): VW floats per vector, RB query rows per register tile
 # (AVX-512 and NEON have 32 vector registers: 8 rows x 2 panels of accumulators; AVX2 and SSE 16: 4 x 2)
 LEVELS = {
+    "avx512bf16": (
+        ("avx512f", "avx512vl", "avx512bw", "avx512_bf16", "avx2", "fma"),
+        (
+            "-DVW=16",
+            "-DRB=8",
+            "-mavx512f",
+            "-mavx512vl",
+            "-mavx512bw",
+            "-mavx512bf16",
+            "-mavx2",
+            "-mfma",
+            "-mprefer-vector-width=512",
+        ),
+    ),
     "avx512": (
         ("avx512f", "avx512vl", "avx2", "fma"),
         ("-DVW=16", "-DRB=8", "-mavx512f", "-mavx512vl", "-mavx2", "-mfma", "-mprefer-vector-width=512"),
@@ -43,7 +58,11 @@ LEVELS = {
     "neon": (("asimd",), ("-DVW=4", "-DRB=8")),
     "portable": ((), ("-DVW=4", "-DRB=4")),
 }
-ORDER = {"x86_64": ("avx512", "avx2", "portable"), "aarch64": ("neon", "portable")}
+# the bf16 screen repays its set-up (operands centred and packed, a second pass over unsettled rows)
+# from about this many multiply-adds (query rows x gallery rows x channels): Lite0's fine level (1.2e10)
+# and its concatenation take it, its 14 x 14 level (4e8) does not (docs/speed.md)
+SCREEN_WORK = 1e9
+ORDER = {"x86_64": ("avx512bf16", "avx512", "avx2", "portable"), "aarch64": ("neon", "portable")}
 
 
 def levels_here() -> tuple[str, ...]:
@@ -72,7 +91,18 @@ def kernel(level: str) -> tuple[ctypes.CDLL | None, str]:
     lib.sf_pack.restype = None
     lib.sf_search.argtypes = [i64, i64, p, i64, p, p, i64, i64, i32, p, p, p]
     lib.sf_search.restype = None
-    lib.sf_width.restype = lib.sf_rows.restype = i32
+    lib.sf_screen.argtypes = [i64, i64, p, i64, p, p, p, p, i64, i64, i32, p, p, p]
+    lib.sf_screen.restype = None
+    lib.sf_exact.argtypes = [i64, i64, p, i64, p, i64, i64, i32, p, p]
+    lib.sf_exact.restype = None
+    lib.sf_width.restype = lib.sf_rows.restype = lib.sf_has_bf16.restype = i32
+    if lib.sf_has_bf16():
+        lib.sf_pack_bf16.argtypes = [p, i64, i64, i64, p]
+        lib.sf_pack_bf16.restype = None
+        lib.sf_prep_bf16.argtypes = [p, i64, i64, p, i64, i64, ctypes.c_double, p, p, p]
+        lib.sf_prep_bf16.restype = None
+        lib.sf_screen_bf16.argtypes = lib.sf_screen.argtypes
+        lib.sf_screen_bf16.restype = None
     if not _agrees(lib):
         return None, f"the compiled {level} kernel disagreed with numpy on its first use"
     return lib, ""
@@ -137,14 +167,30 @@ class Fused:
                 self.vals.ctypes.data, self.idx.ctypes.data, self.exact.ctypes.data,
             )  # fmt: skip
 
+        self.parallel(part)
+        self.recompute(g, base)
+
+    def parallel(self, part) -> None:
+        """``part(r0, r1)`` over this search's parts of the query rows, one per thread."""
         if self.pool is None:
             part(*self.parts[0])
         else:
             for f in [self.pool.submit(part, *rows) for rows in self.parts]:
                 f.result()
-        pp, ss = np.nonzero((self.idx >= base) & (self.idx < base + n))
-        diff = q[pp] - g[self.idx[pp, ss] - base]
-        self.exact[pp, ss] = np.einsum("nd,nd->n", diff, diff)
+
+    def recompute(self, g: np.ndarray, base: int) -> None:
+        """Exact distances of the candidates from rows ``g`` (indices base..) now in the lists: the
+        block is at hand now, not later."""
+        g = np.ascontiguousarray(g, np.float32)
+        q, lib = self.q, self.lib
+
+        def part(r0: int, r1: int) -> None:
+            lib.sf_exact(
+                r0, r1, q.ctypes.data, q.shape[1], g.ctypes.data, len(g), base, self.m,
+                self.idx.ctypes.data, self.exact.ctypes.data,
+            )  # fmt: skip
+
+        self.parallel(part)
 
     def close(self) -> None:
         if self.pool is not None:
@@ -169,10 +215,11 @@ class FusedScorer(NumpyScorer):
     no kernel compiles here it is NumpyScorer. ``stats["path"]``: "fused <level>", or NumpyScorer's
     path where that ran (the per-level-cost pyramid, or no kernel)."""
 
-    def __init__(self, level: str | None = None, block_bytes: int = 8 << 20):
+    def __init__(self, level: str | None = None, block_bytes: int = 8 << 20, screens: bool = True):
         super().__init__(block_bytes)
+        self.screens = screens
         self.level = level if level is not None else best()[0]
-        self.lib = kernel(self.level)[0] if self.level else None
+        self.lib: Any = kernel(self.level)[0] if self.level else None  # None: NumpyScorer
         self.name = f"fused {self.level}" if self.lib is not None else "numpy"
 
     def topk(self, query, gallery, kappa: int) -> TopK:
@@ -182,28 +229,78 @@ class FusedScorer(NumpyScorer):
             raise ValueError(f"kappa must be >= 1, got {kappa}")
         view = GalleryRows.of(gallery)
         q = np.ascontiguousarray(query, np.float32)
-        dim = q.shape[1]
+        screen = self.screen_for(q, view)
+        if screen is not None:
+            top = self._screened(q, view, kappa, screen)
+            if top is not None:
+                return top
+        return self._fp32(q, view, kappa, self.stats if screen is not None else {})
+
+    def screen_for(self, q: np.ndarray, view: GalleryRows) -> str | None:
+        """The screen that pays for this search (docs/speed.md, "The fused kernels and the screens"):
+        bf16 where the kernel has it and the search is big enough to repay the screen's set-up."""
+        if not self.screens or not int(self.lib.sf_has_bf16()):
+            return None
+        work = float(len(q)) * float(view.sizes.sum()) * q.shape[1]
+        return "bf16" if work >= SCREEN_WORK and q.shape[1] >= 8 else None
+
+    def _blocks(self, view: GalleryRows, dim: int):
+        """(index of the first row, block as float32) for every non-empty block, shapes checked."""
+        base = 0
+        for j in range(len(view)):
+            block = view[j]
+            if block.ndim != 2 or block.shape[1] != dim:
+                raise ValueError(f"gallery block has shape {block.shape}, expected (M, {dim})")
+            g = np.asarray(block, np.float32)
+            if len(g):
+                yield j, base, block, g
+            base += len(g)
+
+    def _fp32(self, q: np.ndarray, view: GalleryRows, kappa: int, why: dict) -> TopK:
         run = Fused(self.lib)
         run.start(q, keep(kappa))
-        base = 0
+        total = 0
         try:
-            for j in range(len(view)):
-                block = view[j]
-                if block.ndim != 2 or block.shape[1] != dim:
-                    raise ValueError(f"gallery block has shape {block.shape}, expected (M, {dim})")
-                g = np.asarray(block, np.float32)
+            for j, base, block, g in self._blocks(view, q.shape[1]):
                 norms = view.sqnorms(j, block) if view.keeps_norms else np.einsum("ij,ij->i", g, g)
                 if len(norms) != len(g):
                     raise ValueError(f"gallery block {j} has {len(g)} rows but {len(norms)} kept norms")
-                if len(g):
-                    run.add(g, norms, base)
-                base += len(g)
+                run.add(g, norms, base)
+                total = base + len(g)
         finally:
             run.close()
-        if base < kappa:
-            raise ValueError(f"gallery has {base} features, fewer than kappa = {kappa}")
-        self.stats = {"path": f"fused {self.level}"}
+        if total < kappa:
+            raise ValueError(f"gallery has {total} features, fewer than kappa = {kappa}")
+        self.stats = {**why, "path": f"fused {self.level}"}
         return TopK(*merge(run.exact, run.idx, kappa))
+
+    def _screened(self, q: np.ndarray, view: GalleryRows, kappa: int, screen: str) -> TopK | None:
+        """The screened search; rows it cannot settle are searched again on the fp32 kernel. None
+        (and ``stats`` saying why) where a probe of the first blocks leaves too many unsettled."""
+        from .screens import GIVE_UP, PROBE, ScreenedSearch
+
+        run = ScreenedSearch(self.lib, q, kappa, screen)
+        total, done = 0, 0
+        try:
+            for _, base, _, g in self._blocks(view, q.shape[1]):
+                run.add(g, base)
+                total, done = base + len(g), done + 1
+                if done == PROBE and len(view) > 2 * PROBE:
+                    share = float(run.unsettled().mean())
+                    if share > GIVE_UP:  # features too alike for the screen to tell apart
+                        self.stats = {"screen": screen, "gave_up_after": done, "unsettled_share": share}
+                        return None
+        finally:
+            run.run.close()
+        if total < kappa:
+            raise ValueError(f"gallery has {total} features, fewer than kappa = {kappa}")
+        rows = np.flatnonzero(run.unsettled())
+        d, i = run.result()
+        if len(rows):
+            again = self._fp32(q[rows], view, kappa, {})
+            d[rows], i[rows] = again.distances, again.indices
+        self.stats = {"path": f"fused {self.level}, {screen} screen", "rows_unsettled": int(len(rows))}
+        return TopK(d, i)
 
     def __repr__(self) -> str:
         return f"FusedScorer(level={self.level!r})"

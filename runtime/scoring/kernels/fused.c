@@ -131,3 +131,154 @@ void sf_search(int64_t r0, int64_t r1, const float *q, int64_t d, const float *p
         }
     }
 }
+
+/* ---- screens: each kept value is a lower bound of the expanded distance -------------------------
+
+   sf_screen ranks value = nb_j - 2 q_i.g_j - e_i gn_j (fp32 operands), sf_screen_bf16 the same with
+   bf16 operands (AVX512-BF16 VDPBF16PS), where the caller has made nb_j (the norm, less the bound's
+   terms in gn_j^2 and constants), gn_j (the row's norm) and e_i so that the value is at most the
+   true expanded distance (runtime/scoring/screens.py). The panels carry gn as a second norm array. */
+
+void sf_screen(int64_t r0, int64_t r1, const float *q, int64_t d, const float *panels, const float *pnorms,
+               const float *pgn, const float *e, int64_t npan, int64_t base, int32_t m, float *vals, int64_t *idx,
+               float *ex) {
+    int64_t chunk = (192 << 10) / (d * VW * 4);
+    chunk = chunk / NP * NP;
+    if (chunk < NP) chunk = NP;
+    for (int64_t c0 = 0; c0 < npan; c0 += chunk) {
+        int64_t c1 = c0 + chunk < npan ? c0 + chunk : npan;
+        for (int64_t r = r0; r < r1; r += RB) {
+            int nr = r1 - r < RB ? (int)(r1 - r) : RB;
+            const float *qr[RB];
+            for (int i = 0; i < RB; i++) qr[i] = q + (r + (i < nr ? i : nr - 1)) * d;
+            for (int64_t pn = c0; pn < c1; pn += NP) {
+                vf acc[RB][NP];
+                for (int i = 0; i < RB; i++)
+                    for (int j = 0; j < NP; j++) acc[i][j] = (vf){0};
+                const float *pa = panels + pn * d * VW;
+                for (int64_t k = 0; k < d; k++) {
+                    vf b[NP];
+                    for (int j = 0; j < NP; j++) b[j] = ld(pa + (j * d + k) * VW);
+                    for (int i = 0; i < RB; i++) {
+                        vf a = (vf){0} + qr[i][k];
+                        for (int j = 0; j < NP; j++) acc[i][j] += a * b[j];
+                    }
+                }
+                for (int j = 0; j < NP; j++) {
+                    vf nrm = ld(pnorms + (pn + j) * VW), gn = ld(pgn + (pn + j) * VW);
+                    int64_t first = base + (pn + j) * VW;
+                    for (int i = 0; i < nr; i++) {
+                        int64_t row = r + i;
+                        offer(nrm - 2.0f * acc[i][j] - e[row] * gn, first, vals + row * m, idx + row * m,
+                              ex + row * m, m);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#if defined(__AVX512BF16__) && VW == 16
+/* bf16 operands: q (rows of d2 channel pairs, bf16 bits packed in uint32) against panels of d2 pairs
+   by VW lanes (pair kk of lane l at panels[(p*d2 + kk)*VW + l]). */
+int32_t sf_has_bf16(void) { return 1; }
+
+void sf_pack_bf16(const uint16_t *g, int64_t n, int64_t d2, int64_t npan, uint32_t *panels) {
+    const uint32_t *src = (const uint32_t *)g; /* n rows of d2 pairs */
+    for (int64_t p = 0; p < npan; p++)
+        for (int l = 0; l < VW; l++) {
+            int64_t row = p * VW + l;
+            for (int64_t k = 0; k < d2; k++) panels[(p * d2 + k) * VW + l] = row < n ? src[row * d2 + k] : 0u;
+        }
+}
+
+static inline uint16_t to_bf16(float x) { /* round to nearest even, as runtime/scoring/amx_screen.py bf16() */
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* The bf16 screen's operands of gallery rows [0, n) of g (n x d fp32) in one pass: b = g - mu in
+   float64, rounded to fp32 then bf16 into panels of d2 channel pairs; pnorms = |b|^2 (1 - 2^-20) - t
+   and pgn = |b| (squares summed in float64), +inf and 0 on padded lanes (runtime/scoring/screens.py). */
+void sf_prep_bf16(const float *g, int64_t n, int64_t d, const double *mu, int64_t d2, int64_t npan, double t,
+                  uint32_t *panels, float *pnorms, float *pgn) {
+    uint16_t *half = (uint16_t *)panels;
+    for (int64_t p = 0; p < npan; p++)
+        for (int l = 0; l < VW; l++) {
+            int64_t row = p * VW + l;
+            double sq = 0.0;
+            for (int64_t k = 0; k < 2 * d2; k++) {
+                uint16_t bits = 0;
+                if (row < n && k < d) {
+                    double b = (double)g[row * d + k] - mu[k];
+                    sq += b * b;
+                    bits = to_bf16((float)b);
+                }
+                half[((p * d2 + k / 2) * VW + l) * 2 + (k & 1)] = bits;
+            }
+            pnorms[p * VW + l] = row < n ? (float)(sq * (1.0 - 0x1p-20) - t) : INFINITY;
+            pgn[p * VW + l] = row < n ? (float)sqrt(sq) : 0.0f;
+        }
+}
+
+void sf_screen_bf16(int64_t r0, int64_t r1, const uint32_t *q, int64_t d2, const uint32_t *panels,
+                    const float *pnorms, const float *pgn, const float *e, int64_t npan, int64_t base, int32_t m,
+                    float *vals, int64_t *idx, float *ex) {
+    int64_t chunk = (192 << 10) / (d2 * VW * 4);
+    chunk = chunk / NP * NP;
+    if (chunk < NP) chunk = NP;
+    for (int64_t c0 = 0; c0 < npan; c0 += chunk) {
+        int64_t c1 = c0 + chunk < npan ? c0 + chunk : npan;
+        for (int64_t r = r0; r < r1; r += RB) {
+            int nr = r1 - r < RB ? (int)(r1 - r) : RB;
+            const uint32_t *qr[RB];
+            for (int i = 0; i < RB; i++) qr[i] = q + (r + (i < nr ? i : nr - 1)) * d2;
+            for (int64_t pn = c0; pn < c1; pn += NP) {
+                __m512 acc[RB][NP];
+                for (int i = 0; i < RB; i++)
+                    for (int j = 0; j < NP; j++) acc[i][j] = _mm512_setzero_ps();
+                const uint32_t *pa = panels + pn * d2 * VW;
+                for (int64_t k = 0; k < d2; k++) {
+                    __m512bh b[NP];
+                    for (int j = 0; j < NP; j++) b[j] = (__m512bh)_mm512_loadu_si512(pa + (j * d2 + k) * VW);
+                    for (int i = 0; i < RB; i++) {
+                        __m512bh a = (__m512bh)_mm512_set1_epi32((int)qr[i][k]);
+                        for (int j = 0; j < NP; j++) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], a, b[j]);
+                    }
+                }
+                for (int j = 0; j < NP; j++) {
+                    vf nrm = ld(pnorms + (pn + j) * VW), gn = ld(pgn + (pn + j) * VW);
+                    int64_t first = base + (pn + j) * VW;
+                    for (int i = 0; i < nr; i++) {
+                        int64_t row = r + i;
+                        offer(nrm - 2.0f * (vf)acc[i][j] - e[row] * gn, first, vals + row * m, idx + row * m,
+                              ex + row * m, m);
+                    }
+                }
+            }
+        }
+    }
+}
+#else
+int32_t sf_has_bf16(void) { return 0; }
+#endif
+
+/* Exact squared distances of the candidates from gallery rows [0, n) (indices base..) in the lists of
+   query rows [r0, r1): differences and squares in float64 (exact for fp32 operands but for the last
+   rounding of each square), rounded to fp32 once: the decision of runtime/scoring/base.py's merge. */
+void sf_exact(int64_t r0, int64_t r1, const float *q, int64_t d, const float *g, int64_t n, int64_t base, int32_t m,
+              const int64_t *idx, float *ex) {
+    for (int64_t r = r0; r < r1; r++)
+        for (int32_t s = 0; s < m; s++) {
+            int64_t id = idx[r * m + s] - base;
+            if (id < 0 || id >= n) continue;
+            const float *a = q + r * d, *b = g + id * d;
+            double acc = 0.0;
+            for (int64_t k = 0; k < d; k++) {
+                double t = (double)a[k] - (double)b[k];
+                acc += t * t;
+            }
+            ex[r * m + s] = (float)acc;
+        }
+}

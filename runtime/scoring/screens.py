@@ -1,0 +1,134 @@
+"""Exact screens for the fused kernels (docs/speed.md, "The fused kernels and the screens"): a cheaper
+lower bound of every expanded distance ranks the candidates, the kept ones are re-computed exactly,
+and a row is *settled* only when the bound proves that nothing it dropped can belong; the rows that
+are not are searched again by the fp32 kernel. So the neighbours are the fp32 path's, whatever the
+data; the data decide only how much a screen saves.
+
+Two screens, on the operands a_i = q_i - mu, b_j = g_j - mu (mu: the query's mean; distances do not move):
+
+- ``bf16``: a, b rounded to bf16, products by AVX512-BF16 (VDPBF16PS), accumulated in fp32.
+- ``pca<r>``: a, b projected on the query's r principal axes V (float64, orthonormal), with the norm of
+  the residual appended: a' = [V^T a, |a - V V^T a|]. Pythagoras and the reverse triangle inequality
+  give |a' - b'| <= |a - b|: a lower bound from r + 1 channels, on any CPU (the fp32 kernel).
+
+The bound (per pair, rigorous): with u the operands' unit roundoff (2^-8 + 2^-23 for bf16, 2^-23 for
+fp32 from float64) and k terms, the computed dot product is within f |a||b|, f = 2u + u^2 + k 2^-24
+(1 + u)^2 (each product within (2u + u^2) |a_c||b_c|, the fp32 sum within k 2^-24 of the sum of
+magnitudes, Cauchy-Schwarz). The kernel ranks V = nb_j - 2 acc - e_i |b_j| with e_i = (2f + 2^-19)|a_i|
+and nb_j = |b_j|^2 (1 - 2^-20) - 2^-100 (1 + max|a|): the margins cover the fp32 roundings of the
+norms and of the kernel's three operations (each under 2^-24 of |b|^2 + 3 |a||b|) and flushed
+subnormals. So V <= |b_j|^2 - 2 a_i.b_j <= d(i, j) - |a_i|^2.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .amx_screen import bf16
+from .base import keep, merge
+from .fused import Fused
+
+U_BF16, U_FP32 = 2.0**-8 + 2.0**-23, 2.0**-23
+PROBE, GIVE_UP = 4, 0.25  # after PROBE blocks, more than GIVE_UP of the rows unsettled: the screen is dropped
+
+
+def factor(k: int, u: float) -> float:
+    """f: the computed dot product of k terms, operands rounded with unit roundoff u, is within f |a||b|."""
+    return 2 * u + u * u + k * 2.0**-24 * (1 + u) ** 2
+
+
+class Operands:
+    """The screen's operands of query rows and gallery blocks: centred (``r`` None) or projected on
+    the query's ``r`` principal axes with the residual norm appended."""
+
+    def __init__(self, q: np.ndarray, r: int | None):
+        q64 = np.asarray(q, np.float64)
+        self.mu = q64.mean(axis=0)
+        a = q64 - self.mu
+        self.v = None
+        if r is not None and r < q.shape[1]:
+            w, vecs = np.linalg.eigh(a.T @ a)
+            self.v = np.ascontiguousarray(vecs[:, ::-1][:, :r])
+        self.a = self(q)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """Rows as the screen's float64 operands."""
+        b = np.asarray(x, np.float64) - self.mu
+        if self.v is None:
+            return b
+        proj = b @ self.v
+        rest = np.einsum("ij,ij->i", b, b) - np.einsum("ij,ij->i", proj, proj)
+        return np.concatenate([proj, np.sqrt(np.maximum(rest, 0.0))[:, None]], axis=1)
+
+
+class ScreenedSearch:
+    """One screened search of rows ``q`` with the fused kernel ``lib``: ``screen`` "bf16" or "pca<r>"."""
+
+    def __init__(self, lib, q: np.ndarray, kappa: int, screen: str):
+        self.lib, self.kappa, self.screen = lib, kappa, screen
+        self.bf16 = screen == "bf16"
+        self.ops = Operands(q, None if self.bf16 else int(screen.removeprefix("pca")))
+        a = self.ops.a
+        k = a.shape[1]
+        self.k = k
+        f = factor(k + (k & 1), U_BF16 if self.bf16 else U_FP32)
+        a_norm = np.sqrt(np.einsum("ij,ij->i", a, a))
+        self.qsq = a_norm**2
+        self.e = ((2 * f + 2.0**-19) * a_norm * (1 + 1e-6) + 2.0**-100).astype(np.float32)
+        self.t = 2.0**-100 * (1 + a_norm.max(initial=0.0))
+        self.run = Fused(lib)
+        self.run.start(np.ascontiguousarray(q, np.float32), keep(kappa))
+        if self.bf16:
+            bits = np.zeros((len(a), k + (k & 1)), np.uint16)
+            bits[:, :k] = bf16(a.astype(np.float32))
+            self.a_op = np.ascontiguousarray(bits).view(np.uint32)  # (P, pairs)
+        else:
+            self.a_op = np.ascontiguousarray(a, np.float32)
+
+    def add(self, g: np.ndarray, base: int) -> None:
+        """Screen gallery rows ``g`` (n, D) float32, indices base..; re-compute the entered ones exactly."""
+        run, lib = self.run, self.lib
+        g = np.ascontiguousarray(g, np.float32)
+        n, w = len(g), run.width
+        npan = -(-n // (2 * w)) * 2
+        pnorms, pgn = np.empty(npan * w, np.float32), np.empty(npan * w, np.float32)
+        if self.bf16:  # one pass in C: centred, rounded, packed, normed
+            d = self.a_op.shape[1]
+            panels = np.empty(npan * d * w, np.uint32)
+            lib.sf_prep_bf16(
+                g.ctypes.data, n, g.shape[1], self.ops.mu.ctypes.data, d, npan, self.t,
+                panels.ctypes.data, pnorms.ctypes.data, pgn.ctypes.data,
+            )  # fmt: skip
+            fn = lib.sf_screen_bf16
+        else:
+            b = self.ops(g)
+            sq = np.einsum("ij,ij->i", b, b)
+            nb = (sq * (1 - 2.0**-20) - self.t).astype(np.float32)
+            b32 = np.ascontiguousarray(b, np.float32)
+            d = self.k
+            panels = np.empty(npan * d * w, np.float32)
+            lib.sf_pack(b32.ctypes.data, n, d, d, nb.ctypes.data, npan, panels.ctypes.data, pnorms.ctypes.data)
+            pgn[:] = 0.0
+            pgn[:n] = np.sqrt(sq)
+            fn = lib.sf_screen
+
+        def part(r0: int, r1: int) -> None:
+            fn(
+                r0, r1, self.a_op.ctypes.data, d, panels.ctypes.data, pnorms.ctypes.data, pgn.ctypes.data,
+                self.e.ctypes.data, npan, base, run.m, run.vals.ctypes.data, run.idx.ctypes.data, run.exact.ctypes.data,
+            )  # fmt: skip
+
+        run.parallel(part)
+        run.recompute(g, base)
+
+    def unsettled(self) -> np.ndarray:
+        """Rows whose dropped candidates may still belong: the kept list is full and its last lower
+        bound does not exceed the kappa-th smallest exact distance kept (widened by its fp32 rounding)."""
+        run = self.run
+        dk = np.partition(run.exact, self.kappa - 1, axis=1)[:, self.kappa - 1].astype(np.float64)
+        gamma = (self.run.q.shape[1] + 4) * 2.0**-23
+        low = run.vals[:, -1].astype(np.float64) + self.qsq * (1 - 1e-9)
+        return (run.idx[:, -1] >= 0) & ~(low > dk * (1 + 2 * gamma))
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        return merge(self.run.exact, self.run.idx, self.kappa)
