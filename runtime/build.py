@@ -382,9 +382,12 @@ def add_images(
     out: str | os.PathLike | None = None,
     batch_size: int = 8,
     show_progress: bool = True,
+    locked: bool = False,
 ) -> Gallery:
-    """Add normal images to a gallery (encoded with its stored codecs; thresholds kept as they are)."""
-    with writing(gallery_path, out):  # one writer at a time: no add or remove is lost
+    """Add normal images to a gallery (encoded with its stored codecs; thresholds kept as they are).
+    ``locked``: the caller already holds the gallery's lock (:func:`writing`; a recorded change,
+    spade_edge/service/generations.py), which a second flock in this process would wait on forever."""
+    with contextlib.nullcontext() if locked else writing(gallery_path, out):  # one writer at a time: none lost
         gallery = Gallery.load(gallery_path)
         gallery.check_model(backend.info)
         paths = [Path(p) for p in images]

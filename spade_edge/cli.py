@@ -324,6 +324,37 @@ def gallery_remove(path, names):
     click.echo(f"{path}: {len(g)} images (-{len(names)})")
 
 
+@gallery.command("history")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@_friendly_errors
+def gallery_history(path):
+    """The gallery's recorded changes (the operator's page, 'gallery rollback'): generation, what,
+    when, which client; '*' marks generations whose file is kept and can be restored."""
+    from .service import generations
+
+    keep = set(generations.restorable(path))
+    entries = generations.log(path)
+    click.echo(f"{path}: generation {generations.current(path)}")
+    click.echo(f"{'*' if 0 in keep else ' '}     0  (before the first recorded change)")
+    for e in entries:
+        mark = "*" if e["generation"] in keep else " "
+        detail = json.dumps(e.get("detail", {}))
+        click.echo(f"{mark} {e['generation']:5d}  {e['time']}  {e['action']:<9} {e['client']}  {detail}")
+
+
+@gallery.command("rollback")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@click.option("--to", "to", type=click.IntRange(0), help="Generation to restore [default: the one before the last].")
+@_friendly_errors
+def gallery_rollback(path, to):
+    """Put an earlier generation of the gallery back (recorded as a new generation, so it can be
+    undone too). A running service uses it after a reload (SIGHUP or POST /reload)."""
+    from .service import generations
+
+    e = generations.rollback(path, to, client="cli")
+    click.echo(f"{path}: generation {e['generation']} = generation {e['detail']['to']}; reload the service to use it")
+
+
 @main.command()
 @click.option("--model", "-m", type=click.Path(exists=True, dir_okay=False), required=True)
 @click.option("--gallery", "-g", "gallery_path", type=click.Path(exists=True, dir_okay=False), required=True)
@@ -877,6 +908,41 @@ def bench_speed(out, repeats, threads, quick, shapes):
     (out / "speed.json").write_text(json.dumps(r, indent=1))
     table = speed.markdown(r)
     (out / "speed.md").write_text(table)
+    click.echo(table)
+
+
+@bench.command("gpu")
+@click.option("--quick", is_flag=True, help="WRN50x2 concat K=50 and per-level K=5, Lite0 concat K=5, end to end at K=5.")
+@click.option("--device", "device_id", type=click.IntRange(0), default=0, show_default=True, help="CUDA device.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Also write the results here.")
+@click.option("--repeats", type=click.IntRange(1), default=5, show_default=True, help="Timed runs per figure (median).")
+@click.option(
+    "--shapes",
+    type=click.Choice(["real", "tiny"]),
+    default="real",
+    show_default=True,
+    help="tiny: made-up small feature shapes instead of the backbones', to check the bench itself in seconds.",
+)
+@click.option("--end-to-end/--no-end-to-end", "e2e", default=True, show_default=True, help="One image end to end.")
+@click.option("--paper", is_flag=True, help="Print the on-paper estimate for Jetson Orin (no GPU needed) and stop.")
+def bench_gpu(quick, device_id, json_path, repeats, shapes, e2e, paper):
+    """Pixel scoring on the GPU: the CUDA scorer against torch matmul + topk (fp32 and fp16) on the
+    same device and data, with the device's fp16 GEMM rate, launches per image and a check against a
+    float64 search; one image end to end. Exits 3, measuring nothing, where no GPU is usable."""
+    from .bench import gpu
+
+    if paper:
+        r = gpu.paper_estimate()
+        table = gpu.paper_markdown(r)
+    else:
+        try:
+            r = gpu.run(device_id, quick=quick, shapes=shapes, repeats=repeats, e2e=e2e, echo=click.echo)
+        except gpu.NoGpuError as exc:
+            click.echo(f"Error: {exc}", err=True)
+            sys.exit(gpu.NO_GPU_EXIT)
+        table = gpu.markdown(r)
+    if json_path:
+        json_path.write_text(json.dumps(r, indent=1, default=str))
     click.echo(table)
 
 

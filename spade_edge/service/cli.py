@@ -174,6 +174,33 @@ def _on_signals(handler, *signums) -> None:
     show_default=True,
     help="TCP result line; fields code, job, verdict, judgement, score, threshold, latency_ms, image.",
 )
+@click.option("--ui", is_flag=True, help="Serve the operator's page at /ui/ (docs/service.md#the-operators-page).")
+@click.option(
+    "--ui-token",
+    envvar="SPADE_EDGE_UI_TOKEN",
+    metavar="TOKEN",
+    help="Reviews, thresholds and rollbacks from the page need this token (without one the page is "
+    "read-only); better set in SPADE_EDGE_UI_TOKEN than on the command line.",
+)
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="The page's audit log, reviews and reviewed images [default: GALLERY's folder/spade-edge-ui].",
+)
+@click.option(
+    "--ui-results",
+    type=click.IntRange(1, 10_000),
+    default=50,
+    show_default=True,
+    help="Results the page keeps in memory with their images and maps (also at most 256 MiB of them).",
+)
+@click.option(
+    "--ui-borderline",
+    type=click.FloatRange(0, 1),
+    default=0.0,
+    show_default=True,
+    help="OK results scoring at least this share of the threshold also join the review queue (0: none).",
+)
 def serve(
     model,
     gallery,
@@ -198,6 +225,11 @@ def serve(
     tcp_port,
     source_spec,
     result_format,
+    ui,
+    ui_token,
+    data_dir,
+    ui_results,
+    ui_borderline,
     **scoring,
 ):
     """Run the inspection service over HTTP.
@@ -248,14 +280,23 @@ def serve(
 
         Image.MAX_IMAGE_PIXELS = max_pixels
     svc = InspectionService(cfg, **_load_options(device, fp16, threads, **scoring))
+    station = None
+    if ui:
+        from .station import Station, StationConfig
+
+        folder = data_dir or Path(gallery).resolve().parent / "spade-edge-ui"
+        station = Station(svc, StationConfig(folder, ui_token or None, ui_results, borderline=ui_borderline))
     try:
-        httpd = make_server(svc, host, port)
+        httpd = make_server(svc, host, port, station)
     except OSError as exc:
         raise click.ClickException(f"cannot listen on {host}:{port}: {exc}") from exc
     http_thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True)
     http_thread.start()
     shown = f"[{host}]" if ":" in host else host
     click.echo(f"spade-edge serve: listening on http://{shown}:{httpd.server_address[1]} (loading)", err=True)
+    if station is not None:
+        mode = "" if station.config.token else ", read-only: no --ui-token"
+        click.echo(f"spade-edge serve: operator's page at http://{shown}:{httpd.server_address[1]}/ui/{mode}", err=True)
 
     stop = threading.Event()
     _on_signals(lambda *_: stop.set(), signal.SIGTERM, signal.SIGINT)

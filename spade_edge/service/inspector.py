@@ -191,6 +191,23 @@ class _Job:
             return False
 
 
+class _Call:
+    """A function for the worker thread (:meth:`InspectionService.on_worker`)."""
+
+    def __init__(self, fn: Callable):
+        self.fn, self.done = fn, threading.Event()
+        self.result: object = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.result = self.fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            self.error = exc
+        finally:
+            self.done.set()
+
+
 @dataclass
 class Done:
     """A finished inspection: the prediction, its heat map (PNG bytes, if asked), the generation
@@ -403,6 +420,17 @@ class InspectionService:
         pred, png = job.result
         return Done(pred, png, loaded, decoded, job.started - job.enqueued)
 
+    def on_worker(self, fn: Callable, timeout: float = 600.0):
+        """``fn()`` run on the worker thread between images (the feature backend is the worker's
+        alone: a TensorRT context is not shared between threads); returns what it returns."""
+        call = _Call(fn)
+        self._queue.put(call)
+        if not call.done.wait(timeout):
+            raise TimeoutError(f"the worker did not run the call within {timeout:.0f} s")
+        if call.error is not None:
+            raise call.error
+        return call.result
+
     @property
     def queue_depth(self) -> int:
         return self._slots.used
@@ -412,6 +440,9 @@ class InspectionService:
             job = self._queue.get()
             if job is None:
                 return
+            if isinstance(job, _Call):
+                job.run()
+                continue
             if not job.claim():  # cancelled or past its deadline: never run
                 job.ticket.release()
                 job.loaded.done()

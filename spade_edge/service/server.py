@@ -403,6 +403,8 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._send(200, png, "image/png")
             if url.path in ("/inspect", "/reload"):
                 raise HttpError(405, f"{url.path} takes POST", close=True)
+            if self.server.station is not None and (url.path == "/ui" or url.path.startswith("/ui/")):
+                return self.server.station.handle_get(self, url)  # the operator's page (serve --ui)
             if url.path == "/":
                 return self._json(
                     200,
@@ -434,6 +436,8 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._reload()
             if url.path == "/frames" and self.service.frames is not None:
                 return self._frame(url)
+            if self.server.station is not None and url.path.startswith("/ui/"):
+                return self.server.station.handle_post(self, url)
             raise HttpError(404, f"no such endpoint: POST {url.path}", close=True)
         except HttpError as e:
             self._error(e)
@@ -464,6 +468,10 @@ class _Handler(BaseHTTPRequestHandler):
         self._error(HttpError(405, f"{self.command} is not supported here", close=True))
 
     do_PUT = do_DELETE = do_PATCH = _method_not_allowed
+
+    def do_OPTIONS(self):
+        """A browser's preflight (CORS, local network access) from another origin: never granted."""
+        self._error(HttpError(403, "cross-origin requests are not allowed here (no CORS)", close=True))
 
     def _health(self):
         status, body, headers = health(self.service)
@@ -575,10 +583,12 @@ class _Handler(BaseHTTPRequestHandler):
             mode = (q.get("heatmap") or "").lower()
             held, ticket = ticket, None  # run() returns it, whatever happens
             done = svc.run(held, data, name or "<request>", deadline, heatmap=_truthy(mode))
-            del data
             pred, png = done.prediction, done.heatmap_png
             rid = uuid.uuid4().hex
             out = self._result(done, rid, t0, t_recv)
+            if self.server.station is not None:  # kept for the operator's page, image and all
+                self.server.station.record(done, rid, data, out)
+            del data
             if png is not None:
                 if mode == "inline":
                     out["heatmap"] = "data:image/png;base64," + base64.b64encode(png).decode()
@@ -657,6 +667,7 @@ class InspectionServer(CappedConnections, ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 128
+    station = None  # the operator's page (station.Station), with serve --ui
 
     def __init__(self, addr, handler, service: InspectionService):
         self.service = service
@@ -708,12 +719,17 @@ class InspectionServer(CappedConnections, ThreadingHTTPServer):
         return self.server_address[1]
 
 
-def make_server(service: InspectionService, host: str = "127.0.0.1", port: int = 8080) -> InspectionServer:
-    """An HTTP server for ``service`` (not yet serving: call ``serve_forever``)."""
+def make_server(
+    service: InspectionService, host: str = "127.0.0.1", port: int = 8080, station=None
+) -> InspectionServer:
+    """An HTTP server for ``service`` (not yet serving: call ``serve_forever``); ``station``: the
+    operator's page under /ui/ (station.Station), or None."""
     handler = type("Handler", (_Handler,), {"service": service})
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     cls = type("Server", (InspectionServer,), {"address_family": family})
-    return cls((host, port), handler, service)
+    httpd = cls((host, port), handler, service)
+    httpd.station = station
+    return httpd
 
 
 class RunningService:
