@@ -94,6 +94,7 @@ class Detector:
         self.device = f"{backend.name} on {backend.device}"  # Detector.load says more: what was chosen and why
         self.fallback: str | None = None
         self.scorer = scorer or cpu_scorer()
+        self.scorer.attach(gallery)  # a GPU scorer uploads the gallery once, here (and on every reload)
         stored = gallery.manifest.get("config")
         self.config = config or (SpadeConfig.from_dict(stored) if stored else SpadeConfig())
         self.config.level_names(backend.info)  # validates the level subset now, not per image

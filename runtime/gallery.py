@@ -162,6 +162,7 @@ class Gallery:
         view = GalleryRows(
             lambda i: store.rows(images[i]), sizes, norms, lambda i, rows: store.cells(images[i], rows), store.grid
         )
+        view.source = (self, name, images)  # a scorer holding this gallery on its device reads it there
         return view
 
     def pyramid_view(self, names, images, grid: tuple[int, int]) -> GalleryPyramids:
@@ -176,6 +177,7 @@ class Gallery:
             return self.memo(key, lambda: view.make_sqnorms(view[i] if block is None else block))
 
         view = GalleryPyramids(lambda i: [self.levels[n].dense(images[i]) for n in names], len(images), grid, norms)
+        view.source = (self, names, images)
         return view
 
     def memo(self, key, make):

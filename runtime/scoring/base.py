@@ -71,6 +71,9 @@ class GalleryView(Sequence):
     ):
         self._read, self._norms, self._cells = read, norms, cells
         self.sizes = np.asarray(sizes, np.int64)
+        # (gallery, level name(s), image indices) where a loaded gallery made this view: a scorer that
+        # holds that gallery on its device (PixelScorer.attach) reads the images there
+        self.source: tuple | None = None
         self.grid = None if grid is None else (int(grid[0]), int(grid[1]))
 
     def __len__(self) -> int:
@@ -298,6 +301,11 @@ class PixelScorer(ABC):
         count ``grid`` cells image after image. This default upsamples and concatenates."""
         view = GalleryPyramids.of(gallery, grid)
         return self.topk(concat_upsampled(query, grid), view.upsampled(), kappa)
+
+    def attach(self, gallery) -> None:
+        """Hold ``gallery`` (a loaded Gallery) where this scorer computes, once, before searches
+        through its views; called at load and on every reload. CPU scorers read it in place: nothing
+        to do (the CUDA scorer uploads it to the device)."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

@@ -1,15 +1,15 @@
-"""The CUDA top-kappa kernel (runtime/scoring/kernels/topk.cu) without a GPU (DESIGN.md section 4):
+"""The CUDA kernels (runtime/scoring/kernels/topk.cu) and the CPU shim that runs them without a GPU
+(DESIGN.md section 4):
 
-- its logic: the same source compiled as C++ with cuda_shim.h, run for every thread of the grid,
-  driven tile by tile as the GPU scorer drives it, and compared with the CPU scorer;
-- the CuPy glue (CudaScorer): run against the CuPy stand-in (tests/standins) whose RawModule compiles
-  the source it is given with the shim, so tiling, offsets, widening, scalar types and the exact
-  re-computation are exercised; CuPy's own behaviour is left to tests/gpu;
-- the source compiles with nvcc for the real targets.
+- the shim itself (tests/runtime/cuda_shim.h): a block's threads are fibers that meet at
+  __syncthreads, __shared__ memory is per block; kernels whose answer needs the barrier are checked
+  against numpy, and a barrier that not every thread reaches is reported, not run wrongly;
+- the kernels' fp16 conversions, written out so that the shim runs them, bit for bit numpy's;
+- CudaScorer's contract on the CuPy stand-in; its imports and the extra it names without CuPy;
+- the source compiles with nvcc for the real targets, every kernel under its plain name.
 
-Features are small integers so that every float32 product and sum is exact: the kernel (which
-expands |q|^2 + |g|^2 - 2 q.g) and the references (which subtract) agree bit for bit, and ties are
-real ties.
+The scorer's exactness (per level, the pyramid, both loaders, the screen's rescoring, launches and
+uploads) is in test_cuda_screen.py.
 """
 
 from __future__ import annotations
@@ -17,19 +17,17 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import textwrap
 
 import numpy as np
 import pytest
 
-from spade_edge.runtime.scoring import NumpyScorer, TopK
-from spade_edge.runtime.scoring.cuda import KERNEL_NAME, KERNEL_SOURCE, CudaScorer
+from spade_edge.runtime.scoring import TopK
+from spade_edge.runtime.scoring.cuda import KERNEL_NAMES, KERNEL_SOURCE, CudaScorer
 
 from ..scorer_contract import check_close_neighbours_keep_their_digits, check_rejects_bad_arguments
-from ..standins import use_standins
+from ..standins import STANDINS, use_standins
 from ..standins._standin_kernels import CompileError, Library, compile_source
-
-THREADS = 128  # as the GPU scorer launches
-TILE = 100  # gallery columns per tile
 
 
 def build(code: str) -> Library:
@@ -38,209 +36,166 @@ def build(code: str) -> Library:
         return compile_source(code)
     except CompileError:
         if shutil.which("g++") is None:
-            pytest.skip("g++ is not on PATH: the CUDA kernel's logic cannot be run on the CPU")
+            pytest.skip("g++ is not on PATH: the CUDA kernels' logic cannot be run on the CPU")
         raise
 
 
-@pytest.fixture(scope="module")
-def shim_lib() -> Library:
-    return build(KERNEL_SOURCE.read_text())
-
-
-def launch(lib: Library, grid: int, block: int, args: tuple) -> None:
-    """Call the kernel for every thread of a (grid, block) launch; ``args`` as a GPU launch takes
-    them: arrays for pointers, numpy scalars of the exact C types."""
-    params = lib.kernels[KERNEL_NAME]
-    assert len(args) == len(params), f"the kernel takes {len(params)} arguments, got {len(args)}"
-    c_args = []
-    for a, p in zip(args, params):
-        if p.pointer:
-            assert isinstance(a, np.ndarray) and a.dtype == p.dtype, (
-                f"{p.text} parameter given {type(a)} {getattr(a, 'dtype', '')}"
-            )
-            c_args.append(a.ctypes.data)
-        else:  # a CUDA launch copies sizeof(param) bytes: a scalar of another width would be garbage
-            assert type(a) is p.dtype.type, f"{p.text} parameter given {type(a).__name__}, needs {p.dtype}"
-            c_args.append(int(a))
-    lib.launch(KERNEL_NAME, (grid, 1, 1), (block, 1, 1), 0, c_args)
-
-
-def kernel_topk(lib, query, blocks, kappa, layout="columns") -> TopK:
-    """Drive the kernel as a GPU scorer does: tile after tile of each block, dots from a GEMM."""
-    q = query.astype(np.float32)
-    p = q.shape[0]
-    qn = (q * q).sum(1)
-    best_d = np.full((p, kappa), np.inf, np.float32)
-    best_i = np.full((p, kappa), -1, np.int64)
-    offset = 0
-    for block in blocks:
-        for s in range(0, block.shape[0], TILE):
-            g = block[s : s + TILE].astype(np.float32)
-            w = g.shape[0]
-            if layout == "rows":  # (P, w) row-major inside a wider buffer: leading dimension > w
-                buf = np.full((p, w + 7), np.nan, np.float32)
-                buf[:, :w] = q @ g.T
-                dots, stride_p, stride_m = buf, buf.shape[1], 1
-            else:  # the (w, P) product, as CudaScorer hands it over
-                dots = np.ascontiguousarray(g @ q.T)
-                stride_p, stride_m = 1, p
-            launch(
-                lib,
-                (p + THREADS - 1) // THREADS,
-                THREADS,
-                (
-                    dots,
-                    np.int64(stride_p),
-                    np.int64(stride_m),
-                    qn,
-                    (g * g).sum(1),
-                    np.int32(p),
-                    np.int32(w),
-                    np.int64(offset + s),
-                    best_d,
-                    best_i,
-                    np.int32(kappa),
-                ),
-            )
-        offset += block.shape[0]
-    return TopK(best_d, best_i)
-
-
-# ---------------------------------------------------------------------------------------------
-# data and references
-
-
 def tie_data(seed: int, p: int = 300, m: int = 457, dim: int = 12):
-    """Small-integer features; the gallery repeats rows (and integer distances tie anyway)."""
+    """Small-integer features (every fp32 sum exact); the gallery repeats rows: distance ties."""
     rng = np.random.default_rng(seed)
     q = rng.integers(-4, 5, (p, dim)).astype(np.float32)
     distinct = rng.integers(-4, 5, (m // 3, dim)).astype(np.float32)
-    g = distinct[rng.integers(0, len(distinct), m)]
-    return q, g
-
-
-def all_distances(q, g) -> np.ndarray:
-    return ((q[:, None, :].astype(np.float64) - g[None].astype(np.float64)) ** 2).sum(-1)
+    return q, distinct[rng.integers(0, len(distinct), m)]
 
 
 def reference(q, g, kappa) -> TopK:
-    """Brute force, ordered by distance and then by gallery index."""
-    d = all_distances(q, g)
+    """Brute force in float64, ordered by distance and then by gallery index."""
+    d = ((q[:, None, :].astype(np.float64) - g[None].astype(np.float64)) ** 2).sum(-1)
     idx = np.argsort(d, axis=1, kind="stable")[:, :kappa]
     return TopK(np.take_along_axis(d, idx, 1).astype(np.float32), idx)
 
 
-def assert_same_neighbours(ours: TopK, cpu: TopK, d_all: np.ndarray) -> None:
-    """Same distances; same gallery rows wherever the answer is unique.
+# ---------------------------------------------------------------------------------------------
+# the shim: fibers and barriers
 
-    Among rows tied at the kappa-th distance any may be kept, and NumpyScorer (argpartition for
-    kappa > 8) does not always keep the lowest indices nor order equal distances by index; the
-    exact order is checked against ``reference``.
-    """
-    np.testing.assert_allclose(ours.distances, cpu.distances, rtol=1e-5)
-    rows = np.arange(len(d_all))[:, None]
-    np.testing.assert_allclose(d_all[rows, cpu.indices], cpu.distances, rtol=1e-5)  # what it names is that far
-    canon = np.lexsort((cpu.indices, cpu.distances), axis=-1)
-    cpu_i = np.take_along_axis(cpu.indices, canon, 1)
-    inside = ours.distances < ours.distances[:, -1:]  # strictly closer than the kappa-th: no choice
-    np.testing.assert_array_equal(ours.indices[inside], cpu_i[inside])
+BARRIER_KERNELS = r"""
+// a block-wide sum in shared memory: a tree of halvings, a barrier between steps
+extern "C" __global__ void block_sum(const float* x, float* out, int n)
+{
+    __shared__ float buf[256];
+    float v = 0.0f;
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += blockDim.x * gridDim.x) v += x[i];
+    buf[threadIdx.x] = v;
+    __syncthreads();
+    for (unsigned h = blockDim.x / 2; h > 0; h >>= 1) {
+        if (threadIdx.x < h) buf[threadIdx.x] += buf[threadIdx.x + h];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) out[blockIdx.x] = buf[0];
+}
+
+// each block reverses its slice through shared memory: thread t reads what thread n-1-t wrote, which
+// a thread-after-thread run without the barrier would read before it was written
+extern "C" __global__ void block_reverse(const int* x, int* out)
+{
+    __shared__ int buf[64];
+    const int base = blockIdx.x * blockDim.x;
+    buf[threadIdx.x] = x[base + threadIdx.x];
+    __syncthreads();
+    out[base + threadIdx.x] = buf[blockDim.x - 1 - threadIdx.x];
+}
+
+// a barrier inside a branch that only some threads take: undefined behaviour on a GPU
+extern "C" __global__ void divergent_barrier(int* out)
+{
+    if (threadIdx.x < 3) return;
+    __syncthreads();
+    out[threadIdx.x] = 1;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def barrier_lib() -> Library:
+    return build(BARRIER_KERNELS)
+
+
+@pytest.mark.parametrize("threads", [32, 256])
+def test_shim_runs_a_block_reduction_between_barriers(barrier_lib, threads):
+    x = np.random.default_rng(0).integers(-50, 50, 5000).astype(np.float32)
+    out = np.full(7, np.nan, np.float32)
+    barrier_lib.launch("block_sum", (7, 1, 1), (threads, 1, 1), 0, [x.ctypes.data, out.ctypes.data, len(x)])
+    want = [x[np.arange(len(x)) % (7 * threads) // threads == b].sum() for b in range(7)]
+    np.testing.assert_array_equal(out, want)
+
+
+def test_shim_barrier_orders_writes_before_reads(barrier_lib):
+    x = np.arange(5 * 64, dtype=np.int32)
+    out = np.full_like(x, -1)
+    barrier_lib.launch("block_reverse", (5, 1, 1), (64, 1, 1), 0, [x.ctypes.data, out.ctypes.data])
+    np.testing.assert_array_equal(out, x.reshape(5, 64)[:, ::-1].reshape(-1))
+
+
+def test_shim_reports_a_barrier_that_some_threads_skip(barrier_lib, tmp_path):
+    # the shim aborts the process: run the launch in a child
+    code = textwrap.dedent(
+        f"""
+        import sys, numpy as np
+        sys.path.insert(0, {str(STANDINS)!r})
+        import _standin_kernels as k
+        lib = k.compile_source({BARRIER_KERNELS!r})
+        out = np.zeros(32, np.int32)
+        lib.launch("divergent_barrier", (1, 1, 1), (32, 1, 1), 0, [out.ctypes.data])
+        print("ran")
+        """
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0 and "ran" not in run.stdout
+    assert "wait at __syncthreads while 3 have exited" in run.stderr, run.stderr
 
 
 # ---------------------------------------------------------------------------------------------
-# the kernel's logic on the CPU
+# fp16 conversions inside the kernels
+
+CONVERT = r"""
+extern "C" __global__ void to_half(const float* x, unsigned short* out, long long n)
+{
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = float_to_half(x[i]);
+}
+extern "C" __global__ void from_half(const unsigned short* x, float* out, long long n)
+{
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = half_to_float(x[i]);
+}
+"""
 
 
-@pytest.mark.parametrize("layout", ["columns", "rows"])
-@pytest.mark.parametrize("kappa", [1, 3, 10])
-def test_kernel_matches_cpu_scorer(shim_lib, kappa, layout):
-    q, g = tie_data(kappa)
-    blocks = [g[:230], g[230:]]  # tiles of 100, 100, 30 | 100, 100, 27; P = 300 is not a multiple of 128
-    ours = kernel_topk(shim_lib, q, blocks, kappa, layout)
-    ref = reference(q, g, kappa)
-    assert len(np.unique(g, axis=0)) < len(g)  # the gallery does repeat rows
-    np.testing.assert_array_equal(ours.indices, ref.indices)  # lower gallery index first, across tiles
-    np.testing.assert_allclose(ours.distances, ref.distances, rtol=1e-5)
-    assert_same_neighbours(ours, NumpyScorer().topk(q, blocks, kappa), all_distances(q, g))
+@pytest.fixture(scope="module")
+def convert_lib() -> Library:
+    return build(KERNEL_SOURCE.read_text() + CONVERT)
 
 
-def test_kernel_keeps_lowest_index_among_duplicates(shim_lib):
-    # every gallery row identical: distance ties everywhere, the answer must be 0..kappa-1
-    q = np.ones((5, 4), np.float32)
-    g = np.full((350, 4), 2.0, np.float32)
-    top = kernel_topk(shim_lib, q, [g[:120], g[120:]], 7)
-    np.testing.assert_array_equal(top.indices, np.broadcast_to(np.arange(7), (5, 7)))
-    np.testing.assert_array_equal(top.distances, 4.0)
+def test_half_to_float_is_numpys_for_every_half(convert_lib):
+    bits = np.arange(1 << 16, dtype=np.uint16)
+    out = np.empty(len(bits), np.float32)
+    convert_lib.launch("from_half", (256, 1, 1), (256, 1, 1), 0, [bits.ctypes.data, out.ctypes.data, len(bits)])
+    want = bits.view(np.float16).astype(np.float32)
+    finite = np.isfinite(want)
+    np.testing.assert_array_equal(out.view(np.uint32)[finite], want.view(np.uint32)[finite])
+    np.testing.assert_array_equal(np.isnan(out), np.isnan(want))
+    np.testing.assert_array_equal(out[np.isinf(want)], want[np.isinf(want)])
 
 
-def test_kernel_clamps_rounding_below_zero(shim_lib):
-    # qn + gn - 2 dot < 0 can only come from rounding; the kernel must report 0, not a negative
-    dots = np.array([[1.0 + 2**-20, 0.0]], np.float32)  # slightly above |q||g| = 1
-    best_d = np.full((1, 2), np.inf, np.float32)
-    best_i = np.full((1, 2), -1, np.int64)
-    one = np.ones(1, np.float32)
-    launch(
-        shim_lib,
-        1,
-        THREADS,
-        (
-            dots,
-            np.int64(2),
-            np.int64(1),
-            one,
-            np.ones(2, np.float32),
-            np.int32(1),
-            np.int32(2),
-            np.int64(40),
-            best_d,
-            best_i,
-            np.int32(2),
-        ),
-    )
-    np.testing.assert_array_equal(best_d, [[0.0, 2.0]])
-    np.testing.assert_array_equal(best_i, [[40, 41]])
-
-
-def test_threads_past_the_last_query_row_do_nothing(shim_lib):
-    # a 128-thread block for 3 query rows: threads 3..127 must neither read nor write anything;
-    # the buffers continue with sentinel rows that would show a write (or a read of qn's NaN)
-    p, pad, kappa = 3, THREADS, 2
-    best_d = np.full((p + pad, kappa), np.inf, np.float32)
-    best_d[p:] = -7.0
-    best_i = np.full((p + pad, kappa), -1, np.int64)
-    best_i[p:] = -7
-    qn = np.zeros(p + pad, np.float32)
-    qn[p:] = np.nan
-    dots = np.zeros((p + pad, 4), np.float32)
-    launch(
-        shim_lib,
-        1,
-        THREADS,
-        (
-            dots,
-            np.int64(4),
-            np.int64(1),
-            qn,
-            np.arange(4, dtype=np.float32),
-            np.int32(p),
-            np.int32(4),
-            np.int64(0),
-            best_d,
-            best_i,
-            np.int32(kappa),
-        ),
-    )
-    np.testing.assert_array_equal(best_d[:p], [[0.0, 1.0]] * p)
-    np.testing.assert_array_equal(best_d[p:], -7.0)
-    np.testing.assert_array_equal(best_i[p:], -7)
+def test_float_to_half_rounds_as_numpy(convert_lib):
+    rng = np.random.default_rng(1)
+    halves = np.arange(1 << 16, dtype=np.uint16).view(np.float16)
+    exact = halves[np.isfinite(halves)].astype(np.float32)
+    mids = ((exact[:-1].astype(np.float64) + exact[1:]) / 2).astype(np.float32)  # ties: to even
+    x = np.concatenate(
+        [
+            exact,
+            mids,
+            np.nextafter(mids, np.float32(np.inf)),
+            np.nextafter(mids, np.float32(-np.inf)),
+            rng.normal(size=20000).astype(np.float32) * np.float32(10.0) ** rng.integers(-9, 6, 20000),
+            np.array([65504, 65519.99, 65520, 1e6, -1e30, 2.0**-25, 2.0**-26, 3 * 2.0**-26, np.inf], np.float32),
+        ]
+    ).astype(np.float32)
+    out = np.empty(len(x), np.uint16)
+    convert_lib.launch("to_half", (-(-len(x) // 256), 1, 1), (256, 1, 1), 0, [x.ctypes.data, out.ctypes.data, len(x)])
+    with np.errstate(over="ignore"):  # the values beyond fp16's range are there on purpose
+        want = x.astype(np.float16).view(np.uint16)
+    bad = np.flatnonzero(out != want)
+    assert bad.size == 0, [(float(x[i]), hex(out[i]), hex(want[i])) for i in bad[:5]]
 
 
 # ---------------------------------------------------------------------------------------------
-# CudaScorer's glue, against a numpy stand-in for CuPy
+# CudaScorer on the CuPy stand-in: the contract, imports
 
 
 @pytest.fixture
 def cupy_stand_in(monkeypatch):
-    """CuPy as tests/standins has it: numpy memory, RawModule compiling the source with the shim."""
     use_standins(monkeypatch)
     import cupy
 
@@ -248,17 +203,13 @@ def cupy_stand_in(monkeypatch):
 
 
 @pytest.mark.parametrize("kappa", [1, 3, 10])
-def test_cuda_scorer_glue_with_cupy_stand_in(cupy_stand_in, kappa):
+def test_cuda_scorer_breaks_ties_by_lower_index(cupy_stand_in, kappa):
     q, g = tie_data(100 + kappa)
-    # blocks in each stored dtype (small integers are exact in all), one shorter than kappa
-    blocks = [g[:150], g[150:155].astype(np.float16), g[155:].astype(np.int8)]
-    scorer = CudaScorer(tile_bytes=4 * len(q) * TILE)  # tiles of 100 gallery rows
-    ours = scorer.topk(q, blocks, kappa)
-    ref = reference(q, g, kappa)
-    assert ours.distances.dtype == np.float32 and ours.indices.dtype == np.int64
-    np.testing.assert_array_equal(ours.indices, ref.indices)
-    np.testing.assert_allclose(ours.distances, ref.distances, rtol=1e-5)
-    assert_same_neighbours(ours, NumpyScorer().topk(q, blocks, kappa), all_distances(q, g))
+    blocks = [g[:150], g[150:155].astype(np.float16), g[155:].astype(np.int8)]  # one block shorter than kappa
+    top = CudaScorer(tile_bytes=4 * len(q) * 100).topk(q, blocks, kappa)
+    want = reference(q, g, kappa)
+    np.testing.assert_array_equal(top.indices, want.indices)
+    np.testing.assert_array_equal(top.distances, want.distances)
 
 
 def test_cuda_scorer_keeps_digits_of_close_neighbours(cupy_stand_in):
@@ -267,6 +218,12 @@ def test_cuda_scorer_keeps_digits_of_close_neighbours(cupy_stand_in):
 
 def test_cuda_scorer_checks_its_input(cupy_stand_in):
     check_rejects_bad_arguments(CudaScorer())
+
+
+def test_cuda_scorer_refuses_a_kappa_beyond_its_candidate_lists(cupy_stand_in):
+    q = np.zeros((2, 3), np.float32)
+    with pytest.raises(ValueError, match="kappa = 90"):
+        CudaScorer().topk(q, [np.zeros((200, 3), np.float32)], 90)
 
 
 def test_cuda_scorer_without_cupy_names_the_extra(monkeypatch):
@@ -279,7 +236,8 @@ def test_cuda_scorer_without_cupy_names_the_extra(monkeypatch):
 
 def test_importing_the_cuda_scorer_imports_no_gpu_package():
     code = (
-        "import sys, spade_edge.runtime.scoring.cuda; print(sorted(m for m in ('cupy', 'pycuda') if m in sys.modules))"
+        "import sys, spade_edge.runtime.scoring.cuda, spade_edge.runtime.scoring.cuda_gallery; "
+        "print(sorted(m for m in ('cupy', 'cupyx', 'pycuda') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     assert out.strip() == "[]"
@@ -290,10 +248,10 @@ def test_importing_the_cuda_scorer_imports_no_gpu_package():
 
 
 @pytest.mark.parametrize("arch", ["sm_87", "sm_90", "sm_110"])  # Jetson Orin, Hopper, Jetson Thor
-def test_kernel_compiles_with_nvcc(arch, tmp_path):
+def test_kernels_compile_with_nvcc(arch, tmp_path):
     nvcc = shutil.which("nvcc")
     if nvcc is None:
-        pytest.skip("nvcc is not on PATH: the CUDA kernel was not compiled for " + arch)
+        pytest.skip("nvcc is not on PATH: the CUDA kernels were not compiled for " + arch)
     cubin = tmp_path / f"topk_{arch}.cubin"
     run = subprocess.run(
         [nvcc, f"-arch={arch}", "-cubin", "--Werror", "all-warnings", "-o", str(cubin), str(KERNEL_SOURCE)],
@@ -301,6 +259,7 @@ def test_kernel_compiles_with_nvcc(arch, tmp_path):
         text=True,
     )
     assert run.returncode == 0, run.stderr
-    # extern "C": the name CuPy's get_function and pycuda's get_function look up, unmangled
-    assert KERNEL_NAME.encode() in cubin.read_bytes()
-    assert b"_Z" + str(len(KERNEL_NAME)).encode() + KERNEL_NAME.encode() not in cubin.read_bytes()
+    data = cubin.read_bytes()
+    for name in KERNEL_NAMES:  # extern "C": the names CuPy's and pycuda's get_function look up, unmangled
+        assert name.encode() in data, name
+        assert b"_Z" + str(len(name)).encode() + name.encode() not in data, name

@@ -412,5 +412,23 @@ def synchronize_context(context: Context) -> None:
         s.synchronize()
 
 
+# ---------------------------------------------------------------------------- what was done
+
+# counts of what the stand-ins did, for tests that check a caller's own accounting: "kernels" (RawKernel
+# and pycuda launches), "gemm" (cuBLAS calls), "ops" (CuPy array operations that launch a kernel on a
+# GPU), "h2d_copies" / "h2d_bytes" (host-to-device transfers of any kind)
+counters: dict[str, int] = {}
+
+
+def count(what: str, n: int = 1) -> None:
+    with _lock:
+        counters[what] = counters.get(what, 0) + int(n)
+
+
+def count_h2d(nbytes: int) -> None:
+    count("h2d_copies")
+    count("h2d_bytes", nbytes)
+
+
 # one machine per process, however this module was reached (top-level name or tests.standins.*)
 sys.modules.setdefault("_standin_cuda", sys.modules[__name__])

@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import cuda
+from ._machine import machine
 from ._ndarray import adopt, host_view, ndarray, on_current_device
 from ._ndarray import empty as _empty
 from ._rawmodule import RawKernel, RawModule
@@ -52,13 +53,19 @@ def asarray(a, dtype=None, order=None, *, blocking=False) -> ndarray:
             return a.astype(dtype)
         cuda.stream.after_current_stream(a._context)
         return adopt(np.asarray(host_view(a), dtype=dtype), ctx)
-    return adopt(np.asarray(a, dtype=dtype, order=order), ctx)
+    host = np.asarray(a, dtype=dtype, order=order)
+    machine.count_h2d(host.nbytes)
+    return adopt(host, ctx)
 
 
 def array(obj, dtype=None, copy=True, order="K", ndmin=0) -> ndarray:
     if isinstance(obj, ndarray) and not copy:
         return asarray(obj, dtype)
     host = np.array(host_view(obj), dtype=dtype, order=order, ndmin=ndmin)
+    if isinstance(obj, ndarray):
+        machine.count("ops")
+    else:
+        machine.count_h2d(host.nbytes)
     return adopt(host, current_context())
 
 
@@ -67,6 +74,7 @@ def ascontiguousarray(a, dtype=None) -> ndarray:
         if a.flags.c_contiguous and (dtype is None or np.dtype(dtype) == a.dtype):
             return a
         ctx = on_current_device([a], "ascontiguousarray")
+        machine.count("ops")
         return adopt(np.ascontiguousarray(host_view(a), dtype=dtype), ctx)
     return asarray(np.ascontiguousarray(a, dtype=dtype))
 
@@ -78,18 +86,21 @@ def empty(shape, dtype=float, order="C") -> ndarray:
 def zeros(shape, dtype=float, order="C") -> ndarray:
     out = empty(shape, dtype, order)
     host_view(out)[...] = 0
+    machine.count("ops")
     return out
 
 
 def ones(shape, dtype=float, order="C") -> ndarray:
     out = empty(shape, dtype, order)
     host_view(out)[...] = 1
+    machine.count("ops")
     return out
 
 
 def full(shape, fill_value, dtype=None, order="C") -> ndarray:
     out = empty(shape, np.array(fill_value).dtype if dtype is None else dtype, order)
     host_view(out)[...] = fill_value
+    machine.count("ops")
     return out
 
 
@@ -98,11 +109,13 @@ def full(shape, fill_value, dtype=None, order="C") -> ndarray:
 
 def matmul(a, b, out=None) -> ndarray:
     _device_arrays([a, b], "matmul")
+    machine.count("gemm")
     return np.matmul(a, b) if out is None else np.matmul(a, b, out=out)
 
 
 def concatenate(tup, axis=0, out=None, dtype=None) -> ndarray:
     ctx = _device_arrays(list(tup), "concatenate")
+    machine.count("ops")
     result = np.concatenate([host_view(a) for a in tup], axis=axis, dtype=dtype)
     if out is not None:
         out[...] = adopt(result, ctx)
@@ -112,12 +125,14 @@ def concatenate(tup, axis=0, out=None, dtype=None) -> ndarray:
 
 def take_along_axis(a, indices, axis) -> ndarray:
     ctx = _device_arrays([a, indices], "take_along_axis")
+    machine.count("ops")
     return adopt(np.take_along_axis(host_view(a), host_view(indices), axis), ctx)
 
 
 def argsort(a, axis=-1, kind=None) -> ndarray:
     """Stable, whatever ``kind`` says (CuPy's argsort always is)."""
     ctx = _device_arrays([a], "argsort")
+    machine.count("ops")
     return adopt(np.argsort(host_view(a), axis=axis, kind="stable"), ctx)
 
 

@@ -94,6 +94,7 @@ class ndarray(np.ndarray):
 
     def __array_ufunc__(self, ufunc, method, *inputs, out=None, **kwargs):
         ctx = on_current_device([*inputs, *(out or ())], f"{ufunc.__name__}.{method}")
+        machine.count("ops")
         args = [host_view(x) for x in inputs]
         kwargs = {k: host_view(v) for k, v in kwargs.items()}
         if out is not None:
@@ -113,6 +114,7 @@ class ndarray(np.ndarray):
         base = self.view(np.ndarray)
         if _advanced(key):  # a gather kernel on the device: a new array
             ctx = on_current_device([self, *_arrays_in(key)], "indexing")
+            machine.count("ops")
             return wrap(base[_host_key(key)], ctx)
         res = base[key]
         if not isinstance(res, np.ndarray):  # one element: CuPy gives a 0-d device array
@@ -124,16 +126,24 @@ class ndarray(np.ndarray):
     def __setitem__(self, key, value):
         # numpy values are uploaded (CuPy allows them here); device arrays must be on this device
         on_current_device([self, *_arrays_in(key), *([value] if isinstance(value, ndarray) else [])], "setitem")
+        if isinstance(value, ndarray):
+            machine.count("ops")
+        elif isinstance(value, np.ndarray):
+            machine.count_h2d(value.nbytes)  # CuPy uploads the numpy value first
+        else:
+            machine.count("ops")  # a fill
         self.view(np.ndarray)[_host_key(key)] = host_view(value)
 
     def astype(self, dtype, order="K", casting=None, subok=None, copy=True):
         if not copy and np.dtype(dtype) == self.dtype:
             return self
         ctx = on_current_device([self], "astype")
+        machine.count("ops")
         return adopt(self.view(np.ndarray).astype(dtype, order=order, casting=casting or "unsafe"), ctx)
 
     def copy(self, order="C"):
         ctx = on_current_device([self], "copy")
+        machine.count("ops")
         return adopt(self.view(np.ndarray).copy(order=order), ctx)
 
 

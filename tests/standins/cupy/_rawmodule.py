@@ -131,6 +131,7 @@ class Function:
         def work(keep_alive=tuple(args)):  # the arrays live until the queued launch has run
             self._lib.launch(self.name, grid3, block3, shared_mem, c_args)
 
+        machine.count("kernels")
         with driver_errors():
             machine.submit(s, ctx, work, f"kernel {self.name}")
 

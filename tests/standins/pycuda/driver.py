@@ -17,7 +17,7 @@ Faithful, because it is where driver-API code goes wrong:
 
 Stricter than CUDA: memory of another context is refused even where unified addressing would let
 the copy through. Not provided: ``pycuda.autoinit`` (spade-edge must not depend on it),
-``pycuda.compiler``, events, textures, ``gpuarray``.
+events, textures, ``gpuarray``; ``pycuda.compiler.SourceModule`` is in compiler.py.
 """
 
 from __future__ import annotations
@@ -278,6 +278,8 @@ def _copy(function: str, dst: int, src: int, nbytes: int, device_side: str, host
         dev_ptr = dst if device_side == "dst" else src
         dev_alloc = machine.check_device_memory(dev_ptr, nbytes, ctx, f"{function} {device_side}")
         pinned = machine.check_host_memory(host.ctypes.data, nbytes, f"{function} host buffer")
+        if device_side == "dst":
+            machine.count_h2d(nbytes)
 
         def work(keep_alive=host):  # the host array lives until the queued copy has run
             machine.still_live(dev_alloc, function)

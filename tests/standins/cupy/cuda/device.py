@@ -14,6 +14,26 @@ import threading
 from .._machine import machine
 from .runtime import errors
 
+_cublas_handles: dict[int, int] = {}
+CUBLAS_HANDLE_BASE = 0x7B000000
+
+
+def get_cublas_handle() -> int:
+    """``cupy.cuda.device.get_cublas_handle()``: the cuBLAS handle of the current device (made on
+    first use, one per device; cuBLAS refuses a handle used on another device's context)."""
+    with errors():
+        device = machine.get_device()
+        machine.runtime_context()
+    return _cublas_handles.setdefault(device, CUBLAS_HANDLE_BASE + 0x100 * device)
+
+
+def cublas_handle_device(handle: int) -> int | None:
+    """The device a stand-in cuBLAS handle belongs to (None: not a handle)."""
+    for device, h in _cublas_handles.items():
+        if h == handle:
+            return device
+    return None
+
 
 class Device:
     _previous = threading.local()  # per thread: the devices to restore, one per open `with`

@@ -28,6 +28,8 @@ memcpyHostToDevice = 1
 memcpyDeviceToHost = 2
 memcpyDeviceToDevice = 3
 memcpyDefault = 4
+# cudaDataType_t, as CuPy's runtime module has them (cuBLAS GemmEx takes them)
+CUDA_R_32F, CUDA_R_64F, CUDA_R_16F, CUDA_R_8I = 0, 1, 2, 3
 _KINDS = {0: "HostToHost", 1: "HostToDevice", 2: "DeviceToHost", 3: "DeviceToDevice", 4: "Default"}
 
 
@@ -120,6 +122,8 @@ def _plan(dst: int, src: int, size: int, kind: int, ctx):
         else machine.check_host_memory(src, size, f"{what} source")
     )
     pageable = (not dst_dev and dst_alloc is None) or (not src_dev and src_alloc is None)
+    if dst_dev and not src_dev:
+        machine.count_h2d(size)
     return dst_alloc, src_alloc, pageable, what
 
 
