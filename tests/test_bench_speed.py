@@ -22,11 +22,10 @@ def test_scoring_peers_agree_and_the_table_reports_them(monkeypatch):
     monkeypatch.setitem(speed.SHAPES, "tiny", [(12, 12, 40), (6, 6, 80), (3, 3, 160)])
     r = speed.scoring("tiny", 3, repeats=1)
     # the scorer named is the one whose own stats (made by its search, in the measuring process) show
-    # that its path ran: the screen for 'amx', the per-level-cost products for 'numpy'
-    assert (
-        r["scorer"] in ("amx", "numpy")
-        and r["ours_stats"]["path"] == {"amx": "amx", "numpy": "fp32 levels"}[r["scorer"]]
-    )
+    # that its path ran: the screen for 'amx', the per-level-cost products for 'numpy' and the fused
+    # scorers (these shapes are wide enough for them)
+    assert r["scorer"] in ("amx", "numpy") or r["scorer"].startswith("fused ")
+    assert r["ours_stats"]["path"] == ("amx" if r["scorer"] == "amx" else "fp32 levels")
     assert r["scorer"] == cpu_scorer().name
     assert r["same_neighbours_as_faiss"] == 1.0 and r["same_neighbours_as_fp32"] == 1.0
     assert r["gflop"] == pytest.approx(2 * 144 * 144 * 3 * 280 / 1e9)
@@ -149,27 +148,66 @@ def test_concat_profile_accounts_for_the_whole_run(amx, monkeypatch):
     in the run's wall clock and leave little of it to 'other'; the scorer named is the one whose
     stats show its path ran."""
     from spade_edge.bench import speed
+    from spade_edge.runtime.scoring import cpu_scorer
 
     monkeypatch.setenv("SPADE_EDGE_AMX", amx)
     r = speed.profile_concat(k=3)
-    assert r["path"] == {"amx": "amx", "numpy": "fp32 levels"}[r["scorer"]]  # WRN50x2's shapes: the per-level path
+    assert r["path"] == ("amx" if r["scorer"] == "amx" else "fp32 levels")  # WRN50x2's shapes: the per-level path
+    assert r["scorer"] == cpu_scorer().name
     if amx == "0":
-        assert r["scorer"] == "numpy"
+        assert r["scorer"] != "amx"
     parts = dict(r["parts_s"])
     other = parts.pop(speed.OTHER)
     assert parts and all(v > 0 for v in parts.values()), parts
     measured = sum(parts.values())
     assert measured <= r["total_s"] * 1.02  # measured inside the run, not beside it
     assert other == pytest.approx(r["total_s"] - measured) and other < 0.25 * r["total_s"], r
+    cprofiled = r["path"] == "fp32 levels"
     work = parts[
         "BLAS products, fine and coarse (8.1 GFLOP per gallery image)"
-        if r["scorer"] == "numpy"
+        if cprofiled
         else "AMX screen: bf16 tiles, products, selection (threads)"
     ]
-    if r["scorer"] == "numpy":
+    if cprofiled:
         assert work == max(parts.values())  # the products are the work; everything else is overhead
     else:
         assert work > 0
     parts[speed.OTHER] = other
     table = speed.markdown({"machine": speed.machine(), "gemm_gflops": 100.0, "scoring": {}, "profile": r})
     assert sum(line.startswith(tuple(f"| {k}" for k in parts)) for line in table.splitlines()) == len(parts)
+
+
+def test_fused_profile_accounts_for_the_whole_run():
+    """The fused scorer's own clock on a narrow pyramid (Lite0's proportions, small): the kernel and
+    the exact re-computation took time, and the parts leave little of the run to 'other'."""
+    from spade_edge.bench import speed
+    from spade_edge.runtime.scoring import cpu_scorer
+    from spade_edge.runtime.scoring.fused import EXACT, KERNEL
+
+    if not cpu_scorer().name.startswith("fused "):
+        pytest.skip(f"the CPU scorer here is {cpu_scorer().name}, not a fused kernel")
+    r = speed.profile_concat(k=4, backbone="narrow", shapes=[(24, 24, 24), (12, 12, 40), (6, 6, 112)])
+    assert r["path"].startswith(r["scorer"])  # the plain path of the narrow pyramid, screened or not
+    parts = dict(r["parts_s"])
+    other = parts.pop(speed.OTHER)
+    assert parts[KERNEL] > 0 and parts[EXACT] > 0
+    assert sum(parts.values()) <= r["total_s"] * 1.02 and other < 0.25 * r["total_s"], r
+
+
+def test_per_level_rows_agree_with_faiss_and_name_the_paths(monkeypatch):
+    """A per-level row: ours, NumpyScorer and faiss in fresh processes on the same gallery (as stored
+    by `gallery build`'s defaults: int8, a coreset), the same neighbours, every level's path named."""
+    from spade_edge.bench import speed
+    from spade_edge.runtime.scoring import cpu_scorer
+
+    monkeypatch.setitem(speed.SHAPES, "tiny", [(12, 12, 24), (6, 6, 40), (3, 3, 112)])
+    r = speed.per_level("tiny", 4, "default", repeats=1)
+    assert r["scorer"] == cpu_scorer().name and len(r["paths"]) == 3 and all(r["paths"])
+    assert r["rows"] == 4 * sum(-(-h * w // 5) for h, w, _ in speed.SHAPES["tiny"])  # a fifth of each image's cells
+    assert r["same_neighbours_as_faiss"] == 1.0
+    assert len({p["pid"] for p in r["processes"].values()} | {os.getpid()}) == 4
+    table = speed.markdown(
+        {"machine": speed.machine(), "gemm_gflops": 100.0, "scoring": {}, "per_level": {"tiny per-level": r}}
+    )
+    row = next(line for line in table.splitlines() if line.startswith("| tiny per-level"))
+    assert r["scorer"] in row and f"{r['faiss_s'] / r['ours_s']:.2f}x" in row

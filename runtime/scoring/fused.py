@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
+import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from typing import Any
@@ -129,11 +130,34 @@ def _agrees(lib) -> bool:
     return bool(np.allclose(vals, want, rtol=1e-4, atol=1e-4) and np.all(np.take_along_axis(d, idx, 1) == want))
 
 
+class Clock:
+    """Where a search's time goes, by part (``stats["seconds"]``; bench speed's profile): each
+    :meth:`lap` charges the time since the last one to ``part``."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, part: str) -> None:
+        now = time.perf_counter()
+        self.seconds[part] = self.seconds.get(part, 0.0) + now - self._last
+        self._last = now
+
+
+KERNEL, EXACT, PACK, READ = (
+    "kernel: distances and selection (threads)",
+    "exact re-computation of the kept candidates (threads)",
+    "operands packed (centred, rounded for a screen)",
+    "gallery blocks read (decoded; upsampled in concat mode)",
+)
+
+
 class Fused:
     """One level's kernel driven over blocks of gallery rows, the query rows split among threads."""
 
-    def __init__(self, lib: ctypes.CDLL):
+    def __init__(self, lib: ctypes.CDLL, clock: Clock | None = None):
         self.lib, self.width, self.rows = lib, int(lib.sf_width()), int(lib.sf_rows())
+        self.clock = clock or Clock()
 
     def start(self, q: np.ndarray, m: int) -> None:
         """New lists of m slots for query rows ``q`` (P, D) float32, C order."""
@@ -159,6 +183,7 @@ class Fused:
         pnorms = np.empty(npan * w, np.float32)
         lib = self.lib
         lib.sf_pack(g.ctypes.data, n, d, d, norms.ctypes.data, npan, panels.ctypes.data, pnorms.ctypes.data)
+        self.clock.lap(PACK)
         q = self.q
 
         def part(r0: int, r1: int) -> None:
@@ -168,6 +193,7 @@ class Fused:
             )  # fmt: skip
 
         self.parallel(part)
+        self.clock.lap(KERNEL)
         self.recompute(g, base)
 
     def parallel(self, part) -> None:
@@ -191,6 +217,7 @@ class Fused:
             )  # fmt: skip
 
         self.parallel(part)
+        self.clock.lap(EXACT)
 
     def close(self) -> None:
         if self.pool is not None:
@@ -234,7 +261,7 @@ class FusedScorer(NumpyScorer):
             top = self._screened(q, view, kappa, screen)
             if top is not None:
                 return top
-        return self._fp32(q, view, kappa, self.stats if screen is not None else {})
+        return self._fp32(q, view, kappa, self.stats if screen is not None else {})  # the probe's stats say why
 
     def screen_for(self, q: np.ndarray, view: GalleryRows) -> str | None:
         """The screen that pays for this search (docs/speed.md, "The fused kernels and the screens"):
@@ -244,24 +271,27 @@ class FusedScorer(NumpyScorer):
         work = float(len(q)) * float(view.sizes.sum()) * q.shape[1]
         return "bf16" if work >= SCREEN_WORK and q.shape[1] >= 8 else None
 
-    def _blocks(self, view: GalleryRows, dim: int):
+    def _blocks(self, view: GalleryRows, dim: int, clock: Clock):
         """(index of the first row, block as float32) for every non-empty block, shapes checked."""
         base = 0
         for j in range(len(view)):
+            clock.lap("set-up and merge")  # what the parts below leave between two blocks
             block = view[j]
             if block.ndim != 2 or block.shape[1] != dim:
                 raise ValueError(f"gallery block has shape {block.shape}, expected (M, {dim})")
             g = np.asarray(block, np.float32)
+            clock.lap(READ)
             if len(g):
                 yield j, base, block, g
             base += len(g)
 
-    def _fp32(self, q: np.ndarray, view: GalleryRows, kappa: int, why: dict) -> TopK:
-        run = Fused(self.lib)
+    def _fp32(self, q: np.ndarray, view: GalleryRows, kappa: int, why: dict, clock: Clock | None = None) -> TopK:
+        clock = clock or Clock()
+        run = Fused(self.lib, clock)
         run.start(q, keep(kappa))
         total = 0
         try:
-            for j, base, block, g in self._blocks(view, q.shape[1]):
+            for j, base, block, g in self._blocks(view, q.shape[1], clock):
                 norms = view.sqnorms(j, block) if view.keeps_norms else np.einsum("ij,ij->i", g, g)
                 if len(norms) != len(g):
                     raise ValueError(f"gallery block {j} has {len(g)} rows but {len(norms)} kept norms")
@@ -271,18 +301,21 @@ class FusedScorer(NumpyScorer):
             run.close()
         if total < kappa:
             raise ValueError(f"gallery has {total} features, fewer than kappa = {kappa}")
-        self.stats = {**why, "path": f"fused {self.level}"}
-        return TopK(*merge(run.exact, run.idx, kappa))
+        top = TopK(*merge(run.exact, run.idx, kappa))
+        clock.lap("set-up and merge")
+        self.stats = {**why, "path": f"fused {self.level}", "seconds": clock.seconds}
+        return top
 
     def _screened(self, q: np.ndarray, view: GalleryRows, kappa: int, screen: str) -> TopK | None:
         """The screened search; rows it cannot settle are searched again on the fp32 kernel. None
         (and ``stats`` saying why) where a probe of the first blocks leaves too many unsettled."""
         from .screens import GIVE_UP, PROBE, ScreenedSearch
 
-        run = ScreenedSearch(self.lib, q, kappa, screen)
+        clock = Clock()
+        run = ScreenedSearch(self.lib, q, kappa, screen, clock)
         total, done = 0, 0
         try:
-            for _, base, _, g in self._blocks(view, q.shape[1]):
+            for _, base, _, g in self._blocks(view, q.shape[1], clock):
                 run.add(g, base)
                 total, done = base + len(g), done + 1
                 if done == PROBE and len(view) > 2 * PROBE:
@@ -296,10 +329,16 @@ class FusedScorer(NumpyScorer):
             raise ValueError(f"gallery has {total} features, fewer than kappa = {kappa}")
         rows = np.flatnonzero(run.unsettled())
         d, i = run.result()
+        clock.lap("set-up and merge")
         if len(rows):
             again = self._fp32(q[rows], view, kappa, {})
             d[rows], i[rows] = again.distances, again.indices
-        self.stats = {"path": f"fused {self.level}, {screen} screen", "rows_unsettled": int(len(rows))}
+            clock.lap("unsettled rows searched again (fp32 kernel)")
+        self.stats = {
+            "path": f"fused {self.level}, {screen} screen",
+            "rows_unsettled": int(len(rows)),
+            "seconds": clock.seconds,
+        }
         return TopK(d, i)
 
     def __repr__(self) -> str:

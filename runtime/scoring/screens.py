@@ -26,7 +26,7 @@ import numpy as np
 
 from .amx_screen import bf16
 from .base import keep, merge
-from .fused import Fused
+from .fused import KERNEL, PACK, Clock, Fused
 
 U_BF16, U_FP32 = 2.0**-8 + 2.0**-23, 2.0**-23
 PROBE, GIVE_UP = 4, 0.25  # after PROBE blocks, more than GIVE_UP of the rows unsettled: the screen is dropped
@@ -64,7 +64,7 @@ class Operands:
 class ScreenedSearch:
     """One screened search of rows ``q`` with the fused kernel ``lib``: ``screen`` "bf16" or "pca<r>"."""
 
-    def __init__(self, lib, q: np.ndarray, kappa: int, screen: str):
+    def __init__(self, lib, q: np.ndarray, kappa: int, screen: str, clock: Clock | None = None):
         self.lib, self.kappa, self.screen = lib, kappa, screen
         self.bf16 = screen == "bf16"
         self.ops = Operands(q, None if self.bf16 else int(screen.removeprefix("pca")))
@@ -76,7 +76,7 @@ class ScreenedSearch:
         self.qsq = a_norm**2
         self.e = ((2 * f + 2.0**-19) * a_norm * (1 + 1e-6) + 2.0**-100).astype(np.float32)
         self.t = 2.0**-100 * (1 + a_norm.max(initial=0.0))
-        self.run = Fused(lib)
+        self.run = Fused(lib, clock)
         self.run.start(np.ascontiguousarray(q, np.float32), keep(kappa))
         if self.bf16:
             bits = np.zeros((len(a), k + (k & 1)), np.uint16)
@@ -118,7 +118,9 @@ class ScreenedSearch:
                 self.e.ctypes.data, npan, base, run.m, run.vals.ctypes.data, run.idx.ctypes.data, run.exact.ctypes.data,
             )  # fmt: skip
 
+        run.clock.lap(PACK)
         run.parallel(part)
+        run.clock.lap(KERNEL)
         run.recompute(g, base)
 
     def unsettled(self) -> np.ndarray:

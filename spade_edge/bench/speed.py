@@ -95,11 +95,15 @@ def cpu_features() -> dict[str, bool]:
 
 def machine() -> dict:
     from ..runtime import cpu
+    from ..runtime.scoring import cpu_scorer
+    from ..runtime.scoring.fused import LEVEL_ENV
     from ..runtime.threads import thread_info
 
     return {
         "cpu": cpu.model_name(),
         "arch": platform.machine(),
+        "scorer": cpu_scorer().name,
+        "level_cap": os.environ.get(LEVEL_ENV) or None,
         "features": cpu_features(),
         "int8_kernel": cpu.int8_kernel()[0],
         "cores": os.cpu_count(),
@@ -221,6 +225,105 @@ def scoring(
     return out
 
 
+STORAGES = ("fp32", "default")  # per-level rows: a full fp32 gallery, and `gallery build`'s default storage
+PER_LEVEL_PARTS = ("ours", "fp32", "faiss")
+
+
+def level_gallery(shapes: list, k: int, storage: str, seed: int = 0):
+    """A per-level gallery of ``k`` random images (a :class:`~spade_edge.runtime.gallery.Gallery`
+    holding only pixel levels), stored as extracted ('fp32') or with ``Storage()``, the default of
+    `gallery build` (int8, a coreset of a fifth of each image's cells); and the query's levels as rows."""
+    from ..runtime.build import encode_level
+    from ..runtime.codec import Storage, fit_codec
+    from ..runtime.gallery import Gallery, LevelStore
+
+    rng = np.random.default_rng(seed)
+    st = Storage.exact() if storage == "fp32" else Storage()
+    query, levels = [], {}
+    for i, shape in enumerate(shapes):
+        h, w, c = shape
+        query.append(rng.random((h * w, c), np.float32))
+        maps = [rng.random(shape, np.float32) for _ in range(k)]
+        codec = fit_codec(np.concatenate([m.reshape(-1, c) for m in maps]), st)
+        data, offsets, yx = encode_level(maps, codec, st)
+        levels[f"l{i}"] = LevelStore(data, (h, w), codec, offsets, yx)
+    gallery = Gallery([str(j) for j in range(k)], np.zeros((k, 1), np.float32), levels, {"storage": st.to_dict()})
+    return query, gallery
+
+
+def per_level_part(part: str, shapes: list, k: int, storage: str, repeats: int, seed: int = 0) -> dict:
+    """One method of :func:`per_level`: every level's query rows against that level of ``k`` gallery
+    images (kappa = 1), as the per-level mode scores a test image. 'ours' and 'fp32' (NumpyScorer) read
+    the gallery's level views (decoded image by image, norms kept once made); faiss gets the decoded rows."""
+    query, gallery = level_gallery([tuple(s) for s in shapes], k, storage, seed)
+    names = list(gallery.levels)
+    views = [gallery.level_view(name, range(k)) for name in names]
+    out: dict[str, Any] = {"rows": int(sum(v.sizes.sum() for v in views))}
+    if part in ("ours", "fp32"):
+        from ..runtime.scoring import cpu_scorer
+
+        scorer = cpu_scorer() if part == "ours" else NumpyScorer()
+        paths = []
+
+        def fn():
+            found = []
+            paths.clear()
+            for q, view in zip(query, views):
+                found.append(scorer.topk(q, view, 1).indices[:, 0])
+                paths.append(scorer.stats.get("path"))
+            return np.concatenate(found)
+
+        if part == "ours":
+            out["scorer"] = scorer.name
+    elif part == "faiss":
+        import faiss
+
+        if _threads:
+            faiss.omp_set_num_threads(_threads)
+        indexes = []
+        for view in views:
+            index = faiss.IndexFlatL2(view[0].shape[1])
+            index.add(np.ascontiguousarray(np.concatenate([view[j] for j in range(len(view))]), np.float32))
+            indexes.append(index)
+
+        def fn():
+            return np.concatenate([index.search(q, 1)[1][:, 0] for q, index in zip(query, indexes)])
+    else:
+        raise ValueError(f"unknown per-level part {part!r}; choose from {PER_LEVEL_PARTS}")
+    out["neighbours"] = fn().tolist()
+    out[f"{part}_s"] = median_time(fn, repeats)
+    if part == "ours":
+        out["paths"] = paths
+    return out
+
+
+def per_level(backbone: str, k: int, storage: str, repeats: int, threads: int | None = None, seed: int = 0) -> dict:
+    """Per-level pixel scoring of one test image against ``k`` gallery images at ``backbone``'s
+    shapes, gallery stored as ``storage`` (:data:`STORAGES`): ours, NumpyScorer and faiss, each in a
+    fresh process."""
+    shapes = SHAPES[backbone]
+    parts = {
+        part: in_fresh_process(
+            "per_level_part", threads, part=part, shapes=shapes, k=k, storage=storage, repeats=repeats, seed=seed
+        )
+        for part in PER_LEVEL_PARTS
+    }
+    same = {part: np.array(r.pop("neighbours")) for part, r in parts.items()}
+    return {
+        "storage": storage,
+        "rows": parts["ours"]["rows"],
+        "scorer": parts["ours"]["scorer"],
+        "paths": parts["ours"]["paths"],
+        "ours_s": parts["ours"]["ours_s"],
+        "fp32_s": parts["fp32"]["fp32_s"],
+        "faiss_s": parts["faiss"]["faiss_s"],
+        "same_neighbours_as_faiss": float(
+            min((same["faiss"] == same["ours"]).mean(), (same["fp32"] == same["ours"]).mean())
+        ),
+        "processes": {part: r["process"] for part, r in parts.items()},
+    }
+
+
 # where the concatenated-pyramid scoring spends its time on the fp32 path: (label, module, function,
 # own or cumulative time); none of them calls another, so their times add up
 PROFILE_PARTS = (
@@ -252,7 +355,7 @@ def profile_concat(k: int = 50, seed: int = 0, backbone: str = "wide_resnet50_2"
     scorer = cpu_scorer()
     scorer.topk_pyramid(q, kept_norms(gal[:2], grid), grid, 1)  # warm: threads, caches, the compiled kernel
     res = {"k": k, "backbone": backbone, "scorer": scorer.name}
-    if scorer.name == "amx":
+    if "seconds" in scorer.stats:  # a scorer that keeps its own clock (the AMX screen, the fused kernels)
         t0 = time.perf_counter()
         scorer.topk_pyramid(q, gal, grid, 1)
         total = time.perf_counter() - t0
@@ -435,6 +538,12 @@ def end_to_end(
     return out
 
 
+LEVEL_ENV_NOTE = (
+    "kernel level capped by SPADE_EDGE_CPU_LEVEL={cap}: these are the {cap} kernels run on this CPU, "
+    "not a measurement of a CPU that has only {cap}"
+)
+
+
 def markdown(r: dict) -> str:
     m = r["machine"]
     flags = m.get("features", {})
@@ -446,6 +555,8 @@ def markdown(r: dict) -> str:
         + (" ".join(f for f, on in flags.items() if on) or "-")
         + (f" (not: {' '.join(f for f, on in flags.items() if not on)})" if not all(flags.values()) else "")
         + (f"; ONNX Runtime INT8 kernel: {m['int8_kernel']}" if "int8_kernel" in m else ""),
+        f"CPU scorer: {m.get('scorer', '?')}"
+        + (f" ({LEVEL_ENV_NOTE.format(cap=m['level_cap'])})" if m.get("level_cap") else ""),
         "",
         f"Every figure was measured in a fresh Python process of its own (threads: {threads}): no other "
         "library's thread pool in it.",
@@ -474,6 +585,22 @@ def markdown(r: dict) -> str:
             f"| {name} ({s['shape']}; {s['scorer']}) | {s['gflop']:.0f} | {ours:.2f} | {s['fp32_levels_s']:.2f} | "
             f"{s['ours_s']:.2f} | {peer} | {rate:.0f} | {rate / r['gemm_gflops']:.0%} | {same} |"
         )
+    if r.get("per_level"):
+        lines += [
+            "",
+            "Per-level pixel scoring, kappa = 1: each level's query rows against that level of K gallery images "
+            "(random features), the gallery stored as extracted (fp32) or with `gallery build`'s defaults (int8, "
+            "a coreset of a fifth of the cells); faiss searches the decoded rows.",
+            "",
+            "| per-level pixel scoring | gallery rows | ours s | fp32 (numpy) s | faiss s | ours vs faiss | ours vs numpy | paths | same neighbours |",
+            "|---|---:|---:|---:|---:|---:|---:|---|---:|",
+        ]
+        for name, s in r["per_level"].items():
+            lines.append(
+                f"| {name} ({s['scorer']}) | {s['rows']} | {s['ours_s']:.3f} | {s['fp32_s']:.3f} | {s['faiss_s']:.3f} | "
+                f"{s['faiss_s'] / s['ours_s']:.2f}x | {s['fp32_s'] / s['ours_s']:.2f}x | {'; '.join(map(str, s['paths']))} | "
+                f"{s['same_neighbours_as_faiss']:.3f} |"
+            )
     if "backbones" in r:
         lines += [
             "",
