@@ -897,6 +897,13 @@ def bench_speed(out, repeats, threads, quick, shapes):
             r["scoring"][f"{backbone} concat K={k}"] = speed.scoring(
                 backbone, k, repeats if k == 5 else 1, threads=threads, shapes=levels
             )
+    r["per_level"] = {}
+    if shapes != "tiny" and not quick:  # Lite0's per-level scoring: a full fp32 gallery, the default storage
+        for storage in speed.STORAGES:
+            click.echo(f"scoring efficientnet_lite0 per-level K=50, {storage} gallery ...")
+            r["per_level"][f"efficientnet_lite0 per-level K=50, {storage} gallery"] = speed.per_level(
+                "efficientnet_lite0", 50, storage, repeats, threads=threads
+            )
     click.echo("profile of concat scoring ...")
     r["profile"] = speed.in_fresh_process(
         "profile_concat", threads, k=5 if quick else 50, backbone=main_shapes, shapes=table_shapes[main_shapes]
