@@ -307,3 +307,43 @@ def test_latency_quantiles_from_the_histogram():
         h.observe(v)
     q = hist_quantiles(h)
     assert q["p50"] == pytest.approx(10.0) and q["p90"] == pytest.approx(20.0) and 20.0 < q["p99"] <= 40.0
+
+
+@pytest.mark.slow
+def test_good_part_time_to_the_grown_gallery_lite0(lite0_onnx, elpv_normal, tmp_path, capsys):
+    """With the real model (EfficientNet-Lite0, ImageNet weights) and real solar cells: after
+    'good part' the next request is answered by the grown gallery, which retrieves the added cell
+    as its own nearest normal image. Prints the time from 'good part' to that answer."""
+    from spade_edge.runtime import cpu
+    from spade_edge.runtime.build import gallery_from_images
+    from spade_edge.runtime.features import backend_from_model
+
+    gallery = tmp_path / "elpv.gallery"
+    gallery_from_images(backend_from_model(lite0_onnx), elpv_normal[:30], gallery, show_progress=False)
+    s = ServerProcess(
+        lite0_onnx, gallery, tmp_path, "--ui", "--data-dir", str(tmp_path / "data"), env={"SPADE_EDGE_UI_TOKEN": TOKEN}
+    )
+    try:
+        images = s.wait_ready()["gallery_images"]
+        times = []
+        for cell in elpv_normal[30:33]:
+            r = inspect(s.url, cell)
+            gen = state(s.url)["gallery_generation"]
+            t0 = time.perf_counter()
+            status, out = write(s.url, f"/ui/api/results/{r['id']}/review", {"decision": "good", "generation": gen})
+            again = inspect(s.url, cell)
+            times.append((time.perf_counter() - t0, out.get("change_ms"), out.get("reload_ms")))
+            assert status == 200, out
+            assert again["generation"] == out["service_generation"] > r["generation"]
+            assert again["neighbors"][0] == f"{r['id']}.png" and again["neighbor_distances"][0] < 1e-3
+            assert again["score"] < r["score"]
+        assert json.loads(request(s.url, path="/health")[2])["gallery_images"] == images + 3
+        with capsys.disabled():
+            on = cpu.measured_on()
+            print(f"\nLite0 on the CPU ({on['cpu']}; {on['summary']}), gallery of {images}+ cells, --threads 1:")
+            for total, add, reload in times:
+                print(
+                    f"  'good part' to the next answer from the grown gallery: {total * 1e3:.0f} ms (gallery add {add} ms, reload {reload} ms)"
+                )
+    finally:
+        s.stop()
