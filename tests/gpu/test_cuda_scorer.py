@@ -1,16 +1,23 @@
-"""CudaScorer on a real GPU against NumpyScorer on the CPU. Skipped, with the reason reported,
-where CuPy or a CUDA device is missing (DESIGN.md section 4); the kernel's logic and the glue are
-also checked without a GPU by tests/runtime/test_cuda_kernel.py."""
+"""CudaScorer on a real GPU: neighbours equal a float64 search on every path (per level and the
+concatenated pyramid, fp32/fp16/int8 galleries, attached and uploaded, CuPy's RawModule and pycuda's
+SourceModule), the screen's rescoring, launches per image at the WRN50x2 shape. Skipped, with the
+reason reported, where CuPy or a CUDA device is missing (DESIGN.md section 4); the same logic runs
+without a GPU in tests/runtime/test_cuda_screen.py (stand-ins and the CPU shim)."""
 
 from __future__ import annotations
+
+import importlib.util
 
 import numpy as np
 import pytest
 
-from spade_edge.runtime.scoring import NumpyScorer
+from spade_edge.runtime.codec import LevelCodec
+from spade_edge.runtime.gallery import Gallery, LevelStore
 from spade_edge.runtime.scoring.cuda import CudaScorer
 
-from ..scorer_contract import check_close_neighbours_keep_their_digits
+from ..runtime.test_cuda_kernel import reference, tie_data
+from ..runtime.test_cuda_screen import GRID, brute, near_tie_rows, pyramid_gallery, stored, up64
+from ..scorer_contract import check_close_neighbours_keep_their_digits, check_near_ties_are_decided_exactly
 
 pytestmark = pytest.mark.gpu
 
@@ -34,31 +41,104 @@ def gpu():
         pytest.skip(reason)
 
 
+def _loaders() -> list:
+    pycuda = pytest.param(
+        "pycuda",
+        marks=pytest.mark.skipif(
+            importlib.util.find_spec("pycuda") is None, reason="pycuda is not installed: its loader is not checked"
+        ),
+    )
+    return ["cupy", pycuda]
+
+
+@pytest.mark.parametrize("loader", _loaders())
 @pytest.mark.parametrize("kappa", [1, 3, 10])
-@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.int8])
-def test_cuda_scorer_matches_numpy_scorer(kappa, dtype):
+def test_ties_go_to_the_lower_index(loader, kappa):
+    q, g = tie_data(kappa)
+    blocks = [g[:150], g[150:155].astype(np.float16), g[155:].astype(np.int8)]
+    top = CudaScorer(loader=loader).topk(q, blocks, kappa)
+    want = reference(q, g, kappa)
+    np.testing.assert_array_equal(top.indices, want.indices)
+    np.testing.assert_array_equal(top.distances, want.distances)
+
+
+@pytest.mark.parametrize("loader", _loaders())
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+@pytest.mark.parametrize("kappa", [1, 5, 50])
+def test_per_level_equals_float64_search(loader, precision, kappa):
     rng = np.random.default_rng(kappa)
-    q = rng.normal(size=(1000, 48)).astype(np.float32)  # P not a multiple of the 128-thread block
-    scale = 20 if dtype == np.int8 else 1  # int8 galleries hold small integers
-    g = (rng.normal(size=(2345, 48)) * scale).astype(dtype)
-    blocks = [g[:1000], g[1000:1001], g[1001:]]  # uneven blocks, one of a single row
-    gpu = CudaScorer(tile_bytes=4 * len(q) * 300).topk(q, blocks, kappa)  # several tiles per block
-    cpu = NumpyScorer().topk(q, blocks, kappa)
-    np.testing.assert_array_equal(gpu.indices, cpu.indices)
-    np.testing.assert_allclose(gpu.distances, cpu.distances, rtol=1e-4)
+    n, rows, dim = 30, 196, 96
+    g64 = np.concatenate([near_tie_rows(rng, n * rows // 2, dim), rng.normal(size=(n * rows // 2, dim))])
+    g64 = g64[rng.permutation(len(g64))]
+    data, scale, dec = stored(g64, precision)
+    levels = {"l": LevelStore(data.reshape(n, 14, 14, dim), (14, 14), LevelCodec(scale=scale))}
+    gallery = Gallery([f"i{j}" for j in range(n)], np.zeros((n, 2), np.float32), levels, {})
+    q = (dec[rng.integers(0, len(dec), 900)] + rng.normal(size=(900, dim)) * 0.05).astype(np.float32)
+    scorer = CudaScorer(loader=loader)
+    scorer.attach(gallery)
+    images = rng.permutation(n)[:20]
+    top = scorer.topk(q, gallery.level_view("l", images), kappa)
+    assert scorer.stats["uploaded_gallery"] is False
+    g_sel = np.concatenate([dec.reshape(n, rows, dim)[j] for j in images])
+    idx, dist, _ = brute(q.astype(np.float64), g_sel, kappa)
+    np.testing.assert_array_equal(top.indices, idx)
+    np.testing.assert_array_equal(top.distances, dist.astype(np.float32))
 
 
-def test_cuda_scorer_breaks_ties_by_lower_index():
-    rng = np.random.default_rng(0)
-    q = rng.integers(-4, 5, (300, 12)).astype(np.float32)
-    distinct = rng.integers(-4, 5, (150, 12)).astype(np.float32)
-    g = distinct[rng.integers(0, len(distinct), 457)]
-    d = ((q[:, None, :].astype(np.float64) - g[None]) ** 2).sum(-1)
-    ref = np.argsort(d, axis=1, kind="stable")[:, :10]
-    top = CudaScorer(tile_bytes=4 * len(q) * 100).topk(q, [g[:230], g[230:]], 10)
-    np.testing.assert_array_equal(top.indices, ref)
-    np.testing.assert_array_equal(top.distances, np.take_along_axis(d, ref, 1).astype(np.float32))
+@pytest.mark.parametrize("loader", _loaders())
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_pyramid_equals_float64_search(loader, precision):
+    rng = np.random.default_rng(len(precision))
+    gallery, decoded = pyramid_gallery(rng, 7, precision)
+    names = list(decoded)
+    images = [4, 1, 6, 3, 0]
+    query = [(decoded[n][1] + rng.integers(-1, 2, decoded[n][1].shape) / 16).astype(np.float32) for n in names]
+    scorer = CudaScorer(loader=loader)
+    scorer.attach(gallery)
+    top = scorer.topk_pyramid(query, gallery.pyramid_view(names, images, GRID), GRID, 5)
+    q64 = np.concatenate([up64(x, GRID) for x in query], axis=1)
+    g64 = np.concatenate([np.concatenate([up64(decoded[n][j], GRID) for n in names], axis=1) for j in images])
+    idx, dist, _ = brute(q64, g64, 5)
+    np.testing.assert_array_equal(top.indices, idx)
+    np.testing.assert_array_equal(top.distances, dist.astype(np.float32))
 
 
-def test_cuda_scorer_keeps_digits_of_close_neighbours():
+def test_rows_the_screen_cannot_settle_are_searched_again():
+    scorer = CudaScorer()
+    check_near_ties_are_decided_exactly(scorer)
+    assert scorer.stats["rescored_rows"] == 3
+
+
+def test_close_neighbours_keep_their_digits():
     check_close_neighbours_keep_their_digits(CudaScorer())
+
+
+def test_wrn50x2_concat_shape_launches_and_exact_rows():
+    """WRN50x2 layers 1-3 at 224 px (56/28/14 grids, 256/512/1024 channels), K = 8 retrieved of 12,
+    fp16 gallery attached: within 20 launches per image, and the neighbours of sampled rows equal a
+    float64 search of the upsampled concatenation."""
+    rng = np.random.default_rng(0)
+    shapes = [(56, 56, 256), (28, 28, 512), (14, 14, 1024)]
+    grid = (56, 56)
+    n = 12
+    levels = {
+        f"layer{i + 1}": LevelStore(np.abs(rng.normal(size=(n, h, w, c))).astype(np.float16), (h, w))
+        for i, (h, w, c) in enumerate(shapes)
+    }
+    gallery = Gallery([f"i{j}" for j in range(n)], np.zeros((n, 2), np.float32), levels, {})
+    names = list(levels)
+    images = [3, 7, 0, 11, 5, 2, 9, 4]
+    base = {nm: levels[nm].data[7].astype(np.float32) for nm in names}
+    query = [base[nm] + np.abs(rng.normal(size=base[nm].shape)).astype(np.float32) * 0.3 for nm in names]
+    scorer = CudaScorer()
+    scorer.attach(gallery)
+    top = scorer.topk_pyramid(query, gallery.pyramid_view(names, images, grid), grid, 50)
+    top = scorer.topk_pyramid(query, gallery.pyramid_view(names, images, grid), grid, 50)  # norms kept now
+    assert scorer.stats["launches"] <= 20, scorer.stats
+    rows = rng.choice(grid[0] * grid[1], 12, replace=False)
+    q64 = np.concatenate([up64(x, grid) for x in query], axis=1)[rows]
+    g64 = np.concatenate([np.concatenate([up64(levels[nm].data[j], grid) for nm in names], axis=1) for j in images])
+    for i, r in enumerate(rows):  # row by row: all pairs at once would be gigabytes
+        idx, dist, _ = brute(q64[i : i + 1], g64, 50)
+        np.testing.assert_array_equal(top.indices[r], idx[0])
+        np.testing.assert_array_equal(top.distances[r], dist[0].astype(np.float32))

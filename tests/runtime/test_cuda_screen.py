@@ -317,3 +317,58 @@ def test_reattaching_replaces_the_gallery(standins):
     # a view of the old gallery is not read from the device copy of the new one
     scorer.topk_pyramid(query, g1.pyramid_view(names, [0, 1], GRID), GRID, 2)
     assert scorer.stats["uploaded_gallery"] is True
+
+
+# ---------------------------------------------------------------------------------------------
+# the user's entry point
+
+
+@pytest.mark.parametrize(
+    ("mode", "precision", "coreset"), [("concat", "int8", 1.0), ("concat", "fp16", 1.0), ("per-level", "int8", 0.5)]
+)
+def test_detector_on_cuda_predicts_as_on_the_cpu(tmp_path, monkeypatch, mode, precision, coreset):
+    """Detector.load(device="cuda") on the stand-ins: the CUDA scorer, the gallery attached once at load,
+    the same maps, scores and verdicts as the CPU path."""
+    from PIL import Image
+
+    from spade_edge.runtime import Detector, SpadeConfig
+    from spade_edge.runtime.build import gallery_from_images
+    from spade_edge.runtime.codec import Storage
+    from spade_edge.runtime.features import backend_from_model
+
+    from ..conftest import tiny_onnx
+    from ..standins import use_ort_gpu_providers
+
+    model = tmp_path / "tiny.onnx"
+    tiny_onnx(model)
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "good"
+    folder.mkdir()
+    for i in range(12):
+        Image.fromarray(rng.integers(100, 140, (40, 48, 3), dtype=np.uint8)).save(folder / f"{i:02d}.png")
+    images = sorted(folder.iterdir())
+    cfg = SpadeConfig(k_image=2, k_gallery=6, kappa=3, mode=mode)
+    gallery_from_images(
+        backend_from_model(model),
+        images,
+        tmp_path / "g.gallery",
+        config=cfg,
+        storage=Storage(precision=precision, coreset=coreset),
+        show_progress=False,
+    )
+    cpu = Detector.load(model, tmp_path / "g.gallery", device="cpu")
+    use_standins(monkeypatch)
+    use_ort_gpu_providers(monkeypatch)
+    det = Detector.load(model, tmp_path / "g.gallery", device="cuda")
+    assert det.scorer.name == "cuda", det.device
+    tests = [*images[:2], rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)]
+    for image in tests:
+        want, got = cpu.predict(image), det.predict(image)
+        assert got.verdict == want.verdict
+        assert got.score == pytest.approx(want.score, rel=1e-4)
+        np.testing.assert_allclose(got.anomaly_map, want.anomaly_map, rtol=1e-4, atol=1e-6)
+        stats = det.scorer.stats
+        assert stats["uploaded_gallery"] is False, stats  # read from the copy attached at load
+        assert stats["path"] == ("cuda fp16 screen levels" if mode == "concat" else "cuda fp16 screen")
+        assert stats["launches"] <= 20, stats
+    det.close()
