@@ -242,6 +242,7 @@ def serve(
     POST /reload    JSON {"model": ..., "gallery": ...} (both optional, files under --reload-dir):
                     swap without dropping a request (SIGHUP reloads the same paths)
     POST /frames    with --tcp and --source upload: an image for the next TCP trigger
+    GET  /ui/       with --ui: the operator's page (review, threshold, undo: docs/service.md)
     """
     from .inspector import InspectionService, ServiceConfig, sd_notify
     from .server import make_server
@@ -285,7 +286,10 @@ def serve(
         from .station import Station, StationConfig
 
         folder = data_dir or Path(gallery).resolve().parent / "spade-edge-ui"
-        station = Station(svc, StationConfig(folder, ui_token or None, ui_results, borderline=ui_borderline))
+        try:
+            station = Station(svc, StationConfig(folder, ui_token or None, ui_results, borderline=ui_borderline))
+        except OSError as exc:
+            raise click.ClickException(f"--data-dir {folder}: {exc.strerror}") from exc
     try:
         httpd = make_server(svc, host, port, station)
     except OSError as exc:

@@ -17,7 +17,7 @@ answered (:mod:`.capped`). ``POST /reload`` is refused unless allowed for the cl
 its errors do not say what exists on the file system.
 
 Endpoints: ``POST /inspect``, ``GET /health``, ``GET /metrics``, ``POST /reload``,
-``GET /heatmaps/<id>.png``.
+``GET /heatmaps/<id>.png``; with ``serve --ui`` the operator's page under ``/ui/`` (:mod:`.station`).
 """
 
 from __future__ import annotations

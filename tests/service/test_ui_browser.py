@@ -152,7 +152,7 @@ def test_good_part_makes_the_next_inspection_ok_and_undo_restores(page, served, 
 
     page.click('#tabs button[data-tab="history"]')
     page.wait_for_selector("#gen-table tbody tr", timeout=WAIT_MS)
-    assert "add" in page.inner_text("#gen-table")
+    assert "good part added" in page.inner_text("#gen-table")
     assert "glare" not in page.inner_text("#gen-table")  # the note is in the audit log
     assert "line 3 tester" in page.inner_text("#audit-table")
     with page.expect_response(lambda resp: resp.url.endswith("/rollback"), timeout=WAIT_MS) as resp:
@@ -161,7 +161,7 @@ def test_good_part_makes_the_next_inspection_ok_and_undo_restores(page, served, 
     assert state(served.url)["gallery_generation"] == gen + 2
     back = inspect(served.url, ui_assets["bright"])
     assert back["verdict"] == "NOT_OK" and back["score"] == pytest.approx(r["score"])
-    page.wait_for_selector("#gen-table tbody tr >> text=rollback", timeout=WAIT_MS)
+    page.wait_for_selector("#gen-table tbody tr >> text=back to generation", timeout=WAIT_MS)
     page.screenshot(path=str(shots / "05-history-undone.png"))
 
 

@@ -34,7 +34,8 @@ async function post(path, body) {
   const r = await fetch(path, { method: 'POST', headers, body: JSON.stringify(body) });
   let data = {};
   try { data = await r.json(); } catch (e) { /* an empty answer */ }
-  if (!r.ok) {
+  if (r.ok) refresh();
+  else {
     toast(`${r.status}: ${data.error || 'refused'}`, 'error');
     if (r.status === 409 && data.gallery_generation !== undefined) S.gen = data.gallery_generation;
   }
@@ -52,6 +53,11 @@ function loadImage(src) {
 
 // --- polling ------------------------------------------------------------------------------------
 async function poll() {
+  await refresh();
+  setTimeout(poll, 1000);
+}
+
+async function refresh() {
   try {
     const st = await getJSON('/ui/api/state?after=' + S.seq);
     $('status').textContent = st.status === 'ready' ? `gen ${st.gallery_generation} · ready` : st.status;
@@ -79,7 +85,6 @@ async function poll() {
     $('status').textContent = 'offline';
     $('status').className = 'pill bad';
   }
-  setTimeout(poll, 1000);
 }
 
 // --- live view ------------------------------------------------------------------------------------
@@ -309,7 +314,7 @@ async function loadHistory() {
   [...h.generations].reverse().forEach((e) => {
     const tr = document.createElement('tr');
     const keep = h.restorable.includes(e.previous) && e.previous !== h.gallery_generation;
-    tr.innerHTML = `<td>${e.generation}</td><td>${esc(e.action)} ${esc(JSON.stringify(e.detail || {}))}</td><td>${esc(e.time)}</td><td>${esc(e.client)}</td><td></td>`;
+    tr.innerHTML = `<td>${e.generation}</td><td>${esc(describe(e))}</td><td>${esc(e.time)}</td><td>${esc(e.client)}</td><td></td>`;
     if (keep) {
       const b = document.createElement('button');
       b.className = 'small';
@@ -327,6 +332,14 @@ async function loadHistory() {
     tr.innerHTML = `<td>${esc(time)}</td><td>${esc(action)}</td><td>${esc(client && client.address)} ${esc(client && client.operator)}</td><td>${esc(JSON.stringify(rest))}</td>`;
     ab.appendChild(tr);
   });
+}
+
+function describe(e) {
+  const d = e.detail || {};
+  if (e.action === 'add') return `good part added (${d.added || '?'})`;
+  if (e.action === 'threshold') return `threshold ${fmt(d.from, 4)} → ${fmt(d.to, 4)}`;
+  if (e.action === 'rollback') return `back to generation ${d.to}`;
+  return `${e.action} ${JSON.stringify(d)}`;
 }
 
 async function rollback(to) {
