@@ -144,3 +144,58 @@ def test_paper_table_prints_without_a_gpu():
     for needle in ("Jetson AGX Orin 64GB", "Jetson Orin NX 16GB", "Jetson Orin Nano 8GB", "Technical Brief"):
         assert needle in p.stdout
     assert "WRN50x2 concat K = 50" in p.stdout and "WRN50x2 per-level K = 5" in p.stdout
+
+
+# -- jetson/gpu-check.sh -------------------------------------------------------------------------------
+
+GPU_CHECK = ROOT / "jetson" / "gpu-check.sh"
+
+
+def _gpu_check(tmp_path, env: dict, *args: str) -> tuple[subprocess.CompletedProcess, str]:
+    log = tmp_path / "check.log"
+    p = subprocess.run(
+        ["bash", str(GPU_CHECK), "--log", str(log), *args],
+        env={**env, "PYTHON": sys.executable},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    return p, log.read_text()
+
+
+def test_gpu_check_runs_the_gpu_tests_and_the_quick_bench_on_the_standins(tmp_path):
+    """The script's own command lines, run: the gpu-marked test files collected by `pytest -m gpu`
+    (collection only: their run is the GPU's), then `bench gpu --quick` (at tiny shapes here), its
+    table and JSON, everything in the log file as on the terminal."""
+    p, log = _gpu_check(
+        tmp_path,
+        standins_env(gpus=1),
+        "--pytest-args",
+        "--collect-only",
+        "--bench-args",
+        "--shapes tiny --no-end-to-end --repeats 1",
+    )
+    assert p.returncode == 0, log[-4000:]
+    assert log == p.stdout  # the log holds all of it
+    assert "Stand-in GPU (numpy) (stand-in)" in log and "spade_edge already imports from this checkout" in log
+    assert "-m pytest -m gpu -rs" in log and "tests/gpu/test_cuda_scorer.py::" in log
+    collected = int(log.split(" tests collected")[0].split()[-1])
+    assert collected > 0
+    assert "-m spade_edge bench gpu --quick --device 0 --json" in log and "| tiny concat K=5 |" in log
+    result = json.loads((tmp_path / "check.json").read_text())
+    assert all(row["ours_identical"] == 1.0 for row in result["rows"])
+    assert "pytest exit 0, bench exit 0" in log
+
+
+@pytest.mark.parametrize("standins", [True, False], ids=["no-device", "no-cupy"])
+def test_gpu_check_without_a_gpu_stops_with_status_3_and_says_why(tmp_path, standins):
+    import importlib.util
+
+    if not standins and importlib.util.find_spec("cupy") is not None:
+        pytest.skip("the real CuPy is installed here: 'no CuPy' cannot be shown")
+    p, log = _gpu_check(tmp_path, standins_env(gpus=0) if standins else _env_without_standins())
+    assert p.returncode == 3, log
+    needle = "sees no usable CUDA device 0" if standins else "missing Python packages: cupy"
+    assert needle in log and "nothing was tested or measured" in log
+    assert "2/4" not in log and "-m pytest" not in log and "bench gpu" not in log  # it stopped at the probe
