@@ -459,6 +459,7 @@ class Station:
 
     def _apply(self, action: str, fn, client: dict, expected: int, detail: dict) -> dict:
         """A recorded gallery change, then the reload that makes the next request use it."""
+        from ..runtime.errors import SpadeError
         from .inspector import ReloadBusy
         from .server import HttpError
 
@@ -470,6 +471,10 @@ class Station:
             entry = fn(cur, expected)
         except generations.StaleGeneration as exc:
             raise HttpError(409, str(exc), extra={"gallery_generation": exc.current}) from None
+        except SpadeError as exc:  # the gallery is as it was (nothing is recorded before the write)
+            log.warning("station: %s failed: %s", action, exc)
+            text = str(exc).replace(str(cur.gallery), "the gallery")
+            raise HttpError(422, f"{action} failed, nothing changed: {text}") from None
         t1 = time.perf_counter()
         for _ in range(600):  # a SIGHUP or /reload under way: wait for it, then reload ours
             try:
@@ -477,6 +482,13 @@ class Station:
                 break
             except ReloadBusy:
                 time.sleep(0.05)
+            except Exception as exc:  # noqa: BLE001 - answered; the old generation keeps serving
+                log.exception("station: reload after %s failed", action)
+                raise HttpError(
+                    500,
+                    f"the change is saved as gallery generation {entry['generation']}, but the reload failed "
+                    f"({type(exc).__name__}); the service still serves the previous one: undo it or reload",
+                ) from None
         else:
             raise HttpError(503, "the service kept reloading; the change is saved, reload it to use it")
         t2 = time.perf_counter()

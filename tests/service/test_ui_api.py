@@ -289,6 +289,25 @@ def test_results_kept_are_bounded(ui_assets, tmp_path):
         s.stop()
 
 
+def test_borderline_ok_results_join_the_review_queue(ui_assets, tmp_path):
+    """--ui-borderline 0.9: an OK part scoring at 90 % of the threshold or more waits for review
+    too; a plainly good one does not."""
+    from spade_edge.runtime.gallery import Gallery
+
+    th = Gallery.load(ui_assets["gallery"]).thresholds
+    worst = th["heldout"][int(np.argmax(th["heldout_scores"]))]  # the threshold is its score
+    s, _ = start_ui(ui_assets, tmp_path, "--ui-borderline", "0.9")
+    try:
+        near = inspect(s.url, ui_assets["dir"] / "good" / worst)
+        plain = inspect(s.url, ui_assets["dir"] / "good" / ("a_00.png" if worst != "a_00.png" else "a_01.png"))
+        assert near["verdict"] == "OK" and near["score"] >= 0.9 * near["threshold"]
+        assert plain["verdict"] == "OK" and plain["score"] < 0.9 * plain["threshold"]
+        queued = [q["id"] for q in state(s.url)["queue"]]
+        assert near["id"] in queued and plain["id"] not in queued
+    finally:
+        s.stop()
+
+
 def test_rates_per_threshold():
     from spade_edge.service.station import rates
 
