@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from .. import cpu
-from ..threads import compute_threads
+from ..threads import blas_single_threaded, compute_threads
 from . import ccompile
 from .base import GalleryRows, TopK, keep, merge
 from .numpy import NumpyScorer
@@ -167,8 +167,11 @@ class Fused:
         self.idx = np.full((p, m), -1, np.int64)
         self.exact = np.full((p, m), np.inf, np.float32)
         threads = max(1, min(compute_threads(), -(-p // (self.rows * 4))))
-        cuts = [p * t // threads // self.rows * self.rows for t in range(threads)] + [p]
-        self.parts = list(zip(cuts[:-1], cuts[1:]))
+        # a few parts per thread, taken as threads come free: a core that another process holds a
+        # while does not leave the others waiting for its one big part
+        n = max(1, min(4 * threads, p // 64)) if threads > 1 else 1
+        cuts = [p * t // n // self.rows * self.rows for t in range(n)] + [p]
+        self.parts = [(a, b) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
         self.pool = ThreadPoolExecutor(threads) if threads > 1 else None  # ctypes lets go of the GIL
 
     def add(self, g: np.ndarray, norms: np.ndarray, base: int) -> None:
@@ -256,12 +259,15 @@ class FusedScorer(NumpyScorer):
             raise ValueError(f"kappa must be >= 1, got {kappa}")
         view = GalleryRows.of(gallery)
         q = np.ascontiguousarray(query, np.float32)
-        screen = self.screen_for(q, view)
-        if screen is not None:
-            top = self._screened(q, view, kappa, screen)
-            if top is not None:
-                return top
-        return self._fp32(q, view, kappa, self.stats if screen is not None else {})  # the probe's stats say why
+        # our threads split the work; BLAS (the concatenated mode's upsampling reads) runs on the calling
+        # thread: its pool would spin against ours, and on shared cores small products slow down 5-10x
+        with blas_single_threaded():
+            screen = self.screen_for(q, view)
+            if screen is not None:
+                top = self._screened(q, view, kappa, screen)
+                if top is not None:
+                    return top
+            return self._fp32(q, view, kappa, self.stats if screen is not None else {})  # the probe's stats: why
 
     def screen_for(self, q: np.ndarray, view: GalleryRows) -> str | None:
         """The screen that pays for this search (docs/speed.md, "The fused kernels and the screens"):
