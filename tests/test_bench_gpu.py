@@ -122,20 +122,29 @@ def test_paper_estimate_counts():
     bb = gpu.wrn50x2_backbone()
     assert bb["macs"] == pytest.approx(11.40e9, rel=0.005)  # torchvision's published 11.40 GMAC for WRN50x2
     assert bb["weights"] == pytest.approx(66.77e6, rel=0.001)  # its 68.88M parameters less fc (2.05M) and BN
-    assert gpu.coarse_window(gpu.shapes_of("wide_resnet50_2")) == 154  # docs/speed.md: 257 + 154
-    steps = {s["step"].split(":")[0]: s for s in gpu.paper_steps(50, "concat")}
-    slab = next(s for name, s in steps.items() if name.startswith("slab products"))
-    assert slab["tensor"] == 2.0 * 3136 * 50 * 3136 * (256 + 1 + 154)
-    coarse = steps["coarse levels"]
-    assert coarse["tensor"] == 2.0 * 50 * (784**2 * 512 + 196**2 * 1024)
+    p, k, cells = 3136, 50, (3136, 784, 196)
+    steps = {s["step"].split(":")[0]: s for s in gpu.paper_steps(k, "concat")}
+    products = steps["products"]
+    # docs/speed.md, the GPU scorer: 0.44 TFLOP per image, 2.6 GB of fp32 products through memory
+    assert (
+        products["tensor"] == 2.0 * p * k * (3136 * 256 + 784 * 512 + 196 * 1024) == pytest.approx(0.441e12, rel=1e-3)
+    )
+    assert products["bytes"] - products["fused_bytes"] == 4.0 * p * k * sum(cells) == pytest.approx(2.58e9, rel=1e-3)
+    assert steps["selection"]["bytes"] == 4.0 * p * k * sum(cells) and steps["selection"]["fused_bytes"] == 0
+    agx = gpu.GPUS[0]
+    assert agx.fp16_tflops == pytest.approx(170 / 4, rel=0.01)  # the technical brief's GPU: 170 sparse INT8 TOPS
+    assert agx.fp32_tflops == pytest.approx(5.3, rel=0.01)
+    roofline = max(
+        products["tensor"] / (agx.fp16_tflops * 1e12 * gpu.COMPUTE_EFFICIENCY),
+        products["bytes"] / (agx.bandwidth_gbs * 1e9 * gpu.MEMORY_EFFICIENCY),
+    )
+    assert gpu.step_seconds(products, agx) == pytest.approx(roofline)
     r = gpu.paper_estimate()
-    agx = next(c for c in r["cases"] if c["mode"] == "concat" and c["k"] == 50)["estimates"]
-    orin = agx["Jetson AGX Orin 64GB (MAXN)"]
-    assert orin["pixel_s"] < orin["pixel_unfused_s"] and orin["pixel_s"] < orin["total_s"]
-    # the roofline of the slab products alone: 404 GFLOP at 60 % of 42.6 TFLOPS
-    assert orin["steps_s"][2] == pytest.approx(slab["tensor"] / (42.598e12 * gpu.COMPUTE_EFFICIENCY), rel=1e-3)
+    concat50 = next(c for c in r["cases"] if c["mode"] == "concat" and c["k"] == 50)["estimates"][agx.name]
+    assert concat50["pixel_fused_s"] < concat50["pixel_s"] < concat50["total_s"]
+    assert concat50["pixel_s"] == pytest.approx(sum(concat50["steps_s"][1:-1]))  # all but backbone and image stage
     per_level = next(c for c in r["cases"] if c["mode"] == "per-level" and c["k"] == 50)["steps"]
-    assert sum(s["tensor"] for s in per_level[1:]) == 2.0 * 50 * (3136**2 * 256 + 784**2 * 512 + 196**2 * 1024)
+    assert sum(s["tensor"] for s in per_level[1:]) == 2.0 * k * (3136**2 * 256 + 784**2 * 512 + 196**2 * 1024)
 
 
 def test_paper_table_prints_without_a_gpu():
@@ -144,6 +153,7 @@ def test_paper_table_prints_without_a_gpu():
     for needle in ("Jetson AGX Orin 64GB", "Jetson Orin NX 16GB", "Jetson Orin Nano 8GB", "Technical Brief"):
         assert needle in p.stdout
     assert "WRN50x2 concat K = 50" in p.stdout and "WRN50x2 per-level K = 5" in p.stdout
+    assert "**pixel scoring, as built**" in p.stdout and "fused product-and-select" in p.stdout
 
 
 # -- jetson/gpu-check.sh -------------------------------------------------------------------------------

@@ -501,7 +501,9 @@ def end_to_end(
     or ``{"skipped": why}`` where the packages to export and run a backbone are missing."""
     import importlib.util
 
-    missing = [m for m in ("torch", "onnx", "onnxruntime", "torchvision") if importlib.util.find_spec(m) is None]
+    missing = [
+        m for m in ("torch", "torchvision", "onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None
+    ]
     if missing:
         return {"skipped": f"needs {', '.join(missing)} to export and run a backbone (pip install 'spade-edge[bench]')"}
     out: dict[str, Any] = {}
@@ -642,29 +644,32 @@ def markdown(r: dict) -> str:
 
 @dataclass(frozen=True)
 class Gpu:
-    """Peak rates of a GPU as its data sheet gives them (dense fp16 tensor, fp32 CUDA cores, memory)."""
+    """Peak rates of a GPU as its data sheet gives them (dense fp16 tensor, fp32 and fp64 on the CUDA
+    cores, memory bandwidth)."""
 
     name: str
-    fp16_tflops: float  # dense, tensor cores
+    fp16_tflops: float  # dense, tensor cores, fp32 accumulation
     fp32_tflops: float  # CUDA cores
+    fp64_tflops: float
     bandwidth_gbs: float
-    source: str
 
 
-# Dense fp16 tensor rate = the data sheet's GPU sparse INT8 TOPS / 4 (sparsity doubles, INT8 doubles
-# again on Ampere's tensor cores): for AGX Orin 64GB, 170 / 4 = 42.5, which is also 16 SMs x 4 tensor
-# cores x 256 fp16 FMA/clock x 2 x 1.3 GHz. The smaller modules scale by SMs x GPU clock.
 ORIN_SOURCES = (
     "NVIDIA Jetson AGX Orin Series Technical Brief v1.2 (GPU: 16 SMs, 2048 CUDA cores, 5.3 FP32 TFLOPS, "
-    "64 tensor cores, 170 sparse INT8 TOPS at 1.3 GHz, 4 MB L2); Jetson AGX Orin, Orin NX and Orin Nano "
-    "series data sheets (GPU SMs and max clock, memory bandwidth: 204.8, 102.4 and 68 GB/s; Orin Nano "
-    "Super, JetPack 6.1+: 1020 MHz, 102 GB/s)"
+    "64 tensor cores, 170 sparse INT8 TOPS at 1.3 GHz, 4 MB L2); NVIDIA Jetson AGX Orin, Orin NX and Orin "
+    "Nano series data sheets (GPU SMs and maximum clock per module, memory bandwidth 204.8, 102.4 and 68 GB/s; "
+    "Orin Nano Super, JetPack 6.1 and later: 1020 MHz, 102 GB/s); NVIDIA H200 data sheet (SXM: 1979 TFLOPS "
+    "fp16 with sparsity, 67 TFLOPS fp32, 34 TFLOPS fp64, 4.8 TB/s)"
 )
 
 
 def _orin(name: str, sms: int, mhz: float, gbs: float) -> Gpu:
+    """An Orin module from its SMs and GPU clock: each SM has 4 tensor cores of 256 dense fp16 FMA per
+    clock (so AGX Orin 64GB: 16 x 4 x 256 x 2 x 1.3 GHz = 42.6 TFLOPS = its 170 sparse INT8 TOPS / 4)
+    and 128 CUDA cores; fp64 at 1/64 of fp32 as on the other GA10x Ampere GPUs (the data sheets give none)."""
     clock = mhz * 1e6
-    return Gpu(name, sms * 4 * 256 * 2 * clock / 1e12, sms * 128 * 2 * clock / 1e12, gbs, "data sheet, see below")
+    fp32 = sms * 128 * 2 * clock / 1e12
+    return Gpu(name, sms * 4 * 256 * 2 * clock / 1e12, fp32, fp32 / 64, gbs)
 
 
 GPUS = (
@@ -673,12 +678,13 @@ GPUS = (
     _orin("Jetson Orin NX 16GB", 8, 918, 102.4),
     _orin("Jetson Orin Nano 8GB", 8, 625, 68.0),
     _orin("Jetson Orin Nano 8GB Super", 8, 1020, 102.4),
-    Gpu("H200 SXM (for comparison with bench gpu)", 989.0, 67.0, 4800.0, "NVIDIA H200 data sheet"),
+    Gpu("H200 SXM (for comparison with bench gpu)", 989.5, 67.0, 34.0, 4800.0),
 )
-COMPUTE_EFFICIENCY = 0.6  # share of the dense peak a tuned product reaches (assumed; bench gpu measures it)
+COMPUTE_EFFICIENCY = 0.6  # share of the dense peaks a tuned kernel reaches (assumed; bench gpu measures it)
 MEMORY_EFFICIENCY = 0.7  # share of the peak bandwidth a streaming kernel reaches (assumed)
-RESCORED_PER_ROW = 2  # candidates per query row that may belong and are re-computed exactly (CPU measurements)
+RESCORED_PER_ROW = 2  # candidates per query row re-computed exactly (assumed from the CPU screens; bench gpu prints it)
 IMAGE_GALLERY = 200  # normal images searched by the image stage (its global kNN)
+SELECT_FLOPS = {"concat": 20.0, "per-level": 4.0}  # per fine pair: 9 product reads, 8 tap FMAs, compare
 
 
 def wrn50x2_backbone(size: int = 224) -> dict:
@@ -705,128 +711,122 @@ def wrn50x2_backbone(size: int = 224) -> dict:
     return {"flops": 2.0 * macs, "macs": float(macs), "weights": float(weights), "activations": float(activations)}
 
 
-def coarse_window(levels: list[tuple[int, int, int]]) -> int:
-    """Contraction the coarse levels add to each slab product of the concatenated pyramid (the gallery's
-    interpolation folded in, as runtime/scoring/pyramid.py builds it): 154 for WRN50x2."""
-    from ..runtime.scoring.pyramid import PyramidSlabs
-
-    slabs = PyramidSlabs([np.zeros(s, np.float32) for s in levels], levels[0][:2])
-    return slabs.contraction - slabs.c_fine - 1
+def _step(name: str, tensor=0.0, simt=0.0, fp64=0.0, bytes_=0.0, fused_bytes=None) -> dict:
+    return {
+        "step": name,
+        "tensor": float(tensor),
+        "simt": float(simt),
+        "fp64": float(fp64),
+        "bytes": float(bytes_),
+        "fused_bytes": float(bytes_ if fused_bytes is None else fused_bytes),
+    }
 
 
 def paper_steps(k: int, mode: str, levels: list[tuple[int, int, int]] | None = None) -> list[dict]:
-    """Per image, WRN50x2 at 224, fp16 storage and products with fp32 accumulation: each step's
-    FLOPs (``tensor``: on tensor cores; ``simt``: on CUDA cores) and bytes to and from memory.
-    The design modelled: the gallery resident in fp16; concat as the CPU path decomposes it
-    (docs/speed.md: native products of the coarse levels, upsampled on the query side, kept in fp32;
-    slab products of contraction c_fine + 1 + window); the selection fused with the products (the
-    P x KP distances never leave the chip; ``unfused_bytes`` what writing and reading them back
-    would add); exact re-ranking of :data:`RESCORED_PER_ROW` candidates per query row."""
+    """Per image, WRN50x2 at 224 with K = ``k`` retrieved images, the CUDA scorer as built
+    (docs/speed.md, "The GPU scorer"): each step's FLOPs (``tensor``: fp16 products on tensor cores;
+    ``simt``: fp32 on CUDA cores; ``fp64``) and bytes to and from device memory (``bytes``), and
+    ``fused_bytes``, the bytes if the products fed the selection on chip instead of through memory
+    (a fused product-and-select kernel). Concat: one GEMM per level at native gallery resolution
+    against the query upsampled to the fine grid, the selection interpolating the coarse levels' taps;
+    per-level: one GEMM per level. Then the decision and the exact re-computation in fp64 of
+    :data:`RESCORED_PER_ROW` candidates per query row, and the image stage."""
     levels = levels or shapes_of("wide_resnet50_2")
     bb = wrn50x2_backbone()
-    g_channels = 2048
-    h, w, c_fine = levels[0]
+    h, w, _ = levels[0]
     p = h * w
+    gathered = sum(k * hh * ww * cc for hh, ww, cc in levels)  # values of the K images' levels
     steps = [
-        {
-            "step": "backbone (WRN50x2, 224, conv by conv)",
-            "tensor": bb["flops"],
-            "simt": 0.0,
-            "bytes": 2 * bb["weights"] + 2 * 2 * bb["activations"],  # fp16 weights once; each output written, read
-        }
+        _step(
+            "backbone (WRN50x2, 224 px, conv by conv)",
+            tensor=bb["flops"],
+            bytes_=2 * bb["weights"] + 2 * 2 * bb["activations"],  # fp16 weights once; each output written, read
+        ),
+        # stored fp16 read, fp16 written (int8 would read half)
+        _step("gather the K images' levels on the device, fp16", bytes_=2 * 2.0 * gathered),
     ]
-    ranks = 0.0
     if mode == "concat":
-        coarse = levels[1:]
-        native = sum(2.0 * (hh * ww) * k * (hh * ww) * cc for hh, ww, cc in coarse)
-        upsample = sum(2 * 2.0 * p * k * (hh * ww) for hh, ww, _ in coarse)  # two taps per axis, query side
-        m_bytes = sum(4.0 * p * k * hh * ww for hh, ww, _ in coarse)  # M_l = (U_l Q_l) G_l^T in fp32
-        steps.append(
-            {
-                "step": "coarse levels: native products Q_l G_l^T, upsampled on the query side",
-                "tensor": native,
-                "simt": upsample,
-                "bytes": sum(2.0 * k * hh * ww * cc for hh, ww, cc in coarse) + m_bytes,
-            }
-        )
-        window = coarse_window(levels)
-        contraction = c_fine + 1 + window
-        steps.append(
-            {
-                "step": f"slab products: fine level + norms + coarse window ({c_fine} + 1 + {window})",
-                "tensor": 2.0 * p * k * p * contraction,
-                "simt": 0.0,
-                "bytes": 2.0 * k * p * c_fine + 4.0 * k * p + m_bytes,  # fine gallery fp16, norms, M_l read
-            }
-        )
-        ranks = p * k * p
         d = sum(cc for _, _, cc in levels)
-        rescore = [(p, d + 3 * sum(cc for _, _, cc in coarse))]  # rows, values read (4 taps per coarse level)
+        products = sum(p * k * hh * ww for hh, ww, _ in levels)  # P x K n_l per level
+        steps += [
+            _step("query: coarse levels upsampled to the fine grid, fp16", simt=8.0 * p * d, bytes_=2.0 * p * d),
+            _step(
+                "products: one GEMM per level, P x K n_l x C_l (fp16 in, fp32 out)",
+                tensor=sum(2.0 * p * k * hh * ww * cc for hh, ww, cc in levels),
+                bytes_=2.0 * gathered + 2.0 * p * d + 4.0 * products,
+                fused_bytes=2.0 * gathered + 2.0 * p * d,
+            ),
+            _step(
+                "selection: coarse taps interpolated, kappa + spare kept per row",
+                simt=SELECT_FLOPS["concat"] * p * k * p,
+                bytes_=4.0 * products,
+                fused_bytes=0.0,
+            ),
+        ]
+        rescore = [(p, d + 3 * sum(cc for _, _, cc in levels[1:]))]  # fine row + 4 taps per coarse level
     else:
         for hh, ww, cc in levels:
             n = hh * ww
-            steps.append(
-                {
-                    "step": f"level {hh}x{ww}x{cc}: products",
-                    "tensor": 2.0 * n * k * n * cc,
-                    "simt": 0.0,
-                    "bytes": 2.0 * k * n * cc + 4.0 * k * n,
-                }
-            )
-            ranks += n * k * n
+            steps += [
+                _step(
+                    f"level {hh}x{ww}x{cc}: products n x K n x C (fp16 in, fp32 out)",
+                    tensor=2.0 * n * k * n * cc,
+                    bytes_=2.0 * k * n * cc + 2.0 * n * cc + 4.0 * n * k * n,
+                    fused_bytes=2.0 * k * n * cc + 2.0 * n * cc,
+                ),
+                _step(
+                    f"level {hh}x{ww}x{cc}: selection",
+                    simt=SELECT_FLOPS["per-level"] * n * k * n,
+                    bytes_=4.0 * n * k * n,
+                    fused_bytes=0.0,
+                ),
+            ]
         rescore = [(hh * ww, cc) for hh, ww, cc in levels]
-    steps.append(
-        {
-            "step": "selection, fused with the products (compare, keep kappa + spare)",
-            "tensor": 0.0,
-            "simt": 2.0 * ranks,
-            "bytes": 0.0,
-            "unfused_bytes": 2 * 4.0 * ranks,
-        }
-    )
-    steps.append(
-        {
-            "step": f"exact re-ranking ({RESCORED_PER_ROW} candidates per query row, fp32 differences)",
-            "tensor": 0.0,
-            "simt": sum(3.0 * rows * RESCORED_PER_ROW * dd for rows, dd in rescore),
-            "bytes": sum(2.0 * rows * RESCORED_PER_ROW * dd for rows, dd in rescore),
-        }
-    )
-    steps.append(
-        {
-            "step": f"image stage: kNN of the global vector over {IMAGE_GALLERY} images",
-            "tensor": 0.0,
-            "simt": 2.0 * IMAGE_GALLERY * g_channels,
-            "bytes": 2.0 * IMAGE_GALLERY * g_channels,
-        }
-    )
+    steps += [
+        _step(
+            f"decision and exact re-computation in fp64 ({RESCORED_PER_ROW} candidates per row)",
+            fp64=sum(3.0 * rows * RESCORED_PER_ROW * dd for rows, dd in rescore),
+            bytes_=sum(2.0 * rows * RESCORED_PER_ROW * dd for rows, dd in rescore),
+        ),
+        _step(
+            f"image stage: kNN of the 2048-d global vector over {IMAGE_GALLERY} images",
+            simt=2.0 * IMAGE_GALLERY * 2048,
+            bytes_=2.0 * IMAGE_GALLERY * 2048,
+        ),
+    ]
     return steps
 
 
-def step_seconds(step: dict, gpu: Gpu, fused: bool = True) -> float:
-    """Roofline time of a step: the slower of its compute (tensor and CUDA-core parts, derated by
+def step_seconds(step: dict, gpu: Gpu, fused: bool = False) -> float:
+    """Roofline time of a step: the slower of its compute (tensor, CUDA-core and fp64 parts, derated by
     :data:`COMPUTE_EFFICIENCY`) and its memory traffic (derated by :data:`MEMORY_EFFICIENCY`)."""
-    compute = (step["tensor"] / gpu.fp16_tflops + step["simt"] / gpu.fp32_tflops) / 1e12 / COMPUTE_EFFICIENCY
-    traffic = step["bytes"] + (0.0 if fused else step.get("unfused_bytes", 0.0))
-    return max(compute, traffic / (gpu.bandwidth_gbs * 1e9 * MEMORY_EFFICIENCY))
+    compute = step["tensor"] / gpu.fp16_tflops + step["simt"] / gpu.fp32_tflops + step["fp64"] / gpu.fp64_tflops
+    traffic = step["fused_bytes"] if fused else step["bytes"]
+    return max(compute / 1e12 / COMPUTE_EFFICIENCY, traffic / (gpu.bandwidth_gbs * 1e9 * MEMORY_EFFICIENCY))
+
+
+def _is_pixel(step: dict) -> bool:
+    return not step["step"].startswith(("backbone", "image stage"))
 
 
 def paper_estimate(cases: tuple = (("concat", 50), ("concat", 5), ("per-level", 50), ("per-level", 5))) -> dict:
-    """Per case (mode, K): the steps' FLOPs and bytes, and per GPU of :data:`GPUS` each step's
-    estimated seconds, the pixel scoring's (every step but the backbone and the image stage), the
-    total, and the pixel scoring with the selection not fused."""
-    out: dict[str, Any] = {"gpus": [g.__dict__ for g in GPUS], "compute_efficiency": COMPUTE_EFFICIENCY}
-    out["memory_efficiency"] = MEMORY_EFFICIENCY
-    out["cases"] = []
+    """Per case (mode, K): the steps' FLOPs and bytes (:func:`paper_steps`), and per GPU of :data:`GPUS`
+    each step's estimated seconds as built, the pixel scoring's (every step but the backbone and the
+    image stage) as built and fused, and the total (backbone through image stage) as built."""
+    out: dict[str, Any] = {
+        "gpus": [g.__dict__ for g in GPUS],
+        "compute_efficiency": COMPUTE_EFFICIENCY,
+        "memory_efficiency": MEMORY_EFFICIENCY,
+        "cases": [],
+    }
     for mode, k in cases:
         steps = paper_steps(k, mode)
-        case = {"mode": mode, "k": k, "steps": steps, "estimates": {}}
-        pixel = [s for s in steps if not s["step"].startswith(("backbone", "image stage"))]
+        case: dict[str, Any] = {"mode": mode, "k": k, "steps": steps, "estimates": {}}
         for g in GPUS:
             case["estimates"][g.name] = {
                 "steps_s": [step_seconds(s, g) for s in steps],
-                "pixel_s": sum(step_seconds(s, g) for s in pixel),
-                "pixel_unfused_s": sum(step_seconds(s, g, fused=False) for s in pixel),
+                "pixel_s": sum(step_seconds(s, g) for s in steps if _is_pixel(s)),
+                "pixel_fused_s": sum(step_seconds(s, g, fused=True) for s in steps if _is_pixel(s)),
                 "total_s": sum(step_seconds(s, g) for s in steps),
             }
         out["cases"].append(case)
@@ -835,7 +835,7 @@ def paper_estimate(cases: tuple = (("concat", 50), ("concat", 5), ("per-level", 
 
 def _si(x: float, unit: str) -> str:
     if x == 0:
-        return "0"
+        return "-"
     for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
         if x >= scale:
             return f"{x / scale:.3g} {prefix}{unit}"
@@ -843,39 +843,46 @@ def _si(x: float, unit: str) -> str:
 
 
 def paper_markdown(r: dict | None = None) -> str:
-    """The on-paper tables: per case the steps' FLOPs and bytes, then per GPU the estimate."""
+    """The on-paper tables: the rates assumed, then per case the steps' FLOPs and bytes and, per GPU,
+    the estimated milliseconds."""
     r = r or paper_estimate()
     lines = [
-        "Rates assumed (dense fp16 tensor = GPU sparse INT8 TOPS / 4 = SMs x 4 tensor cores x 256 FMA/clock "
-        "x 2 x GPU clock; fp32 = CUDA cores x 2 x clock), derated to "
-        f"{r['compute_efficiency']:.0%} of compute and {r['memory_efficiency']:.0%} of bandwidth:",
+        "Rates assumed: dense fp16 tensor = SMs x 4 tensor cores x 256 FMA/clock x 2 x GPU clock (= the GPU's "
+        "sparse INT8 TOPS / 4); fp32 = CUDA cores x 2 x clock; fp64 = fp32 / 64 (GA10x; assumed). Each step "
+        f"takes the slower of its compute at {r['compute_efficiency']:.0%} of these peaks and its memory traffic "
+        f"at {r['memory_efficiency']:.0%} of the bandwidth.",
         "",
-        "| GPU | fp16 tensor TFLOPS (dense) | fp32 TFLOPS | memory GB/s |",
-        "|---|---:|---:|---:|",
+        "| GPU | fp16 tensor TFLOPS (dense) | fp32 TFLOPS | fp64 TFLOPS | memory GB/s |",
+        "|---|---:|---:|---:|---:|",
     ]
     for g in r["gpus"]:
-        lines.append(f"| {g['name']} | {g['fp16_tflops']:.1f} | {g['fp32_tflops']:.2f} | {g['bandwidth_gbs']:.1f} |")
+        lines.append(
+            f"| {g['name']} | {g['fp16_tflops']:.1f} | {g['fp32_tflops']:.2f} | {g['fp64_tflops']:.3g} | "
+            f"{g['bandwidth_gbs']:.1f} |"
+        )
     lines += ["", f"Sources: {ORIN_SOURCES}.", ""]
     for case in r["cases"]:
         names = list(case["estimates"])
+        short = [n.split(" (")[0].replace("Jetson ", "") for n in names]
         lines += [
-            f"WRN50x2 {case['mode']} K = {case['k']}, kappa = {KAPPA}, per image (ms per step):",
+            f"WRN50x2 {case['mode']} K = {case['k']}, kappa = {KAPPA}, per image; ms per step on each GPU:",
             "",
-            "| step | tensor FLOP | CUDA-core FLOP | bytes | " + " | ".join(n.split(" (")[0] for n in names) + " |",
-            "|---|---:|---:|---:|" + "---:|" * len(names),
+            "| step | tensor FLOP | fp32 FLOP | fp64 FLOP | bytes | bytes, fused | " + " | ".join(short) + " |",
+            "|---|---:|---:|---:|---:|---:|" + "---:|" * len(names),
         ]
         for i, s in enumerate(case["steps"]):
             ms = " | ".join(f"{case['estimates'][n]['steps_s'][i] * 1e3:.2f}" for n in names)
             lines.append(
-                f"| {s['step']} | {_si(s['tensor'], 'FLOP')} | {_si(s['simt'], 'FLOP')} | {_si(s['bytes'], 'B')} | {ms} |"
+                f"| {s['step']} | {_si(s['tensor'], 'FLOP')} | {_si(s['simt'], 'FLOP')} | {_si(s['fp64'], 'FLOP')} | "
+                f"{_si(s['bytes'], 'B')} | {_si(s['fused_bytes'], 'B')} | {ms} |"
             )
         for key, label in (
-            ("pixel_s", "**pixel scoring** (products, selection, re-ranking)"),
-            ("pixel_unfused_s", "pixel scoring if the distances went through memory"),
-            ("total_s", "**total** (backbone through image stage)"),
+            ("pixel_s", "**pixel scoring, as built** (products through memory)"),
+            ("pixel_fused_s", "pixel scoring with a fused product-and-select"),
+            ("total_s", "**total, as built** (backbone through image stage)"),
         ):
             ms = " | ".join(f"{case['estimates'][n][key] * 1e3:.1f}" for n in names)
-            lines.append(f"| {label} | | | | {ms} |")
+            lines.append(f"| {label} | | | | | | {ms} |")
         lines.append("")
     return "\n".join(lines)
 
