@@ -861,6 +861,22 @@ def paper_markdown(r: dict | None = None) -> str:
             f"{g['bandwidth_gbs']:.1f} |"
         )
     lines += ["", f"Sources: {ORIN_SOURCES}.", ""]
+    names = [g["name"] for g in r["gpus"]]
+    lines += [
+        "Per image, ms: pixel scoring as built / with a fused product-and-select / total as built (backbone "
+        "through image stage):",
+        "",
+        "| WRN50x2 | " + " | ".join(n.split(" (")[0].replace("Jetson ", "") for n in names) + " |",
+        "|---|" + "---:|" * len(names),
+    ]
+    for case in r["cases"]:
+        e = case["estimates"]
+        cells = [
+            f"{e[n]['pixel_s'] * 1e3:.1f} / {e[n]['pixel_fused_s'] * 1e3:.1f} / {e[n]['total_s'] * 1e3:.1f}"
+            for n in names
+        ]
+        lines.append(f"| {case['mode']} K = {case['k']} | " + " | ".join(cells) + " |")
+    lines.append("")
     for case in r["cases"]:
         names = list(case["estimates"])
         short = [n.split(" (")[0].replace("Jetson ", "") for n in names]
