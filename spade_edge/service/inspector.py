@@ -218,6 +218,7 @@ class Done:
     loaded: Loaded
     decoded: float
     queued: float
+    id: str | None = None  # given by :attr:`InspectionService.on_result` (the operator's page) to keep it
 
 
 def _warmup_image(det) -> np.ndarray:
@@ -266,6 +267,9 @@ class InspectionService:
         self.error: str | None = None
         self.started_at = time.time()
         self.frames = None  # an UploadSource fed by POST /frames, when a line trigger takes uploads
+        # called with (Done, the image as given) for every finished inspection, HTTP or line alike
+        # (serve --ui: station.Station.record); it may set Done.id
+        self.on_result: Callable | None = None
         self._worker = threading.Thread(target=self._work, name="spade-edge-worker", daemon=True)
         self._worker.start()
         self._init_metrics()
@@ -418,7 +422,13 @@ class InspectionService:
             raise InferenceFailed(job.error)
         assert job.result is not None  # the worker set a result or an error before finish()
         pred, png = job.result
-        return Done(pred, png, loaded, decoded, job.started - job.enqueued)
+        done = Done(pred, png, loaded, decoded, job.started - job.enqueued)
+        if self.on_result is not None:
+            try:
+                self.on_result(done, data)
+            except Exception:  # noqa: BLE001 - the page's bookkeeping must not fail an inspection
+                log.exception("on_result failed for %s", name)
+        return done
 
     def on_worker(self, fn: Callable, timeout: float = 600.0):
         """``fn()`` run on the worker thread between images (the feature backend is the worker's

@@ -583,12 +583,10 @@ class _Handler(BaseHTTPRequestHandler):
             mode = (q.get("heatmap") or "").lower()
             held, ticket = ticket, None  # run() returns it, whatever happens
             done = svc.run(held, data, name or "<request>", deadline, heatmap=_truthy(mode))
-            pred, png = done.prediction, done.heatmap_png
-            rid = uuid.uuid4().hex
-            out = self._result(done, rid, t0, t_recv)
-            if self.server.station is not None:  # kept for the operator's page, image and all
-                self.server.station.record(done, rid, data, out)
             del data
+            pred, png = done.prediction, done.heatmap_png
+            rid = done.id or uuid.uuid4().hex  # the operator's page's id for it, when it keeps it
+            out = self._result(done, rid, t0, t_recv)
             if png is not None:
                 if mode == "inline":
                     out["heatmap"] = "data:image/png;base64," + base64.b64encode(png).decode()
@@ -729,6 +727,8 @@ def make_server(
     cls = type("Server", (InspectionServer,), {"address_family": family})
     httpd = cls((host, port), handler, service)
     httpd.station = station
+    if station is not None:
+        service.on_result = station.record  # every inspection, HTTP or line, for the page
     return httpd
 
 

@@ -27,6 +27,7 @@ import os
 import re
 import threading
 import time
+import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from importlib import resources
@@ -79,7 +80,7 @@ class Entry:
     seq: int
     time: float
     summary: dict
-    data: bytes  # the request's image, as sent: 'good part' adds exactly it
+    data: bytes | np.ndarray  # the image as sent (or a camera's RGB frame): 'good part' adds exactly it
     input_image: np.ndarray  # what the model saw (S x S x 3)
     amap: np.ndarray  # the anomaly map at the model input (S x S)
     corr: Any  # runtime.spade.Correspondence
@@ -92,7 +93,8 @@ class Entry:
     @property
     def nbytes(self) -> int:
         c = self.corr
-        return len(self.data) + self.input_image.nbytes + self.amap.nbytes + c.image.nbytes + c.y.nbytes + c.x.nbytes
+        size = self.data.nbytes if isinstance(self.data, np.ndarray) else len(self.data)
+        return size + self.input_image.nbytes + self.amap.nbytes + c.image.nbytes + c.y.nbytes + c.x.nbytes
 
 
 class Ring:
@@ -195,32 +197,35 @@ class Station:
         self._reviewed = self._load_reviews()
 
     # --- recording ------------------------------------------------------------------------------
-    def record(self, done: Done, rid: str, data: bytes, summary: dict) -> None:
-        """Keep a result of ``POST /inspect`` for the page (called by the server)."""
+    def record(self, done: Done, data) -> None:
+        """Keep a finished inspection for the page (the service's ``on_result``: HTTP and line
+        alike); names it with ``done.id``, which ``POST /inspect`` answers as its ``id``."""
         p, g = done.prediction, done.loaded.detector.gallery
-        keep = {
-            k: summary.get(k)
-            for k in (
-                "image",
-                "verdict",
-                "score",
-                "threshold",
-                "neighbors",
-                "neighbor_distances",
-                "worst_pixel",
-                "generation",
-            )
+        d = p.to_dict()
+        k = self.service.config.neighbors
+        neighbors = list(p.neighbors[:k])
+        summary = {
+            "image": p.name,
+            "verdict": p.verdict,
+            "score": float(p.score),
+            "threshold": g.thresholds.get("image"),
+            "neighbors": neighbors,
+            "neighbor_distances": [round(float(x), 6) for x in p.neighbor_distances[:k]],
+            "neighbor_ids": [self._index(g.names, n) for n in neighbors],
+            "worst_pixel": d.get("worst_pixel"),
+            "generation": done.loaded.generation,
+            "latency_ms": {**d.get("timings_ms", {}), "queue": round(done.queued * 1e3, 2)},
+            "size": int(p.input_image.shape[0]),
         }
-        keep["latency_ms"] = summary.get("latency_ms")  # the server adds "total" just after
-        keep["size"] = int(p.input_image.shape[0])
-        keep["neighbor_ids"] = [self._index(g.names, n) for n in keep["neighbors"] or []]
+        done.id = uuid.uuid4().hex
+        kept = bytes(data) if isinstance(data, (bytes, bytearray, memoryview)) else np.asarray(data)
         self.ring.add(
             Entry(
-                rid,
+                done.id,
                 0,
                 time.time(),
-                keep,
-                bytes(data),
+                summary,
+                kept,
                 p.input_image,
                 np.asarray(p.anomaly_map, np.float32),
                 p.correspondence,
@@ -554,13 +559,16 @@ class Station:
         """The result's image in DATA_DIR/images, named by its id (the gallery's name for it)."""
         from PIL import Image
 
-        try:
-            fmt = (Image.open(io.BytesIO(e.data)).format or "img").lower()
-        except Exception:  # noqa: BLE001 - it decoded for the inspection; the name only needs an extension
-            fmt = "img"
-        path = self.data_dir / "images" / f"{e.id}.{fmt if fmt.isalnum() else 'img'}"
+        if isinstance(e.data, np.ndarray):  # a camera's frame: kept losslessly
+            path, raw = self.data_dir / "images" / f"{e.id}.png", _png(e.data)
+        else:
+            try:
+                fmt = (Image.open(io.BytesIO(e.data)).format or "img").lower()
+            except Exception:  # noqa: BLE001 - it decoded for the inspection; the name only needs an extension
+                fmt = "img"
+            path, raw = self.data_dir / "images" / f"{e.id}.{fmt if fmt.isalnum() else 'img'}", e.data
         tmp = path.with_suffix(".part")
-        tmp.write_bytes(e.data)
+        tmp.write_bytes(raw)
         os.replace(tmp, path)
         return path
 

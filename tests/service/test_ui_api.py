@@ -276,6 +276,43 @@ def test_concurrent_reviewers_lose_nothing(ui, ui_assets):
     assert inspect(s.url, ui_assets["dark"])["verdict"] == "OK"
 
 
+def test_line_triggers_reach_the_page(ui_assets, tmp_path):
+    """``serve --ui --tcp``: a part triggered by the line (TCP text protocol, image uploaded to
+    POST /frames) shows on the page; marked good there, the line's next trigger of it is OK."""
+    import re
+    import socket
+
+    s, _ = start_ui(ui_assets, tmp_path, "--tcp", "0")
+
+    def trigger() -> str:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as c:
+            c.sendall(b"TRIGGER\r\n")
+            return c.makefile("rb").readline().decode().strip()
+
+    try:
+        end = time.monotonic() + 30
+        while not (mt := re.search(r"text protocol listening on tcp://127\.0\.0\.1:(\d+)", s.log.read_text())):
+            assert time.monotonic() < end, s.log.read_text()
+            time.sleep(0.05)
+        port = int(mt.group(1))
+        body = ui_assets["bright"].read_bytes()
+        assert request(s.url, "POST", "/frames?name=from-line.png", body)[0] == 202
+        assert trigger().split(",")[2] == "NOT_OK"
+        st = state(s.url)
+        shown = [r for r in st["results"] if r["image"] == "from-line.png"]
+        assert len(shown) == 1 and shown[0]["verdict"] == "NOT_OK" and shown[0]["queued"]
+        status, out = write(
+            s.url,
+            f"/ui/api/results/{shown[0]['id']}/review",
+            {"decision": "good", "generation": st["gallery_generation"]},
+        )
+        assert status == 200, out
+        assert request(s.url, "POST", "/frames?name=from-line.png", body)[0] == 202
+        assert trigger().split(",")[2] == "OK"
+    finally:
+        s.stop()
+
+
 def test_results_kept_are_bounded(ui_assets, tmp_path):
     s, _ = start_ui(ui_assets, tmp_path, "--ui-results", "3")
     try:
