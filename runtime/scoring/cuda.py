@@ -103,6 +103,10 @@ class _Device:
         self._one = np.ones(1, np.float32)  # GemmEx's alpha and beta live in host memory
         self._zero = np.zeros(1, np.float32)
 
+    def count(self, n: int = 1) -> None:
+        """Launches made by CuPy operations on this device (copies, casts) for a search."""
+        self.launches += int(n)
+
     def launch(self, name: str, grid: tuple, block: int, args: Sequence) -> None:
         self.launches += 1
         fn = self._fns[name]
@@ -188,7 +192,19 @@ class CudaScorer(PixelScorer):
         with cp.cuda.Device(self.device_id):
             self._device()
             self._attached = None  # the old copy is freed before the new one is made
-            self._attached = (gallery, from_gallery(cp, gallery))
+            try:
+                self._attached = (gallery, from_gallery(cp, gallery))
+            except Exception as exc:
+                if type(exc).__name__ != "OutOfMemoryError":
+                    raise
+                import warnings
+
+                # still exact, only slower: each search uploads the images it retrieves
+                warnings.warn(
+                    f"the gallery does not fit on GPU {self.device_id} ({exc}); the CUDA scorer uploads "
+                    "the retrieved images per request",
+                    stacklevel=2,
+                )
 
     def close(self) -> None:
         self._attached = None
@@ -204,8 +220,9 @@ class CudaScorer(PixelScorer):
             q = query if isinstance(query, cp.ndarray) else np.asarray(query)
             if q.ndim != 2:
                 raise ValueError(f"query has shape {q.shape}, expected (P, D)")
+            start = self._device().launches
             dev_levels, name, images, uploaded = self._rows_gallery(cp, view, q.shape[1])
-            return self._search(cp, dev_levels, [name], images, [q], None, kappa, uploaded, "cuda fp16 screen")
+            return self._search(cp, dev_levels, [name], images, [q], None, kappa, uploaded, "cuda fp16 screen", start)
 
     def topk_pyramid(self, query, gallery, grid, kappa) -> TopK:
         if kappa < 1:
@@ -215,8 +232,11 @@ class CudaScorer(PixelScorer):
         with cp.cuda.Device(self.device_id):
             view = GalleryPyramids.of(gallery, grid)
             levels = [x if isinstance(x, cp.ndarray) else np.asarray(x) for x in query]
+            start = self._device().launches
             dev_levels, names, images, uploaded = self._pyramid_gallery(cp, view, levels, grid)
-            return self._search(cp, dev_levels, names, images, levels, grid, kappa, uploaded, "cuda fp16 screen levels")
+            return self._search(
+                cp, dev_levels, names, images, levels, grid, kappa, uploaded, "cuda fp16 screen levels", start
+            )
 
     # -------------------------------------------------------------- galleries
 
@@ -244,11 +264,13 @@ class CudaScorer(PixelScorer):
         on_device = any(isinstance(b, cp.ndarray) for b in blocks)
         dtypes = {np.dtype(b.dtype) for b in blocks}
         dtype = dtypes.pop() if len(dtypes) == 1 and np.dtype(np.int8) not in dtypes else np.dtype(np.float32)
+        count = self._device().count
         if on_device:
+            count(1 + sum(isinstance(b, cp.ndarray) and b.dtype != dtype for b in blocks))  # concatenate, casts
             rows = cp.concatenate([cp.asarray(b).astype(dtype, copy=False) for b in blocks])
         else:
             rows = np.concatenate([np.asarray(b, dtype) for b in blocks])
-        dev = DeviceLevels(cp, {"rows": (rows, None, offsets)})
+        dev = DeviceLevels(cp, {"rows": (rows, None, offsets)}, on_copy=count)
         return dev, "rows", np.arange(len(blocks), dtype=np.int64), True
 
     def _pyramid_gallery(self, cp, view: GalleryPyramids, query: list, grid):
@@ -274,14 +296,14 @@ class CudaScorer(PixelScorer):
             maps = [img[i] for img in images]
             if any(m.shape != maps[0].shape for m in maps) or maps[0].shape[2] != query[i].shape[2]:
                 raise ValueError(f"gallery level {i} shapes {[m.shape for m in maps]} against query {query[i].shape}")
-            on_device = any(isinstance(m, cp.ndarray) for m in maps)
-            stack = (
-                cp.stack([cp.asarray(m, cp.float32) for m in maps])
-                if on_device
-                else np.stack([np.asarray(m, np.float32) for m in maps])
-            )
+            if any(isinstance(m, cp.ndarray) for m in maps):
+                self._device().count(1 + sum(isinstance(m, cp.ndarray) and m.dtype != cp.float32 for m in maps))
+                stack = cp.stack([cp.asarray(m, cp.float32) for m in maps])
+            else:
+                stack = np.stack([np.asarray(m, np.float32) for m in maps])
             levels[n] = (stack, None, None)
-        return DeviceLevels(cp, levels), names, np.arange(len(images), dtype=np.int64), True
+        dev = DeviceLevels(cp, levels, on_copy=self._device().count)
+        return dev, names, np.arange(len(images), dtype=np.int64), True
 
     # -------------------------------------------------------------- the search
 
@@ -298,9 +320,10 @@ class CudaScorer(PixelScorer):
             self._tap_cache[key] = (idx, w)
         return self._tap_cache[key]
 
-    def _search(self, cp, dev_levels, names, images, query, grid, kappa, uploaded, path) -> TopK:
+    def _search(self, cp, dev_levels, names, images, query, grid, kappa, uploaded, path, start_launches) -> TopK:
+        """The search of ``query`` (levels in ``names``' order) against ``images`` of ``dev_levels``;
+        ``start_launches``: the launch count when this search began (gathering its gallery included)."""
         dev = self._device()
-        start_launches = dev.launches
         n_keep = keep(kappa)
         if n_keep > KEEP_MAX:
             raise ValueError(f"kappa = {kappa} is above the GPU scorer's {KEEP_MAX - SPARE}")
@@ -508,8 +531,9 @@ class CudaScorer(PixelScorer):
         a = 0
         for x in levels:
             n = int(np.prod(x.shape))
+            if isinstance(x, cp.ndarray):  # a copy kernel on the device (and a cast, or a host upload)
+                self._device().count(1 + (x.dtype != cp.float32) + (not x.flags.c_contiguous))
             out[a : a + n] = cp.asarray(x, cp.float32).reshape(-1)
-            self._device().launches += 1  # a copy kernel on the device
             a += n
         return out
 

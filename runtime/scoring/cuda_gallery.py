@@ -41,9 +41,10 @@ class DeviceLevels:
     """Levels ``{name: (stored, scale, offsets)}`` on the current CuPy device: ``stored`` (N, h, w, C)
     dense or (M, C) rows with ``offsets`` (N + 1,) per image; ``scale`` (C,) fp32 for int8 or None.
     ``stored`` may be a numpy array (a memory map too: read chunk by chunk into pinned memory) or a
-    CuPy array already on the device (copied there, no upload)."""
+    CuPy array already on the device (copied there, no upload; ``on_copy(n)`` is told of the n device
+    copies that makes)."""
 
-    def __init__(self, cp, levels: dict, staging_bytes: int = STAGING_BYTES):
+    def __init__(self, cp, levels: dict, staging_bytes: int = STAGING_BYTES, on_copy=None):
         self.levels: dict[str, DeviceLevel] = {}
         self.memo: dict = {}  # per (names, grid): the kernels' gallery norms and reaches
         sizes, scales, rows = [], [], []
@@ -80,7 +81,7 @@ class DeviceLevels:
         self.n_images = int(count or 0)
         self.nbytes = total
         self.blob = cp.empty(max(total, ALIGN), dtype=cp.uint8)
-        _upload(cp, self.blob, sizes, staging_bytes)
+        _upload(cp, self.blob, sizes, staging_bytes, on_copy or (lambda n: None))
         self.scales = cp.asarray(np.concatenate(scales) if scales else np.zeros(1, np.float32))
         self.rows = cp.asarray(np.concatenate(rows))
 
@@ -88,7 +89,7 @@ class DeviceLevels:
         return self.levels[name]
 
 
-def _upload(cp, blob, parts, staging_bytes: int) -> None:
+def _upload(cp, blob, parts, staging_bytes: int, on_copy) -> None:
     """Copy each (array, byte offset, nbytes) into ``blob``: device arrays on the device, host arrays
     through two pinned buffers that alternate on a stream (one fills while the other is copied)."""
     import cupyx
@@ -96,6 +97,7 @@ def _upload(cp, blob, parts, staging_bytes: int) -> None:
     host = [(a, off, n) for a, off, n in parts if not isinstance(a, cp.ndarray)]
     for a, off, n in parts:
         if isinstance(a, cp.ndarray) and n:
+            on_copy(1 + (not a.flags.c_contiguous))  # a copy kernel (and one to make it contiguous)
             blob[off : off + n] = cp.ascontiguousarray(a).reshape(-1).view(cp.uint8)
     if not host:
         return

@@ -372,3 +372,25 @@ def test_detector_on_cuda_predicts_as_on_the_cpu(tmp_path, monkeypatch, mode, pr
         assert stats["path"] == ("cuda fp16 screen levels" if mode == "concat" else "cuda fp16 screen")
         assert stats["launches"] <= 20, stats
     det.close()
+
+
+def test_everything_on_the_device_counts_every_launch(standins):
+    """Query and gallery maps handed over as CuPy arrays (fp16 gallery maps: cast on the device): no
+    upload but descriptors, and the scorer's launch count still equals what the stand-ins saw."""
+    import cupy
+
+    rng = np.random.default_rng(14)
+    images = [[rng.normal(size=s).astype(np.float16) for s in SHAPES] for _ in range(3)]
+    query = [rng.normal(size=s).astype(np.float32) for s in SHAPES]
+    host = CudaScorer().topk_pyramid(query, images, GRID, 2)
+    on_device = [[cupy.asarray(x) for x in img] for img in images]
+    q_dev = [cupy.asarray(x) for x in query]
+    scorer = CudaScorer()
+    scorer.topk_pyramid(q_dev, on_device, GRID, 2)  # compiles, warms up
+    before = dict(standins.counters)
+    top = scorer.topk_pyramid(q_dev, on_device, GRID, 2)
+    seen = {k: standins.counters.get(k, 0) - before.get(k, 0) for k in ("kernels", "gemm", "ops", "h2d_bytes")}
+    assert scorer.stats["launches"] == seen["kernels"] + seen["gemm"] + seen["ops"], (scorer.stats, seen)
+    assert seen["h2d_bytes"] < 4096  # descriptors only
+    np.testing.assert_array_equal(top.indices, host.indices)
+    np.testing.assert_array_equal(top.distances, host.distances)

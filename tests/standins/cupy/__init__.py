@@ -123,6 +123,16 @@ def concatenate(tup, axis=0, out=None, dtype=None) -> ndarray:
     return adopt(result, ctx)
 
 
+def stack(tup, axis=0, out=None, dtype=None) -> ndarray:
+    ctx = _device_arrays(list(tup), "stack")
+    machine.count("ops")
+    result = np.stack([host_view(a) for a in tup], axis=axis, dtype=dtype)
+    if out is not None:
+        out[...] = adopt(result, ctx)
+        return out
+    return adopt(result, ctx)
+
+
 def take_along_axis(a, indices, axis) -> ndarray:
     ctx = _device_arrays([a, indices], "take_along_axis")
     machine.count("ops")
@@ -145,7 +155,12 @@ def asnumpy(a, stream=None, order="C", out=None, blocking=True) -> np.ndarray:
 
 
 # numpy.<name>(device array) runs these (ndarray.__array_function__), as CuPy dispatches
-NUMPY_FUNCTIONS = {np.concatenate: concatenate, np.take_along_axis: take_along_axis, np.argsort: argsort}
+NUMPY_FUNCTIONS = {
+    np.concatenate: concatenate,
+    np.stack: stack,
+    np.take_along_axis: take_along_axis,
+    np.argsort: argsort,
+}
 
 __all__ = [
     "RawKernel",
@@ -162,6 +177,7 @@ __all__ = [
     "matmul",
     "ndarray",
     "ones",
+    "stack",
     "take_along_axis",
     "zeros",
 ]
