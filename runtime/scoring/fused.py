@@ -51,6 +51,20 @@ LEVELS = {
             "-mprefer-vector-width=512",
         ),
     ),
+    "avx512vnni": (
+        ("avx512f", "avx512vl", "avx512bw", "avx512_vnni", "avx2", "fma"),
+        (
+            "-DVW=16",
+            "-DRB=8",
+            "-mavx512f",
+            "-mavx512vl",
+            "-mavx512bw",
+            "-mavx512vnni",
+            "-mavx2",
+            "-mfma",
+            "-mprefer-vector-width=512",
+        ),
+    ),
     "avx512": (
         ("avx512f", "avx512vl", "avx2", "fma"),
         ("-DVW=16", "-DRB=8", "-mavx512f", "-mavx512vl", "-mavx2", "-mfma", "-mprefer-vector-width=512"),
@@ -63,7 +77,7 @@ LEVELS = {
 # from about this many multiply-adds (query rows x gallery rows x channels): Lite0's fine level (1.2e10)
 # and its concatenation take it, its 14 x 14 level (4e8) does not (docs/speed.md)
 SCREEN_WORK = 1e9
-ORDER = {"x86_64": ("avx512bf16", "avx512", "avx2", "portable"), "aarch64": ("neon", "portable")}
+ORDER = {"x86_64": ("avx512bf16", "avx512vnni", "avx512", "avx2", "portable"), "aarch64": ("neon", "portable")}
 
 
 def levels_here() -> tuple[str, ...]:
@@ -96,11 +110,16 @@ def kernel(level: str) -> tuple[ctypes.CDLL | None, str]:
     lib.sf_screen.restype = None
     lib.sf_exact.argtypes = [i64, i64, p, i64, p, i64, i64, i32, p, p]
     lib.sf_exact.restype = None
-    lib.sf_width.restype = lib.sf_rows.restype = lib.sf_has_bf16.restype = i32
+    lib.sf_width.restype = lib.sf_rows.restype = lib.sf_has_bf16.restype = lib.sf_has_int8.restype = i32
+    if lib.sf_has_int8():
+        lib.sf_prep_int8.argtypes = [p, i64, i64, p, i64, i64, i64, ctypes.c_double, p, p, p, p, p]
+        lib.sf_prep_int8.restype = None
+        lib.sf_screen_int8.argtypes = [i64, i64, p, i64, p, p, p, p, p, p, p, i64, i64, i32, p, p, p]
+        lib.sf_screen_int8.restype = None
     if lib.sf_has_bf16():
         lib.sf_pack_bf16.argtypes = [p, i64, i64, i64, p]
         lib.sf_pack_bf16.restype = None
-        lib.sf_prep_bf16.argtypes = [p, i64, i64, p, i64, i64, ctypes.c_double, p, p, p]
+        lib.sf_prep_bf16.argtypes = [p, i64, i64, p, i64, i64, i64, ctypes.c_double, p, p, p]
         lib.sf_prep_bf16.restype = None
         lib.sf_screen_bf16.argtypes = lib.sf_screen.argtypes
         lib.sf_screen_bf16.restype = None
@@ -172,6 +191,7 @@ class Fused:
         n = max(1, min(4 * threads, p // 64)) if threads > 1 else 1
         cuts = [p * t // n // self.rows * self.rows for t in range(n)] + [p]
         self.parts = [(a, b) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+        self.threads = threads
         self.pool = ThreadPoolExecutor(threads) if threads > 1 else None  # ctypes lets go of the GIL
 
     def add(self, g: np.ndarray, norms: np.ndarray, base: int) -> None:
@@ -205,6 +225,18 @@ class Fused:
             part(*self.parts[0])
         else:
             for f in [self.pool.submit(part, *rows) for rows in self.parts]:
+                f.result()
+
+    def panels_parallel(self, fn, npan: int) -> None:
+        """``fn(p0, p1)`` over parts of ``npan`` panels, one per thread (a screen's operands)."""
+        threads = self.threads
+        cuts = [npan * t // threads for t in range(threads + 1)]
+        jobs = [(a, b) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+        if self.pool is None or len(jobs) == 1:
+            for job in jobs:
+                fn(*job)
+        else:
+            for f in [self.pool.submit(fn, *job) for job in jobs]:
                 f.result()
 
     def recompute(self, g: np.ndarray, base: int) -> None:
@@ -272,10 +304,14 @@ class FusedScorer(NumpyScorer):
     def screen_for(self, q: np.ndarray, view: GalleryRows) -> str | None:
         """The screen that pays for this search (docs/speed.md, "The fused kernels and the screens"):
         bf16 where the kernel has it and the search is big enough to repay the screen's set-up."""
-        if not self.screens or not int(self.lib.sf_has_bf16()):
-            return None
         work = float(len(q)) * float(view.sizes.sum()) * q.shape[1]
-        return "bf16" if work >= SCREEN_WORK and q.shape[1] >= 8 else None
+        if not self.screens or work < SCREEN_WORK or q.shape[1] < 8:
+            return None
+        if self.lib.sf_has_bf16():
+            return "bf16"
+        if self.lib.sf_has_int8() and q.shape[1] <= 1024:  # where VNNI has no BF16 beside it (Ice Lake)
+            return "int8"
+        return None
 
     def _blocks(self, view: GalleryRows, dim: int, clock: Clock):
         """(index of the first row, block as float32) for every non-empty block, shapes checked."""

@@ -66,8 +66,8 @@ class ScreenedSearch:
 
     def __init__(self, lib, q: np.ndarray, kappa: int, screen: str, clock: Clock | None = None):
         self.lib, self.kappa, self.screen = lib, kappa, screen
-        self.bf16 = screen == "bf16"
-        self.ops = Operands(q, None if self.bf16 else int(screen.removeprefix("pca")))
+        self.bf16, self.int8 = screen == "bf16", screen == "int8"
+        self.ops = Operands(q, None if screen in ("bf16", "int8") else int(screen.removeprefix("pca")))
         a = self.ops.a
         k = a.shape[1]
         self.k = k
@@ -78,7 +78,9 @@ class ScreenedSearch:
         self.t = 2.0**-100 * (1 + a_norm.max(initial=0.0))
         self.run = Fused(lib, clock)
         self.run.start(np.ascontiguousarray(q, np.float32), keep(kappa))
-        if self.bf16:
+        if self.int8:
+            self._int8_rows(a, a_norm)
+        elif self.bf16:
             bits = np.zeros((len(a), k + (k & 1)), np.uint16)
             bits[:, :k] = bf16(a.astype(np.float32))
             self.a_op = np.ascontiguousarray(bits).view(np.uint32)  # (P, pairs)
@@ -92,12 +94,39 @@ class ScreenedSearch:
         n, w = len(g), run.width
         npan = -(-n // (2 * w)) * 2
         pnorms, pgn = np.empty(npan * w, np.float32), np.empty(npan * w, np.float32)
+        if self.int8:  # one pass in C: centred, quantized, packed, normed
+            d = self.a_op.shape[1]
+            panels = np.empty(npan * d * w, np.uint32)
+            psb, pb1 = np.empty(npan * w, np.float32), np.empty(npan * w, np.float32)
+            run.panels_parallel(
+                lambda p0, p1: lib.sf_prep_int8(
+                    g.ctypes.data, n, g.shape[1], self.ops.mu.ctypes.data, d, p0, p1, self.t,
+                    panels.ctypes.data, pnorms.ctypes.data, pgn.ctypes.data, psb.ctypes.data, pb1.ctypes.data,
+                ),
+                npan,
+            )  # fmt: skip
+            run.clock.lap(PACK)
+
+            def part8(r0: int, r1: int) -> None:
+                lib.sf_screen_int8(
+                    r0, r1, self.a_op.ctypes.data, d, panels.ctypes.data, pnorms.ctypes.data, pgn.ctypes.data,
+                    psb.ctypes.data, pb1.ctypes.data, self.rp.ctypes.data, self.corr.ctypes.data, npan, base,
+                    run.m, run.vals.ctypes.data, run.idx.ctypes.data, run.exact.ctypes.data,
+                )  # fmt: skip
+
+            run.parallel(part8)
+            run.clock.lap(KERNEL)
+            run.recompute(g, base)
+            return
         if self.bf16:  # one pass in C: centred, rounded, packed, normed
             d = self.a_op.shape[1]
             panels = np.empty(npan * d * w, np.uint32)
-            lib.sf_prep_bf16(
-                g.ctypes.data, n, g.shape[1], self.ops.mu.ctypes.data, d, npan, self.t,
-                panels.ctypes.data, pnorms.ctypes.data, pgn.ctypes.data,
+            run.panels_parallel(
+                lambda p0, p1: lib.sf_prep_bf16(
+                    g.ctypes.data, n, g.shape[1], self.ops.mu.ctypes.data, d, p0, p1, self.t,
+                    panels.ctypes.data, pnorms.ctypes.data, pgn.ctypes.data,
+                ),
+                npan,
             )  # fmt: skip
             fn = lib.sf_screen_bf16
         else:
@@ -122,6 +151,29 @@ class ScreenedSearch:
         run.parallel(part)
         run.clock.lap(KERNEL)
         run.recompute(g, base)
+
+    def _int8_rows(self, a: np.ndarray, a_norm: np.ndarray) -> None:
+        """The query rows as the int8 screen's s8 quads and per-row parameters (kernels/fused.c
+        sf_screen_int8; the bound in the module docstring)."""
+        k = a.shape[1]
+        if k > 1024:
+            raise ValueError("the int8 screen's int32 sums are exact in fp32 up to 1024 channels")
+        peak = np.abs(a).max(axis=1)
+        s = (peak / 127).astype(np.float32)
+        s = np.where(s.astype(np.float64) * 127 < peak, np.nextafter(s, np.float32(np.inf)), s)
+        safe = np.where(s > 0, s, 1).astype(np.float64)
+        a_q = np.clip(np.rint(a / safe[:, None]), -127, 127).astype(np.int8)
+        quads = -(-k // 4)
+        packed = np.zeros((len(a), 4 * quads), np.int8)
+        packed[:, :k] = a_q
+        self.a_op = np.ascontiguousarray(packed).view(np.uint32)
+        self.corr = (128 * a_q.astype(np.int32).sum(axis=1)).astype(np.int32)
+        a1 = s.astype(np.float64) * np.abs(a_q.astype(np.float64)).sum(axis=1)
+        r = np.sqrt(k) / 254
+        mk = 2 * (1 + r) ** 2 + 2 * (2 * r * (1 + r) + k / (2 * 127.0**2))  # the terms' size, in |a||b|
+        self.rp = np.stack(
+            [2 * s, (a1 + k * s / 2) * (1 + 2.0**-20), s, 2.0**-20 * mk * a_norm * (1 + 1e-6) + 2.0**-100], axis=1
+        ).astype(np.float32)
 
     def unsettled(self) -> np.ndarray:
         """Rows whose dropped candidates may still belong: the kept list is full and its last lower

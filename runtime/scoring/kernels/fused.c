@@ -201,10 +201,10 @@ static inline uint16_t to_bf16(float x) { /* round to nearest even, as runtime/s
 /* The bf16 screen's operands of gallery rows [0, n) of g (n x d fp32) in one pass: b = g - mu in
    float64, rounded to fp32 then bf16 into panels of d2 channel pairs; pnorms = |b|^2 (1 - 2^-20) - t
    and pgn = |b| (squares summed in float64), +inf and 0 on padded lanes (runtime/scoring/screens.py). */
-void sf_prep_bf16(const float *g, int64_t n, int64_t d, const double *mu, int64_t d2, int64_t npan, double t,
-                  uint32_t *panels, float *pnorms, float *pgn) {
+void sf_prep_bf16(const float *g, int64_t n, int64_t d, const double *mu, int64_t d2, int64_t p0, int64_t p1, double t,
+                  uint32_t *panels, float *pnorms, float *pgn) { /* panels [p0, p1): one part per thread */
     uint16_t *half = (uint16_t *)panels;
-    for (int64_t p = 0; p < npan; p++)
+    for (int64_t p = p0; p < p1; p++)
         for (int l = 0; l < VW; l++) {
             int64_t row = p * VW + l;
             double sq = 0.0;
@@ -282,3 +282,93 @@ void sf_exact(int64_t r0, int64_t r1, const float *q, int64_t d, const float *g,
             ex[r * m + s] = (float)acc;
         }
 }
+
+#if defined(__AVX512VNNI__) && VW == 16
+/* int8 screen (AVX512-VNNI VPDPBUSD): gallery rows as u8 = round(b / s_b) + 128 in panels of d4 channel
+   quads by VW lanes, query rows as s8 = round(a / s_a) quads; acc - corr_i = sum a_q b_q exactly in
+   int32. The caller's per-row parameters rp[4i..4i+3] = (2 s_a, C_i, s_a, e_i) and per-lane psb = s_b,
+   pb1 = s_b |b_q|_1 make value = nb - s_b (2 s_a dot + C_i) - s_a pb1 - e_i gn a lower bound of the
+   expanded distance (runtime/scoring/screens.py). */
+int32_t sf_has_int8(void) { return 1; }
+
+/* One pass over rows [0, n) of g (n x d): b = g - mu (float64), s_b = max|b| / 127 rounded up to fp32,
+   b_q = rint(b / s_b); panels of u8 b_q + 128 (zero channels past d: 128, i.e. b_q = 0), and per lane
+   pnorms = |b|^2 (1 - 2^-20) - t, pgn = |b|, psb = s_b, pb1 = s_b |b_q|_1 (+inf, 0 on padded lanes). */
+void sf_prep_int8(const float *g, int64_t n, int64_t d, const double *mu, int64_t d4, int64_t p0, int64_t p1, double t,
+                  uint32_t *panels, float *pnorms, float *pgn, float *psb, float *pb1) {
+    uint8_t *bytes = (uint8_t *)panels;
+    for (int64_t p = p0; p < p1; p++)
+        for (int l = 0; l < VW; l++) {
+            int64_t row = p * VW + l;
+            double sq = 0.0, peak = 0.0;
+            if (row < n)
+                for (int64_t k = 0; k < d; k++) {
+                    double b = (double)g[row * d + k] - mu[k];
+                    sq += b * b;
+                    peak = fabs(b) > peak ? fabs(b) : peak;
+                }
+            float s = (float)(peak / 127.0);
+            if ((double)s * 127.0 < peak) s = nextafterf(s, INFINITY);
+            double l1 = 0.0;
+            for (int64_t k = 0; k < 4 * d4; k++) {
+                int q = 0;
+                if (row < n && k < d && s > 0.0f) {
+                    q = (int)rint(((double)g[row * d + k] - mu[k]) / (double)s);
+                    q = q > 127 ? 127 : (q < -127 ? -127 : q);
+                    l1 += abs(q);
+                }
+                bytes[((p * d4 + k / 4) * VW + l) * 4 + (k & 3)] = (uint8_t)(q + 128);
+            }
+            pnorms[p * VW + l] = row < n ? (float)(sq * (1.0 - 0x1p-20) - t) : INFINITY;
+            pgn[p * VW + l] = row < n ? (float)sqrt(sq) : 0.0f;
+            psb[p * VW + l] = row < n ? s : 0.0f;
+            pb1[p * VW + l] = row < n ? (float)(l1 * (double)s * (1.0 + 0x1p-20)) : 0.0f;
+        }
+}
+
+void sf_screen_int8(int64_t r0, int64_t r1, const uint32_t *q, int64_t d4, const uint32_t *panels,
+                    const float *pnorms, const float *pgn, const float *psb, const float *pb1, const float *rp,
+                    const int32_t *corr, int64_t npan, int64_t base, int32_t m, float *vals, int64_t *idx,
+                    float *ex) {
+    int64_t chunk = (192 << 10) / (d4 * VW * 4);
+    chunk = chunk / NP * NP;
+    if (chunk < NP) chunk = NP;
+    for (int64_t c0 = 0; c0 < npan; c0 += chunk) {
+        int64_t c1 = c0 + chunk < npan ? c0 + chunk : npan;
+        for (int64_t r = r0; r < r1; r += RB) {
+            int nr = r1 - r < RB ? (int)(r1 - r) : RB;
+            const uint32_t *qr[RB];
+            for (int i = 0; i < RB; i++) qr[i] = q + (r + (i < nr ? i : nr - 1)) * d4;
+            for (int64_t pn = c0; pn < c1; pn += NP) {
+                __m512i acc[RB][NP];
+                for (int i = 0; i < RB; i++)
+                    for (int j = 0; j < NP; j++) acc[i][j] = _mm512_setzero_si512();
+                const uint32_t *pa = panels + pn * d4 * VW;
+                for (int64_t k = 0; k < d4; k++) {
+                    __m512i b[NP];
+                    for (int j = 0; j < NP; j++) b[j] = _mm512_loadu_si512(pa + (j * d4 + k) * VW);
+                    for (int i = 0; i < RB; i++) {
+                        __m512i a = _mm512_set1_epi32((int)qr[i][k]);
+                        for (int j = 0; j < NP; j++) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], b[j], a);
+                    }
+                }
+                for (int j = 0; j < NP; j++) {
+                    int64_t o = (pn + j) * VW;
+                    vf nrm = ld(pnorms + o), gn = ld(pgn + o), sb = ld(psb + o), b1 = ld(pb1 + o);
+                    int64_t first = base + o;
+                    for (int i = 0; i < nr; i++) {
+                        int64_t row = r + i;
+                        const float *c = rp + 4 * row;
+                        __m512i dot = _mm512_sub_epi32(acc[i][j], _mm512_set1_epi32(corr[row]));
+                        vf dotf = (vf)_mm512_cvtepi32_ps(dot);
+                        vf v = nrm - sb * (c[0] * dotf + c[1]) - c[2] * b1 - c[3] * gn;
+                        offer(v, first, vals + row * m, idx + row * m, ex + row * m, m);
+                    }
+                }
+            }
+        }
+    }
+}
+#else
+int32_t sf_has_int8(void) { return 0; }
+#endif
