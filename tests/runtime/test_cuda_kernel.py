@@ -263,3 +263,62 @@ def test_kernels_compile_with_nvcc(arch, tmp_path):
     for name in KERNEL_NAMES:  # extern "C": the names CuPy's and pycuda's get_function look up, unmangled
         assert name.encode() in data, name
         assert b"_Z" + str(len(name)).encode() + name.encode() not in data, name
+
+
+# ---------------------------------------------------------------------------------------------
+# the stand-ins' cuBLAS and pycuda launches, as the scorer uses them
+
+
+def test_standin_gemm_ex_is_column_major_with_leading_dimensions(cupy_stand_in):
+    cp = cupy_stand_in
+    cublas, rt = cp.cuda.cublas, cp.cuda.runtime
+    rng = np.random.default_rng(3)
+    a = rng.integers(-8, 9, (5, 7)).astype(np.float16)  # row-major (5, 7): column-major 7 x 5, ld 7
+    b = rng.integers(-8, 9, (4, 7)).astype(np.float16)
+    a_d, b_d = cp.asarray(a), cp.asarray(b)
+    c_d = cp.full((4, 6), np.nan, dtype=cp.float32)  # column-major 6 x 4: ldc 6 > m = 5 rows used
+    one, zero = np.ones(1, np.float32), np.zeros(1, np.float32)
+    args = (7, one.ctypes.data, a_d.data.ptr, rt.CUDA_R_16F, 7, b_d.data.ptr, rt.CUDA_R_16F, 7, zero.ctypes.data)
+    handle = cp.cuda.device.get_cublas_handle()
+    cublas.gemmEx(
+        handle, cublas.CUBLAS_OP_T, cublas.CUBLAS_OP_N, 5, 4, *args, c_d.data.ptr, rt.CUDA_R_32F, 6,
+        cublas.CUBLAS_COMPUTE_32F, cublas.CUBLAS_GEMM_DEFAULT_TENSOR_OP,
+    )  # fmt: skip
+    got = cp.asnumpy(c_d)
+    np.testing.assert_array_equal(got[:, :5], b.astype(np.float32) @ a.astype(np.float32).T)
+    assert np.isnan(got[:, 5]).all()  # the padding row of each column is not written
+    with pytest.raises(cublas.CUBLASError, match="INVALID_VALUE"):  # C would need 5 rows per column
+        cublas.gemmEx(
+            handle, cublas.CUBLAS_OP_T, cublas.CUBLAS_OP_N, 5, 4, *args, c_d.data.ptr, rt.CUDA_R_32F, 4,
+            cublas.CUBLAS_COMPUTE_32F, cublas.CUBLAS_GEMM_DEFAULT,
+        )  # fmt: skip
+    with pytest.raises(cublas.CUBLASError, match="NOT_SUPPORTED"):  # fp16 with an fp16 compute type
+        cublas.gemmEx(
+            handle, cublas.CUBLAS_OP_T, cublas.CUBLAS_OP_N, 5, 4, *args, c_d.data.ptr, rt.CUDA_R_32F, 6,
+            cublas.CUBLAS_COMPUTE_16F, cublas.CUBLAS_GEMM_DEFAULT,
+        )  # fmt: skip
+
+
+def test_standin_pycuda_launch_takes_what_pycuda_takes(cupy_stand_in):
+    import pycuda.compiler
+    import pycuda.driver as drv
+
+    cp = cupy_stand_in
+    drv.init()
+    ctx = drv.Device(0).retain_primary_context()
+    with pytest.raises(drv.LogicError, match="invalid device context"):  # no context current yet
+        pycuda.compiler.SourceModule(CONVERT, no_extern_c=True)
+    ctx.push()
+    x = cp.asarray(np.arange(8, dtype=np.float32))  # CuPy's memory: in the same primary context
+    try:
+        module = pycuda.compiler.SourceModule(KERNEL_SOURCE.read_text() + CONVERT, no_extern_c=True)
+        fn = module.get_function("to_half")
+        out = cp.empty(8, dtype=cp.uint16)
+        with pytest.raises(TypeError, match="invalid type on parameter #2"):  # a Python int is not packed
+            fn(np.uintp(x.data.ptr), np.uintp(out.data.ptr), 8, block=(32, 1, 1), grid=(1, 1))
+        fn(np.uintp(x.data.ptr), np.uintp(out.data.ptr), np.int64(8), block=(32, 1, 1), grid=(1, 1))
+        np.testing.assert_array_equal(cp.asnumpy(out), np.arange(8, dtype=np.float16).view(np.uint16))
+        with pytest.raises(drv.LogicError, match="named symbol not found"):
+            module.get_function("no_such_kernel")
+    finally:
+        drv.Context.pop()

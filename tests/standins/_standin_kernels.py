@@ -7,12 +7,12 @@ A source is compiled by g++ with the repository's shim (tests/runtime/cuda_shim.
     extern "C" void standin_launch_<name>(unsigned gx, gy, gz, bx, by, bz, unsigned shared_mem,
                                           <the kernel's own parameters>)
 
-which runs the kernel for every thread of the grid, one after the other. The launcher calls the
-kernel with its real parameter types, so the compiler checks the signature the Python side reads
-(:class:`Param`). Only kernels whose threads do not cooperate (no ``__shared__``, no
-``__syncthreads``) run this way; the shim does not define those, so such a kernel fails to compile
-rather than run wrongly. A kernel that needs them gets its own launcher (phases between barriers):
-register its C++ source with :func:`register_launcher` under the kernel's name.
+which runs the kernel for every thread of the grid: block after block, a block's threads as fibers
+that meet at ``__syncthreads`` (static ``__shared__`` arrays are per block; the shim's header says
+what it models). The launcher calls the kernel with its real parameter types, so the compiler checks
+the signature the Python side reads (:class:`Param`). Dynamic shared memory (``extern __shared__``)
+and warp intrinsics are not provided: such a kernel fails to compile rather than run wrongly, or
+gets its own launcher: register its C++ source with :func:`register_launcher` under the kernel's name.
 
 Compiled libraries are cached by content in ``$SPADE_STANDIN_KERNEL_CACHE`` (default: a folder in
 the temporary directory), built into a temporary name and renamed, so parallel test processes

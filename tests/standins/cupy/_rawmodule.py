@@ -14,8 +14,9 @@ whose type is not the parameter's C type, an array whose dtype is not the pointe
 number of arguments raise TypeError; a device array of another device than the current one raises
 CUDARuntimeError (cudaErrorIllegalAddress: the kernel would fault).
 
-Not modelled: ``shared_mem`` (kernels with shared memory need their own launcher; see
-``_standin_kernels.register_launcher``), cooperative launches, ``path=`` (cubin/PTX files).
+Not modelled: ``shared_mem`` (dynamic shared memory: such a kernel needs its own launcher, see
+``_standin_kernels.register_launcher``; static ``__shared__`` arrays and ``__syncthreads`` run in
+the shim), cooperative launches, ``path=`` (cubin/PTX files).
 """
 
 from __future__ import annotations
