@@ -123,6 +123,19 @@ def test_clicking_a_pixel_shows_its_correspondence(page, served, ui_assets, shot
         assert float(shown["matchedRow"]) == api["matched_row"] and float(shown["matchedCol"]) == api["matched_col"]
         assert float(shown["distance"]) == pytest.approx(api["distance"])
         assert api["matched_image"] in page.inner_text("#match-info")
+    # with a mouse, hovering explains too
+    row, col = size // 2, size // 4
+    page.mouse.move(box["x"] + (col + 0.5) * box["width"] / size, box["y"] + (row + 0.5) * box["height"] / size)
+    page.wait_for_function(
+        "([r, c]) => { const d = document.getElementById('match-info').dataset; return d.row === r && d.col === c; }",
+        arg=[str(row), str(col)],
+        timeout=WAIT_MS,
+    )
+    api = json.loads(request(served.url, path=f"/ui/api/results/{r['id']}/pixel?row={row}&col={col}")[2])
+    assert page.eval_on_selector("#match-info", "e => e.dataset.matchedImage") == api["matched_image"]
+    page.mouse.click(
+        box["x"] + (w["col"] + 0.5) * box["width"] / size, box["y"] + (w["row"] + 0.5) * box["height"] / size
+    )
     page.screenshot(path=str(shots / "02-correspondence.png"))
 
 

@@ -42,13 +42,18 @@ async function post(path, body) {
   return { ok: r.ok, status: r.status, data };
 }
 
+const images = new Map(); // a result's pictures never change: each is fetched once (the last 64 kept)
 function loadImage(src) {
-  return new Promise((resolve, reject) => {
+  if (images.has(src)) return images.get(src);
+  const p = new Promise((resolve, reject) => {
     const im = new Image();
     im.onload = () => resolve(im);
-    im.onerror = () => reject(new Error('image ' + src));
+    im.onerror = () => { images.delete(src); reject(new Error('image ' + src)); };
     im.src = src;
   });
+  images.set(src, p);
+  if (images.size > 64) images.delete(images.keys().next().value);
+  return p;
 }
 
 // --- polling ------------------------------------------------------------------------------------
@@ -188,14 +193,34 @@ async function showPixel(row, col) {
   });
 }
 
-function onPartClick(ev) {
+function cellAt(ev) {
   const r = S.current;
-  if (!r) return;
   const box = $('part').getBoundingClientRect();
   const row = Math.min(r.size - 1, Math.max(0, Math.floor(((ev.clientY - box.top) / box.height) * r.size)));
   const col = Math.min(r.size - 1, Math.max(0, Math.floor(((ev.clientX - box.left) / box.width) * r.size)));
+  return { row, col };
+}
+
+function onPartClick(ev) {
+  if (!S.current) return;
+  const { row, col } = cellAt(ev);
   setFollow(false);
   showPixel(row, col);
+}
+
+// with a mouse, hovering explains too: one pixel query at a time, the latest position wins
+const hover = { busy: false, next: null };
+async function onPartHover(ev) {
+  if (ev.pointerType !== 'mouse' || !S.current) return;
+  hover.next = cellAt(ev);
+  if (hover.busy) return;
+  hover.busy = true;
+  while (hover.next) {
+    const { row, col } = hover.next;
+    hover.next = null;
+    if (!S.pick || S.pick.row !== row || S.pick.col !== col) await showPixel(row, col).catch(() => null);
+  }
+  hover.busy = false;
 }
 
 // --- review ---------------------------------------------------------------------------------------
@@ -382,6 +407,7 @@ function showTab(name) {
 function init() {
   document.querySelectorAll('#tabs button').forEach((b) => { b.onclick = () => showTab(b.dataset.tab); });
   $('part').addEventListener('click', onPartClick);
+  $('part').addEventListener('pointermove', onPartHover);
   $('show-heat').onchange = drawPart;
   $('follow').onclick = () => setFollow(!S.follow);
   $('thr-range').oninput = () => { $('thr-value').value = Number($('thr-range').value).toFixed(4); drawHist(); };
