@@ -120,6 +120,27 @@ def test_page_assets_are_the_package_own(ui):
         assert request(s.url, path=bad)[0] == 404, bad
 
 
+def test_every_page_asset_ships_in_the_wheel():
+    """Each file of spade_edge/service/ui matches the package data pyproject.toml ships (an asset
+    of a new kind would otherwise be missing from an installed service's page), and each is served."""
+    import fnmatch
+
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10: the [line] extra brings tomli
+        import tomli as tomllib
+
+    from spade_edge.service.station import ASSETS
+
+    setup = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert "spade_edge.service.ui" in setup["packages"]
+    patterns = setup["package-data"]["spade_edge.service.ui"]
+    ui = ROOT / "spade_edge" / "service" / "ui"
+    files = sorted(p.name for p in ui.iterdir() if p.is_file() and p.suffix not in (".py", ".pyc"))
+    assert files and all(any(fnmatch.fnmatch(f, pat) for pat in patterns) for f in files), (files, patterns)
+    assert sorted(name for name, _ in ASSETS.values()) == files
+
+
 def test_writes_need_the_token(ui, ui_assets):
     s, _ = ui
     r = inspect(s.url, ui_assets["bright"])
