@@ -154,7 +154,8 @@ class _Device:
 
 class CudaScorer(PixelScorer):
     """Exact top-kappa on an NVIDIA GPU (module docstring). ``tile_bytes``: at most about this much of
-    screen products at a time (the retrieved images go through in chunks beyond it); ``loader``:
+    screen products at a time (the retrieved images go through in chunks beyond it; default: see
+    :attr:`tile_bytes`); ``loader``:
     "cupy" (RawModule) or "pycuda" (SourceModule) for the kernels.
 
     ``stats`` after each search: ``path``, ``launches`` (kernel launches and GEMMs of that search),
@@ -164,16 +165,27 @@ class CudaScorer(PixelScorer):
 
     name = "cuda"
 
-    def __init__(self, device_id: int = 0, tile_bytes: int = 1 << 30, loader: str = "cupy"):
+    def __init__(self, device_id: int = 0, tile_bytes: int | None = None, loader: str = "cupy"):
         super().__init__()
         self.device_id = int(device_id)
-        self.tile_bytes = int(tile_bytes)
+        self._tile_bytes = None if tile_bytes is None else int(tile_bytes)
         self.loader = loader
         self._dev: _Device | None = None
         self._attached: tuple | None = None  # (gallery object, DeviceLevels)
         self._tap_cache: dict = {}
 
     # -------------------------------------------------------------- setup
+
+    @property
+    def tile_bytes(self) -> int:
+        """Screen products held at a time: as given, else an eighth of the device's memory, at most
+        4 GiB (WRN50x2 at K = 50 needs 2.6 GB: one pass on an H200 or an AGX Orin, two or three on
+        the smaller Orins)."""
+        if self._tile_bytes is None:
+            cp = self._cupy()
+            total = int(cp.cuda.runtime.getDeviceProperties(self.device_id)["totalGlobalMem"])
+            self._tile_bytes = int(min(4 << 30, max(64 << 20, total // 8)))
+        return self._tile_bytes
 
     def _cupy(self):
         return require("cupy", "gpu", "The CUDA pixel scorer")
