@@ -394,3 +394,31 @@ def test_everything_on_the_device_counts_every_launch(standins):
     assert seen["h2d_bytes"] < 4096  # descriptors only
     np.testing.assert_array_equal(top.indices, host.indices)
     np.testing.assert_array_equal(top.distances, host.distances)
+
+
+def test_a_gallery_too_big_for_the_device_is_scored_uploading_per_request(standins, monkeypatch):
+    from spade_edge.runtime.scoring import cuda_gallery
+
+    class OutOfMemoryError(MemoryError):  # as cupy.cuda.memory.OutOfMemoryError is named
+        pass
+
+    def no_room(cp, gallery):
+        raise OutOfMemoryError("Out of memory allocating 9,000,000,000 bytes")
+
+    rng = np.random.default_rng(15)
+    gallery, decoded = pyramid_gallery(rng, 5, "fp16")
+    names = list(decoded)
+    scorer = CudaScorer()
+    monkeypatch.setattr(cuda_gallery, "from_gallery", no_room)
+    with pytest.warns(UserWarning, match="does not fit on GPU 0"):
+        scorer.attach(gallery)
+    query = [rng.normal(size=s).astype(np.float32) for s in SHAPES]
+    top = scorer.topk_pyramid(query, gallery.pyramid_view(names, [4, 2], GRID), GRID, 2)
+    assert scorer.stats["uploaded_gallery"] is True
+    q64 = np.concatenate([up64(x, GRID) for x in query], axis=1)
+    g64 = np.concatenate([np.concatenate([up64(decoded[n][j], GRID) for n in names], axis=1) for j in [4, 2]])
+    idx, dist, d_all = brute(q64, g64, 2)
+    assert_exact(top, idx, dist, d_all)
+    with pytest.raises(RuntimeError, match="other"):  # any other failure is not swallowed
+        monkeypatch.setattr(cuda_gallery, "from_gallery", lambda cp, g: (_ for _ in ()).throw(RuntimeError("other")))
+        scorer.attach(gallery)
