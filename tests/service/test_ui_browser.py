@@ -15,9 +15,10 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from .conftest import request
+from .conftest import ServerProcess, request
 from .test_ui_api import TOKEN, inspect, start_ui, state, ui_assets  # noqa: F401 - ui_assets is a fixture
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (the [test] extra has it)")
@@ -277,3 +278,35 @@ def test_changes_without_the_token_or_from_another_origin_are_refused(
     assert any(q["id"] == r["id"] for q in state(served.url)["queue"])
     print(f"\nanother origin's requests, as the service answered them: {refused}")
     set_token(page, TOKEN)
+
+
+def test_real_parts_screenshot(lite0_onnx, elpv_normal, tmp_path, shots):
+    """The page on real parts (EfficientNet-Lite0, ELPV solar cells): a cracked cell is shown NOT OK
+    with the normal cell its worst pixel matched. Its screenshot is the README's picture
+    (docs/img/operator-page.png: this one, resized to 880 px and reduced to 128 colours)."""
+    from spade_edge.datasets import elpv_cells
+    from spade_edge.runtime.build import gallery_from_images
+    from spade_edge.runtime.features import backend_from_model
+
+    gallery = tmp_path / "elpv.gallery"
+    gallery_from_images(backend_from_model(lite0_onnx), elpv_normal[:40], gallery, show_progress=False)
+    s = ServerProcess(lite0_onnx, gallery, tmp_path, "--ui", "--data-dir", str(tmp_path / "data"))
+    try:
+        s.wait_ready()
+        inspect(s.url, elpv_normal[40])
+        cells = elpv_cells(1.0, "mono")[:10]
+        scores = [inspect(s.url, p)["score"] for p in cells]
+        bad = inspect(s.url, cells[int(np.argmax(scores))])  # the most anomalous, shown last
+        assert bad["verdict"] == "NOT_OK", bad
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True)
+            pg = browser.new_page(viewport={"width": 1100, "height": 900})
+            pg.goto(s.url + "/ui/")
+            wait_shown(pg, bad["id"])
+            assert pg.inner_text("#verdict") == "NOT OK"
+            assert bad["worst_pixel"]["matched_image"] in pg.inner_text("#match-info")
+            pg.wait_for_timeout(300)  # the last picture drawn
+            pg.screenshot(path=str(shots / "00-real-part.png"))
+            browser.close()
+    finally:
+        s.stop()
