@@ -46,16 +46,22 @@ def served(ui_assets, tmp_path_factory):  # noqa: F811 - the fixture imported ab
 
 
 @pytest.fixture(scope="module")
-def page(served):
+def browser():
+    """Debian's Chromium, headless (Playwright downloads no browser: it is given this one)."""
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True)
-        ctx = browser.new_context(viewport={"width": 1280, "height": 1000})
-        pg = ctx.new_page()
-        pg.goto(served.url + "/ui/")
-        pg.wait_for_selector("#status.ok", timeout=WAIT_MS)
-        yield pg
-        ctx.close()
-        browser.close()
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def page(browser, served):
+    ctx = browser.new_context(viewport={"width": 1280, "height": 1000})
+    pg = ctx.new_page()
+    pg.goto(served.url + "/ui/")
+    pg.wait_for_selector("#status.ok", timeout=WAIT_MS)
+    yield pg
+    ctx.close()
 
 
 def wait_shown(page, rid: str) -> None:
@@ -280,7 +286,7 @@ def test_changes_without_the_token_or_from_another_origin_are_refused(
     set_token(page, TOKEN)
 
 
-def test_real_parts_screenshot(lite0_onnx, elpv_normal, tmp_path, shots):
+def test_real_parts_screenshot(browser, lite0_onnx, elpv_normal, tmp_path, shots):
     """The page on real parts (EfficientNet-Lite0, ELPV solar cells): a cracked cell is shown NOT OK
     with the normal cell its worst pixel matched. Its screenshot is the README's picture
     (docs/img/operator-page.png: this one, resized to 880 px and reduced to 128 colours)."""
@@ -298,15 +304,14 @@ def test_real_parts_screenshot(lite0_onnx, elpv_normal, tmp_path, shots):
         scores = [inspect(s.url, p)["score"] for p in cells]
         bad = inspect(s.url, cells[int(np.argmax(scores))])  # the most anomalous, shown last
         assert bad["verdict"] == "NOT_OK", bad
-        with sync_api.sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True)
-            pg = browser.new_page(viewport={"width": 1100, "height": 900})
-            pg.goto(s.url + "/ui/")
-            wait_shown(pg, bad["id"])
-            assert pg.inner_text("#verdict") == "NOT OK"
-            assert bad["worst_pixel"]["matched_image"] in pg.inner_text("#match-info")
-            pg.wait_for_timeout(300)  # the last picture drawn
-            pg.screenshot(path=str(shots / "00-real-part.png"))
-            browser.close()
+        ctx = browser.new_context(viewport={"width": 1100, "height": 900})
+        pg = ctx.new_page()
+        pg.goto(s.url + "/ui/")
+        wait_shown(pg, bad["id"])
+        assert pg.inner_text("#verdict") == "NOT OK"
+        assert bad["worst_pixel"]["matched_image"] in pg.inner_text("#match-info")
+        pg.wait_for_timeout(300)  # the last picture drawn
+        pg.screenshot(path=str(shots / "00-real-part.png"))
+        ctx.close()
     finally:
         s.stop()
