@@ -413,10 +413,14 @@ def add_images(
 
 
 def remove_images(
-    gallery_path: str | os.PathLike, names: Sequence[str], out: str | os.PathLike | None = None
+    gallery_path: str | os.PathLike,
+    names: Sequence[str],
+    out: str | os.PathLike | None = None,
+    locked: bool = False,
 ) -> Gallery:
-    """Remove images by name (all named images must be present; at least one must stay)."""
-    with writing(gallery_path, out):
+    """Remove images by name (all named images must be present; at least one must stay).
+    ``locked``: as for :func:`add_images`."""
+    with contextlib.nullcontext() if locked else writing(gallery_path, out):
         gallery = Gallery.load(gallery_path)
         missing = sorted(set(names) - set(gallery.names))
         if missing:

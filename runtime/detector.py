@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -73,6 +74,23 @@ class Prediction:
         }
 
 
+class _Sharing:
+    """How many detectors use one backend (:meth:`Detector.with_gallery`)."""
+
+    def __init__(self):
+        self._lock, self._users = threading.Lock(), 1
+
+    def join(self) -> None:
+        with self._lock:
+            self._users += 1
+
+    def leave(self) -> bool:
+        """One user fewer; True for the last one (it closes the backend)."""
+        with self._lock:
+            self._users -= 1
+            return self._users == 0
+
+
 class Detector:
     """SPADE on one feature backend, one gallery and one pixel scorer (by default this CPU's;
     :meth:`load` takes the scorer that follows the features onto the GPU).
@@ -100,6 +118,8 @@ class Detector:
         self.config.level_names(backend.info)  # validates the level subset now, not per image
         pre = gallery.manifest.get("preprocess")
         self.preprocess = preprocess or (Preprocess(**pre) if pre else Preprocess(backend.info.input_size))
+        self._overrides: dict = {}  # scoring settings given to load() over the gallery's, kept by with_gallery
+        self._sharing = _Sharing()  # detectors sharing this backend (with_gallery): the last one closes it
         if self.config.score == "combined" and not gallery.manifest.get("normal"):
             raise ValueError(
                 "score='combined' needs the normal statistics a gallery built with --holdout > 0 stores; "
@@ -145,11 +165,34 @@ class Detector:
             placed.backend.close()
             raise
         det.device, det.fallback = placed.why, placed.fallback
+        det._overrides = dict(config)
         return det
 
+    def with_gallery(self, gallery: Gallery) -> Detector:
+        """This detector's backend, not loaded again, with another gallery of the same model (a
+        gallery grown or rolled back): the scorer is copied and attaches the new gallery (on a GPU,
+        uploads it), scoring settings are the new gallery's under the same overrides :meth:`load` was
+        given. Both detectors may be closed, in any order: the backend is released by the last."""
+        cfg = (
+            SpadeConfig.from_dict({**(gallery.manifest.get("config") or {}), **self._overrides})
+            if self._overrides
+            else None
+        )
+        self._sharing.join()
+        try:
+            other = type(self)(self.backend, gallery, copy.copy(self.scorer), cfg)
+        except BaseException:
+            self._sharing.leave()
+            raise
+        other.device, other.fallback = self.device, self.fallback
+        other._overrides, other._sharing = dict(self._overrides), self._sharing
+        return other
+
     def close(self) -> None:
-        """Release the backend (its session or engine, and GPU memory); from any thread."""
-        self.backend.close()
+        """Release the backend (its session or engine, and GPU memory) unless another detector made by
+        :meth:`with_gallery` still uses it, and this detector's scorer; from any thread."""
+        if self._sharing.leave():
+            self.backend.close()
         close = getattr(self.scorer, "close", None)
         if close is not None:
             close()

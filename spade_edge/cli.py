@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -306,10 +307,19 @@ def gallery_add(path, images, model, threads, device, fp16):
     from .runtime.build import add_images
     from .runtime.features import backend_from_model
     from .runtime.images import list_images
+    from .service import generations
 
     files = [f for p in images for f in (list_images(p) if Path(p).is_dir() else [Path(p)])]
-    g = add_images(path, backend_from_model(model, device=device, threads=threads, fp16=fp16), files)
-    click.echo(f"{path}: {len(g)} images (+{len(files)})")
+    backend = backend_from_model(model, device=device, threads=threads, fp16=fp16)
+    added = []  # a recorded change (gallery history / rollback), like one from the operator's page
+    e = generations.change(
+        path,
+        "add",
+        lambda: added.append(add_images(path, backend, files, locked=True)),
+        client=_cli_client(),
+        detail={"added": [f.name for f in files][:100], "count": len(files)},
+    )
+    click.echo(f"{path}: {len(added[0])} images (+{len(files)}), generation {e['generation']}")
 
 
 @gallery.command("remove")
@@ -319,16 +329,36 @@ def gallery_add(path, images, model, threads, device, fp16):
 def gallery_remove(path, names):
     """Remove images by name (as 'gallery info' or 'infer' report them)."""
     from .runtime.build import remove_images
+    from .service import generations
 
-    g = remove_images(path, list(names))
-    click.echo(f"{path}: {len(g)} images (-{len(names)})")
+    kept = []
+    e = generations.change(
+        path,
+        "remove",
+        lambda: kept.append(remove_images(path, list(names), locked=True)),
+        client=_cli_client(),
+        detail={"removed": list(names)[:100], "count": len(names)},
+    )
+    click.echo(f"{path}: {len(kept[0])} images (-{len(names)}), generation {e['generation']}")
+
+
+def _cli_client() -> str:
+    """Who made a gallery change from the command line, as the history records it."""
+    import getpass
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry for this uid (containers)
+        user = str(os.getuid())
+    return f"cli {user}@{socket.gethostname()}"
 
 
 @gallery.command("history")
 @click.argument("path", type=click.Path(exists=True, dir_okay=False))
 @_friendly_errors
 def gallery_history(path):
-    """The gallery's recorded changes (the operator's page, 'gallery rollback'): generation, what,
+    """The gallery's recorded changes (the operator's page, gallery add/remove/rollback): generation, what,
     when, which client; '*' marks generations whose file is kept and can be restored."""
     from .service import generations
 
@@ -351,7 +381,7 @@ def gallery_rollback(path, to):
     undone too). A running service uses it after a reload (SIGHUP or POST /reload)."""
     from .service import generations
 
-    e = generations.rollback(path, to, client="cli")
+    e = generations.rollback(path, to, client=_cli_client())
     click.echo(f"{path}: generation {e['generation']} = generation {e['detail']['to']}; reload the service to use it")
 
 
@@ -919,9 +949,13 @@ def bench_speed(out, repeats, threads, quick, shapes):
 
 
 @bench.command("gpu")
-@click.option("--quick", is_flag=True, help="WRN50x2 concat K=50 and per-level K=5, Lite0 concat K=5, end to end at K=5.")
+@click.option(
+    "--quick", is_flag=True, help="WRN50x2 concat K=50 and per-level K=5, Lite0 concat K=5, end to end at K=5."
+)
 @click.option("--device", "device_id", type=click.IntRange(0), default=0, show_default=True, help="CUDA device.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Also write the results here.")
+@click.option(
+    "--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Also write the results here."
+)
 @click.option("--repeats", type=click.IntRange(1), default=5, show_default=True, help="Timed runs per figure (median).")
 @click.option(
     "--shapes",

@@ -62,6 +62,28 @@ def test_gallery_info(runner, tiny_setup):
     assert info["images"] == 8 and info["preprocess"] == {"size": 32, "crop": False} and "image" in info["thresholds"]
 
 
+def test_gallery_add_and_remove_are_recorded_and_rolled_back(runner, tiny_setup, tmp_path):
+    model, good, gallery = tiny_setup
+    extra = tmp_path / "extra.png"
+    Image.fromarray(np.full((36, 36), 120, np.uint8)).save(extra)
+
+    def images() -> int:
+        return json.loads(runner.invoke(main, ["gallery", "info", str(gallery)]).output)["images"]
+
+    before = images()
+    res = runner.invoke(main, ["gallery", "add", str(gallery), str(extra), "-m", str(model)])
+    assert res.exit_code == 0, res.output
+    assert "generation 1" in res.output and images() == before + 1
+    res = runner.invoke(main, ["gallery", "remove", str(gallery), "extra.png"])
+    assert res.exit_code == 0, res.output
+    assert "generation 2" in res.output and images() == before
+    hist = runner.invoke(main, ["gallery", "history", str(gallery)]).output
+    assert "add" in hist and "remove" in hist and "cli " in hist
+    res = runner.invoke(main, ["gallery", "rollback", str(gallery)])  # undoes the remove
+    assert res.exit_code == 0, res.output
+    assert "generation 3 = generation 1" in res.output and images() == before + 1
+
+
 def test_infer_reports_a_bad_file_and_goes_on(runner, tiny_setup, tmp_path):
     model, good, gallery = tiny_setup
     bad = tmp_path / "bad.png"

@@ -55,6 +55,7 @@ class Loaded:
     gallery: str
     generation: int
     loaded_at: float
+    model_stamp: tuple | None = None  # the model file's (size, mtime) at load: unchanged, a reload keeps the backend
     # requests using this generation, and whether a newer one replaced it: the last user of a
     # replaced generation closes its detector (GPU memory is not left to the garbage collector)
     _users: int = 0
@@ -105,6 +106,15 @@ class Loaded:
             "thresholds": {k: (g.thresholds.get(k) if g is not None else None) for k in ("image", "pixel")},
             "loaded_at": round(self.loaded_at, 3),
         }
+
+
+def _stamp(path: str) -> tuple | None:
+    """(size, mtime in ns) of a model file; None where it cannot be read (then it is loaded again)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_size, st.st_mtime_ns)
 
 
 class _Slots:
@@ -294,6 +304,15 @@ class InspectionService:
             raise
         return det, t1 - t0, time.perf_counter() - t1
 
+    def _regallery(self, det, gallery: str) -> tuple[Detector, float, float]:
+        """The running detector's backend with ``gallery`` loaded anew: no model load, no warm-up
+        (the backend is warm)."""
+        from ..runtime.gallery import Gallery
+
+        t0 = time.perf_counter()
+        new = det.with_gallery(Gallery.load(gallery))
+        return new, time.perf_counter() - t0, 0.0
+
     def load(self, model: str | os.PathLike, gallery: str | os.PathLike) -> dict:
         """First load (the service is not ready before it returns); raises what the loader raises."""
         model, gallery = os.fspath(model), os.fspath(gallery)
@@ -303,7 +322,7 @@ class InspectionService:
             self.state, self.error = "failed", f"{type(exc).__name__}: {exc}"
             raise
         with self._lock:
-            self._current = Loaded(det, model, gallery, 1, time.time())
+            self._current = Loaded(det, model, gallery, 1, time.time(), _stamp(model))
             self.state = "ready"
         self._m_generation.set(1)
         log.info("ready: %s + %s (load %.2f s, warm-up %.2f s)", model, gallery, t_load, t_warm)
@@ -313,7 +332,9 @@ class InspectionService:
     def reload(self, model: str | None = None, gallery: str | None = None) -> dict:
         """Load (and warm up) a new model and/or gallery while the current one keeps serving, then
         swap. Unset paths keep the current ones (re-read from disk: a gallery changed in place
-        with 'gallery add' is picked up). Raises :class:`ReloadBusy` if a reload is under way."""
+        with 'gallery add' is picked up). The same model file, unchanged on disk, is not loaded
+        again: the new gallery joins the running backend (:meth:`Detector.with_gallery`), so growing
+        the gallery costs its load, not the model's. Raises :class:`ReloadBusy` if a reload is under way."""
         if not self._reload_lock.acquire(blocking=False):
             raise ReloadBusy("another reload is in progress; try again when it has finished")
         try:
@@ -324,7 +345,12 @@ class InspectionService:
             gallery = os.fspath(gallery) if gallery else cur.gallery
             sd_notify("RELOADING=1")
             try:
-                det, t_load, t_warm = self._load_and_warm(model, gallery)
+                # another loader (tests, embedders) may build detectors its own way: it loads all again
+                same_model = model == cur.model and cur.model_stamp is not None and _stamp(model) == cur.model_stamp
+                if same_model and self._loader == self._default_loader:
+                    det, t_load, t_warm = self._regallery(cur.detector, gallery)
+                else:
+                    det, t_load, t_warm = self._load_and_warm(model, gallery)
             except BaseException:
                 self._m_reloads.inc(outcome="failed")
                 sd_notify("READY=1")
@@ -333,7 +359,7 @@ class InspectionService:
                 old = self._current
                 if old is None:  # close() ran while the new generation loaded
                     raise ReloadBusy("the service is closing")
-                new = Loaded(det, model, gallery, old.generation + 1, time.time())
+                new = Loaded(det, model, gallery, old.generation + 1, time.time(), _stamp(model))
                 self._current = new  # the swap: requests admitted from now on use ``new``
             old.retire()
             self._m_generation.set(new.generation)

@@ -266,7 +266,7 @@ def test_good_part_stale_generation_and_rollback_through_the_cli(ui, ui_assets, 
     assert back["verdict"] == "NOT_OK" and back["score"] == pytest.approx(r["score"])
     assert json.loads(request(s.url, path="/health")[2])["gallery_images"] == images
     log = [json.loads(x) for x in (gallery.parent / "parts.gallery.history" / "log.jsonl").read_text().splitlines()]
-    assert [e["action"] for e in log[-2:]] == ["add", "rollback"] and log[-1]["client"] == "cli"
+    assert [e["action"] for e in log[-2:]] == ["add", "rollback"] and log[-1]["client"].startswith("cli ")
     audit = [json.loads(x) for x in (gallery.parent / "data" / "audit.jsonl").read_text().splitlines()]
     assert any(a["action"] == "good_part" and a["result"] == r["id"] and a["client"]["address"] for a in audit)
 
