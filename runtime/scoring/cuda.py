@@ -35,6 +35,7 @@ KERNEL_NAMES = (
     "gallery_sqnorms",
     "gallery_reach",
     "screen_select",
+    "fused_select",
     "finish_rows",
     "rescore_distances",
     "rescore_select",
@@ -45,6 +46,8 @@ THREADS = 128  # query rows per block of the selection kernel
 FINISH_THREADS = RESCORE_THREADS = 32
 REACH_THREADS = 128
 MAX_SPLITS = 32
+FT_ROWS = FT_COLS = FT_THREADS = 64  # as in the .cu: the fused kernel's query rows, columns a tile, threads
+FUSED_MIN_CHANNELS = 16  # one m16n16k16 step: below it most of each tensor-core product is padding
 TARGET_BLOCKS = 1024  # selection blocks to aim for: several per SM on the largest GPUs
 U16 = 2.0**-11  # fp16 unit roundoff (round to nearest)
 U32 = 2.0**-24
@@ -72,6 +75,14 @@ def screen_bound(max_channels: int, total_channels: int, n_levels: int) -> tuple
     c_sub = 4.0 * ETA16 * np.sqrt(total_channels) * (1 + u) * 1.01
     c_norm = (U32 + gamma_l) * 1.01
     return float(c_dot), float(c_sub), float(c_norm)
+
+
+def fused_applies(fine_channels: int) -> bool:
+    """Whether the fine level's product is fused with the selection (kernel ``fused_select``: the product
+    never goes to memory) rather than made by a GEMM through memory and read by ``screen_select``. The
+    one place the choice is made: any stored dtype (the kernels gather fp16 rows of fp32, fp16 and int8
+    galleries alike), any shape, once the fine level has a full MMA step of channels."""
+    return int(fine_channels) >= FUSED_MIN_CHANNELS
 
 
 class _Device:
@@ -156,7 +167,9 @@ class CudaScorer(PixelScorer):
     """Exact top-kappa on an NVIDIA GPU (module docstring). ``tile_bytes``: at most about this much of
     screen products at a time (the retrieved images go through in chunks beyond it; default: see
     :attr:`tile_bytes`); ``loader``:
-    "cupy" (RawModule) or "pycuda" (SourceModule) for the kernels.
+    "cupy" (RawModule) or "pycuda" (SourceModule) for the kernels; ``fused``: fuse the fine level's
+    product with the selection where :func:`fused_applies` (False: every product through memory, the
+    design before it; kept for comparison).
 
     ``stats`` after each search: ``path``, ``launches`` (kernel launches and GEMMs of that search),
     ``rescored_rows`` (rows the screen could not settle, searched again exactly), ``exact`` (candidates
@@ -165,8 +178,9 @@ class CudaScorer(PixelScorer):
 
     name = "cuda"
 
-    def __init__(self, device_id: int = 0, tile_bytes: int | None = None, loader: str = "cupy"):
+    def __init__(self, device_id: int = 0, tile_bytes: int | None = None, loader: str = "cupy", fused: bool = True):
         super().__init__()
+        self.fused = bool(fused)
         self.device_id = int(device_id)
         self._tile_bytes = None if tile_bytes is None else int(tile_bytes)
         self.loader = loader
@@ -234,7 +248,7 @@ class CudaScorer(PixelScorer):
                 raise ValueError(f"query has shape {q.shape}, expected (P, D)")
             start = self._device().launches
             dev_levels, name, images, uploaded = self._rows_gallery(cp, view, q.shape[1])
-            return self._search(cp, dev_levels, [name], images, [q], None, kappa, uploaded, "cuda fp16 screen", start)
+            return self._search(cp, dev_levels, [name], images, [q], None, kappa, uploaded, "fp16 screen", start)
 
     def topk_pyramid(self, query, gallery, grid, kappa) -> TopK:
         if kappa < 1:
@@ -247,7 +261,7 @@ class CudaScorer(PixelScorer):
             start = self._device().launches
             dev_levels, names, images, uploaded = self._pyramid_gallery(cp, view, levels, grid)
             return self._search(
-                cp, dev_levels, names, images, levels, grid, kappa, uploaded, "cuda fp16 screen levels", start
+                cp, dev_levels, names, images, levels, grid, kappa, uploaded, "fp16 screen levels", start
             )
 
     # -------------------------------------------------------------- galleries
@@ -404,19 +418,28 @@ class CudaScorer(PixelScorer):
             g16 += native * c
         c_max = int(max(lvl.channels for lvl in levels))
         c_dot, c_sub, c_norm = screen_bound(c_max, d_total, len(levels))
+        fused = self.fused and fused_applies(levels[order[0]].channels)
+        path = ("cuda fused " if fused else "cuda ") + path
+        through_memory = order[1:] if fused else order  # levels whose products a GEMM writes to memory
 
         # chunks of retrieved images whose products fit tile_bytes
         per_image = sum(
-            (int(np.max(sizes)) if fine[i] else levels[i].shape[0] * levels[i].shape[1]) * p_rows * 4 for i in order
+            (int(np.max(sizes)) if fine[i] else levels[i].shape[0] * levels[i].shape[1]) * p_rows * 4
+            for i in through_memory
         )
         chunk = max(1, min(k_count, self.tile_bytes // max(per_image, 1)))
         chunks = [(s, min(k_count, s + chunk)) for s in range(0, k_count, chunk)]
         row_blocks = -(-p_rows // THREADS)
+        select_blocks = -(-p_rows // FT_ROWS) if fused else row_blocks
         plan = []
         for s, e in chunks:
             cols = int(colstart[e] - colstart[s])
-            splits = int(max(1, min(MAX_SPLITS, -(-TARGET_BLOCKS // row_blocks), -(-cols // 64))))
-            plan.append((s, e, cols, splits, -(-cols // splits)))
+            splits = int(max(1, min(MAX_SPLITS, -(-TARGET_BLOCKS // select_blocks), -(-cols // 64))))
+            span = -(-cols // splits)
+            if fused:  # whole column tiles per split
+                span = -(-span // FT_COLS) * FT_COLS
+                splits = -(-cols // span)
+            plan.append((s, e, cols, splits, span))
         total_splits = sum(p[3] for p in plan)
 
         # per chunk, its descriptors: products and gathered rows of each level from 0
@@ -427,7 +450,7 @@ class CudaScorer(PixelScorer):
             for row, i in enumerate(order):
                 native = cols if fine[i] else (e - s) * levels[i].shape[0] * levels[i].shape[1]
                 lv_chunk[row, 8], lv_chunk[row, 11], lv_chunk[row, 14] = s_off, g_off, native
-                s_off += native * p_rows
+                s_off += native * p_rows if i in through_memory else 0
                 g_off += native * levels[i].channels
             lv_chunks.append(lv_chunk)
         meta = np.concatenate([*(x.reshape(-1) for x in lv_chunks), images, colstart, np.concatenate(tap_idx)])
@@ -467,7 +490,7 @@ class CudaScorer(PixelScorer):
         for (s, e, _, splits, span), lv_chunk, lv_c in zip(plan, lv_chunks, lv_ds):
             k_here = e - s
             last = len(order) - 1
-            s_off = int(lv_chunk[last, 8] + lv_chunk[last, 14] * p_rows)
+            s_off = int(lv_chunk[last, 8] + lv_chunk[last, 14] * p_rows * (order[last] in through_memory))
             g_off = int(lv_chunk[last, 11] + lv_chunk[last, 14] * levels[order[last]].channels)
             g16_d = cp.empty(max(g_off, 1), dtype=cp.uint16)
             prods = cp.empty(max(s_off, 1), dtype=cp.float32)
@@ -479,6 +502,8 @@ class CudaScorer(PixelScorer):
                 (dev_levels.blob, dev_levels.scales, dev_levels.rows, lv_c, img_c, col_c, np.int32(k_here), g16_d),
             )
             for row, i in enumerate(order):
+                if i not in through_memory:
+                    continue
                 c = levels[i].channels
                 native = int(lv_chunk[row, 14])
                 dev.gemm(
@@ -490,11 +515,11 @@ class CudaScorer(PixelScorer):
                     c,
                 )
             dev.launch(
-                "screen_select",
-                (row_blocks, splits),
-                THREADS,
+                "fused_select" if fused else "screen_select",
+                (select_blocks, splits),
+                FT_THREADS if fused else THREADS,
                 (
-                    prods, lv_c, n_lv, taps_d, tapw_d, dev_levels.rows, img_c, col_c, np.int32(k_here), gn, reach,
+                    *((q16_d, g16_d) if fused else ()), prods, lv_c, n_lv, taps_d, tapw_d, dev_levels.rows, img_c, col_c, np.int32(k_here), gn, reach,
                     qnorm, np.float32(c_dot), np.float32(c_sub), np.float32(c_norm), np.int64(p_rows),
                     np.int64(big_w), np.int64(span), np.int32(n_keep), np.int64(split_base),
                     cand_a, cand_e, cand_c, drop,
@@ -525,6 +550,7 @@ class CudaScorer(PixelScorer):
         top = TopK(cp.asnumpy(out_d).reshape(p_rows, kappa), cp.asnumpy(out_i).reshape(p_rows, kappa))
         self.stats = {
             "path": path,
+            "fused": fused,
             "launches": dev.launches - start_launches,
             "rescored_rows": n_unsettled,
             "exact": n_exact,

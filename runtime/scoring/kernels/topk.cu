@@ -3,8 +3,9 @@
 //
 // One source for every path that runs it: CuPy (RawModule, NVRTC), pycuda (SourceModule), nvcc (CI
 // compiles it for sm_87, sm_90, sm_110) and g++ with tests/runtime/cuda_shim.h, which runs each block's
-// threads as cooperative fibers that switch at __syncthreads (static __shared__ arrays are per block).
-// Hence: no CUDA headers, fp16 conversions written out (bit-exact with numpy's), no warp intrinsics.
+// threads as cooperative fibers that switch at __syncthreads (static __shared__ arrays are per block)
+// and emulates nvcuda::wmma (m16n16k16, fp16 in, fp32 accumulation). Hence: one CUDA header, <mma.h>,
+// for the compilers only; fp16 conversions written out (bit-exact with numpy's); no other warp intrinsics.
 //
 // Data, per search (all device memory):
 //   blob     the gallery as stored: every level's (rows, C) array, fp32/fp16/int8, at byte offsets
@@ -23,6 +24,10 @@
 // kappa-th smallest upper bound a + e among the kept. Kept candidates whose lower bound does not exceed
 // it are re-computed exactly (fp64, from differences of the decoded values); unsettled rows are
 // searched again exactly over every column.
+
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
+#include <mma.h>
+#endif
 
 #define LV_FIELDS 16
 #define LV_KIND 0       // 0: fine (at the query grid, or plain rows), 1: coarse (interpolated)
@@ -337,9 +342,84 @@ extern "C" __global__ void gallery_reach(const unsigned char* __restrict__ blob,
 
 // ---------------------------------------------------------------------------- the screen
 
+// A row's candidate list: its n_keep smallest screen values a (ties: the column seen first, i.e. the
+// lower one), their bounds e and columns, and the smallest lower bound a - e among the dropped.
+__device__ __forceinline__ void keep_candidate(float a, float e, long long c, float* la, float* le, long long* lc,
+                                               int& count, float& drop, int n_keep)
+{
+    if (!(a - a == 0.0f) || !(e - e == 0.0f)) {  // inf or NaN (fp16 overflow): nothing is proven for this row
+        drop = -3.0e38f;
+        return;
+    }
+    if (count == n_keep && !(a < la[n_keep - 1])) {  // equal: the lower column, already kept, stays first
+        const float lb = a - e;
+        drop = lb < drop ? lb : drop;
+        return;
+    }
+    int j;
+    if (count < n_keep) {
+        j = count++;
+    } else {
+        const float lb = la[n_keep - 1] - le[n_keep - 1];
+        drop = lb < drop ? lb : drop;
+        j = n_keep - 1;
+    }
+    while (j > 0 && la[j - 1] > a) {
+        la[j] = la[j - 1];
+        le[j] = le[j - 1];
+        lc[j] = lc[j - 1];
+        --j;
+    }
+    la[j] = a;
+    le[j] = e;
+    lc[j] = c;
+}
+
+// The screen's <q, U g> at query row p and column c (slot k, fine cell r) over levels l0.. of the
+// products through memory: a fine level's product at the column ((column, P)-major), a coarse level's
+// four taps interpolated (coalesced: at each column the threads of a warp read neighbouring rows).
+__device__ __forceinline__ float product_dot(const float* __restrict__ prods, const long long* __restrict__ lv,
+                                             int l0, int n_levels, const long long* __restrict__ taps,
+                                             const float* __restrict__ tapw, long long c_rel, int k, long long r,
+                                             long long n_query, long long big_w, long long p)
+{
+    float dot = 0.0f;
+    for (int l = l0; l < n_levels; ++l) {
+        const long long* d = lv + (long long)l * LV_FIELDS;
+        if (d[LV_KIND] == 0) {
+            dot += prods[d[LV_S_OFF] + c_rel * n_query + p];
+            continue;
+        }
+        const long long y = r / big_w, x = r % big_w, w = d[LV_W];
+        const long long* t = taps + d[LV_TAP_OFF];
+        const float* tw = tapw + d[LV_TAP_OFF];
+        const long long big_h = d[LV_BIG_H];
+        const long long base = (long long)k * d[LV_H] * w;
+        const float* s = prods + d[LV_S_OFF];
+        const long long y0 = t[y], y1 = t[big_h + y], x0 = t[2 * big_h + x], x1 = t[2 * big_h + big_w + x];
+        const float wy0 = tw[y], wy1 = tw[big_h + y], wx0 = tw[2 * big_h + x], wx1 = tw[2 * big_h + big_w + x];
+        dot += wx0 * (wy0 * s[(base + y0 * w + x0) * n_query + p] + wy1 * s[(base + y1 * w + x0) * n_query + p]) +
+               wx1 * (wy0 * s[(base + y0 * w + x1) * n_query + p] + wy1 * s[(base + y1 * w + x1) * n_query + p]);
+    }
+    return dot;
+}
+
+__device__ __forceinline__ void write_candidates(const float* la, const float* le, const long long* lc, int count,
+                                                 float drop, int n_keep, long long split, long long n_query,
+                                                 long long p, float* __restrict__ out_a, float* __restrict__ out_e,
+                                                 long long* __restrict__ out_c, float* __restrict__ out_drop)
+{
+    for (int i = 0; i < n_keep; ++i) {
+        const long long at = (split * n_keep + i) * n_query + p;
+        out_a[at] = i < count ? la[i] : 3.0e38f;
+        out_e[at] = i < count ? le[i] : 0.0f;
+        out_c[at] = i < count ? lc[i] : -1;
+    }
+    out_drop[split * n_query + p] = drop;
+}
+
 // grid (ceil(P / blockDim), splits): thread p of split s scans columns [s * span, (s + 1) * span) of
-// the gathered gallery, reading the fine product and each coarse level's four taps (coalesced: at
-// each column the threads of a warp read neighbouring query rows), and keeps its n_keep smallest
+// the gathered gallery, reading every level's product from memory, and keeps its n_keep smallest
 // screen values in registers/local memory. Writes them, (s, i, p)-major, and the smallest lower bound
 // among the columns it dropped.
 extern "C" __global__ void screen_select(const float* __restrict__ prods, const long long* __restrict__ lv,
@@ -384,61 +464,121 @@ extern "C" __global__ void screen_select(const float* __restrict__ prods, const 
             e_img = c_dot * qn * reach[img] + c_sub * (qn + reach[img] + 1.0f);
         }
         const long long r = c - colstart[k];
-        float dot = 0.0f;
-        for (int l = 0; l < n_levels; ++l) {
-            const long long* d = lv + (long long)l * LV_FIELDS;
-            if (d[LV_KIND] == 0) {  // a fine level (or the rows): its product at this column, (column, P)-major
-                dot += prods[d[LV_S_OFF] + (c - c_first) * n_query + p];
-                continue;
-            }
-            const long long y = r / big_w, x = r % big_w, w = d[LV_W];
-            const long long* t = taps + d[LV_TAP_OFF];
-            const float* tw = tapw + d[LV_TAP_OFF];
-            const long long big_h = d[LV_BIG_H];
-            const long long base = (long long)k * d[LV_H] * w;
-            const float* s = prods + d[LV_S_OFF];
-            const long long y0 = t[y], y1 = t[big_h + y], x0 = t[2 * big_h + x], x1 = t[2 * big_h + big_w + x];
-            const float wy0 = tw[y], wy1 = tw[big_h + y], wx0 = tw[2 * big_h + x], wx1 = tw[2 * big_h + big_w + x];
-            dot += wx0 * (wy0 * s[(base + y0 * w + x0) * n_query + p] + wy1 * s[(base + y1 * w + x0) * n_query + p]) +
-                   wx1 * (wy0 * s[(base + y0 * w + x1) * n_query + p] + wy1 * s[(base + y1 * w + x1) * n_query + p]);
-        }
+        const float dot = product_dot(prods, lv, 0, n_levels, taps, tapw, c - c_first, k, r, n_query, big_w, p);
         const float g2 = gn[gbase + r];
-        const float a = g2 - 2.0f * dot;
-        const float e = e_img + c_norm * g2;
-        if (!(a - a == 0.0f) || !(e - e == 0.0f)) {  // inf or NaN (fp16 overflow): nothing is proven for this row
-            drop = -3.0e38f;
-            continue;
-        }
-        if (count == n_keep && !(a < la[n_keep - 1])) {  // equal: the lower column, already kept, stays first
-            const float lb = a - e;
-            drop = lb < drop ? lb : drop;
-            continue;
-        }
-        int j;
-        if (count < n_keep) {
-            j = count++;
-        } else {
-            const float lb = la[n_keep - 1] - le[n_keep - 1];
-            drop = lb < drop ? lb : drop;
-            j = n_keep - 1;
-        }
-        while (j > 0 && la[j - 1] > a) {
-            la[j] = la[j - 1];
-            le[j] = le[j - 1];
-            lc[j] = lc[j - 1];
-            --j;
-        }
-        la[j] = a;
-        le[j] = e;
-        lc[j] = c;
+        keep_candidate(g2 - 2.0f * dot, e_img + c_norm * g2, c, la, le, lc, count, drop, n_keep);
     }
-    for (int i = 0; i < n_keep; ++i) {
-        const long long at = (split * n_keep + i) * n_query + p;
-        out_a[at] = i < count ? la[i] : 3.0e38f;
-        out_e[at] = i < count ? le[i] : 0.0f;
-        out_c[at] = i < count ? lc[i] : -1;
+    write_candidates(la, le, lc, count, drop, n_keep, split, n_query, p, out_a, out_e, out_c, out_drop);
+}
+
+// ---------------------------------------------------------------------------- the fused screen
+
+// The fine level's product and the selection in one kernel: the product never goes to memory.
+// grid (ceil(P / FT_ROWS), splits), FT_THREADS threads. A block takes FT_ROWS query rows and walks
+// its split's columns FT_COLS at a time; per column tile, the fp16 query rows and gallery columns go
+// through shared memory FT_K channels at a time (zero-padded past C, P and the split's end), each
+// warp multiplies its 32 rows by the tile's 64 columns on the tensor cores (2 x 4 wmma m16n16k16
+// fragments, fp32 accumulation) and stores them into shared memory column-major; then thread t,
+// owner of query row p0 + t, adds the other levels' products (through memory, as screen_select) and
+// keeps its candidates as screen_select does, reading the tile without bank conflicts. Level 0 of lv
+// is the fused one: its fp16 query at q16 + LV_Q16_OFF (P x C), its gathered rows at g16 + LV_G16_OFF.
+#define FT_ROWS 64
+#define FT_COLS 64
+#define FT_K 32
+#define FT_THREADS 64
+
+extern "C" __global__ void __launch_bounds__(FT_THREADS)
+    fused_select(const unsigned short* __restrict__ q16, const unsigned short* __restrict__ g16,
+                 const float* __restrict__ prods, const long long* __restrict__ lv, int n_levels,
+                 const long long* __restrict__ taps, const float* __restrict__ tapw,
+                 const long long* __restrict__ rows, const long long* __restrict__ images,
+                 const long long* __restrict__ colstart, int k_count, const float* __restrict__ gn,
+                 const float* __restrict__ reach, const float* __restrict__ qnorm, float c_dot, float c_sub,
+                 float c_norm, long long n_query, long long big_w, long long span, int n_keep, long long split_base,
+                 float* __restrict__ out_a, float* __restrict__ out_e, long long* __restrict__ out_c,
+                 float* __restrict__ out_drop)
+{
+    using namespace nvcuda;
+    __shared__ __align__(32) unsigned short qs[FT_ROWS * FT_K];  // A: row-major, FT_K channels a row
+    __shared__ __align__(32) unsigned short gs[FT_COLS * FT_K];  // B = G^T: column-major (a column's channels)
+    __shared__ __align__(32) float st[FT_COLS * FT_ROWS];        // the tile's products, column-major
+
+    const int t = threadIdx.x, warp = t / 32;
+    const long long p0 = (long long)blockIdx.x * FT_ROWS, p = p0 + t;
+    const bool live = p < n_query;
+    const long long split = split_base + blockIdx.y;
+    const long long c_first = colstart[0];
+    const long long c_end_all = colstart[k_count];
+    const long long c0 = c_first + (long long)blockIdx.y * span;
+    const long long c1 = c0 + span < c_end_all ? c0 + span : c_end_all;
+    const long long ch_n = lv[LV_C];
+    const unsigned short* __restrict__ qb = q16 + lv[LV_Q16_OFF];
+    const unsigned short* __restrict__ gb = g16 + lv[LV_G16_OFF];
+
+    float la[KEEP_MAX], le[KEEP_MAX];
+    long long lc[KEEP_MAX];
+    int count = 0;
+    float drop = 3.0e38f;
+    const float qn = live ? qnorm[p] : 0.0f;
+    int k = c0 < c1 ? slot_of(colstart, k_count, c0) : 0;
+    long long k_end = colstart[k + 1];
+    long long img = images[k];
+    long long gbase = rows[lv[LV_ROWS_OFF] + img];
+    float e_img = c_dot * qn * reach[img] + c_sub * (qn + reach[img] + 1.0f);
+
+    for (long long ct = c0; ct < c1; ct += FT_COLS) {
+        wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][4];
+        for (int i = 0; i < 2; ++i)
+            for (int j = 0; j < 4; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
+        for (long long k0 = 0; k0 < ch_n; k0 += FT_K) {
+            for (int i = t; i < FT_ROWS * FT_K; i += FT_THREADS) {
+                const long long row = p0 + i / FT_K, ch = k0 + i % FT_K;
+                qs[i] = row < n_query && ch < ch_n ? qb[row * ch_n + ch] : (unsigned short)0;
+            }
+            for (int i = t; i < FT_COLS * FT_K; i += FT_THREADS) {
+                const long long c = ct + i / FT_K, ch = k0 + i % FT_K;
+                gs[i] = c < c1 && ch < ch_n ? gb[(c - c_first) * ch_n + ch] : (unsigned short)0;
+            }
+            __syncthreads();
+            for (int kk = 0; kk < FT_K; kk += 16) {
+                wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> a[2];
+                for (int i = 0; i < 2; ++i)
+                    wmma::load_matrix_sync(a[i], reinterpret_cast<const __half*>(qs + (warp * 32 + i * 16) * FT_K + kk),
+                                           FT_K);
+                for (int j = 0; j < 4; ++j) {
+                    wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::col_major> b;
+                    wmma::load_matrix_sync(b, reinterpret_cast<const __half*>(gs + j * 16 * FT_K + kk), FT_K);
+                    for (int i = 0; i < 2; ++i) wmma::mma_sync(acc[i][j], a[i], b, acc[i][j]);
+                }
+            }
+            __syncthreads();  // the staged tiles are read by every warp before the next ones overwrite them
+        }
+        for (int i = 0; i < 2; ++i)
+            for (int j = 0; j < 4; ++j)
+                wmma::store_matrix_sync(st + j * 16 * FT_ROWS + warp * 32 + i * 16, acc[i][j], FT_ROWS,
+                                        wmma::mem_col_major);
+        __syncthreads();
+        if (live) {
+            const int n_here = c1 - ct < FT_COLS ? (int)(c1 - ct) : FT_COLS;
+            for (int jj = 0; jj < n_here; ++jj) {
+                const long long c = ct + jj;
+                while (c >= k_end) {  // the next retrieved image
+                    ++k;
+                    k_end = colstart[k + 1];
+                    img = images[k];
+                    gbase = rows[lv[LV_ROWS_OFF] + img];
+                    e_img = c_dot * qn * reach[img] + c_sub * (qn + reach[img] + 1.0f);
+                }
+                const long long r = c - colstart[k];
+                const float dot = st[jj * FT_ROWS + t] +
+                                  product_dot(prods, lv, 1, n_levels, taps, tapw, c - c_first, k, r, n_query, big_w, p);
+                const float g2 = gn[gbase + r];
+                keep_candidate(g2 - 2.0f * dot, e_img + c_norm * g2, c, la, le, lc, count, drop, n_keep);
+            }
+        }
+        __syncthreads();  // the tile is read by every thread before the next one is stored
     }
-    out_drop[split * n_query + p] = drop;
+    if (live) write_candidates(la, le, lc, count, drop, n_keep, split, n_query, p, out_a, out_e, out_c, out_drop);
 }
 
 // ---------------------------------------------------------------------------- the decision
