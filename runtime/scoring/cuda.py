@@ -51,7 +51,10 @@ FUSED_MIN_CHANNELS = 16  # one m16n16k16 step: below it most of each tensor-core
 TARGET_BLOCKS = 1024  # selection blocks to aim for: several per SM on the largest GPUs
 U16 = 2.0**-11  # fp16 unit roundoff (round to nearest)
 U32 = 2.0**-24
-U_ACC = 2.0**-23  # fp32 accumulation, with a factor 2 for tensor cores that truncate rather than round
+# Tensor-core accumulation, per product summed (screen_bound): fp32 truncation 2^-23, x 2 for the block
+# FMA's alignment (each of b addends truncated at the largest one's last bit, then the sum: (b+1)/b <= 2),
+# x 4 (two bits) of margin for alignment widths NVIDIA does not document
+U_ACC = 2.0**-20
 ETA16 = 2.0**-25  # absolute rounding of fp16 near zero (half its subnormal spacing)
 
 
@@ -63,7 +66,18 @@ def screen_bound(max_channels: int, total_channels: int, n_levels: int) -> tuple
     Per level l with C channels, q and g rounded to fp16 (the query after one rounding to fp32, hence
     u = 2^-11 + 2^-23 relative, and ETA16 absolute near zero) and their products summed in fp32:
     |<q,g> - S| <= (2u + u^2) |q||g| + gamma_C (1+u)^2 |q||g| + ETA16 sqrt(C) (|q| + |g|) (1 + u) + ...
-    with gamma_C = C U_ACC / (1 - C U_ACC) for any summation order. Coarse levels are interpolated
+    with gamma_C = C U_ACC / (1 - C U_ACC). The accumulation is the tensor cores' (cuBLAS GemmEx for the
+    levels through memory, wmma mma_sync in the fused kernel): per Fasi, Higham, Mikaitis and Pranesh,
+    "Numerical behavior of NVIDIA tensor cores" (PeerJ Comput. Sci. 7:e330, 2021), a step adds b exact
+    products (b = 4 on V100/T4, 8 on A100) to the accumulator by aligning all b + 1 addends to the
+    largest exponent, truncating the others' bits below its 24-bit significand, and truncating the
+    normalised sum: an error below (b + 1) 2^-23 times the sum of the step's |addends|, so below
+    2 C 2^-23 sum |q_i g_i| over the C / b steps for any b >= 1, in any order of steps (a factor
+    (b+1)/b the earlier C 2^-23 lacked). Hopper's and later parts' alignment width is not published for
+    fp16 (DeepSeek-V3's report finds ~14 bits kept in H800 FP8 accumulation; the screen never uses FP8):
+    U_ACC takes a further factor 4 (two bits fewer than fp32) as margin. A bound too wide costs exact
+    re-computation only (rows not settled are searched again); one too tight would cost exactness.
+    Coarse levels are interpolated
     in fp32 (a convex combination of taps, each |g_tap| <= R_l: three more roundings, 4 U32), the
     levels summed and |g|^2 (from fp64, one rounding) added: gamma_{L+1} (|g|^2 + 2 sum |dot_l|).
     Cauchy-Schwarz folds sum_l |q_l| R_l into |q| R. A margin of 1% covers the second-order terms

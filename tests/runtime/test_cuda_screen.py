@@ -5,7 +5,9 @@ __syncthreads.
 
 What is proven: neighbours equal a float64 brute-force search (ties to the lower gallery index, near
 ties included) for fp32, fp16 and int8 galleries, per level and for the concatenated pyramid, through
-CuPy's RawModule and through pycuda's SourceModule; the screen's exact search again of rows it cannot
+CuPy's RawModule and through pycuda's SourceModule, on both paths: the fine level's product fused with
+the selection (kernel fused_select, the shim's wmma emulation doing the tensor cores' part; asserted
+taken from ``stats``) and every product through memory (``fused=False``); the screen's exact search again of rows it cannot
 settle runs (and is exact); launches per image are counted where they are made and agree with what the
 stand-ins saw; an attached gallery is not uploaded again per request.
 """
@@ -87,10 +89,11 @@ def near_tie_rows(rng, m: int, dim: int) -> np.ndarray:
 # per-level search (topk)
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("loader", LOADERS)
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
 @pytest.mark.parametrize("kappa", [1, 4])
-def test_topk_equals_float64_search(standins, loader, precision, kappa):
+def test_topk_equals_float64_search(standins, loader, precision, kappa, fused):
     rng = np.random.default_rng(kappa)
     g64 = near_tie_rows(rng, 230, 20)
     q = (g64[rng.integers(0, 230, 70)] + rng.integers(-1, 2, (70, 20)) / 8).astype(np.float32)
@@ -99,7 +102,7 @@ def test_topk_equals_float64_search(standins, loader, precision, kappa):
     # a gallery of 10 images of 23 rows as the gallery file stores them (dense 23 x 1 grid)
     levels = {"l": LevelStore(data.reshape(10, 23, 1, 20), (23, 1), LevelCodec(scale=scale))}
     gallery = Gallery([f"i{j}" for j in range(10)], np.zeros((10, 2), np.float32), levels, {})
-    scorer = CudaScorer(loader=loader)
+    scorer = CudaScorer(loader=loader, fused=fused)
     scorer.attach(gallery)
     images = [7, 2, 9, 0, 5]  # the retrieved images, in the order image_knn gives them
     view = gallery.level_view("l", images)
@@ -108,9 +111,35 @@ def test_topk_equals_float64_search(standins, loader, precision, kappa):
     idx, dist, d_all = brute(q.astype(np.float64), g_sel, kappa)
     assert_exact(top, idx, dist, d_all)
     assert scorer.stats["uploaded_gallery"] is False and scorer.stats["loader"] == loader
+    assert scorer.stats["path"] == ("cuda fused fp16 screen" if fused else "cuda fp16 screen")  # 20 channels
     # plain arrays (no attached gallery): the same answer
-    plain = CudaScorer(loader=loader).topk(q, [np.asarray(view[j]) for j in range(len(images))], kappa)
+    plain = CudaScorer(loader=loader, fused=fused).topk(q, [np.asarray(view[j]) for j in range(len(images))], kappa)
     assert_exact(plain, idx, dist, d_all)
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_fused_kernel_walks_several_column_tiles_per_split(standins, loader):
+    """Beyond MAX_SPLITS x 64 columns each split of fused_select walks several column tiles, its lists
+    carried from tile to tile; 70 query rows: a full block of 64 and a partial one; 24 channels: one
+    zero-padded step of 32; blocks of every stored dtype and uneven sizes."""
+    from spade_edge.runtime.scoring.cuda import FT_COLS, MAX_SPLITS
+
+    rng = np.random.default_rng(21)
+    g64 = near_tie_rows(rng, 2700, 24)
+    g64[2000:] = rng.normal(size=(700, 24))
+    q = np.concatenate([g64[rng.integers(0, 2700, 60)] + rng.normal(size=(60, 24)) / 8, g64[:10]]).astype(np.float32)
+    cuts = [0, 1000, 1001, 1900, 2700]
+    kinds = [np.float32, np.float16, np.float32, np.float16]
+    blocks = [g64[a:b].astype(kind) for a, b, kind in zip(cuts, cuts[1:], kinds)]
+    int8 = np.clip(np.rint(g64[1900:] * 16), -127, 127).astype(np.int8)  # an int8 block: its values as stored
+    blocks[3] = int8
+    g_dec = np.concatenate([b.astype(np.float64) for b in blocks])
+    scorer = CudaScorer(loader=loader)
+    top = scorer.topk(q, blocks, 4)
+    assert scorer.stats["path"] == "cuda fused fp16 screen"
+    assert scorer.stats["splits"] < -(-len(g_dec) // FT_COLS) and scorer.stats["splits"] <= MAX_SPLITS, scorer.stats
+    idx, dist, d_all = brute(q.astype(np.float64), g_dec, 4)
+    assert_exact(top, idx, dist, d_all)
 
 
 def test_topk_blocks_of_mixed_dtypes_and_uneven_sizes(standins):
@@ -128,7 +157,7 @@ def test_rows_the_screen_cannot_settle_are_searched_again_exactly(standins):
     # no row can be settled from kappa + SPARE candidates, every one is searched again exactly
     scorer = CudaScorer()
     check_near_ties_are_decided_exactly(scorer)
-    assert scorer.stats["rescored_rows"] == 3
+    assert scorer.stats["rescored_rows"] == 3 and scorer.stats["fused"] is True  # 64 channels
     # and a mix: rows near the origin settle, rows of a far cluster do not
     rng = np.random.default_rng(11)
     near = rng.normal(size=(200, 16))
@@ -140,6 +169,7 @@ def test_rows_the_screen_cannot_settle_are_searched_again_exactly(standins):
     assert_exact(top, idx, dist, d_all)
     assert 0 < scorer.stats["rescored_rows"] < len(q), scorer.stats
     assert scorer.stats["rescored_rows"] >= 20  # the far cluster's rows at least
+    assert scorer.stats["path"] == "cuda fused fp16 screen"  # 16 channels: fused
 
 
 def test_reads_the_gallery_view(standins):
@@ -162,13 +192,21 @@ def test_gallery_beyond_the_tile_goes_through_in_chunks(standins):
 # the concatenated pyramid (topk_pyramid)
 
 GRID = (8, 8)
-SHAPES = [(8, 8, 6), (4, 4, 10), (2, 2, 12)]  # fine, stride 2, stride 4
+SHAPES = [(8, 8, 6), (4, 4, 10), (2, 2, 12)]  # fine, stride 2, stride 4: 6 fine channels, not fused
+# fused: 81 query rows (a full block of 64 and a partial one), 40 fine channels (two steps of 32, the
+# second zero-padded), coarse grids that do not divide the fine one
+FUSED_GRID = (9, 9)
+FUSED_SHAPES = [(9, 9, 40), (5, 5, 24), (3, 3, 12)]
+PYRAMIDS = [
+    pytest.param(SHAPES, GRID, "cuda fp16 screen levels", id="through-memory"),
+    pytest.param(FUSED_SHAPES, FUSED_GRID, "cuda fused fp16 screen levels", id="fused"),
+]
 
 
-def pyramid_gallery(rng, n_images: int, precision: str):
+def pyramid_gallery(rng, n_images: int, precision: str, shapes=SHAPES):
     """Dense levels with duplicate and near-duplicate images; the stored gallery and decoded float64 maps."""
     maps = {}
-    for i, (h, w, c) in enumerate(SHAPES):
+    for i, (h, w, c) in enumerate(shapes):
         x = rng.integers(-4, 5, (n_images, h, w, c)).astype(np.float64) / 2
         x[3] = x[1]  # a duplicate image: exact ties with image 1
         x[4] = x[1]
@@ -183,11 +221,13 @@ def pyramid_gallery(rng, n_images: int, precision: str):
     return gallery, decoded
 
 
+@pytest.mark.parametrize(("shapes", "grid", "path"), PYRAMIDS)
 @pytest.mark.parametrize("loader", LOADERS)
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
-def test_pyramid_equals_float64_search_of_the_upsampled_concatenation(standins, loader, precision):
+def test_pyramid_equals_float64_search_of_the_upsampled_concatenation(standins, loader, precision, shapes, grid, path):
+    GRID = grid  # noqa: N806 (the module's grid, per case)
     rng = np.random.default_rng(len(precision))
-    gallery, decoded = pyramid_gallery(rng, 7, precision)
+    gallery, decoded = pyramid_gallery(rng, 7, precision, shapes)
     names = list(decoded)
     images = [4, 1, 6, 3, 0]
     # the query: gallery image 1 slightly moved (distances near 0 tie across the duplicates 1, 3, 4)
@@ -200,7 +240,7 @@ def test_pyramid_equals_float64_search_of_the_upsampled_concatenation(standins, 
     g64 = np.concatenate([np.concatenate([up64(decoded[n][j], GRID) for n in names], axis=1) for j in images])
     idx, dist, d_all = brute(q64, g64, kappa)
     assert_exact(top, idx, dist, d_all)
-    assert scorer.stats["path"] == "cuda fp16 screen levels" and scorer.stats["uploaded_gallery"] is False
+    assert scorer.stats["path"] == path and scorer.stats["uploaded_gallery"] is False
     # the same through plain level maps (uploaded for this search)
     plain = CudaScorer(loader=loader).topk_pyramid(
         query, [[decoded[n][j].astype(np.float32) for n in names] for j in images], GRID, kappa
@@ -208,25 +248,29 @@ def test_pyramid_equals_float64_search_of_the_upsampled_concatenation(standins, 
     assert_exact(plain, idx, dist, d_all)
 
 
-def test_pyramid_rows_the_screen_cannot_settle(standins):
+@pytest.mark.parametrize(("shapes", "grid", "path"), PYRAMIDS)
+def test_pyramid_rows_the_screen_cannot_settle(standins, shapes, grid, path):
     # every image a tiny perturbation of one far-off pyramid: the screen proves nothing, rows are searched again
+    GRID = grid  # noqa: N806 (the module's grid, per case)
     rng = np.random.default_rng(4)
-    base = [200 + rng.normal(size=s) for s in SHAPES]
+    base = [200 + rng.normal(size=s) for s in shapes]
     images = [[(b + rng.normal(size=b.shape) * 1e-3).astype(np.float32) for b in base] for _ in range(4)]
     query = [(b + rng.normal(size=b.shape) * 1e-3).astype(np.float32) for b in base]
     scorer = CudaScorer()
     top = scorer.topk_pyramid(query, images, GRID, 3)
-    assert scorer.stats["rescored_rows"] > 0, scorer.stats
+    assert scorer.stats["rescored_rows"] > 0 and scorer.stats["path"] == path, scorer.stats
     q64 = np.concatenate([up64(x, GRID) for x in query], axis=1)
     g64 = np.concatenate([np.concatenate([up64(x, GRID) for x in img], axis=1) for img in images])
     idx, dist, d_all = brute(q64, g64, 3)
     assert_exact(top, idx, dist, d_all)
 
 
-def test_launches_per_image_are_counted_and_few(standins):
+@pytest.mark.parametrize("fused", [True, False])
+def test_launches_per_image_are_counted_and_few(standins, fused):
     """A WRN50x2-like pyramid scaled down (channels 256/512/1024 -> 16/32/64, grid 56 -> 14, strides
     4/8/16), K = 10: the scorer's own count equals what the stand-ins saw (kernels, GEMMs, CuPy
-    operations), and stays within 20 per image, the gallery's one-off norms included."""
+    operations), and stays within 20 per image, the gallery's one-off norms included. Fused: the fine
+    level's product is made inside the selection kernel, no GEMM for it."""
     rng = np.random.default_rng(9)
     shapes = [(14, 14, 16), (7, 7, 32), (4, 4, 64)]
     n = 12
@@ -235,7 +279,7 @@ def test_launches_per_image_are_counted_and_few(standins):
         for i, (h, w, c) in enumerate(shapes)
     }
     gallery = Gallery([f"i{j}" for j in range(n)], np.zeros((n, 2), np.float32), levels, {})
-    scorer = CudaScorer()
+    scorer = CudaScorer(fused=fused)
     scorer.attach(gallery)
     names = list(levels)
     for _ in range(2):
@@ -244,9 +288,11 @@ def test_launches_per_image_are_counted_and_few(standins):
         scorer.topk_pyramid(query, gallery.pyramid_view(names, range(10), (14, 14)), (14, 14), 5)
         seen = {k: standins.counters.get(k, 0) - before.get(k, 0) for k in ("kernels", "gemm", "ops")}
         assert scorer.stats["launches"] == sum(seen.values()), (scorer.stats, seen)
-        assert seen["gemm"] == 3  # one product per level, at native resolution
+        assert seen["gemm"] == (2 if fused else 3)  # a product per level through memory, at native resolution
         assert scorer.stats["launches"] <= 20, scorer.stats
-    assert scorer.stats["launches"] == 7  # once the norms are kept: query, gather, 3 GEMMs, select, decide
+        assert scorer.stats["fused"] is fused
+    # once the norms are kept: query, gather, GEMMs (the coarse levels'; all three unfused), select, decide
+    assert scorer.stats["launches"] == (6 if fused else 7)
 
 
 def test_an_attached_gallery_is_not_uploaded_per_request(standins):
@@ -369,7 +415,8 @@ def test_detector_on_cuda_predicts_as_on_the_cpu(tmp_path, monkeypatch, mode, pr
         np.testing.assert_allclose(got.anomaly_map, want.anomaly_map, rtol=1e-4, atol=1e-6)
         stats = det.scorer.stats
         assert stats["uploaded_gallery"] is False, stats  # read from the copy attached at load
-        assert stats["path"] == ("cuda fp16 screen levels" if mode == "concat" else "cuda fp16 screen")
+        fused = "fused " if stats["fused"] else ""
+        assert stats["path"] == f"cuda {fused}fp16 screen" + (" levels" if mode == "concat" else "")
         assert stats["launches"] <= 20, stats
     det.close()
 
