@@ -3,10 +3,12 @@
 
 - the shim itself (tests/runtime/cuda_shim.h): a block's threads are fibers that meet at
   __syncthreads, __shared__ memory is per block; kernels whose answer needs the barrier are checked
-  against numpy, and a barrier that not every thread reaches is reported, not run wrongly;
+  against numpy, and a barrier that not every thread reaches is reported, not run wrongly; its
+  nvcuda::wmma emulation (m16n16k16, fp16 in, fp32 accumulation, row/col major) against numpy;
 - the kernels' fp16 conversions, written out so that the shim runs them, bit for bit numpy's;
 - CudaScorer's contract on the CuPy stand-in; its imports and the extra it names without CuPy;
-- the source compiles with nvcc for the real targets, every kernel under its plain name.
+- the source compiles with nvcc for the real targets, every kernel under its plain name, the fused
+  kernel without register spills and within the static shared memory limit (ptxas -v).
 
 The scorer's exactness (per level, the pyramid, both loaders, the screen's rescoring, launches and
 uploads) is in test_cuda_screen.py.
@@ -14,6 +16,7 @@ uploads) is in test_cuda_screen.py.
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -135,6 +138,118 @@ def test_shim_reports_a_barrier_that_some_threads_skip(barrier_lib, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# the shim's warp-level matrix multiply (nvcuda::wmma)
+
+WMMA_KERNELS = r"""
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
+#include <mma.h>
+#endif
+// out (M x N, fp32, row-major) = a (M x K, fp16 bits, row-major) . b (K x N) + c (M x N), one warp a
+// block, each block one 16 x 16 tile of out; b_cols: b given as N x K (b^T row-major: col_major for
+// wmma) instead of K x N row-major. A tile of a and b staged in shared memory (the kernel's pattern),
+// the result stored column-major to shared memory (col_store) or row-major straight to out.
+extern "C" __global__ void wmma_gemm(const unsigned short* a, const unsigned short* b, const float* c, float* out,
+                                     int m, int n, int k, int b_cols, int col_store)
+{
+    using namespace nvcuda;
+    __shared__ __align__(32) unsigned short as[16 * 16];
+    __shared__ __align__(32) unsigned short bs[16 * 16];
+    __shared__ __align__(32) float cs[16 * 16];
+    const int i0 = blockIdx.y * 16, j0 = blockIdx.x * 16;
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+    for (int t = threadIdx.x; t < 256; t += blockDim.x) cs[t] = c[(i0 + t / 16) * n + j0 + t % 16];
+    __syncthreads();
+    wmma::load_matrix_sync(acc, cs, 16, wmma::mem_row_major);
+    for (int k0 = 0; k0 < k; k0 += 16) {
+        for (int t = threadIdx.x; t < 256; t += blockDim.x) {
+            const int r = t / 16, q = t % 16;
+            as[t] = a[(i0 + r) * k + k0 + q];
+            bs[t] = b_cols ? b[(j0 + r) * k + k0 + q] : b[(k0 + r) * n + j0 + q];
+        }
+        __syncthreads();
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> fa;
+        wmma::load_matrix_sync(fa, reinterpret_cast<const __half*>(as), 16);
+        if (b_cols) {
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::col_major> fb;
+            wmma::load_matrix_sync(fb, reinterpret_cast<const __half*>(bs), 16);
+            wmma::mma_sync(acc, fa, fb, acc);
+        } else {
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::row_major> fb;
+            wmma::load_matrix_sync(fb, reinterpret_cast<const __half*>(bs), 16);
+            wmma::mma_sync(acc, fa, fb, acc);
+        }
+        __syncthreads();
+    }
+    if (col_store) {
+        wmma::store_matrix_sync(cs, acc, 16, wmma::mem_col_major);
+        __syncthreads();
+        for (int t = threadIdx.x; t < 256; t += blockDim.x) out[(i0 + t % 16) * n + j0 + t / 16] = cs[t];
+    } else {
+        wmma::store_matrix_sync(out + i0 * n + j0, acc, n, wmma::mem_row_major);
+    }
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def wmma_lib() -> Library:
+    return build(WMMA_KERNELS)
+
+
+def _wmma(lib, a16, b16, c, b_cols: bool, col_store: bool) -> np.ndarray:
+    m, k = a16.shape
+    n = b16.shape[0] if b_cols else b16.shape[1]
+    out = np.full((m, n), np.nan, np.float32)
+    a_bits, b_bits = np.ascontiguousarray(a16).view(np.uint16), np.ascontiguousarray(b16).view(np.uint16)
+    args = [
+        a_bits.ctypes.data,
+        b_bits.ctypes.data,
+        c.ctypes.data,
+        out.ctypes.data,
+        m,
+        n,
+        k,
+        int(b_cols),
+        int(col_store),
+    ]
+    lib.launch("wmma_gemm", (n // 16, m // 16, 1), (32, 1, 1), 0, args)
+    return out
+
+
+@pytest.mark.parametrize("b_cols", [False, True])
+@pytest.mark.parametrize("col_store", [False, True])
+def test_shim_wmma_multiplies_as_numpy(wmma_lib, b_cols, col_store):
+    """Small integers: every product and sum exact in fp32, so any slip of layout, leading dimension,
+    transposition or accumulator shows as a wrong value."""
+    rng = np.random.default_rng(7)
+    a = rng.integers(-8, 9, (48, 64)).astype(np.float16)
+    b = rng.integers(-8, 9, (64, 32)).astype(np.float16)
+    c = rng.integers(-100, 100, (48, 32)).astype(np.float32)
+    out = _wmma(wmma_lib, a, b.T.copy() if b_cols else b, c, b_cols, col_store)
+    np.testing.assert_array_equal(out, a.astype(np.float32) @ b.astype(np.float32) + c)
+
+
+def test_shim_wmma_forms_exact_fp16_products_summed_in_fp32(wmma_lib):
+    """Random fp16 inputs spanning 2^-14 .. 2^14 (subnormal products included): the result is the fp32
+    sum of the exact products, in order after the accumulator: within K fp32 roundings of the float64
+    value, and not the value of products rounded to fp16 first."""
+    rng = np.random.default_rng(8)
+    a = (rng.normal(size=(32, 48)) * 2.0 ** rng.integers(-14, 8, (32, 48))).astype(np.float16)
+    b = (rng.normal(size=(48, 16)) * 2.0 ** rng.integers(-14, 8, (48, 16))).astype(np.float16)
+    c = rng.normal(size=(32, 16)).astype(np.float32)
+    out = _wmma(wmma_lib, a, b, c, False, False)
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    exact = a64 @ b64 + c
+    bound = (48 + 1) * 2.0**-24 * (np.abs(a64) @ np.abs(b64) + np.abs(c))
+    assert np.all(np.abs(out - exact) <= bound)
+    # the emulation's own order, step by step in fp32: equal bit for bit
+    want = c.copy()
+    for k in range(48):
+        want = (want + (a[:, k : k + 1].astype(np.float32) * b[k : k + 1].astype(np.float32))).astype(np.float32)
+    np.testing.assert_array_equal(out, want)
+
+
+# ---------------------------------------------------------------------------------------------
 # fp16 conversions inside the kernels
 
 CONVERT = r"""
@@ -202,11 +317,14 @@ def cupy_stand_in(monkeypatch):
     return cupy
 
 
+@pytest.mark.parametrize(("dim", "path"), [(12, "cuda fp16 screen"), (24, "cuda fused fp16 screen")])
 @pytest.mark.parametrize("kappa", [1, 3, 10])
-def test_cuda_scorer_breaks_ties_by_lower_index(cupy_stand_in, kappa):
-    q, g = tie_data(100 + kappa)
+def test_cuda_scorer_breaks_ties_by_lower_index(cupy_stand_in, kappa, dim, path):
+    q, g = tie_data(100 + kappa, dim=dim)
     blocks = [g[:150], g[150:155].astype(np.float16), g[155:].astype(np.int8)]  # one block shorter than kappa
-    top = CudaScorer(tile_bytes=4 * len(q) * 100).topk(q, blocks, kappa)
+    scorer = CudaScorer(tile_bytes=4 * len(q) * 100)
+    top = scorer.topk(q, blocks, kappa)
+    assert scorer.stats["path"] == path
     want = reference(q, g, kappa)
     np.testing.assert_array_equal(top.indices, want.indices)
     np.testing.assert_array_equal(top.distances, want.distances)
@@ -254,7 +372,8 @@ def test_kernels_compile_with_nvcc(arch, tmp_path):
         pytest.skip("nvcc is not on PATH: the CUDA kernels were not compiled for " + arch)
     cubin = tmp_path / f"topk_{arch}.cubin"
     run = subprocess.run(
-        [nvcc, f"-arch={arch}", "-cubin", "--Werror", "all-warnings", "-o", str(cubin), str(KERNEL_SOURCE)],
+        [nvcc, f"-arch={arch}", "-cubin", "--Werror", "all-warnings", "-Xptxas", "-v", "-o", str(cubin)]
+        + [str(KERNEL_SOURCE)],
         capture_output=True,
         text=True,
     )
@@ -263,6 +382,15 @@ def test_kernels_compile_with_nvcc(arch, tmp_path):
     for name in KERNEL_NAMES:  # extern "C": the names CuPy's and pycuda's get_function look up, unmangled
         assert name.encode() in data, name
         assert b"_Z" + str(len(name)).encode() + name.encode() not in data, name
+    # ptxas -v on the fused kernel: no spills (its stack frame is the candidate lists, 96 x 16 bytes),
+    # static shared memory within the 48 KiB every target allows, registers within 255
+    info = run.stderr.split("Compiling entry function 'fused_select'")[1].split("Compiling entry")[0]
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info)
+    used = re.search(r"Used (\d+) registers.*?(\d+) bytes smem", info)
+    assert spills and used, info
+    assert spills.groups() == ("0", "0"), info
+    assert int(used.group(1)) <= 255 and int(used.group(2)) <= 48 * 1024, info
+    print(f"{arch} fused_select: {used.group(1)} registers, {used.group(2)} bytes shared memory")
 
 
 # ---------------------------------------------------------------------------------------------
