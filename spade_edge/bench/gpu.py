@@ -711,26 +711,35 @@ def wrn50x2_backbone(size: int = 224) -> dict:
     return {"flops": 2.0 * macs, "macs": float(macs), "weights": float(weights), "activations": float(activations)}
 
 
-def _step(name: str, tensor=0.0, simt=0.0, fp64=0.0, bytes_=0.0, fused_bytes=None) -> dict:
+def _step(name: str, tensor=0.0, simt=0.0, fp64=0.0, bytes_=0.0, memory_bytes=None, all_fused_bytes=None) -> dict:
+    """One step: FLOPs, and bytes to and from device memory as built (``bytes``), with every product
+    through memory (``memory_bytes``: ``CudaScorer(fused=False)``, the design before the fused kernel)
+    and with every level's product fused (``all_fused_bytes``: not built)."""
     return {
         "step": name,
         "tensor": float(tensor),
         "simt": float(simt),
         "fp64": float(fp64),
         "bytes": float(bytes_),
-        "fused_bytes": float(bytes_ if fused_bytes is None else fused_bytes),
+        "memory_bytes": float(bytes_ if memory_bytes is None else memory_bytes),
+        "all_fused_bytes": float(bytes_ if all_fused_bytes is None else all_fused_bytes),
     }
+
+
+VARIANTS = {"built": "bytes", "memory": "memory_bytes", "all_fused": "all_fused_bytes"}
 
 
 def paper_steps(k: int, mode: str, levels: list[tuple[int, int, int]] | None = None) -> list[dict]:
     """Per image, WRN50x2 at 224 with K = ``k`` retrieved images, the CUDA scorer as built
     (docs/speed.md, "The GPU scorer"): each step's FLOPs (``tensor``: fp16 products on tensor cores;
-    ``simt``: fp32 on CUDA cores; ``fp64``) and bytes to and from device memory (``bytes``), and
-    ``fused_bytes``, the bytes if the products fed the selection on chip instead of through memory
-    (a fused product-and-select kernel). Concat: one GEMM per level at native gallery resolution
-    against the query upsampled to the fine grid, the selection interpolating the coarse levels' taps;
-    per-level: one GEMM per level. Then the decision and the exact re-computation in fp64 of
-    :data:`RESCORED_PER_ROW` candidates per query row, and the image stage."""
+    ``simt``: fp32 on CUDA cores; ``fp64``) and bytes to and from device memory (``bytes``; see
+    :func:`_step` for the other designs' bytes). The fine level's product (concat: layer1; per-level:
+    every level, each a search of its own) is fused with the selection (kernel ``fused_select``: tiles
+    of products in shared memory, never in device memory; its operands read from memory once, the
+    reuse across a block's tiles served by L2); concat's coarse levels go through one GEMM each at
+    native gallery resolution against the query upsampled to the fine grid, fp32 products written and
+    read back by the selection, which interpolates their taps. Then the decision and the exact
+    re-computation in fp64 of :data:`RESCORED_PER_ROW` candidates per query row, and the image stage."""
     levels = levels or shapes_of("wide_resnet50_2")
     bb = wrn50x2_backbone()
     h, w, _ = levels[0]
@@ -747,20 +756,29 @@ def paper_steps(k: int, mode: str, levels: list[tuple[int, int, int]] | None = N
     ]
     if mode == "concat":
         d = sum(cc for _, _, cc in levels)
-        products = sum(p * k * hh * ww for hh, ww, _ in levels)  # P x K n_l per level
+        (_, _, c0), coarse = levels[0], levels[1:]
+        fine_products = p * k * p
+        coarse_products = sum(p * k * hh * ww for hh, ww, _ in coarse)  # P x K n_l per coarse level
         steps += [
             _step("query: coarse levels upsampled to the fine grid, fp16", simt=8.0 * p * d, bytes_=2.0 * p * d),
             _step(
-                "products: one GEMM per level, P x K n_l x C_l (fp16 in, fp32 out)",
-                tensor=sum(2.0 * p * k * hh * ww * cc for hh, ww, cc in levels),
-                bytes_=2.0 * gathered + 2.0 * p * d + 4.0 * products,
-                fused_bytes=2.0 * gathered + 2.0 * p * d,
+                "products, fine level: fused with the selection, P x K n_0 x C_0 (fp16 in, fp32 in shared memory)",
+                tensor=2.0 * fine_products * c0,
+                bytes_=2.0 * k * p * c0 + 2.0 * p * c0,
+                memory_bytes=2.0 * k * p * c0 + 2.0 * p * c0 + 4.0 * fine_products,
+            ),
+            _step(
+                "products, coarse levels: one GEMM each, P x K n_l x C_l (fp16 in, fp32 out)",
+                tensor=sum(2.0 * p * k * hh * ww * cc for hh, ww, cc in coarse),
+                bytes_=2.0 * (gathered - k * p * c0) + 2.0 * p * (d - c0) + 4.0 * coarse_products,
+                all_fused_bytes=2.0 * (gathered - k * p * c0) + 2.0 * p * (d - c0),
             ),
             _step(
                 "selection: coarse taps interpolated, kappa + spare kept per row",
                 simt=SELECT_FLOPS["concat"] * p * k * p,
-                bytes_=4.0 * products,
-                fused_bytes=0.0,
+                bytes_=4.0 * coarse_products,
+                memory_bytes=4.0 * (fine_products + coarse_products),
+                all_fused_bytes=0.0,
             ),
         ]
         rescore = [(p, d + 3 * sum(cc for _, _, cc in levels[1:]))]  # fine row + 4 taps per coarse level
@@ -769,16 +787,16 @@ def paper_steps(k: int, mode: str, levels: list[tuple[int, int, int]] | None = N
             n = hh * ww
             steps += [
                 _step(
-                    f"level {hh}x{ww}x{cc}: products n x K n x C (fp16 in, fp32 out)",
+                    f"level {hh}x{ww}x{cc}: products n x K n x C, fused with the selection (fp16 in, fp32 in shared "
+                    "memory)",
                     tensor=2.0 * n * k * n * cc,
-                    bytes_=2.0 * k * n * cc + 2.0 * n * cc + 4.0 * n * k * n,
-                    fused_bytes=2.0 * k * n * cc + 2.0 * n * cc,
+                    bytes_=2.0 * k * n * cc + 2.0 * n * cc,
+                    memory_bytes=2.0 * k * n * cc + 2.0 * n * cc + 4.0 * n * k * n,
                 ),
                 _step(
                     f"level {hh}x{ww}x{cc}: selection",
                     simt=SELECT_FLOPS["per-level"] * n * k * n,
-                    bytes_=4.0 * n * k * n,
-                    fused_bytes=0.0,
+                    memory_bytes=4.0 * n * k * n,
                 ),
             ]
         rescore = [(hh * ww, cc) for hh, ww, cc in levels]
@@ -797,11 +815,12 @@ def paper_steps(k: int, mode: str, levels: list[tuple[int, int, int]] | None = N
     return steps
 
 
-def step_seconds(step: dict, gpu: Gpu, fused: bool = False) -> float:
+def step_seconds(step: dict, gpu: Gpu, variant: str = "built") -> float:
     """Roofline time of a step: the slower of its compute (tensor, CUDA-core and fp64 parts, derated by
-    :data:`COMPUTE_EFFICIENCY`) and its memory traffic (derated by :data:`MEMORY_EFFICIENCY`)."""
+    :data:`COMPUTE_EFFICIENCY`) and its memory traffic (derated by :data:`MEMORY_EFFICIENCY`) in the
+    design ``variant`` (:data:`VARIANTS`: as built, every product through memory, every level fused)."""
     compute = step["tensor"] / gpu.fp16_tflops + step["simt"] / gpu.fp32_tflops + step["fp64"] / gpu.fp64_tflops
-    traffic = step["fused_bytes"] if fused else step["bytes"]
+    traffic = step[VARIANTS[variant]]
     return max(compute / 1e12 / COMPUTE_EFFICIENCY, traffic / (gpu.bandwidth_gbs * 1e9 * MEMORY_EFFICIENCY))
 
 
@@ -812,7 +831,8 @@ def _is_pixel(step: dict) -> bool:
 def paper_estimate(cases: tuple = (("concat", 50), ("concat", 5), ("per-level", 50), ("per-level", 5))) -> dict:
     """Per case (mode, K): the steps' FLOPs and bytes (:func:`paper_steps`), and per GPU of :data:`GPUS`
     each step's estimated seconds as built, the pixel scoring's (every step but the backbone and the
-    image stage) as built and fused, and the total (backbone through image stage) as built."""
+    image stage) as built (``pixel_s``), with every product through memory (``pixel_memory_s``) and
+    with every level fused (``pixel_all_fused_s``), and the total (backbone through image stage) as built."""
     out: dict[str, Any] = {
         "gpus": [g.__dict__ for g in GPUS],
         "compute_efficiency": COMPUTE_EFFICIENCY,
@@ -823,10 +843,15 @@ def paper_estimate(cases: tuple = (("concat", 50), ("concat", 5), ("per-level", 
         steps = paper_steps(k, mode)
         case: dict[str, Any] = {"mode": mode, "k": k, "steps": steps, "estimates": {}}
         for g in GPUS:
+
+            def pixel(variant: str, g=g, steps=steps) -> float:
+                return sum(step_seconds(s, g, variant) for s in steps if _is_pixel(s))
+
             case["estimates"][g.name] = {
                 "steps_s": [step_seconds(s, g) for s in steps],
-                "pixel_s": sum(step_seconds(s, g) for s in steps if _is_pixel(s)),
-                "pixel_fused_s": sum(step_seconds(s, g, fused=True) for s in steps if _is_pixel(s)),
+                "pixel_s": pixel("built"),
+                "pixel_memory_s": pixel("memory"),
+                "pixel_all_fused_s": pixel("all_fused"),
                 "total_s": sum(step_seconds(s, g) for s in steps),
             }
         out["cases"].append(case)
@@ -863,8 +888,9 @@ def paper_markdown(r: dict | None = None) -> str:
     lines += ["", f"Sources: {ORIN_SOURCES}.", ""]
     names = [g["name"] for g in r["gpus"]]
     lines += [
-        "Per image, ms: pixel scoring as built / with a fused product-and-select / total as built (backbone "
-        "through image stage):",
+        "Per image, ms: pixel scoring as built (the fine level's product fused with the selection, coarse levels "
+        "through memory) / with every product through memory (the design before) / with every level fused (not "
+        "built) / total as built (backbone through image stage):",
         "",
         "| WRN50x2 | " + " | ".join(n.split(" (")[0].replace("Jetson ", "") for n in names) + " |",
         "|---|" + "---:|" * len(names),
@@ -872,7 +898,8 @@ def paper_markdown(r: dict | None = None) -> str:
     for case in r["cases"]:
         e = case["estimates"]
         cells = [
-            f"{e[n]['pixel_s'] * 1e3:.1f} / {e[n]['pixel_fused_s'] * 1e3:.1f} / {e[n]['total_s'] * 1e3:.1f}"
+            f"{e[n]['pixel_s'] * 1e3:.1f} / {e[n]['pixel_memory_s'] * 1e3:.1f} / {e[n]['pixel_all_fused_s'] * 1e3:.1f}"
+            f" / {e[n]['total_s'] * 1e3:.1f}"
             for n in names
         ]
         lines.append(f"| {case['mode']} K = {case['k']} | " + " | ".join(cells) + " |")
@@ -883,22 +910,25 @@ def paper_markdown(r: dict | None = None) -> str:
         lines += [
             f"WRN50x2 {case['mode']} K = {case['k']}, kappa = {KAPPA}, per image; ms per step on each GPU:",
             "",
-            "| step | tensor FLOP | fp32 FLOP | fp64 FLOP | bytes | bytes, fused | " + " | ".join(short) + " |",
-            "|---|---:|---:|---:|---:|---:|" + "---:|" * len(names),
+            "| step | tensor FLOP | fp32 FLOP | fp64 FLOP | bytes | bytes, all through memory | bytes, all fused | "
+            + " | ".join(short)
+            + " |",
+            "|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(names),
         ]
         for i, s in enumerate(case["steps"]):
             ms = " | ".join(f"{case['estimates'][n]['steps_s'][i] * 1e3:.2f}" for n in names)
             lines.append(
                 f"| {s['step']} | {_si(s['tensor'], 'FLOP')} | {_si(s['simt'], 'FLOP')} | {_si(s['fp64'], 'FLOP')} | "
-                f"{_si(s['bytes'], 'B')} | {_si(s['fused_bytes'], 'B')} | {ms} |"
+                f"{_si(s['bytes'], 'B')} | {_si(s['memory_bytes'], 'B')} | {_si(s['all_fused_bytes'], 'B')} | {ms} |"
             )
         for key, label in (
-            ("pixel_s", "**pixel scoring, as built** (products through memory)"),
-            ("pixel_fused_s", "pixel scoring with a fused product-and-select"),
+            ("pixel_s", "**pixel scoring, as built** (fused: concat's fine level, every level per-level)"),
+            ("pixel_memory_s", "pixel scoring with every product through memory (fused=False)"),
+            ("pixel_all_fused_s", "pixel scoring with every level fused (not built)"),
             ("total_s", "**total, as built** (backbone through image stage)"),
         ):
             ms = " | ".join(f"{case['estimates'][n][key] * 1e3:.1f}" for n in names)
-            lines.append(f"| {label} | | | | | | {ms} |")
+            lines.append(f"| {label} | | | | | | | {ms} |")
         lines.append("")
     return "\n".join(lines)
 
