@@ -4,12 +4,14 @@
   staging, int8 and fp16 decoded by the kernels), the retrieved images gathered there per request;
 - the concatenated pyramid at per-level cost: each coarse level's product at native resolution,
   interpolated inside the selection kernel (never the upsampled 1792-channel gallery);
-- a tensor-core screen: fp16 products with fp32 accumulation (cuBLAS GemmEx), a rigorous bound on
+- the fine level's product fused with the selection (kernel ``fused_select``: wmma tiles in shared
+  memory, never in device memory; :func:`fused_applies` says where), the coarse levels' through memory;
+- a tensor-core screen: fp16 products with fp32 accumulation (wmma, cuBLAS GemmEx), a rigorous bound on
   each pair's error (:func:`screen_bound`), kappa + SPARE candidates per row, exact fp64 re-ranking
   of every candidate that may belong, and an exact search again of every row the screen cannot
   settle, so that the neighbours equal a float64 search, ties to the lower gallery index;
-- a handful of launches per image: one query preparation, one gather, one GEMM per level, one
-  selection kernel over (rows x gallery splits), one decision kernel (merge, settle, exact), plus
+- a handful of launches per image: one query preparation, one gather, one GEMM per level not fused,
+  one selection kernel over (rows x gallery splits), one decision kernel (merge, settle, exact), plus
   two for the rows searched again, if any. ``stats["launches"]`` counts them where they are made
   (:class:`_Device`).
 
@@ -206,9 +208,9 @@ class CudaScorer(PixelScorer):
 
     @property
     def tile_bytes(self) -> int:
-        """Screen products held at a time: as given, else an eighth of the device's memory, at most
-        4 GiB (WRN50x2 at K = 50 needs 2.6 GB: one pass on an H200 or an AGX Orin, two or three on
-        the smaller Orins)."""
+        """Screen products held in memory at a time: as given, else an eighth of the device's memory, at
+        most 4 GiB (WRN50x2 at K = 50 needs 0.6 GB with the fine level fused, 2.6 GB without: one pass
+        on an H200 or an AGX Orin)."""
         if self._tile_bytes is None:
             cp = self._cupy()
             total = int(cp.cuda.runtime.getDeviceProperties(self.device_id)["totalGlobalMem"])
