@@ -30,8 +30,8 @@ import numpy as np
 from .. import cpu
 from ..threads import blas_single_threaded, compute_threads
 from . import ccompile
-from .base import GalleryRows, TopK, keep, merge
-from .numpy import NumpyScorer
+from .base import GalleryRows, PixelScorer, TopK, keep, merge
+from .numpy import NumpyScorer, uses_levels
 
 LEVEL_ENV = "SPADE_EDGE_CPU_LEVEL"
 # level -> (CPU flags it needs, compiler flags): VW floats per vector, RB query rows per register tile
@@ -153,7 +153,7 @@ class Clock:
     """Where a search's time goes, by part (``stats["seconds"]``; bench speed's profile): each
     :meth:`lap` charges the time since the last one to ``part``."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
         self._last = time.perf_counter()
 
@@ -382,6 +382,14 @@ class FusedScorer(NumpyScorer):
             "seconds": clock.seconds,
         }
         return TopK(d, i)
+
+    def topk_pyramid(self, query, gallery, grid, kappa):
+        """NumpyScorer's choice (the per-level cost where it pays, PER_LEVEL_SHARE); the plain path's
+        upsampling then runs with BLAS on this thread (see :meth:`topk`)."""
+        if self.lib is None or uses_levels(query, grid):
+            return super().topk_pyramid(query, gallery, grid, kappa)
+        with blas_single_threaded():
+            return PixelScorer.topk_pyramid(self, query, gallery, grid, kappa)
 
     def __repr__(self) -> str:
         return f"FusedScorer(level={self.level!r})"

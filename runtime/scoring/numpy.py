@@ -74,7 +74,7 @@ class NumpyScorer(PixelScorer):
         of image j come from the view (:meth:`.base.GalleryView.sqnorms`)."""
         view = GalleryPyramids.of(gallery, grid)
         slabs = PyramidSlabs(query, grid, rows=4)
-        if not slabs.c_fine or slabs.contraction >= PER_LEVEL_SHARE * sum(q.shape[2] for q in query):
+        if not uses_levels(query, grid, slabs):
             return super().topk_pyramid(query, view, grid, kappa)  # narrow pyramids: the plain GEMM wins
         p = slabs.p
         top = Candidates(p, kappa)
@@ -107,6 +107,13 @@ class NumpyScorer(PixelScorer):
         top.exact = exact_distances(concat_upsampled(query, grid), view, grid, top.index, top.may_belong(error))
         self.stats = {"path": "fp32 levels"}
         return top.result()
+
+
+def uses_levels(query: list[np.ndarray], grid: tuple[int, int], slabs: PyramidSlabs | None = None) -> bool:
+    """Whether the concatenated pyramid of ``query`` (level maps) on ``grid`` takes the per-level-cost
+    path (PER_LEVEL_SHARE) rather than the plain search of upsampled rows."""
+    slabs = slabs or PyramidSlabs(query, grid, rows=4)
+    return bool(slabs.c_fine) and slabs.contraction < PER_LEVEL_SHARE * sum(q.shape[2] for q in query)
 
 
 def _merge(q, left, g, offset, top: Candidates, norms=None) -> None:
