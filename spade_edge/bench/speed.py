@@ -263,7 +263,7 @@ def per_level_part(part: str, shapes: list, k: int, storage: str, repeats: int, 
         from ..runtime.scoring import cpu_scorer
 
         scorer = cpu_scorer() if part == "ours" else NumpyScorer()
-        paths = []
+        paths: list[str | None] = []
 
         def fn():
             found = []
