@@ -101,6 +101,26 @@ def fused_applies(fine_channels: int) -> bool:
     return int(fine_channels) >= FUSED_MIN_CHANNELS
 
 
+def cuda_include_dir(cp=None) -> str | None:
+    """A CUDA toolkit include folder holding <mma.h> and the <crt/mma.h> it includes (NVRTC needs it for
+    the fused kernel): $CUDA_PATH, $CUDA_HOME, CuPy's CUDA path, /usr/local/cuda; None if none has it
+    (the NVIDIA runtime wheels ship mma.h without crt/mma.h)."""
+    import os
+
+    roots = [os.environ.get("CUDA_PATH"), os.environ.get("CUDA_HOME")]
+    get = getattr(getattr(cp, "cuda", None), "get_cuda_path", None)
+    if get is not None:
+        try:
+            roots.append(get())
+        except Exception:  # CuPy raises where it finds no toolkit
+            pass
+    roots.append("/usr/local/cuda")
+    for root in roots:
+        if root and (Path(root) / "include" / "crt" / "mma.h").is_file():
+            return str(Path(root) / "include")
+    return None
+
+
 class _Device:
     """Kernels (RawModule or SourceModule) and cuBLAS on one device; every launch and GEMM goes through
     :meth:`launch` / :meth:`gemm`, which count them (``launches``)."""
@@ -109,9 +129,9 @@ class _Device:
         self.cp, self.device_id, self.loader = cp, device_id, loader
         self.launches = 0
         source = KERNEL_SOURCE.read_text()
+        self.wmma = True  # whether the fused kernel (it needs <mma.h>) was compiled
         if loader == "cupy":
-            module = cp.RawModule(code=source, options=("-std=c++17",))
-            self._fns = {n: module.get_function(n) for n in KERNEL_NAMES}
+            self._fns = self._nvrtc(cp, source)
         elif loader == "pycuda":
             drv = require("pycuda.driver", "gpu", "The CUDA pixel scorer's pycuda loader")
             compiler = require("pycuda.compiler", "gpu", "The CUDA pixel scorer's pycuda loader")
@@ -129,6 +149,30 @@ class _Device:
             raise ValueError(f"loader must be 'cupy' or 'pycuda', got {loader!r}")
         self._one = np.ones(1, np.float32)  # GemmEx's alpha and beta live in host memory
         self._zero = np.zeros(1, np.float32)
+
+    def _nvrtc(self, cp, source: str) -> dict:
+        """The kernels through CuPy's RawModule (NVRTC). NVRTC has no built-in <mma.h>: the CUDA toolkit's
+        include folder is passed where one is found (:func:`cuda_include_dir`); where that compile fails,
+        the source is compiled again without the fused kernel (``-DSPADE_NO_WMMA``: every product
+        through memory, ``stats["path"]`` says so) rather than not at all."""
+        include = cuda_include_dir(cp)
+        options = ("-std=c++17",) + ((f"-I{include}",) if include else ())
+        try:
+            module = cp.RawModule(code=source, options=options)
+            return {n: module.get_function(n) for n in KERNEL_NAMES}
+        except Exception as exc:  # CuPy's CompileException; get_function compiles lazily
+            if "mma.h" not in str(exc):
+                raise
+            import warnings
+
+            warnings.warn(
+                f"NVRTC cannot find the CUDA headers (<mma.h>; set CUDA_PATH to the CUDA toolkit): the CUDA "
+                f"scorer runs without its fused kernel, every product through memory ({exc})",
+                stacklevel=3,
+            )
+        self.wmma = False
+        module = cp.RawModule(code=source, options=(*options, "-DSPADE_NO_WMMA"))
+        return {n: module.get_function(n) for n in KERNEL_NAMES if n != "fused_select"}
 
     def count(self, n: int = 1) -> None:
         """Launches made by CuPy operations on this device (copies, casts) for a search."""
@@ -434,7 +478,7 @@ class CudaScorer(PixelScorer):
             g16 += native * c
         c_max = int(max(lvl.channels for lvl in levels))
         c_dot, c_sub, c_norm = screen_bound(c_max, d_total, len(levels))
-        fused = self.fused and fused_applies(levels[order[0]].channels)
+        fused = self.fused and dev.wmma and fused_applies(levels[order[0]].channels)
         path = ("cuda fused " if fused else "cuda ") + path
         through_memory = order[1:] if fused else order  # levels whose products a GEMM writes to memory
 

@@ -199,7 +199,10 @@ def wmma_lib() -> Library:
 def _wmma(lib, a16, b16, c, b_cols: bool, col_store: bool) -> np.ndarray:
     m, k = a16.shape
     n = b16.shape[0] if b_cols else b16.shape[1]
-    out = np.full((m, n), np.nan, np.float32)
+    # device memory is 256-byte aligned (the shim checks wmma's 32-byte rule): so is this buffer
+    raw = np.full(m * n + 64, np.nan, np.float32)
+    skip = (-raw.ctypes.data % 256) // 4
+    out = raw[skip : skip + m * n].reshape(m, n)
     a_bits, b_bits = np.ascontiguousarray(a16).view(np.uint16), np.ascontiguousarray(b16).view(np.uint16)
     args = [
         a_bits.ctypes.data,
@@ -391,6 +394,16 @@ def test_kernels_compile_with_nvcc(arch, tmp_path):
     assert spills.groups() == ("0", "0"), info
     assert int(used.group(1)) <= 255 and int(used.group(2)) <= 48 * 1024, info
     print(f"{arch} fused_select: {used.group(1)} registers, {used.group(2)} bytes shared memory")
+    # where NVRTC finds no CUDA headers the scorer compiles the source without the fused kernel
+    bare = tmp_path / f"topk_{arch}_bare.cubin"
+    run = subprocess.run(
+        [nvcc, f"-arch={arch}", "-cubin", "--Werror", "all-warnings", "-DSPADE_NO_WMMA", "-o", str(bare)]
+        + [str(KERNEL_SOURCE)],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr
+    assert b"fused_select" not in bare.read_bytes() and b"screen_select" in bare.read_bytes()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -450,3 +463,52 @@ def test_standin_pycuda_launch_takes_what_pycuda_takes(cupy_stand_in):
             module.get_function("no_such_kernel")
     finally:
         drv.Context.pop()
+
+
+def test_standin_nvrtc_opens_only_headers_under_its_include_folders(cupy_stand_in, tmp_path):
+    """As NVRTC: no default CUDA include folder, so the kernels' <mma.h> needs -I; a conditional that
+    removes the include removes the need."""
+    cp = cupy_stand_in
+    source = KERNEL_SOURCE.read_text()
+    with pytest.raises(cp.cuda.compiler.CompileException, match='could not open source file "mma.h"'):
+        cp.RawModule(code=source, options=("-std=c++17",)).get_function("fused_select")
+    empty = tmp_path / "include"
+    empty.mkdir()
+    with pytest.raises(cp.cuda.compiler.CompileException, match="searched"):
+        cp.RawModule(code=source, options=("-std=c++17", f"-I{empty}")).get_function("fused_select")
+    toolkit = cp.cuda.get_cuda_path() + "/include"
+    assert cp.RawModule(code=source, options=("-std=c++17", f"-I{toolkit}")).get_function("fused_select")
+    without = cp.RawModule(code=source, options=("-std=c++17", "-DSPADE_NO_WMMA"))
+    assert without.get_function("screen_select")
+    with pytest.raises(cp.cuda.driver.CUDADriverError, match="fused_select"):
+        without.get_function("fused_select")
+
+
+def test_without_cuda_headers_the_scorer_runs_unfused_and_exact(cupy_stand_in, monkeypatch):
+    from spade_edge.runtime.scoring import cuda
+
+    monkeypatch.setattr(cuda, "cuda_include_dir", lambda cp=None: None)
+    q, g = tie_data(5, dim=24)
+    scorer = CudaScorer()
+    with pytest.warns(UserWarning, match="without its fused kernel"):
+        top = scorer.topk(q, [g[:200], g[200:]], 3)
+    assert scorer.stats["path"] == "cuda fp16 screen" and scorer.stats["fused"] is False
+    want = reference(q, g, 3)
+    np.testing.assert_array_equal(top.indices, want.indices)
+    np.testing.assert_array_equal(top.distances, want.distances)
+    assert cuda.fused_applies(24)  # it would have been fused
+
+
+def test_cuda_include_dir_needs_the_toolkits_crt_header(monkeypatch, tmp_path):
+    from spade_edge.runtime.scoring.cuda import cuda_include_dir
+
+    wheel = tmp_path / "wheel"  # the NVIDIA runtime wheels: mma.h without crt/mma.h
+    (wheel / "include").mkdir(parents=True)
+    (wheel / "include" / "mma.h").write_text("")
+    toolkit = tmp_path / "toolkit"
+    (toolkit / "include" / "crt").mkdir(parents=True)
+    (toolkit / "include" / "mma.h").write_text("")
+    (toolkit / "include" / "crt" / "mma.h").write_text("")
+    monkeypatch.setenv("CUDA_PATH", str(wheel))
+    monkeypatch.setenv("CUDA_HOME", str(toolkit))
+    assert cuda_include_dir() == str(toolkit / "include")

@@ -111,10 +111,42 @@ class Param:
         return ctypes.c_void_p if self.pointer else CTYPES_SCALARS[self.dtype]
 
 
-def kernels_in(source: str) -> dict[str, tuple[Param, ...]]:
+INCLUDE_LINE = re.compile(r'^\s*#\s*include\s*([<"])([^>"]+)[>"]', re.MULTILINE)
+INCLUDE_MARK = "SPADE_STANDIN_INCLUDE"
+
+
+def conditionals(source: str, macros: tuple[str, ...] = (), cuda: bool = False) -> str:
+    """``source`` through the preprocessor's conditionals only: its includes are not opened but left as
+    lines ``SPADE_STANDIN_INCLUDE <name>`` (or ``"name"``), ``macros`` (-D options) defined, and with
+    ``cuda`` also ``__CUDACC__`` and ``__CUDACC_RTC__`` (what NVRTC defines). Sources without any
+    conditional are returned as they are."""
+    if not re.search(r"^\s*#\s*(if|ifdef|ifndef)\b", source, re.MULTILINE):
+        return source
+
+    def mark(m: re.Match) -> str:
+        close = ">" if m.group(1) == "<" else '"'
+        return f"{INCLUDE_MARK} {m.group(1)}{m.group(2)}{close}"
+
+    marked = INCLUDE_LINE.sub(mark, source)
+    defs = ["-D__CUDACC__", "-D__CUDACC_RTC__"] if cuda else []
+    run = subprocess.run(
+        ["g++", "-E", "-P", "-nostdinc", "-x", "c++", *defs, *macros, "-"],
+        input=marked,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if run.returncode != 0:
+        raise CompileError(f"g++ could not preprocess the kernel source:\n{run.stderr}")
+    return run.stdout
+
+
+def kernels_in(source: str, macros: tuple[str, ...] = ()) -> dict[str, tuple[Param, ...]]:
     """Every ``extern "C" __global__`` kernel of ``source`` with its parameters (a kernel without
-    extern "C" has a mangled name: CuPy's get_function cannot find it by its plain name either)."""
-    clean = re.sub(r"/\*.*?\*/", " ", source, flags=re.DOTALL)
+    extern "C" has a mangled name: CuPy's get_function cannot find it by its plain name either), as
+    the conditionals leave it with ``macros`` (-D options) defined."""
+    clean = conditionals(source, macros)
+    clean = re.sub(r"/\*.*?\*/", " ", clean, flags=re.DOTALL)
     clean = re.sub(r"//[^\n]*", " ", clean)
     found = {}
     for name, params in _KERNEL.findall(clean):
@@ -206,8 +238,8 @@ class Library:
 
 def compile_source(source: str, options: tuple[str, ...] = ()) -> Library:
     """Compile ``source`` (every extern "C" kernel in it) with the shim; cached by content."""
-    kernels = kernels_in(source)
     flags = _gxx_flags(tuple(options))
+    kernels = kernels_in(source, tuple(f for f in flags if f.startswith("-D")))
     launcher = _launchers(kernels)
     key = hashlib.sha256("\0".join([source, launcher, SHIM.read_text(), *flags]).encode()).hexdigest()[:24]
     with _build_lock:

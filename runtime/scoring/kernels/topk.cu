@@ -25,7 +25,8 @@
 // it are re-computed exactly (fp64, from differences of the decoded values); unsettled rows are
 // searched again exactly over every column.
 
-#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
+// SPADE_NO_WMMA: compile without the fused kernel (NVRTC where no CUDA toolkit headers are found)
+#if !defined(SPADE_NO_WMMA) && (defined(__CUDACC__) || defined(__CUDACC_RTC__))
 #include <mma.h>
 #endif
 
@@ -487,6 +488,8 @@ extern "C" __global__ void screen_select(const float* __restrict__ prods, const 
 #define FT_K 32
 #define FT_THREADS 64
 
+#ifndef SPADE_NO_WMMA
+
 extern "C" __global__ void __launch_bounds__(FT_THREADS)
     fused_select(const unsigned short* __restrict__ q16, const unsigned short* __restrict__ g16,
                  const float* __restrict__ prods, const long long* __restrict__ lv, int n_levels,
@@ -580,6 +583,7 @@ extern "C" __global__ void __launch_bounds__(FT_THREADS)
     }
     if (live) write_candidates(la, le, lc, count, drop, n_keep, split, n_query, p, out_a, out_e, out_c, out_drop);
 }
+#endif  // SPADE_NO_WMMA
 
 // ---------------------------------------------------------------------------- the decision
 

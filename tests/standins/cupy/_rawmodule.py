@@ -14,12 +14,20 @@ whose type is not the parameter's C type, an array whose dtype is not the pointe
 number of arguments raise TypeError; a device array of another device than the current one raises
 CUDARuntimeError (cudaErrorIllegalAddress: the kernel would fault).
 
+NVRTC's include search, as NVRTC has it: an ``#include <...>`` that the preprocessor keeps (with
+``__CUDACC__``, ``__CUDACC_RTC__`` and the options' macros defined) must name one of NVRTC's built-in
+headers or a file in a folder given with ``-I``; otherwise CompileException with NVRTC's message
+("could not open source file"). NVRTC, unlike nvcc, has no default CUDA include folder.
+
 Not modelled: ``shared_mem`` (dynamic shared memory: such a kernel needs its own launcher, see
 ``_standin_kernels.register_launcher``; static ``__shared__`` arrays and ``__syncthreads`` run in
 the shim), cooperative launches, ``path=`` (cubin/PTX files).
 """
 
 from __future__ import annotations
+
+import re
+from pathlib import Path
 
 import numpy as np
 
@@ -36,7 +44,46 @@ MAX_BLOCK = (1024, 1024, 64)
 MAX_GRID = (2**31 - 1, 65535, 65535)
 
 
+# headers NVRTC 12/13 carry inside itself (no -I needed)
+NVRTC_BUILTIN = frozenset(
+    {"cuda_fp16.h", "cuda_fp16.hpp", "cuda_bf16.h", "cuda_bf16.hpp", "cuda_fp8.h", "cuda_fp8.hpp"}
+)
+
+
+def _include_folders(options: tuple[str, ...]) -> list[Path]:
+    out, it = [], iter(options)
+    for opt in it:
+        if opt in ("-I", "--include-path"):
+            out.append(Path(next(it, "")))
+        elif opt.startswith("--include-path="):
+            out.append(Path(opt.split("=", 1)[1]))
+        elif opt.startswith("-I"):
+            out.append(Path(opt[2:]))
+    return out
+
+
+def _check_includes(code: str, options: tuple[str, ...]) -> None:
+    """The system includes NVRTC would open (those the conditionals keep, with NVRTC's macros and the
+    options' defined) must be built in or found under an -I folder."""
+    if not kernels.INCLUDE_LINE.search(code):
+        return
+    try:
+        kept = kernels.conditionals(code, kernels._gxx_flags(options), cuda=True)
+    except kernels.CompileError as exc:
+        raise CompileException(str(exc)) from None
+    folders = _include_folders(options)
+    for name in re.findall(kernels.INCLUDE_MARK + r" <([^>]+)>", kept):
+        if name in NVRTC_BUILTIN or any((f / name).is_file() for f in folders):
+            continue
+        where = "no directories in search list" if not folders else "searched " + ", ".join(map(str, folders))
+        raise CompileException(
+            f'kern.cu: catastrophic error: could not open source file "{name}" ({where})\n'
+            '1 catastrophic error detected in the compilation of "kern.cu".'
+        )
+
+
 def _compile(code: str, options: tuple[str, ...]):
+    _check_includes(code, options)
     try:
         return kernels.compile_source(code, options)
     except kernels.CompileError as exc:
