@@ -262,6 +262,7 @@ def compile_source(source: str, options: tuple[str, ...] = ()) -> Library:
                 "-O2",
                 "-Wall",
                 "-Werror",
+                "-Wno-unknown-pragmas",  # nvcc's (#pragma unroll): hints for the GPU's compiler only
                 "-shared",
                 "-fPIC",
                 "-include",

@@ -489,6 +489,9 @@ extern "C" __global__ void screen_select(const float* __restrict__ prods, const 
 #define FT_THREADS 64
 
 #ifndef SPADE_NO_WMMA
+struct __align__(16) Half8 {  // eight fp16 values, one 16-byte load
+    unsigned int w[4];
+};
 
 extern "C" __global__ void __launch_bounds__(FT_THREADS)
     fused_select(const unsigned short* __restrict__ q16, const unsigned short* __restrict__ g16,
@@ -517,6 +520,8 @@ extern "C" __global__ void __launch_bounds__(FT_THREADS)
     const long long ch_n = lv[LV_C];
     const unsigned short* __restrict__ qb = q16 + lv[LV_Q16_OFF];
     const unsigned short* __restrict__ gb = g16 + lv[LV_G16_OFF];
+    // 16-byte loads where every row starts 16-byte aligned (the buffers are 256-byte aligned)
+    const bool vec = (ch_n & 7) == 0 && (lv[LV_Q16_OFF] & 7) == 0 && (lv[LV_G16_OFF] & 7) == 0;
 
     float la[KEEP_MAX], le[KEEP_MAX];
     long long lc[KEEP_MAX];
@@ -534,13 +539,28 @@ extern "C" __global__ void __launch_bounds__(FT_THREADS)
         for (int i = 0; i < 2; ++i)
             for (int j = 0; j < 4; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
         for (long long k0 = 0; k0 < ch_n; k0 += FT_K) {
-            for (int i = t; i < FT_ROWS * FT_K; i += FT_THREADS) {
-                const long long row = p0 + i / FT_K, ch = k0 + i % FT_K;
-                qs[i] = row < n_query && ch < ch_n ? qb[row * ch_n + ch] : (unsigned short)0;
-            }
-            for (int i = t; i < FT_COLS * FT_K; i += FT_THREADS) {
-                const long long c = ct + i / FT_K, ch = k0 + i % FT_K;
-                gs[i] = c < c1 && ch < ch_n ? gb[(c - c_first) * ch_n + ch] : (unsigned short)0;
+            if (vec) {  // 8 halves (16 bytes) a load: C a multiple of 8, so a vector is all in or all out
+#pragma unroll 1
+                for (int i = t; i < FT_ROWS * FT_K / 8; i += FT_THREADS) {
+                    const long long row = p0 + i / (FT_K / 8), ch = k0 + i % (FT_K / 8) * 8;
+                    reinterpret_cast<Half8*>(qs)[i] =
+                        row < n_query && ch < ch_n ? *reinterpret_cast<const Half8*>(qb + row * ch_n + ch) : Half8{};
+                }
+#pragma unroll 1
+                for (int i = t; i < FT_COLS * FT_K / 8; i += FT_THREADS) {
+                    const long long c = ct + i / (FT_K / 8), ch = k0 + i % (FT_K / 8) * 8;
+                    reinterpret_cast<Half8*>(gs)[i] =
+                        c < c1 && ch < ch_n ? *reinterpret_cast<const Half8*>(gb + (c - c_first) * ch_n + ch) : Half8{};
+                }
+            } else {
+                for (int i = t; i < FT_ROWS * FT_K; i += FT_THREADS) {
+                    const long long row = p0 + i / FT_K, ch = k0 + i % FT_K;
+                    qs[i] = row < n_query && ch < ch_n ? qb[row * ch_n + ch] : (unsigned short)0;
+                }
+                for (int i = t; i < FT_COLS * FT_K; i += FT_THREADS) {
+                    const long long c = ct + i / FT_K, ch = k0 + i % FT_K;
+                    gs[i] = c < c1 && ch < ch_n ? gb[(c - c_first) * ch_n + ch] : (unsigned short)0;
+                }
             }
             __syncthreads();
             for (int kk = 0; kk < FT_K; kk += 16) {
