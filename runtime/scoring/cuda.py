@@ -60,37 +60,39 @@ U_ACC = 2.0**-20
 ETA16 = 2.0**-25  # absolute rounding of fp16 near zero (half its subnormal spacing)
 
 
-def screen_bound(max_channels: int, total_channels: int, n_levels: int) -> tuple[float, float, float]:
-    """(c_dot, c_sub, c_norm): for every pair, |screen value - true value| of a = |g|^2 - 2 <q, g> is at
-    most c_dot |q| R + c_sub (|q| + R + 1) + c_norm |g|^2, where |q| bounds the query row's norm and R
-    the gallery image's reach (sqrt of the sum over levels of its largest stored-row norm squared).
+def screen_bound(total_channels: int, n_levels: int) -> tuple[float, float, float, float]:
+    """(c_dot, c_acc, c_sub, c_norm): for every pair, |screen value - true value| of a = |g|^2 - 2 <q, g> is
+    at most (c_dot |q| + c_acc A) R + c_sub (|q| + R + 1) + c_norm |g|^2, where |q| bounds the query row's
+    norm, A = sqrt(sum_l gamma_l^2 |q_l|^2) its accumulation term (gamma_l below; both made by the
+    kernel prepare_query, rounded up) and R the gallery image's reach (sqrt of the sum over levels of
+    its largest stored-row norm squared).
 
-    Per level l with C channels, q and g rounded to fp16 (the query after one rounding to fp32, hence
+    Per level l with C_l channels, q and g rounded to fp16 (the query after one rounding to fp32, hence
     u = 2^-11 + 2^-23 relative, and ETA16 absolute near zero) and their products summed in fp32:
-    |<q,g> - S| <= (2u + u^2) |q||g| + gamma_C (1+u)^2 |q||g| + ETA16 sqrt(C) (|q| + |g|) (1 + u) + ...
-    with gamma_C = C U_ACC / (1 - C U_ACC). The accumulation is the tensor cores' (cuBLAS GemmEx for the
-    levels through memory, wmma mma_sync in the fused kernel): per Fasi, Higham, Mikaitis and Pranesh,
-    "Numerical behavior of NVIDIA tensor cores" (PeerJ Comput. Sci. 7:e330, 2021), a step adds b exact
-    products (b = 4 on V100/T4, 8 on A100) to the accumulator by aligning all b + 1 addends to the
-    largest exponent, truncating the others' bits below its 24-bit significand, and truncating the
+    |<q,g> - S| <= (2u + u^2) |q||g| + gamma_l (1+u)^2 |q||g| + ETA16 sqrt(C) (|q| + |g|) (1 + u) + ...
+    with gamma_l = C_l U_ACC / (1 - C_l U_ACC). The accumulation is the tensor cores' (cuBLAS GemmEx for
+    the levels through memory, wmma mma_sync in the fused kernel): per Fasi, Higham, Mikaitis and
+    Pranesh, "Numerical behavior of NVIDIA tensor cores" (PeerJ Comput. Sci. 7:e330, 2021), a step adds
+    b exact products (b = 4 on V100/T4, 8 on A100) to the accumulator by aligning all b + 1 addends to
+    the largest exponent, truncating the others' bits below its 24-bit significand, and truncating the
     normalised sum: an error below (b + 1) 2^-23 times the sum of the step's |addends|, so below
     2 C 2^-23 sum |q_i g_i| over the C / b steps for any b >= 1, in any order of steps (a factor
     (b+1)/b the earlier C 2^-23 lacked). Hopper's and later parts' alignment width is not published for
     fp16 (DeepSeek-V3's report finds ~14 bits kept in H800 FP8 accumulation; the screen never uses FP8):
     U_ACC takes a further factor 4 (two bits fewer than fp32) as margin. A bound too wide costs exact
     re-computation only (rows not settled are searched again); one too tight would cost exactness.
-    Coarse levels are interpolated
-    in fp32 (a convex combination of taps, each |g_tap| <= R_l: three more roundings, 4 U32), the
-    levels summed and |g|^2 (from fp64, one rounding) added: gamma_{L+1} (|g|^2 + 2 sum |dot_l|).
-    Cauchy-Schwarz folds sum_l |q_l| R_l into |q| R. A margin of 1% covers the second-order terms
-    and the bound's own rounding."""
+    Coarse levels are interpolated in fp32 (a convex combination of taps, each |g_tap| <= R_l: three
+    more roundings, 4 U32), the levels summed and |g|^2 (from fp64, one rounding) added: gamma_{L+1}
+    (|g|^2 + 2 sum |dot_l|). Cauchy-Schwarz folds sum_l |q_l| R_l into |q| R and sum_l gamma_l |q_l| R_l
+    into A R (each level its own gamma: the pyramid's 1024-channel level does not widen the others').
+    A margin of 1% covers the second-order terms and the bound's own rounding."""
     u = U16 + 2 * U32
-    gamma_c = max_channels * U_ACC / (1 - max_channels * U_ACC)
     gamma_l = (n_levels + 1) * U32 / (1 - (n_levels + 1) * U32)
-    c_dot = 2.0 * (2 * u + u * u + gamma_c * (1 + u) ** 2 + 4 * U32 + gamma_l) * 1.01
+    c_dot = 2.0 * (2 * u + u * u + 4 * U32 + gamma_l) * 1.01
+    c_acc = 2.0 * (1 + u) ** 2 * 1.01
     c_sub = 4.0 * ETA16 * np.sqrt(total_channels) * (1 + u) * 1.01
     c_norm = (U32 + gamma_l) * 1.01
-    return float(c_dot), float(c_sub), float(c_norm)
+    return float(c_dot), float(c_acc), float(c_sub), float(c_norm)
 
 
 def fused_applies(fine_channels: int) -> bool:
@@ -477,7 +479,7 @@ class CudaScorer(PixelScorer):
             q16 += p_rows * c
             g16 += native * c
         c_max = int(max(lvl.channels for lvl in levels))
-        c_dot, c_sub, c_norm = screen_bound(c_max, d_total, len(levels))
+        c_dot, c_acc, c_sub, c_norm = screen_bound(d_total, len(levels))
         fused = self.fused and dev.wmma and fused_applies(levels[order[0]].channels)
         path = ("cuda fused " if fused else "cuda ") + path
         through_memory = order[1:] if fused else order  # levels whose products a GEMM writes to memory
@@ -532,13 +534,26 @@ class CudaScorer(PixelScorer):
 
         q64 = cp.empty(p_rows * d_total, dtype=cp.float64)
         q16_d = cp.empty(max(q16, 1), dtype=cp.uint16)
-        qnorm = cp.empty(p_rows, dtype=cp.float32)
+        qnorm = cp.empty(2 * p_rows, dtype=cp.float32)  # |q|, then the accumulation term A
         n_lv = np.int32(len(order))
         dev.launch(
             "prepare_query",
             (row_blocks,),
             THREADS,
-            (qin, lv_d, n_lv, taps_d, tapw_d, np.int64(p_rows), np.int64(big_w), np.int64(d_total), q64, q16_d, qnorm),
+            (
+                qin,
+                lv_d,
+                n_lv,
+                taps_d,
+                tapw_d,
+                np.int64(p_rows),
+                np.int64(big_w),
+                np.int64(d_total),
+                np.float64(U_ACC),
+                q64,
+                q16_d,
+                qnorm,
+            ),
         )
         gn, reach = self._gallery_norms(cp, dev, dev_levels, names, order, lv, tap_idx, tap_w, grid, big_w)
 
@@ -580,7 +595,7 @@ class CudaScorer(PixelScorer):
                 FT_THREADS if fused else THREADS,
                 (
                     *((q16_d, g16_d) if fused else ()), prods, lv_c, n_lv, taps_d, tapw_d, dev_levels.rows, img_c, col_c, np.int32(k_here), gn, reach,
-                    qnorm, np.float32(c_dot), np.float32(c_sub), np.float32(c_norm), np.int64(p_rows),
+                    qnorm, np.float32(c_dot), np.float32(c_acc), np.float32(c_sub), np.float32(c_norm), np.int64(p_rows),
                     np.int64(big_w), np.int64(span), np.int32(n_keep), np.int64(split_base),
                     cand_a, cand_e, cand_c, drop,
                 ),

@@ -19,7 +19,7 @@
 // The screen: S_l = fp16(Q_l) . fp16(G_l)^T with fp32 accumulation (cuBLAS GemmEx, outside this file),
 // each coarse level at native resolution, interpolated here with the bilinear taps. Per pair the screen
 // value a = |g|^2 - 2 sum_l <q_l, U g_l> is within e = E(image) * |q| + CG * |g|^2 of the true one (the
-// bound's terms are derived in cuda.py). A row keeps its n_keep smallest a (ties: lower column), and
+// bound's terms are derived in cuda.py; E(image) * |q| is (c_dot |q| + c_acc |q|_acc) R). A row keeps its n_keep smallest a (ties: lower column), and
 // the smallest lower bound a - e among everything it dropped; it is settled when that exceeds the
 // kappa-th smallest upper bound a + e among the kept. Kept candidates whose lower bound does not exceed
 // it are re-computed exactly (fp64, from differences of the decoded values); unsettled rows are
@@ -185,18 +185,20 @@ __device__ double exact_part(const double* __restrict__ q64, long long d_total, 
 // ---------------------------------------------------------------------------- the query
 
 // Query rows at the fine grid in fp64 (coarse levels interpolated as exact_part interpolates the
-// gallery), their fp16 copies per level for the screen's products, and |q| (an upper bound, fp32).
-// One thread per query row.
+// gallery), their fp16 copies per level for the screen's products, |q| at qnorm[p] and the
+// accumulation term sqrt(sum_l gamma_l^2 |q_l|^2) at qnorm[P + p], gamma_l = C_l u / (1 - C_l u) with
+// u = u_acc (both upper bounds, fp32; cuda.py's screen_bound). One thread per query row.
 extern "C" __global__ void prepare_query(const float* __restrict__ qin, const long long* __restrict__ lv,
                                          int n_levels, const long long* __restrict__ taps,
                                          const float* __restrict__ tapw, long long n_query, long long big_w,
-                                         long long d_total, double* __restrict__ q64,
+                                         long long d_total, double u_acc, double* __restrict__ q64,
                                          unsigned short* __restrict__ q16, float* __restrict__ qnorm)
 {
     const long long p = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (p >= n_query) return;
-    double sq = 0.0;
+    double sq = 0.0, acc = 0.0;
     for (int l = 0; l < n_levels; ++l) {
+        double lsq = 0.0;  // |q_l|^2
         const long long* d = lv + (long long)l * LV_FIELDS;
         const long long ch_n = d[LV_C];
         const float* src = qin + d[LV_QIN_OFF];
@@ -207,8 +209,11 @@ extern "C" __global__ void prepare_query(const float* __restrict__ qin, const lo
                 const double v = src[p * ch_n + ch];
                 out[ch] = v;
                 out16[ch] = float_to_half((float)v);
-                sq += v * v;
+                lsq += v * v;
             }
+            const double gamma = (double)ch_n * u_acc / (1.0 - (double)ch_n * u_acc);
+            sq += lsq;
+            acc += gamma * gamma * lsq;
             continue;
         }
         const long long y = p / big_w, x = p % big_w, w = d[LV_W];
@@ -222,11 +227,15 @@ extern "C" __global__ void prepare_query(const float* __restrict__ qin, const lo
                              wx1 * (wy0 * src[(y0 * w + x1) * ch_n + ch] + wy1 * src[(y1 * w + x1) * ch_n + ch]);
             out[ch] = v;
             out16[ch] = float_to_half((float)v);
-            sq += v * v;
+            lsq += v * v;
         }
+        const double gamma = (double)ch_n * u_acc / (1.0 - (double)ch_n * u_acc);
+        sq += lsq;
+        acc += gamma * gamma * lsq;
     }
-    // sqrt in fp64 then up by a relative 2^-20: |q| from above, whatever the rounding
+    // sqrt in fp64 then up by a relative 2^-20: from above, whatever the rounding
     qnorm[p] = (float)(sqrt(sq) * (1.0 + 1.0 / 1048576.0));
+    qnorm[n_query + p] = (float)(sqrt(acc) * (1.0 + 1.0 / 1048576.0));
 }
 
 // ---------------------------------------------------------------------------- the gallery
@@ -429,7 +438,8 @@ extern "C" __global__ void screen_select(const float* __restrict__ prods, const 
                                          const long long* __restrict__ images,
                                          const long long* __restrict__ colstart, int k_count,
                                          const float* __restrict__ gn, const float* __restrict__ reach,
-                                         const float* __restrict__ qnorm, float c_dot, float c_sub, float c_norm,
+                                         const float* __restrict__ qnorm, float c_dot, float c_acc, float c_sub,
+                                         float c_norm,
                                          long long n_query, long long big_w, long long span, int n_keep,
                                          long long split_base, float* __restrict__ out_a, float* __restrict__ out_e,
                                          long long* __restrict__ out_c, float* __restrict__ out_drop)
@@ -448,13 +458,13 @@ extern "C" __global__ void screen_select(const float* __restrict__ prods, const 
     long long lc[KEEP_MAX];
     int count = 0;
     float drop = 3.0e38f;  // smallest a - e among dropped columns (+ "infinity" when none)
-    const float qn = qnorm[p];
+    const float qn = qnorm[p], qa = qnorm[n_query + p];
 
     int k = c0 < c1 ? slot_of(colstart, k_count, c0) : 0;
     long long k_end = colstart[k + 1];
     long long img = images[k];
     long long gbase = rows[lv[LV_ROWS_OFF] + img];
-    float e_img = c_dot * qn * reach[img] + c_sub * (qn + reach[img] + 1.0f);
+    float e_img = (c_dot * qn + c_acc * qa) * reach[img] + c_sub * (qn + reach[img] + 1.0f);
 
     for (long long c = c0; c < c1; ++c) {
         while (c >= k_end) {  // the next retrieved image
@@ -462,7 +472,7 @@ extern "C" __global__ void screen_select(const float* __restrict__ prods, const 
             k_end = colstart[k + 1];
             img = images[k];
             gbase = rows[lv[LV_ROWS_OFF] + img];
-            e_img = c_dot * qn * reach[img] + c_sub * (qn + reach[img] + 1.0f);
+            e_img = (c_dot * qn + c_acc * qa) * reach[img] + c_sub * (qn + reach[img] + 1.0f);
         }
         const long long r = c - colstart[k];
         const float dot = product_dot(prods, lv, 0, n_levels, taps, tapw, c - c_first, k, r, n_query, big_w, p);
@@ -499,8 +509,8 @@ extern "C" __global__ void __launch_bounds__(FT_THREADS)
                  const long long* __restrict__ taps, const float* __restrict__ tapw,
                  const long long* __restrict__ rows, const long long* __restrict__ images,
                  const long long* __restrict__ colstart, int k_count, const float* __restrict__ gn,
-                 const float* __restrict__ reach, const float* __restrict__ qnorm, float c_dot, float c_sub,
-                 float c_norm, long long n_query, long long big_w, long long span, int n_keep, long long split_base,
+                 const float* __restrict__ reach, const float* __restrict__ qnorm, float c_dot, float c_acc,
+                 float c_sub, float c_norm, long long n_query, long long big_w, long long span, int n_keep, long long split_base,
                  float* __restrict__ out_a, float* __restrict__ out_e, long long* __restrict__ out_c,
                  float* __restrict__ out_drop)
 {
@@ -527,12 +537,12 @@ extern "C" __global__ void __launch_bounds__(FT_THREADS)
     long long lc[KEEP_MAX];
     int count = 0;
     float drop = 3.0e38f;
-    const float qn = live ? qnorm[p] : 0.0f;
+    const float qn = live ? qnorm[p] : 0.0f, qa = live ? qnorm[n_query + p] : 0.0f;
     int k = c0 < c1 ? slot_of(colstart, k_count, c0) : 0;
     long long k_end = colstart[k + 1];
     long long img = images[k];
     long long gbase = rows[lv[LV_ROWS_OFF] + img];
-    float e_img = c_dot * qn * reach[img] + c_sub * (qn + reach[img] + 1.0f);
+    float e_img = (c_dot * qn + c_acc * qa) * reach[img] + c_sub * (qn + reach[img] + 1.0f);
 
     for (long long ct = c0; ct < c1; ct += FT_COLS) {
         wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][4];
@@ -590,7 +600,7 @@ extern "C" __global__ void __launch_bounds__(FT_THREADS)
                     k_end = colstart[k + 1];
                     img = images[k];
                     gbase = rows[lv[LV_ROWS_OFF] + img];
-                    e_img = c_dot * qn * reach[img] + c_sub * (qn + reach[img] + 1.0f);
+                    e_img = (c_dot * qn + c_acc * qa) * reach[img] + c_sub * (qn + reach[img] + 1.0f);
                 }
                 const long long r = c - colstart[k];
                 const float dot = st[jj * FT_ROWS + t] +
