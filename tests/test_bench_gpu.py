@@ -41,8 +41,8 @@ def _bench(args: list[str], env: dict, timeout: int = 600) -> subprocess.Complet
 
 def test_bench_gpu_road_on_the_standins(tmp_path):
     """The whole command on the stand-ins at tiny shapes: every row measured against both torch peers,
-    ours identical to the float64 search on every checked row (exact ties planted), launches counted
-    and printed, one image end to end through the CUDA scorer, and every line says stand-in."""
+    ours identical to the float64 search on every checked row (exact ties planted), fused and with every
+    product through memory, launches counted and printed, one image end to end through the CUDA scorer, and every line says stand-in."""
     out = tmp_path / "gpu.json"
     p = _bench(["--shapes", "tiny", "--repeats", "1", "--json", str(out)], standins_env(gpus=1))
     assert p.returncode == 0, p.stdout + p.stderr[-4000:]
@@ -60,6 +60,10 @@ def test_bench_gpu_road_on_the_standins(tmp_path):
         assert isinstance(row["launches"], int) and row["launches"] > 0, row  # the scorer's own count
         line = next(x for x in text.splitlines() if x.startswith(f"| {row['row']} |"))
         assert f"| {row['launches']} |" in line and "| 1.000 |" in line
+        # tiny's fine level has 40 channels: fused; beside it the same scorer with every product through memory
+        assert row["ours_path"].startswith("cuda fused ") and not row["memory_path"].startswith("cuda fused ")
+        assert row["memory_identical"] == 1.0 and row["memory_s"] > 0
+        assert line.rstrip().endswith(f"{row['memory_s'] / row['ours_s']:.2f}x |"), line
     e2e = r["end_to_end"]
     assert e2e["backbone"] == "efficientnet_lite0" and e2e["k"] == 2
     assert "CudaScorer" in e2e["concat"]["where"] or "CUDA scorer" in e2e["concat"]["where"]

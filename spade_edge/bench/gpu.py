@@ -291,13 +291,14 @@ def bench_gallery(gallery: list, levels: list) -> Any:
     return Gallery.from_arrays([f"img{j}" for j in range(k)], np.zeros((k, 1), np.float32), stacks, manifest)
 
 
-def _ours(b: Bench, query: list, gallery: list, levels: list, mode: str, repeats: int) -> dict:
+def _ours(b: Bench, query: list, gallery: list, levels: list, mode: str, repeats: int, fused: bool = True) -> dict:
     """CudaScorer on one image, the test image's features already on the device (as the backend
     hands them over) and the gallery attached where the scorer can (``resident``: its views then
-    read the device copy): seconds, result indices (one array per level in per-level mode), stats."""
+    read the device copy): seconds, result indices (one array per level in per-level mode), stats.
+    ``fused=False``: every product through memory (the design before the fused kernel)."""
     from ..runtime.scoring.cuda import CudaScorer
 
-    scorer = CudaScorer(device_id=b.device_id)
+    scorer = CudaScorer(device_id=b.device_id, fused=fused)
     grid = levels[0][:2]
     gal = bench_gallery(gallery, levels)
     names, images = list(gal.levels), range(len(gallery))
@@ -375,6 +376,8 @@ def measure_row(b: Bench, row: Row, repeats: int, seed: int = 0) -> dict:
     grid = levels[0][:2]
     ours = _ours(b, query, gallery, levels, row.mode, repeats)
     b.free()
+    memory = _ours(b, query, gallery, levels, row.mode, repeats, fused=False)
+    b.free()
     # the searches of one image, as rows: the reference's input and the peers'
     if row.mode == "concat":
         searches = [(concat_upsampled(query, grid), [concat_upsampled(g, grid) for g in gallery])]
@@ -411,6 +414,9 @@ def measure_row(b: Bench, row: Row, repeats: int, seed: int = 0) -> dict:
         "launches": ours["launches"],
         "rescored_rows": ours["rescored_rows"],
         "ours_identical": identical(ours["indices"]),
+        "memory_s": memory["s"],
+        "memory_path": memory["path"],
+        "memory_identical": identical(memory["indices"]),
     }
     for label, r in peers.items():
         if "error" in r:
@@ -556,6 +562,15 @@ def _ms(s: float | None) -> str:
     return "-" if s is None else f"{s * 1e3:.2f}"
 
 
+def _memory(row: dict, ours: float) -> str:
+    """The same scorer with every product through memory (``fused=False``), beside ours: the fusion's
+    gain measured in the same run; '-' where that is the path ours took anyway."""
+    s = row.get("memory_s")
+    if s is None or row.get("memory_path") == row["ours_path"]:
+        return "-"
+    return f"{_ms(s)}, {row['memory_identical']:.3f}, {s / ours:.2f}x"
+
+
 def markdown(r: dict) -> str:
     m = r["machine"]
     standin = m["standin"]
@@ -587,8 +602,8 @@ def markdown(r: dict) -> str:
         "",
         "| pixel scoring | shapes | GFLOP (naive) | ours ms | torch fp32 ms | torch fp16 ms | vs fp32 | vs fp16 | "
         "ours TFLOP/s | share of fp16 GEMM | launches | rescored rows | identical (ours) | identical (fp32, fp16) "
-        "| checked rows | path |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| checked rows | path | ours, products through memory: ms, identical, vs ours |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for row in r["rows"]:
         ours = row["ours_s"]
@@ -607,7 +622,7 @@ def markdown(r: dict) -> str:
         lines.append(
             f"| {row['row']} | {row['shape']} | {row['gflop']:.1f} | {_ms(ours)} | {f32[0]} | {f16[0]} | {f32[1]} | "
             f"{f16[1]} | {rate:.3g} | {rate / gemm:.0%} | {launches} | {rescored} | {row['ours_identical']:.3f} | "
-            f"{f32[2]}, {f16[2]} | {row['checked_rows']} | {path} |"
+            f"{f32[2]}, {f16[2]} | {row['checked_rows']} | {path} | {_memory(row, ours)} |"
         )
     errors = [f"{row['row']} {k[:-6]}: {v}" for row in r["rows"] for k, v in row.items() if k.endswith("_error")]
     if errors:
