@@ -23,7 +23,8 @@ and for a subprocess (``spade-edge serve``...): ``subprocess.run(..., env=standi
 Settings, read when the stand-ins are imported: ``SPADE_STANDIN_GPUS`` (number of fake GPUs,
 default 1; 0: every CUDA call fails as on a machine without a usable GPU),
 ``SPADE_STANDIN_TRT_VERSION`` (default "10.3.0"), ``SPADE_STANDIN_KERNEL_CACHE`` (where compiled
-kernels are kept).
+kernels are kept). ``toolkit/`` is the stand-in machine's CUDA toolkit (``cupy.cuda.get_cuda_path()``):
+placeholder headers for the stand-in NVRTC's include search.
 
 This module is the helper only: it imports none of the stand-ins, which are top-level packages
 when this folder is on sys.path (they also import as ``tests.standins.cupy`` etc. and then share
