@@ -559,3 +559,23 @@ def test_prepare_query_gives_each_level_its_own_accumulation_term(standins, monk
     assert np.all(got[:p] >= norm) and np.all(got[:p] <= norm * (1 + 2.0**-18))
     assert np.all(got[p:] >= acc) and np.all(got[p:] <= acc * (1 + 2.0**-18))
     assert np.all(acc < gamma.max() * norm * 0.9)  # tighter than the largest level's gamma for all
+
+
+def test_fused_pyramid_in_chunks(standins):
+    """Retrieved images beyond tile_bytes of coarse-level products go through in chunks on the fused
+    path too (the fine level's products are never held, so they do not count)."""
+    rng = np.random.default_rng(17)
+    gallery, decoded = pyramid_gallery(rng, 7, "fp16", FUSED_SHAPES)
+    names = list(decoded)
+    images = [6, 1, 3, 0, 4, 2]
+    query = [(decoded[n][1] + rng.integers(-1, 2, decoded[n][1].shape) / 16).astype(np.float32) for n in names]
+    p = FUSED_GRID[0] * FUSED_GRID[1]
+    coarse_per_image = sum(h * w for h, w, _ in FUSED_SHAPES[1:]) * p * 4
+    scorer = CudaScorer(tile_bytes=2 * coarse_per_image)  # two images a chunk
+    scorer.attach(gallery)
+    top = scorer.topk_pyramid(query, gallery.pyramid_view(names, images, FUSED_GRID), FUSED_GRID, 4)
+    assert scorer.stats["chunks"] == 3 and scorer.stats["fused"] is True, scorer.stats
+    q64 = np.concatenate([up64(x, FUSED_GRID) for x in query], axis=1)
+    g64 = np.concatenate([np.concatenate([up64(decoded[n][j], FUSED_GRID) for n in names], axis=1) for j in images])
+    idx, dist, d_all = brute(q64, g64, 4)
+    assert_exact(top, idx, dist, d_all)
