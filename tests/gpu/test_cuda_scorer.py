@@ -154,3 +154,44 @@ def test_wrn50x2_concat_shape_launches_and_exact_rows(fused):
         idx, dist, _ = brute(q64[i : i + 1], g64, 50)
         np.testing.assert_array_equal(top.indices[r], idx[0])
         np.testing.assert_array_equal(top.distances[r], dist[0].astype(np.float32))
+
+
+@pytest.mark.parametrize("b_cols", [False, True])
+@pytest.mark.parametrize("col_store", [False, True])
+def test_the_shims_wmma_test_kernel_agrees_on_the_gpu(b_cols, col_store):
+    """tests/runtime/test_cuda_kernel.py's wmma GEMM kernel (which checks the shim's emulation against
+    numpy) on the real tensor cores: small integers give numpy's values exactly, so the layouts and
+    leading dimensions the shim emulates are the hardware's; random fp16 stay within the bound's
+    accumulation term (the hardware's order and truncation, not the shim's)."""
+    import cupy
+
+    from spade_edge.runtime.scoring.cuda import U_ACC, cuda_include_dir
+
+    from ..runtime.test_cuda_kernel import WMMA_KERNELS
+
+    include = cuda_include_dir(cupy)
+    if include is None:
+        pytest.skip("no CUDA toolkit include folder with <mma.h> for NVRTC")
+    fn = cupy.RawModule(code=WMMA_KERNELS, options=("-std=c++17", f"-I{include}")).get_function("wmma_gemm")
+    rng = np.random.default_rng(7)
+
+    def run(a, b, c):
+        m, k = a.shape
+        n = b.shape[1]
+        bb = b.T.copy() if b_cols else b
+        out = cupy.full((m, n), np.nan, dtype=cupy.float32)
+        args = (cupy.asarray(a.view(np.uint16)), cupy.asarray(bb.view(np.uint16)), cupy.asarray(c), out)
+        fn((n // 16, m // 16), (32,), (*args, np.int32(m), np.int32(n), np.int32(k), np.int32(b_cols),
+                                        np.int32(col_store)))  # fmt: skip
+        return cupy.asnumpy(out)
+
+    a = rng.integers(-8, 9, (48, 64)).astype(np.float16)
+    b = rng.integers(-8, 9, (64, 32)).astype(np.float16)
+    c = rng.integers(-100, 100, (48, 32)).astype(np.float32)
+    np.testing.assert_array_equal(run(a, b, c), a.astype(np.float32) @ b.astype(np.float32) + c)
+    a = (rng.normal(size=(32, 256)) * 2.0 ** rng.integers(-8, 8, (32, 256))).astype(np.float16)
+    b = (rng.normal(size=(256, 16)) * 2.0 ** rng.integers(-8, 8, (256, 16))).astype(np.float16)
+    c = np.zeros((32, 16), np.float32)
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    err = np.abs(run(a, b, c) - a64 @ b64)
+    assert np.all(err <= 256 * U_ACC / (1 - 256 * U_ACC) * (np.abs(a64) @ np.abs(b64)))
