@@ -106,8 +106,6 @@ def kernel(level: str) -> tuple[ctypes.CDLL | None, str]:
     lib.sf_pack.restype = None
     lib.sf_search.argtypes = [i64, i64, p, i64, p, p, i64, i64, i32, p, p, p]
     lib.sf_search.restype = None
-    lib.sf_screen.argtypes = [i64, i64, p, i64, p, p, p, p, i64, i64, i32, p, p, p]
-    lib.sf_screen.restype = None
     lib.sf_exact.argtypes = [i64, i64, p, i64, p, i64, i64, i32, p, p]
     lib.sf_exact.restype = None
     lib.sf_width.restype = lib.sf_rows.restype = lib.sf_has_bf16.restype = lib.sf_has_int8.restype = i32
@@ -117,11 +115,9 @@ def kernel(level: str) -> tuple[ctypes.CDLL | None, str]:
         lib.sf_screen_int8.argtypes = [i64, i64, p, i64, p, p, p, p, p, p, p, i64, i64, i32, p, p, p]
         lib.sf_screen_int8.restype = None
     if lib.sf_has_bf16():
-        lib.sf_pack_bf16.argtypes = [p, i64, i64, i64, p]
-        lib.sf_pack_bf16.restype = None
         lib.sf_prep_bf16.argtypes = [p, i64, i64, p, i64, i64, i64, ctypes.c_double, p, p, p]
         lib.sf_prep_bf16.restype = None
-        lib.sf_screen_bf16.argtypes = lib.sf_screen.argtypes
+        lib.sf_screen_bf16.argtypes = [i64, i64, p, i64, p, p, p, p, i64, i64, i32, p, p, p]
         lib.sf_screen_bf16.restype = None
     if not _agrees(lib):
         return None, f"the compiled {level} kernel disagreed with numpy on its first use"

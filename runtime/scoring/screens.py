@@ -4,20 +4,25 @@ and a row is *settled* only when the bound proves that nothing it dropped can be
 are not are searched again by the fp32 kernel. So the neighbours are the fp32 path's, whatever the
 data; the data decide only how much a screen saves.
 
-Two screens, on the operands a_i = q_i - mu, b_j = g_j - mu (mu: the query's mean; distances do not move):
+Two screens, on the operands a_i = q_i - mu, b_j = g_j - mu (mu: the query's mean; distances do not
+move, products and their rounding shrink):
 
-- ``bf16``: a, b rounded to bf16, products by AVX512-BF16 (VDPBF16PS), accumulated in fp32.
-- ``pca<r>``: a, b projected on the query's r principal axes V (float64, orthonormal), with the norm of
-  the residual appended: a' = [V^T a, |a - V V^T a|]. Pythagoras and the reverse triangle inequality
-  give |a' - b'| <= |a - b|: a lower bound from r + 1 channels, on any CPU (the fp32 kernel).
+- ``bf16`` (AVX512-BF16): a, b rounded once to bf16, products by VDPBF16PS, summed in fp32. With u
+  the operands' unit roundoff (2^-8 + 2^-23, the fp32 step included) and k terms, the computed dot
+  product is within f |a||b|, f = 2u + u^2 + k 2^-24 (1 + u)^2 (each product within (2u + u^2)
+  |a_c||b_c|, the fp32 sum within k 2^-24 of the sum of magnitudes, Cauchy-Schwarz). The kernel ranks
+  V = nb_j - 2 acc - e_i |b_j| with e_i = (2f + 2^-19)|a_i| and nb_j = |b_j|^2 (1 - 2^-20) - 2^-100
+  (1 + max|a|): the margins cover the fp32 roundings of the norms and of the kernel's three
+  operations (each under 2^-24 of |b|^2 + 3 |a||b|) and flushed subnormals.
+- ``int8`` (AVX512-VNNI, for CPUs without BF16): per row x_q = rint(x / s), s = max|x| / 127 rounded
+  up (nothing clips); VPDPBUSD sums u8 (b_q + 128) by s8 a_q exactly in int32. With each channel
+  within s / 2, |a.b - s_a s_b a_q.b_q| <= (A1 s_b + B1 s_a) / 2 + k s_a s_b / 4 (A1 = s_a |a_q|_1,
+  B1 = s_b |b_q|_1); the fp32 operations on terms no larger than M_k |a||b| are covered by e_i
+  (:meth:`ScreenedSearch._int8_rows`).
 
-The bound (per pair, rigorous): with u the operands' unit roundoff (2^-8 + 2^-23 for bf16, 2^-23 for
-fp32 from float64) and k terms, the computed dot product is within f |a||b|, f = 2u + u^2 + k 2^-24
-(1 + u)^2 (each product within (2u + u^2) |a_c||b_c|, the fp32 sum within k 2^-24 of the sum of
-magnitudes, Cauchy-Schwarz). The kernel ranks V = nb_j - 2 acc - e_i |b_j| with e_i = (2f + 2^-19)|a_i|
-and nb_j = |b_j|^2 (1 - 2^-20) - 2^-100 (1 + max|a|): the margins cover the fp32 roundings of the
-norms and of the kernel's three operations (each under 2^-24 of |b|^2 + 3 |a||b|) and flushed
-subnormals. So V <= |b_j|^2 - 2 a_i.b_j <= d(i, j) - |a_i|^2.
+Either way V <= |b_j|^2 - 2 a_i.b_j = d(i, j) - |a_i|^2. A screen of r principal components plus the
+residual norm (a lower bound on any CPU) was measured and dropped: on ELPV through Lite0 it left
+90-100 % of the rows unsettled at r = 4-32 (docs/speed.md).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from .amx_screen import bf16
 from .base import keep, merge
 from .fused import KERNEL, PACK, Clock, Fused
 
-U_BF16, U_FP32 = 2.0**-8 + 2.0**-23, 2.0**-23
+U_BF16 = 2.0**-8 + 2.0**-23  # bf16's unit roundoff, the step from float64 to fp32 included
 PROBE, GIVE_UP = 4, 0.25  # after PROBE blocks, more than GIVE_UP of the rows unsettled: the screen is dropped
 
 
@@ -38,40 +43,27 @@ def factor(k: int, u: float) -> float:
 
 
 class Operands:
-    """The screen's operands of query rows and gallery blocks: centred (``r`` None) or projected on
-    the query's ``r`` principal axes with the residual norm appended."""
+    """The screen's operands: rows centred on the query's mean, in float64."""
 
-    def __init__(self, q: np.ndarray, r: int | None):
+    def __init__(self, q: np.ndarray):
         q64 = np.asarray(q, np.float64)
         self.mu = q64.mean(axis=0)
-        a = q64 - self.mu
-        self.v = None
-        if r is not None and r < q.shape[1]:
-            w, vecs = np.linalg.eigh(a.T @ a)
-            self.v = np.ascontiguousarray(vecs[:, ::-1][:, :r])
-        self.a = self(q)
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        """Rows as the screen's float64 operands."""
-        b = np.asarray(x, np.float64) - self.mu
-        if self.v is None:
-            return b
-        proj = b @ self.v
-        rest = np.einsum("ij,ij->i", b, b) - np.einsum("ij,ij->i", proj, proj)
-        return np.concatenate([proj, np.sqrt(np.maximum(rest, 0.0))[:, None]], axis=1)
+        self.a = q64 - self.mu
 
 
 class ScreenedSearch:
-    """One screened search of rows ``q`` with the fused kernel ``lib``: ``screen`` "bf16" or "pca<r>"."""
+    """One screened search of rows ``q`` with the fused kernel ``lib``: ``screen`` "bf16" or "int8"."""
 
     def __init__(self, lib, q: np.ndarray, kappa: int, screen: str, clock: Clock | None = None):
         self.lib, self.kappa, self.screen = lib, kappa, screen
+        if screen not in ("bf16", "int8"):
+            raise ValueError(f"unknown screen {screen!r}: bf16 or int8")
         self.bf16, self.int8 = screen == "bf16", screen == "int8"
-        self.ops = Operands(q, None if screen in ("bf16", "int8") else int(screen.removeprefix("pca")))
+        self.ops = Operands(q)
         a = self.ops.a
         k = a.shape[1]
         self.k = k
-        f = factor(k + (k & 1), U_BF16 if self.bf16 else U_FP32)
+        f = factor(k + (k & 1), U_BF16)
         a_norm = np.sqrt(np.einsum("ij,ij->i", a, a))
         self.qsq = a_norm**2
         self.e = ((2 * f + 2.0**-19) * a_norm * (1 + 1e-6) + 2.0**-100).astype(np.float32)
@@ -118,28 +110,17 @@ class ScreenedSearch:
             run.clock.lap(KERNEL)
             run.recompute(g, base)
             return
-        if self.bf16:  # one pass in C: centred, rounded, packed, normed
-            d = self.a_op.shape[1]
-            panels = np.empty(npan * d * w, np.uint32)
-            run.panels_parallel(
-                lambda p0, p1: lib.sf_prep_bf16(
-                    g.ctypes.data, n, g.shape[1], self.ops.mu.ctypes.data, d, p0, p1, self.t,
-                    panels.ctypes.data, pnorms.ctypes.data, pgn.ctypes.data,
-                ),
-                npan,
-            )  # fmt: skip
-            fn = lib.sf_screen_bf16
-        else:
-            b = self.ops(g)
-            sq = np.einsum("ij,ij->i", b, b)
-            nb = (sq * (1 - 2.0**-20) - self.t).astype(np.float32)
-            b32 = np.ascontiguousarray(b, np.float32)
-            d = self.k
-            panels = np.empty(npan * d * w, np.float32)
-            lib.sf_pack(b32.ctypes.data, n, d, d, nb.ctypes.data, npan, panels.ctypes.data, pnorms.ctypes.data)
-            pgn[:] = 0.0
-            pgn[:n] = np.sqrt(sq)
-            fn = lib.sf_screen
+        # bf16: one pass in C, centred, rounded, packed, normed
+        d = self.a_op.shape[1]
+        panels = np.empty(npan * d * w, np.uint32)
+        run.panels_parallel(
+            lambda p0, p1: lib.sf_prep_bf16(
+                g.ctypes.data, n, g.shape[1], self.ops.mu.ctypes.data, d, p0, p1, self.t,
+                panels.ctypes.data, pnorms.ctypes.data, pgn.ctypes.data,
+            ),
+            npan,
+        )  # fmt: skip
+        fn = lib.sf_screen_bf16
 
         def part(r0: int, r1: int) -> None:
             fn(

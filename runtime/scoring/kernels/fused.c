@@ -134,63 +134,15 @@ void sf_search(int64_t r0, int64_t r1, const float *q, int64_t d, const float *p
 
 /* ---- screens: each kept value is a lower bound of the expanded distance -------------------------
 
-   sf_screen ranks value = nb_j - 2 q_i.g_j - e_i gn_j (fp32 operands), sf_screen_bf16 the same with
-   bf16 operands (AVX512-BF16 VDPBF16PS), where the caller has made nb_j (the norm, less the bound's
-   terms in gn_j^2 and constants), gn_j (the row's norm) and e_i so that the value is at most the
-   true expanded distance (runtime/scoring/screens.py). The panels carry gn as a second norm array. */
-
-void sf_screen(int64_t r0, int64_t r1, const float *q, int64_t d, const float *panels, const float *pnorms,
-               const float *pgn, const float *e, int64_t npan, int64_t base, int32_t m, float *vals, int64_t *idx,
-               float *ex) {
-    int64_t chunk = (192 << 10) / (d * VW * 4);
-    chunk = chunk / NP * NP;
-    if (chunk < NP) chunk = NP;
-    for (int64_t c0 = 0; c0 < npan; c0 += chunk) {
-        int64_t c1 = c0 + chunk < npan ? c0 + chunk : npan;
-        for (int64_t r = r0; r < r1; r += RB) {
-            int nr = r1 - r < RB ? (int)(r1 - r) : RB;
-            const float *qr[RB];
-            for (int i = 0; i < RB; i++) qr[i] = q + (r + (i < nr ? i : nr - 1)) * d;
-            for (int64_t pn = c0; pn < c1; pn += NP) {
-                vf acc[RB][NP];
-                for (int i = 0; i < RB; i++)
-                    for (int j = 0; j < NP; j++) acc[i][j] = (vf){0};
-                const float *pa = panels + pn * d * VW;
-                for (int64_t k = 0; k < d; k++) {
-                    vf b[NP];
-                    for (int j = 0; j < NP; j++) b[j] = ld(pa + (j * d + k) * VW);
-                    for (int i = 0; i < RB; i++) {
-                        vf a = (vf){0} + qr[i][k];
-                        for (int j = 0; j < NP; j++) acc[i][j] += a * b[j];
-                    }
-                }
-                for (int j = 0; j < NP; j++) {
-                    vf nrm = ld(pnorms + (pn + j) * VW), gn = ld(pgn + (pn + j) * VW);
-                    int64_t first = base + (pn + j) * VW;
-                    for (int i = 0; i < nr; i++) {
-                        int64_t row = r + i;
-                        offer(nrm - 2.0f * acc[i][j] - e[row] * gn, first, vals + row * m, idx + row * m,
-                              ex + row * m, m);
-                    }
-                }
-            }
-        }
-    }
-}
+   sf_screen_bf16 ranks value = nb_j - 2 q_i.g_j - e_i gn_j with bf16 operands (AVX512-BF16 VDPBF16PS),
+   sf_screen_int8 a like value from int8 operands (AVX512-VNNI VPDPBUSD), where the caller has made
+   the per-lane and per-row terms so that the value is at most the true expanded distance
+   (runtime/scoring/screens.py). */
 
 #if defined(__AVX512BF16__) && VW == 16
 /* bf16 operands: q (rows of d2 channel pairs, bf16 bits packed in uint32) against panels of d2 pairs
    by VW lanes (pair kk of lane l at panels[(p*d2 + kk)*VW + l]). */
 int32_t sf_has_bf16(void) { return 1; }
-
-void sf_pack_bf16(const uint16_t *g, int64_t n, int64_t d2, int64_t npan, uint32_t *panels) {
-    const uint32_t *src = (const uint32_t *)g; /* n rows of d2 pairs */
-    for (int64_t p = 0; p < npan; p++)
-        for (int l = 0; l < VW; l++) {
-            int64_t row = p * VW + l;
-            for (int64_t k = 0; k < d2; k++) panels[(p * d2 + k) * VW + l] = row < n ? src[row * d2 + k] : 0u;
-        }
-}
 
 static inline uint16_t to_bf16(float x) { /* round to nearest even, as runtime/scoring/amx_screen.py bf16() */
     uint32_t u;
