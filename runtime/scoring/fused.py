@@ -77,6 +77,7 @@ LEVELS = {
 # from about this many multiply-adds (query rows x gallery rows x channels): Lite0's fine level (1.2e10)
 # and its concatenation take it, its 14 x 14 level (4e8) does not (docs/speed.md)
 SCREEN_WORK = 1e9
+BATCH_ROWS = 8192  # gallery rows per kernel call, blocks joined up to it (FusedScorer._batches)
 ORDER = {"x86_64": ("avx512bf16", "avx512vnni", "avx512", "avx2", "portable"), "aarch64": ("neon", "portable")}
 
 
@@ -268,6 +269,15 @@ class Fused:
         return self.vals, self.idx, self.exact
 
 
+def _joined(parts: list) -> tuple[int, np.ndarray, np.ndarray | None]:
+    base = parts[0][0]
+    if len(parts) == 1:
+        return parts[0]
+    g = np.concatenate([x[1] for x in parts])
+    norms = None if parts[0][2] is None else np.concatenate([np.asarray(x[2], np.float32) for x in parts])
+    return base, g, norms
+
+
 class FusedScorer(NumpyScorer):
     """Exact top-kappa by the fused kernel of this CPU's best level (``level``; :func:`best`). Where
     no kernel compiles here it is NumpyScorer. ``stats["path"]``: "fused <level>", or NumpyScorer's
@@ -323,16 +333,31 @@ class FusedScorer(NumpyScorer):
                 yield j, base, block, g
             base += len(g)
 
+    def _batches(self, view: GalleryRows, dim: int, clock: Clock, norms: bool):
+        """(index of the first row, rows, their squared norms or None) of consecutive blocks joined up
+        to :data:`BATCH_ROWS`: a coreset's blocks are a few hundred rows, and each kernel call costs a
+        round of thread hand-offs."""
+        parts: list = []
+        for j, base, block, g in self._blocks(view, dim, clock):
+            n = None
+            if norms:
+                n = view.sqnorms(j, block) if view.keeps_norms else np.einsum("ij,ij->i", g, g)
+                if len(n) != len(g):
+                    raise ValueError(f"gallery block {j} has {len(g)} rows but {len(n)} kept norms")
+            parts.append((base, g, n))
+            if sum(len(x[1]) for x in parts) >= BATCH_ROWS:
+                yield _joined(parts)
+                parts = []
+        if parts:
+            yield _joined(parts)
+
     def _fp32(self, q: np.ndarray, view: GalleryRows, kappa: int, why: dict, clock: Clock | None = None) -> TopK:
         clock = clock or Clock()
         run = Fused(self.lib, clock)
         run.start(q, keep(kappa))
         total = 0
         try:
-            for j, base, block, g in self._blocks(view, q.shape[1], clock):
-                norms = view.sqnorms(j, block) if view.keeps_norms else np.einsum("ij,ij->i", g, g)
-                if len(norms) != len(g):
-                    raise ValueError(f"gallery block {j} has {len(g)} rows but {len(norms)} kept norms")
+            for base, g, norms in self._batches(view, q.shape[1], clock, norms=True):
                 run.add(g, norms, base)
                 total = base + len(g)
         finally:
@@ -353,10 +378,10 @@ class FusedScorer(NumpyScorer):
         run = ScreenedSearch(self.lib, q, kappa, screen, clock)
         total, done = 0, 0
         try:
-            for _, base, _, g in self._blocks(view, q.shape[1], clock):
+            for base, g, _ in self._batches(view, q.shape[1], clock, norms=False):
                 run.add(g, base)
                 total, done = base + len(g), done + 1
-                if done == PROBE and len(view) > 2 * PROBE:
+                if done == PROBE and total < view.sizes.sum() / 2:
                     share = float(run.unsettled().mean())
                     if share > GIVE_UP:  # features too alike for the screen to tell apart
                         self.stats = {"screen": screen, "gave_up_after": done, "unsettled_share": share}

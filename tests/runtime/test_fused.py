@@ -65,6 +65,23 @@ def test_every_level_finds_the_float64_neighbours(level, kappa, dim):
     assert s.stats["path"] == f"fused {level}"
 
 
+@pytest.mark.parametrize("batch", [1, 64, 1 << 20])
+def test_blocks_joined_into_batches_give_the_same_neighbours(monkeypatch, batch):
+    """Small blocks (a coreset's) are joined into one kernel call up to BATCH_ROWS; the answer does not
+    depend on where the joins fall."""
+    level = fused.best()[0]
+    if level is None:
+        pytest.skip(f"no fused kernel runs here: {fused.best()[1]}")
+    monkeypatch.setattr(fused, "BATCH_ROWS", batch)
+    rng = np.random.default_rng(11)
+    q = rng.normal(size=(45, 10)).astype(np.float32)
+    blocks = [rng.normal(size=(m, 10)).astype(np.float32) for m in (30, 7, 0, 61, 1, 44)]
+    ref_d, ref_i = brute_force(q, np.concatenate(blocks), 5)
+    top = scorer(level).topk(q, fused.GalleryRows.of(blocks, [np.einsum("ij,ij->i", b, b) for b in blocks]), 5)
+    np.testing.assert_array_equal(top.indices, ref_i)
+    np.testing.assert_allclose(top.distances, ref_d, rtol=1e-5)
+
+
 @pytest.mark.parametrize("level", LEVELS)
 def test_ties_resolve_to_the_lower_gallery_index(level):
     """Duplicated gallery rows (equal expanded and exact distances): the earlier copy wins, in every
@@ -211,6 +228,7 @@ def test_a_screen_that_settles_too_few_rows_gives_up_for_the_fp32_kernel(monkeyp
     near_q = base[None] + (rng.random((30, 16)) * 1e-2).astype(np.float32)
     q = np.concatenate([near_q, rng.random((30, 16)).astype(np.float32)])  # half of the rows unsettled
     blocks = [base[None] + (rng.random((40, 16)) * 1e-2).astype(np.float32) for _ in range(10)]
+    monkeypatch.setattr(fused, "BATCH_ROWS", 1)  # a kernel call per block: the probe after 4 of 10
     s = screened(monkeypatch, level)
     top = s.topk(q, blocks, 2)
     assert s.stats["path"] == f"fused {level}" and s.stats["gave_up_after"] == 4 and s.stats["screen"] == screen
