@@ -136,6 +136,28 @@ class Histogram(_Metric):
         with self._lock:
             return sum(self._counts)
 
+    def quantiles(self, qs: Iterable[float] = (0.5, 0.9, 0.99)) -> dict[str, float | None]:
+        """Quantiles in ms, ``{"p50": ...}``, estimated from the buckets (linear within a bucket) as
+        Prometheus's ``histogram_quantile`` does; None before any observation."""
+        with self._lock:
+            counts = list(self._counts)
+        cum = [sum(counts[: i + 1]) for i in range(len(counts))]
+        total = cum[-1]
+        out: dict[str, float | None] = {}
+        for q in qs:
+            key = f"p{round(q * 100):d}"
+            if not total:
+                out[key] = None
+                continue
+            rank = q * total
+            i = next(i for i, c in enumerate(cum) if c >= rank)
+            lo = self.bounds[i - 1] if i else 0.0
+            hi = self.bounds[i] if math.isfinite(self.bounds[i]) else lo
+            below = cum[i - 1] if i else 0
+            inside = cum[i] - below
+            out[key] = round((lo + (hi - lo) * ((rank - below) / inside if inside else 1.0)) * 1e3, 2)
+        return out
+
     def render(self) -> list[str]:
         with self._lock:
             counts, total = list(self._counts), self._sum

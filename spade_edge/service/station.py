@@ -1,6 +1,6 @@
 """The operator's station (``serve --ui``): the page's JSON and image endpoints under ``/ui/``.
 
-Read side: the last results (a bounded ring, :class:`Ring`), for each its input, heat map and
+Read side: the last results (a bounded ring, :class:`.results.Ring`), for each its input, heat map and
 SPADE's correspondences (which normal image and location every pixel matched), the review queue,
 the threshold data, the gallery's generations, health. Write side (``POST``): a review ("good
 part" adds the image to the gallery), a new image threshold, a rollback to an earlier gallery
@@ -28,15 +28,15 @@ import re
 import threading
 import time
 import uuid
-from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from . import generations
+from .results import Entry, Ring
 
 if TYPE_CHECKING:
     from .inspector import Done, InspectionService
@@ -72,64 +72,6 @@ class StationConfig:
     keep_generations: int = generations.KEEP
 
 
-@dataclass
-class Entry:
-    """One result kept for the page."""
-
-    id: str
-    seq: int
-    time: float
-    summary: dict
-    data: bytes | np.ndarray  # the image as sent (or a camera's RGB frame): 'good part' adds exactly it
-    input_image: np.ndarray  # what the model saw (S x S x 3)
-    amap: np.ndarray  # the anomaly map at the model input (S x S)
-    corr: Any  # runtime.spade.Correspondence
-    names: list[str]  # the gallery's image names the correspondence indexes
-    gallery: Any  # the generation's Gallery (memory-mapped), for its thumbnails
-    pixel_threshold: float | None
-    review: dict | None = None
-    cache: dict = field(default_factory=dict)
-
-    @property
-    def nbytes(self) -> int:
-        c = self.corr
-        size = self.data.nbytes if isinstance(self.data, np.ndarray) else len(self.data)
-        return size + self.input_image.nbytes + self.amap.nbytes + c.image.nbytes + c.y.nbytes + c.x.nbytes
-
-
-class Ring:
-    """The last results, bounded in number and bytes; oldest dropped first."""
-
-    def __init__(self, n: int, max_bytes: int):
-        self.n, self.max_bytes = n, max_bytes
-        self._d: OrderedDict[str, Entry] = OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
-        self.seq = 0
-
-    def add(self, e: Entry) -> None:
-        with self._lock:
-            self.seq += 1
-            e.seq = self.seq
-            self._d[e.id] = e
-            self._bytes += e.nbytes
-            while self._d and (len(self._d) > self.n or self._bytes > self.max_bytes):
-                _, old = self._d.popitem(last=False)
-                self._bytes -= old.nbytes
-
-    def get(self, rid: str) -> Entry | None:
-        with self._lock:
-            return self._d.get(rid)
-
-    def entries(self) -> list[Entry]:
-        with self._lock:
-            return list(self._d.values())
-
-    @property
-    def nbytes(self) -> int:
-        return self._bytes
-
-
 def _png(arr: np.ndarray) -> bytes:
     from PIL import Image
 
@@ -140,33 +82,6 @@ def _png(arr: np.ndarray) -> bytes:
 
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
-
-
-def hist_quantiles(h, qs=(0.5, 0.9, 0.99)) -> dict:
-    """Quantiles (ms) of a metrics Histogram from its buckets (linear within a bucket), as a
-    Prometheus ``histogram_quantile`` would estimate them; None before any observation."""
-    bounds, cum = [], []
-    for line in h.render():
-        mt = re.match(r'.*_bucket\{le="([^"]+)"\} (\d+)', line)
-        if mt:
-            bounds.append(float(mt.group(1).replace("+Inf", "inf")))
-            cum.append(int(mt.group(2)))
-    total = cum[-1] if cum else 0
-    out: dict[str, float | None] = {}
-    for q in qs:
-        key = f"p{round(q * 100):d}"
-        if not total:
-            out[key] = None
-            continue
-        rank = q * total
-        i = next(i for i, c in enumerate(cum) if c >= rank)
-        lo = bounds[i - 1] if i else 0.0
-        hi = bounds[i] if math.isfinite(bounds[i]) else lo
-        below = cum[i - 1] if i else 0
-        inside = cum[i] - below
-        v = lo + (hi - lo) * ((rank - below) / inside if inside else 1.0)
-        out[key] = round(v * 1e3, 2)
-    return out
 
 
 def rates(normal: list[float], defect: list[float], thresholds: list[float]) -> list[dict]:
@@ -418,8 +333,8 @@ class Station:
         cur = self.service.current
         body = dict(body, http_status=status)
         body["gallery_generation"] = generations.current(cur.gallery) if cur else None
-        body["latency_ms"] = hist_quantiles(server.latency)
-        body["worker_busy_ms"] = hist_quantiles(self.service._m_busy)
+        body["latency_ms"] = server.latency.quantiles()
+        body["worker_busy_ms"] = self.service._m_busy.quantiles()
         body["results_kept"] = len(self.ring.entries())
         body["results_kept_mib"] = round(self.ring.nbytes / (1 << 20), 2)
         body["writable"] = self.config.token is not None

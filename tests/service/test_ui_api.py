@@ -376,13 +376,12 @@ def test_rates_per_threshold():
 
 def test_latency_quantiles_from_the_histogram():
     from spade_edge.service.metrics import Histogram
-    from spade_edge.service.station import hist_quantiles
 
     h = Histogram("x", "x", buckets=(0.01, 0.02, 0.04))
-    assert hist_quantiles(h) == {"p50": None, "p90": None, "p99": None}
+    assert h.quantiles() == {"p50": None, "p90": None, "p99": None}
     for v in [0.005] * 50 + [0.015] * 40 + [0.03] * 10:
         h.observe(v)
-    q = hist_quantiles(h)
+    q = h.quantiles()
     assert q["p50"] == pytest.approx(10.0) and q["p90"] == pytest.approx(20.0) and 20.0 < q["p99"] <= 40.0
 
 
