@@ -344,6 +344,12 @@ class FusedScorer(NumpyScorer):
                 n = view.sqnorms(j, block) if view.keeps_norms else np.einsum("ij,ij->i", g, g)
                 if len(n) != len(g):
                     raise ValueError(f"gallery block {j} has {len(g)} rows but {len(n)} kept norms")
+            if len(g) >= BATCH_ROWS // 2:  # big enough alone: joining would only copy it
+                if parts:
+                    yield _joined(parts)
+                    parts = []
+                yield base, g, n
+                continue
             parts.append((base, g, n))
             if sum(len(x[1]) for x in parts) >= BATCH_ROWS:
                 yield _joined(parts)
