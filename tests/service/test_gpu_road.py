@@ -33,6 +33,7 @@ import pytest
 from spade_edge.runtime import Detector
 from spade_edge.runtime.device import DEVICES
 from spade_edge.runtime.errors import ModelError
+from spade_edge.runtime.scoring import cpu_scorer
 
 from ..standins import TRTEXEC, standins_env, use_ort_gpu_providers, use_standins
 from .conftest import ROOT, ServerProcess, request
@@ -40,6 +41,7 @@ from .conftest import ROOT, ServerProcess, request
 JETSON = ROOT / "jetson"
 # every form `--device` documents (auto|cpu|cuda[:N]|tensorrt[:N]), GPU 1 included
 DEVICE_VALUES = ("auto", "cpu", "cuda", "cuda:1", "tensorrt", "tensorrt:1")
+CPU_SCORER = cpu_scorer().name  # what scores on the CPU here: AMX, a fused kernel's level, or numpy
 BIN = Path(sys.executable).parent
 
 
@@ -106,7 +108,7 @@ def test_every_device_value_loads_a_detector_that_scores_like_the_cpu(
         return
     det = Detector.load(model, assets["gallery_a"], device=device)
     gpu = device != "cpu"
-    assert det.scorer.name == ("cuda" if gpu else "numpy"), det.device
+    assert det.scorer.name == ("cuda" if gpu else CPU_SCORER), det.device
     if kind == "engine":
         assert det.backend.name == "tensorrt" and "TensorRT engine tiny.engine" in det.device
     elif gpu:
@@ -123,7 +125,7 @@ def test_an_engine_on_pycuda_where_cupy_is_absent(assets, reference, tmp_path, m
     scored on the CPU, which the placement says."""
     use_standins(monkeypatch, gpus=2, cupy=False)
     det = Detector.load(_engine(assets, tmp_path), assets["gallery_a"], device=device)
-    assert det.backend.name == "tensorrt" and det.scorer.name == "numpy"
+    assert det.backend.name == "tensorrt" and det.scorer.name == CPU_SCORER
     assert "on the CPU (CuPy is not installed" in det.device, det.device
     _same_as_cpu(det, assets, reference)
     _in_worker(det.close)
@@ -136,7 +138,7 @@ def test_a_device_asked_for_is_obtained_or_refused_and_auto_says_what_it_missed(
         with pytest.raises(ModelError, match="could not start its .*ExecutionProvider.*the session runs on CPU"):
             Detector.load(assets["model"], assets["gallery_a"], device=device)
     det = Detector.load(assets["model"], assets["gallery_a"], device="auto")
-    assert det.backend.device == "cpu" and det.scorer.name == "numpy"
+    assert det.backend.device == "cpu" and det.scorer.name == CPU_SCORER
     assert "tensorrt: " in det.fallback and "cuda: " in det.fallback and "could not start" in det.fallback
     with pytest.raises(
         ModelError, match=r"needs CUDA device 3: no usable CUDA device 3 \(CuPy: .*invalid device ordinal"
