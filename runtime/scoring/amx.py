@@ -14,7 +14,7 @@ from __future__ import annotations
 import ctypes
 import platform
 from collections.abc import Sequence
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 
@@ -35,18 +35,34 @@ PROBE, GIVE_UP = 4, 0.2
 # unsettled plain rows go to a three-product screen when there are this many: it packs the gallery
 # again (3 bf16 blocks per row), which fp32 beats on fewer rows (docs/speed.md)
 RESCREEN_ROWS = 256
-FLAGS = ("-O3", "-mamx-tile", "-mamx-bf16", "-mavx512f", "-mavx512bf16")
+# the screen's two back-ends (kernels/amx_screen.c): its products on AMX tiles, or on AVX512-BF16's
+# VDPBF16PS over the same packed operands -> (CPU flags, what lacks them, compiler flags)
+BACKENDS = {
+    "amx": (
+        ("amx_tile", "amx_bf16", "avx512f", "avx512_bf16"),
+        "this CPU has no AMX-BF16 tile unit",
+        ("-O3", "-DSE_AMX", "-mamx-tile", "-mamx-bf16", "-mavx512f", "-mavx512bf16"),
+    ),
+    "avx512bf16": (
+        ("avx512f", "avx512bw", "avx512vl", "avx512_bf16"),
+        "this CPU has no AVX512-BF16",
+        ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mprefer-vector-width=512"),
+    ),
+}
+FLAGS = BACKENDS["amx"][2]
+LABELS = {"avx512bf16": "AVX512-BF16 screen: bf16 products, selection (threads)"}  # the kernel's part of the time
 
 
-@lru_cache(maxsize=1)
-def _kernel() -> tuple[ctypes.CDLL | None, str]:
-    """(the compiled screen, '') or (None, why not)."""
+@cache
+def _kernel(backend: str = "amx") -> tuple[ctypes.CDLL | None, str]:
+    """(the compiled screen of ``backend``, '') or (None, why not)."""
+    needs, lacking, flags = BACKENDS[backend]
     if platform.machine() not in ("x86_64", "AMD64"):
-        return None, f"AMX is an x86-64 feature; this is {platform.machine()}"
-    if not cpu.has("amx_tile", "amx_bf16", "avx512f", "avx512_bf16"):
-        return None, "this CPU has no AMX-BF16 tile unit"
+        return None, f"{backend} is an x86-64 feature; this is {platform.machine()}"
+    if not cpu.has(*needs):
+        return None, lacking
     try:
-        lib = ccompile.load("amx_screen.c", FLAGS)
+        lib = ccompile.load("amx_screen.c", flags)
     except (RuntimeError, OSError) as exc:
         return None, str(exc)
     if not lib.se_enable():
@@ -57,14 +73,14 @@ def _kernel() -> tuple[ctypes.CDLL | None, str]:
     lib.se_screen.argtypes = [i64, i64, i64, i32, i32, p, p, i64, i32, p, p, p, p, i64, i64, i32, p, p, p]
     lib.se_screen.restype = None
     if not _agrees(lib):
-        return None, "the compiled AMX screen disagreed with numpy on its first use"
+        return None, f"the compiled {backend} screen disagreed with numpy on its first use"
     return lib, ""
 
 
-def available() -> tuple[bool, str]:
-    """Whether the AMX screen runs here, and if not, why."""
-    lib, why = _kernel()
-    return lib is not None, why or "AMX-BF16 screen compiled and checked"
+def available(backend: str = "amx") -> tuple[bool, str]:
+    """Whether the screen's ``backend`` (:data:`BACKENDS`) runs here, and if not, why."""
+    lib, why = _kernel(backend)
+    return lib is not None, why or f"{backend} screen compiled and checked"
 
 
 def _agrees(lib) -> bool:
@@ -123,16 +139,21 @@ def _weights_exact(slabs: PyramidSlabs) -> bool:
 
 class AmxScorer(NumpyScorer):
     """NumpyScorer whose searches run the AMX screen; where the screen is not available
-    (:func:`available`), it is NumpyScorer. ``stats``: what the last search did."""
+    (:func:`available`), it is NumpyScorer. ``backend`` "avx512bf16": the same screen with its products
+    on AVX512-BF16 (:data:`BACKENDS`). ``stats``: what the last search did."""
 
     name = "amx"
 
-    def __init__(self, block_bytes: int = 8 << 20):
+    def __init__(self, block_bytes: int = 8 << 20, backend: str = "amx"):
         super().__init__(block_bytes)
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown screen back-end {backend!r}: {', '.join(BACKENDS)}")
+        self.backend = backend
+        self.name = "amx" if backend == "amx" else f"{backend} screen"
         self.stats: dict = {}
 
     def topk(self, query, gallery, kappa):
-        lib, _ = _kernel()
+        lib, _ = _kernel(self.backend)
         blocks = GalleryRows.of(gallery)  # a view: read twice, screen then re-check
         if lib is None or kappa < 1 or np.ndim(query) != 2:
             self.stats = {"path": "fp32"}
@@ -172,13 +193,14 @@ class AmxScorer(NumpyScorer):
         return top
 
     def topk_pyramid(self, query, images, grid, kappa):
-        lib, _ = _kernel()
+        lib, _ = _kernel(self.backend)
         slabs = PyramidSlabs(query, grid, rows=4)
         images = GalleryPyramids.of(images, grid)
         if lib is None or not slabs.c_fine or kappa < 1 or not len(images) or not _weights_exact(slabs):
             self.stats = {"path": "fp32"}
             return self._fp32(super().topk_pyramid, query, images, grid, kappa)
         screen = PyramidScreen(lib, slabs, kappa + SPARE)
+        screen.label = LABELS.get(self.backend, screen.label)
         items = _Pyramids(images)  # with the norms the gallery keeps (GalleryView.sqnorms)
         if not self._screen(screen, items, kappa):
             return self._fp32(super().topk_pyramid, query, images, grid, kappa)
@@ -209,7 +231,7 @@ class AmxScorer(NumpyScorer):
         return True
 
     def _settled(self, screen, top: TopK) -> TopK:
-        self.stats = {"path": "amx", **screen.stats}
+        self.stats = {"path": self.name, **screen.stats}
         return top
 
 

@@ -103,7 +103,10 @@ class Window(ctypes.Structure):
 
 class Screen:
     """A screen's running lists (m per query row), their bounds, and the threads that fill them.
-    Subclasses make the operands of each gallery item and call :meth:`_run`."""
+    Subclasses make the operands of each gallery item and call :meth:`_run`; ``label`` names the
+    kernel's part of the time (the back-end's)."""
+
+    label = "AMX screen: bf16 tiles, products, selection (threads)"
 
     def __init__(self, lib, p: int, m: int, q_fine: np.ndarray, three: bool = False):
         self._last = time.perf_counter()
@@ -273,7 +276,7 @@ class PlainScreen(Screen):
         norms.ravel()[valid] = colsq.ravel()[valid]  # |g - mu|^2, summed in float64
         self.lap("B packing (threads)")
         self._run(n_slab, n_pad, b, norms, colnorm, self.offset, n_pad)
-        self.lap("AMX screen: bf16 tiles, products, selection (threads)")
+        self.lap(self.label)
         self.gnorms.append(colnorm.ravel()[valid])
         # c_i: fp32 roundings of the norms and of the epilogue's sums
         np.maximum(
@@ -357,7 +360,8 @@ class PyramidScreen(Screen):
                     "rowmax": np.zeros(self.rows, np.float32),
                 }
             )
-        self.set_error_scale(self.k_fine + sum(2 * lv["k_pad"] for lv in self.levels))
+        self.terms = self.k_fine + sum(2 * lv["k_pad"] for lv in self.levels)
+        self.set_error_scale(self.terms)
         self.windows = (Window * max(1, len(self.levels)))()
         for g, lv in enumerate(self.levels):  # the native products (m) come with each gallery image
             self.windows[g] = Window(
@@ -434,7 +438,7 @@ class PyramidScreen(Screen):
             self.windows,
             len(self.levels),
         )
-        self.lap("AMX screen: bf16 tiles, products, selection (threads)")
+        self.lap(self.label)
         self.gnorms.append(np.concatenate([self.colnorm[s, : r * big_w] for s, (_, r, _) in enumerate(slabs.slabs)]))
         # c_i, per image: the coarse parts' rounding (weights' column sums are 2), the native products' own
         # rounding, the fp32 steps of the norms (y-upsampling, <mu, Ug>, storing) and of the epilogue's sums
@@ -459,7 +463,10 @@ class PyramidScreen(Screen):
                 + 2 * self.q_norm * (float(self.gnorms[-1].max()) + np.sqrt(mu_sq))
             )
         )
-        np.maximum(self.slack, self.hi_lo * rowmax + native + sums, out=self.slack)
+        # subnormals: TDPBF16PS and VDPBF16PS take bf16 inputs below 2^-126 as zero and flush such products
+        # and sums, each term then off by under 2^-126 (1 + |a| + |b|) (|b| <= 2 |g - mu| fine, weights <= 1)
+        flush = self.terms * 2.0**-125 * (1 + self.q_norm.max(initial=0.0) + 2 * float(self.gnorms[-1].max()) + rowmax)
+        np.maximum(self.slack, self.hi_lo * rowmax + native + sums + flush, out=self.slack)
         self.images += 1
         self.lap("other (bounds, bookkeeping)")
 

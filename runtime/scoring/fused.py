@@ -411,12 +411,30 @@ class FusedScorer(NumpyScorer):
         return TopK(d, i)
 
     def topk_pyramid(self, query, gallery, grid, kappa):
-        """NumpyScorer's choice (the per-level cost where it pays, PER_LEVEL_SHARE); the plain path's
+        """NumpyScorer's choice (the per-level cost where it pays, PER_LEVEL_SHARE), the per-level cost
+        screened in bf16 where this level has AVX512-BF16 (:meth:`pyramid_screen`); the plain path's
         upsampling then runs with BLAS on this thread (see :meth:`topk`)."""
         if self.lib is None or uses_levels(query, grid):
+            screen = self.pyramid_screen()
+            if screen is not None:
+                top = screen.topk_pyramid(query, gallery, grid, kappa)
+                self.stats = screen.stats
+                return top
             return super().topk_pyramid(query, gallery, grid, kappa)
         with blas_single_threaded():
             return PixelScorer.topk_pyramid(self, query, gallery, grid, kappa)
+
+    def pyramid_screen(self) -> PixelScorer | None:
+        """The AMX screen's method with its products on AVX512-BF16 (:mod:`.amx`, back-end "avx512bf16")
+        for wide pyramids (WRN50x2), where this scorer's level is avx512bf16 and the screen compiles and
+        checks here; else None (NumpyScorer's per-level path). Its ``stats["path"]`` says which ran."""
+        if not self.screens or self.level != "avx512bf16":
+            return None
+        from . import amx
+
+        if not amx.available("avx512bf16")[0]:
+            return None
+        return amx.AmxScorer(self.block_bytes, backend="avx512bf16")
 
     def __repr__(self) -> str:
         return f"FusedScorer(level={self.level!r})"

@@ -111,9 +111,11 @@ def test_narrow_pyramids_go_through_the_kernel_and_wide_ones_take_the_per_level_
         pytest.skip(f"no fused kernel runs here: {fused.best()[1]}")
     rng = np.random.default_rng(2)
     grid = (8, 32)
+    wide_screened = fused.FusedScorer(level).pyramid_screen() is not None
     for shapes, path in (
         ([(8, 32, 8), (4, 16, 8), (2, 8, 8)], f"fused {level}"),  # narrow: the plain product (PER_LEVEL_SHARE)
-        ([(8, 32, 16), (4, 16, 128), (2, 8, 256)], "fp32 levels"),  # wide: per-level cost wins
+        # wide: per-level cost wins, screened in bf16 where the level has AVX512-BF16 (test_pyramid_screen.py)
+        ([(8, 32, 16), (4, 16, 128), (2, 8, 256)], "avx512bf16 screen" if wide_screened else "fp32 levels"),
     ):
         q = [rng.normal(size=s).astype(np.float32) for s in shapes]
         gal = [[rng.normal(size=s).astype(np.float32) for s in shapes] for _ in range(4)]

@@ -11,7 +11,13 @@
      element (k, n) inside it at (k % 32 / 2) * 32 + (n % 16) * 2 + k % 2.
    Contiguous, 64-byte aligned tiles keep the loads from L2 in whole lines (strided or misaligned
    tiles ran over 2x slower). Query rows come in blocks of 32 and gallery columns in blocks of 32: two by
-   two tiles of 16 x 16 sums. */
+   two tiles of 16 x 16 sums.
+
+   Two back-ends of the same screen, one source: built with -DSE_AMX the products run on AMX tiles
+   (TDPBF16PS); without it on AVX512-BF16 (VDPBF16PS, Zen 4/5, Cooper Lake), which reads the same
+   packed operands: B's 16 k-pairs x 16 columns of a tile row are one zmm register per pair, A's pair
+   of a row one broadcast dword. Both instructions multiply bf16 exactly into fp32 and add with
+   round-to-nearest-even, inputs and outputs' subnormals flushed: one bound covers both (amx_screen.py). */
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
@@ -32,8 +38,12 @@ typedef struct {
     uint8_t rows[16];
 } tile_config;
 
+#ifdef SE_AMX
 /* Linux hands out AMX state only on request, once per process. */
 int se_enable(void) { return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0; }
+#else
+int se_enable(void) { return 1; } /* AVX-512 state needs no request */
+#endif
 
 static inline uint16_t to_bf16(float x) { /* round to nearest even; inputs are finite */
     uint32_t u;
@@ -144,6 +154,7 @@ static inline void insert(float v, int64_t index, float *vals, int64_t *idx, int
    its column c is gallery index base + s * cells_per_slab + c. Ranked value: products + norm[c] -
    rowscale[r] * colnorm[c] (a lower bound, the caller's error term removed). vals/idx: m per row, thr:
    the largest of them (+inf until full); a candidate enters when strictly below thr. */
+#ifdef SE_AMX
 void se_screen(int64_t r0, int64_t r1, int64_t p, int32_t n_slab, int32_t n_pad, const uint16_t *fine_a,
                const uint16_t *fine_b, int64_t k_fine, int32_t n_win, const window *wins, const float *norms,
                const float *colnorm, const float *rowscale, int64_t base, int64_t cells_per_slab, int32_t m,
@@ -223,3 +234,81 @@ void se_screen(int64_t r0, int64_t r1, int64_t p, int32_t n_slab, int32_t n_pad,
     free(wbuf);
     free(sg);
 }
+#else
+/* One register tile: RT query rows (from row i0 of the block's A, tile row stride `stride`) by 32
+   columns (two B tiles) over one segment's k-pairs, added to acc. */
+#define RT 8
+static inline void block_products(const uint16_t *a, const uint16_t *b, int64_t steps, int64_t b_step,
+                                  __m512 acc[RT][2]) {
+    for (int64_t k = 0; k < steps; k++, a += 512, b += b_step) {
+        for (int kp = 0; kp < 16; kp++) {
+            __m512bh b0 = (__m512bh)_mm512_load_si512((const void *)(b + kp * 32));
+            __m512bh b1 = (__m512bh)_mm512_load_si512((const void *)(b + 512 + kp * 32));
+            for (int i = 0; i < RT; i++) {
+                int32_t pair;
+                memcpy(&pair, a + i * 32 + 2 * kp, 4);
+                __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
+                acc[i][0] = _mm512_dpbf16_ps(acc[i][0], av, b0);
+                acc[i][1] = _mm512_dpbf16_ps(acc[i][1], av, b1);
+            }
+        }
+    }
+}
+
+void se_screen(int64_t r0, int64_t r1, int64_t p, int32_t n_slab, int32_t n_pad, const uint16_t *fine_a,
+               const uint16_t *fine_b, int64_t k_fine, int32_t n_win, const window *wins, const float *norms,
+               const float *colnorm, const float *rowscale, int64_t base, int64_t cells_per_slab, int32_t m,
+               float *vals, int64_t *idx, float *thr) {
+    int64_t room = 0;
+    for (int32_t g = 0; g < n_win; g++) room += 2 * 2 * (wins[g].k_pad / 32) * 512;
+    uint16_t *wbuf = (uint16_t *)aligned_alloc(64, sizeof(uint16_t) * (room ? room : 1));
+    segment *sg = (segment *)malloc(sizeof(segment) * (1 + n_win));
+    for (int32_t s = 0; s < n_slab; s++) {
+        const float *nrm = norms + (int64_t)s * n_pad, *cn = colnorm + (int64_t)s * n_pad;
+        int64_t first = base + s * cells_per_slab, n_seg = 1 + n_win;
+        for (int64_t r = r0; r < r1; r += 32) {
+            sg[0] = (segment){fine_a + (r / 16) * (k_fine / 32) * 512, fine_b + s * k_fine * n_pad, k_fine};
+            uint16_t *next = wbuf;
+            for (int32_t g = 0; g < n_win; g++) {
+                window_tiles(&wins[g], wins[g].starts[s], r, p, next);
+                sg[1 + g] = (segment){next, wins[g].b + s * 2 * wins[g].k_pad * n_pad, 2 * wins[g].k_pad};
+                next += 2 * 2 * (wins[g].k_pad / 32) * 512;
+            }
+            for (int32_t n0 = 0; n0 < n_pad; n0 += 32) {
+                __m512 n_lo = _mm512_loadu_ps(nrm + n0), n_hi = _mm512_loadu_ps(nrm + n0 + 16);
+                __m512 c_lo = _mm512_loadu_ps(cn + n0), c_hi = _mm512_loadu_ps(cn + n0 + 16);
+                for (int i0 = 0; i0 < 32 && r + i0 < p; i0 += RT) { /* rows past p: padding, never read */
+                    __m512 acc[RT][2];
+                    for (int i = 0; i < RT; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+                    for (int32_t g = 0; g < n_seg; g++) {
+                        int64_t steps = sg[g].k_pad / 32;
+                        block_products(sg[g].a + (i0 / 16) * steps * 512 + (i0 % 16) * 32, sg[g].b + (n0 / 16) * 512,
+                                       steps, (int64_t)(n_pad / 16) * 512, acc);
+                    }
+                    for (int i = 0; i < RT; i++) {
+                        int64_t row = r + i0 + i;
+                        float t = thr[row];
+                        __m512 tv = _mm512_set1_ps(t), e = _mm512_set1_ps(-rowscale[row]);
+                        __m512 lo = _mm512_fmadd_ps(e, c_lo, _mm512_add_ps(acc[i][0], n_lo));
+                        __m512 hi = _mm512_fmadd_ps(e, c_hi, _mm512_add_ps(acc[i][1], n_hi));
+                        uint32_t mask = (uint32_t)_mm512_cmp_ps_mask(lo, tv, _CMP_LT_OQ) |
+                                        ((uint32_t)_mm512_cmp_ps_mask(hi, tv, _CMP_LT_OQ) << 16);
+                        if (!mask) continue;
+                        float v[32] __attribute__((aligned(64)));
+                        _mm512_store_ps(v, lo);
+                        _mm512_store_ps(v + 16, hi);
+                        while (mask) {
+                            int b = __builtin_ctz(mask);
+                            mask &= mask - 1;
+                            if (v[b] < t) insert(v[b], first + n0 + b, vals + row * m, idx + row * m, m, &t);
+                        }
+                        thr[row] = t;
+                    }
+                }
+            }
+        }
+    }
+    free(wbuf);
+    free(sg);
+}
+#endif
