@@ -50,6 +50,9 @@ BACKENDS = {
     ),
 }
 FLAGS = BACKENDS["amx"][2]
+# coarse window values in two bf16 parts (16 bits) or one (8 bits: half the coarse products, a wider bound);
+# on AVX512-BF16 one part took the WRN50x2 kernel from 1.37 to 0.59 s with 10% more candidates (docs/speed.md)
+COARSE_PARTS = {"amx": 2, "avx512bf16": 1}
 LABELS = {"avx512bf16": "AVX512-BF16 screen: bf16 products, selection (threads)"}  # the kernel's part of the time
 
 
@@ -199,7 +202,7 @@ class AmxScorer(NumpyScorer):
         if lib is None or not slabs.c_fine or kappa < 1 or not len(images) or not _weights_exact(slabs):
             self.stats = {"path": "fp32"}
             return self._fp32(super().topk_pyramid, query, images, grid, kappa)
-        screen = PyramidScreen(lib, slabs, kappa + SPARE)
+        screen = PyramidScreen(lib, slabs, kappa + SPARE, COARSE_PARTS[self.backend])
         screen.label = LABELS.get(self.backend, screen.label)
         items = _Pyramids(images)  # with the norms the gallery keeps (GalleryView.sqnorms)
         if not self._screen(screen, items, kappa):

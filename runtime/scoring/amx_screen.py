@@ -98,6 +98,7 @@ class Window(ctypes.Structure):
         ("k_pad", ctypes.c_int64),
         ("b", ctypes.c_void_p),
         ("rowmax", ctypes.c_void_p),
+        ("parts", ctypes.c_int64),
     ]
 
 
@@ -291,9 +292,14 @@ class PlainScreen(Screen):
 class PyramidScreen(Screen):
     """One test image's concatenated pyramid against gallery pyramids, slab by slab of
     :class:`.pyramid.PyramidSlabs`: the fine level as one segment, each coarse level's native
-    products read through a window per slab in two bf16 parts (the kernel's ``window``)."""
+    products read through a window per slab in two bf16 parts (the kernel's ``window``), or in one
+    (``coarse_parts`` = 1: half the coarse products, their rounding, 2^-8 of each row's largest window
+    value, in the bound)."""
 
-    def __init__(self, lib, slabs: PyramidSlabs, m: int):
+    def __init__(self, lib, slabs: PyramidSlabs, m: int, coarse_parts: int = 2):
+        if coarse_parts not in (1, 2):
+            raise ValueError(f"coarse_parts is 1 or 2, got {coarse_parts}")
+        self.coarse_parts = coarse_parts
         big_h, big_w = slabs.grid
         p = slabs.p
         self.slabs = slabs
@@ -322,9 +328,11 @@ class PyramidScreen(Screen):
             wt = np.stack([u0[yy] * v0[xx], u0[yy] * v1[xx], u1[yy] * v0[xx], u1[yy] * v1[xx]], 1)
             windows = [coarse[li] for _, _, coarse in slabs.slabs]
             k_pad = int(max(up(end - start) for start, end, _ in windows))
-            b = aligned((n_slab, 2 * k_pad * self.n_pad), np.uint16)
+            b = aligned((n_slab, coarse_parts * k_pad * self.n_pad), np.uint16)
             for s, (start, end, weights) in enumerate(windows):
-                for half in (0, k_pad * self.n_pad):  # hi and lo meet the same weights
+                for half in range(
+                    0, coarse_parts * k_pad * self.n_pad, k_pad * self.n_pad
+                ):  # hi and lo: the same weights
                     lib.se_pack_b(
                         ptr(weights),
                         1,
@@ -360,12 +368,21 @@ class PyramidScreen(Screen):
                     "rowmax": np.zeros(self.rows, np.float32),
                 }
             )
-        self.terms = self.k_fine + sum(2 * lv["k_pad"] for lv in self.levels)
+        self.terms = self.k_fine + sum(coarse_parts * lv["k_pad"] for lv in self.levels)
         self.set_error_scale(self.terms)
         self.windows = (Window * max(1, len(self.levels)))()
         for g, lv in enumerate(self.levels):  # the native products (m) come with each gallery image
             self.windows[g] = Window(
-                None, 0, 0, ptr(lv["at"]), ptr(lv["w"]), ptr(lv["starts"]), lv["k_pad"], ptr(lv["b"]), ptr(lv["rowmax"])
+                None,
+                0,
+                0,
+                ptr(lv["at"]),
+                ptr(lv["w"]),
+                ptr(lv["starts"]),
+                lv["k_pad"],
+                ptr(lv["b"]),
+                ptr(lv["rowmax"]),
+                coarse_parts,
             )
         self.sqnorms: list[np.ndarray] = []  # per gallery image: |Ug|^2
         self.images = 0
@@ -440,9 +457,12 @@ class PyramidScreen(Screen):
         )
         self.lap(self.label)
         self.gnorms.append(np.concatenate([self.colnorm[s, : r * big_w] for s, (_, r, _) in enumerate(slabs.slabs)]))
-        # c_i, per image: the coarse parts' rounding (weights' column sums are 2), the native products' own
-        # rounding, the fp32 steps of the norms (y-upsampling, <mu, Ug>, storing) and of the epilogue's sums
-        rowmax = sum(2 * lv["rowmax"][:p].astype(np.float64) for lv in self.levels)
+        # c_i, per image: the coarse parts' rounding (weights' column sums are 1 per part; hi alone is off by
+        # 2^-8 of its value, hi + lo by 2^-16), the native products' own rounding, the fp32 steps of the
+        # norms (y-upsampling, <mu, Ug>, storing) and of the epilogue's sums
+        parts = self.coarse_parts
+        rowmax = sum(parts * lv["rowmax"][:p].astype(np.float64) for lv in self.levels)
+        coarse = self.hi_lo * rowmax + (U * rowmax if parts == 1 else 0.0)
         native = sum(
             2
             * lv["channels"]
@@ -466,7 +486,7 @@ class PyramidScreen(Screen):
         # subnormals: TDPBF16PS and VDPBF16PS take bf16 inputs below 2^-126 as zero and flush such products
         # and sums, each term then off by under 2^-126 (1 + |a| + |b|) (|b| <= 2 |g - mu| fine, weights <= 1)
         flush = self.terms * 2.0**-125 * (1 + self.q_norm.max(initial=0.0) + 2 * float(self.gnorms[-1].max()) + rowmax)
-        np.maximum(self.slack, self.hi_lo * rowmax + native + sums + flush, out=self.slack)
+        np.maximum(self.slack, coarse + native + sums + flush, out=self.slack)
         self.images += 1
         self.lap("other (bounds, bookkeeping)")
 

@@ -54,13 +54,14 @@ def test_each_backend_finds_the_exact_neighbours(backend, kappa, grid, shapes, n
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_the_bound_holds_for_every_pair(backend):
-    """Every gallery cell kept: each pair's lower and upper bounds bracket its expanded distance
-    (float64), and the bracket is narrow."""
+@pytest.mark.parametrize("coarse_parts", [1, 2])
+def test_the_bound_holds_for_every_pair(backend, coarse_parts):
+    """Every gallery cell kept, the coarse windows in one bf16 part or two: each pair's lower and upper
+    bounds bracket its expanded distance (float64), and the bracket is narrow."""
     rng = np.random.default_rng(7)
     grid, shapes = (8, 8), [(8, 8, 48), (4, 4, 96), (2, 2, 200)]
     q, (g,) = _pyramid(rng, shapes, 1, offset=5.0, scale=3.0)
-    screen = PyramidScreen(amx._kernel(backend)[0], PyramidSlabs(q, grid), m=64)
+    screen = PyramidScreen(amx._kernel(backend)[0], PyramidSlabs(q, grid), m=64, coarse_parts=coarse_parts)
     screen.add(g, None)
     screen.close()
     low, idx, high, _ = screen.bounds(1)

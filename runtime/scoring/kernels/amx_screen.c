@@ -99,23 +99,24 @@ typedef struct {
     const float *w;        /* ... and their bilinear weights (may be zero) */
     const int64_t *starts; /* per slab: the first native gallery cell of the window it reads */
     int64_t k_pad;         /* window width, a multiple of 32 */
-    const uint16_t *b;     /* per slab, 2 k_pad x n_pad: the interpolation weights, for hi then for lo */
+    const uint16_t *b;     /* per slab, parts k_pad x n_pad: the interpolation weights, for hi (then for lo) */
     float *rowmax;         /* raised to max |window value| per query row, for the caller's bound */
+    int64_t parts;         /* 2: the values as hi and lo (16 bits); 1: hi alone (8 bits, a wider bound) */
 } window;
 
 /* The A tiles of one window for query rows [r, r + 32): row i is sum_t w[i, t] m[at[i, t], start + c],
-   c < k_pad (zero past cols), as k_pad columns of bf16 ("hi") then k_pad of bf16(value - hi) ("lo"):
+   c < k_pad (zero past cols), as k_pad columns of bf16 ("hi") then (parts = 2) k_pad of bf16(value - hi) ("lo"):
    hi + lo carries 16 bits. Tiled like A, rows past p are zero. Made here, next to their use,
    the tiles never leave L1. */
 static void window_tiles(const window *wn, int64_t start, int64_t r, int64_t p, uint16_t *dst) {
-    int64_t steps = wn->k_pad / 32;
-    memset(dst, 0, sizeof(uint16_t) * 2 * 2 * steps * 512);
+    int64_t steps = wn->k_pad / 32, parts = wn->parts;
+    memset(dst, 0, sizeof(uint16_t) * 2 * parts * steps * 512);
     for (int64_t i = r; i < r + 32 && i < p; i++) {
         const float *s0 = wn->m + wn->at[4 * i] * wn->lds + start, *s1 = wn->m + wn->at[4 * i + 1] * wn->lds + start;
         const float *s2 = wn->m + wn->at[4 * i + 2] * wn->lds + start, *s3 = wn->m + wn->at[4 * i + 3] * wn->lds + start;
         __m512 w0 = _mm512_set1_ps(wn->w[4 * i]), w1 = _mm512_set1_ps(wn->w[4 * i + 1]);
         __m512 w2 = _mm512_set1_ps(wn->w[4 * i + 2]), w3 = _mm512_set1_ps(wn->w[4 * i + 3]), big = _mm512_setzero_ps();
-        uint16_t *row = dst + ((i - r) / 16) * 2 * steps * 512 + ((i - r) % 16) * 32;
+        uint16_t *row = dst + ((i - r) / 16) * parts * steps * 512 + ((i - r) % 16) * 32;
         for (int64_t c = 0; c < wn->k_pad; c += 16) {
             int64_t left = wn->cols - start - c;
             __mmask16 in = left >= 16 ? 0xffff : left > 0 ? (__mmask16)((1u << left) - 1) : 0;
@@ -125,12 +126,14 @@ static void window_tiles(const window *wn, int64_t start, int64_t r, int64_t p, 
             v = _mm512_fmadd_ps(w3, _mm512_maskz_loadu_ps(in, s3 + c), v);
             big = _mm512_max_ps(big, _mm512_abs_ps(v));
             __m256bh h = _mm512_cvtneps_pbh(v); /* round to nearest even */
-            __m256i bits;
-            memcpy(&bits, &h, 32);
-            __m512 back = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
-            __m256bh l = _mm512_cvtneps_pbh(_mm512_sub_ps(v, back));
             memcpy(row + (c / 32) * 512 + c % 32, &h, 32);
-            memcpy(row + (steps + c / 32) * 512 + c % 32, &l, 32);
+            if (parts == 2) {
+                __m256i bits;
+                memcpy(&bits, &h, 32);
+                __m512 back = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+                __m256bh l = _mm512_cvtneps_pbh(_mm512_sub_ps(v, back));
+                memcpy(row + (steps + c / 32) * 512 + c % 32, &l, 32);
+            }
         }
         wn->rowmax[i] = fmaxf(wn->rowmax[i], _mm512_reduce_max_ps(big));
     }
@@ -149,8 +152,8 @@ static inline void insert(float v, int64_t index, float *vals, int64_t *idx, int
 
 /* Rows [r0, r1) (multiples of 32; rows past p are padding) against n_slab slabs of n_pad columns each
    (a multiple of 32). The fine segment: A tiled, B at fine_b + s * k_fine * n_pad for slab s.
-   Each window adds a segment of 2 k_pad, its A made per row block (window_tiles), its B at
-   b + s * 2 k_pad * n_pad. Slab s has norms[s * n_pad ...] (+inf past its cells) and colnorm[s * n_pad ...];
+   Each window adds a segment of parts k_pad, its A made per row block (window_tiles), its B at
+   b + s * parts k_pad * n_pad. Slab s has norms[s * n_pad ...] (+inf past its cells) and colnorm[s * n_pad ...];
    its column c is gallery index base + s * cells_per_slab + c. Ranked value: products + norm[c] -
    rowscale[r] * colnorm[c] (a lower bound, the caller's error term removed). vals/idx: m per row, thr:
    the largest of them (+inf until full); a candidate enters when strictly below thr. */
@@ -169,7 +172,7 @@ void se_screen(int64_t r0, int64_t r1, int64_t p, int32_t n_slab, int32_t n_pad,
     _tile_loadconfig(&cfg);
     float c[32 * 32] __attribute__((aligned(64)));
     int64_t room = 0;
-    for (int32_t g = 0; g < n_win; g++) room += 2 * 2 * (wins[g].k_pad / 32) * 512;
+    for (int32_t g = 0; g < n_win; g++) room += 2 * wins[g].parts * (wins[g].k_pad / 32) * 512;
     uint16_t *wbuf = (uint16_t *)aligned_alloc(64, sizeof(uint16_t) * (room ? room : 1));
     segment *sg = (segment *)malloc(sizeof(segment) * (1 + n_win));
     for (int32_t s = 0; s < n_slab; s++) { /* a slab's B stays in L2 while every row block passes */
@@ -180,8 +183,9 @@ void se_screen(int64_t r0, int64_t r1, int64_t p, int32_t n_slab, int32_t n_pad,
             uint16_t *next = wbuf;
             for (int32_t g = 0; g < n_win; g++) {
                 window_tiles(&wins[g], wins[g].starts[s], r, p, next);
-                sg[1 + g] = (segment){next, wins[g].b + s * 2 * wins[g].k_pad * n_pad, 2 * wins[g].k_pad};
-                next += 2 * 2 * (wins[g].k_pad / 32) * 512;
+                int64_t width = wins[g].parts * wins[g].k_pad;
+                sg[1 + g] = (segment){next, wins[g].b + s * width * n_pad, width};
+                next += 2 * width / 32 * 512;
             }
             for (int32_t n0 = 0; n0 < n_pad; n0 += 32) {
                 _tile_zero(0);
@@ -237,7 +241,9 @@ void se_screen(int64_t r0, int64_t r1, int64_t p, int32_t n_slab, int32_t n_pad,
 #else
 /* One register tile: RT query rows (from row i0 of the block's A, tile row stride `stride`) by 32
    columns (two B tiles) over one segment's k-pairs, added to acc. */
-#define RT 8
+#ifndef RT
+#define RT 8 /* query rows per register tile: 2 RT accumulators of the 32 zmm registers */
+#endif
 static inline void block_products(const uint16_t *a, const uint16_t *b, int64_t steps, int64_t b_step,
                                   __m512 acc[RT][2]) {
     for (int64_t k = 0; k < steps; k++, a += 512, b += b_step) {
@@ -260,7 +266,7 @@ void se_screen(int64_t r0, int64_t r1, int64_t p, int32_t n_slab, int32_t n_pad,
                const float *colnorm, const float *rowscale, int64_t base, int64_t cells_per_slab, int32_t m,
                float *vals, int64_t *idx, float *thr) {
     int64_t room = 0;
-    for (int32_t g = 0; g < n_win; g++) room += 2 * 2 * (wins[g].k_pad / 32) * 512;
+    for (int32_t g = 0; g < n_win; g++) room += 2 * wins[g].parts * (wins[g].k_pad / 32) * 512;
     uint16_t *wbuf = (uint16_t *)aligned_alloc(64, sizeof(uint16_t) * (room ? room : 1));
     segment *sg = (segment *)malloc(sizeof(segment) * (1 + n_win));
     for (int32_t s = 0; s < n_slab; s++) {
@@ -271,8 +277,9 @@ void se_screen(int64_t r0, int64_t r1, int64_t p, int32_t n_slab, int32_t n_pad,
             uint16_t *next = wbuf;
             for (int32_t g = 0; g < n_win; g++) {
                 window_tiles(&wins[g], wins[g].starts[s], r, p, next);
-                sg[1 + g] = (segment){next, wins[g].b + s * 2 * wins[g].k_pad * n_pad, 2 * wins[g].k_pad};
-                next += 2 * 2 * (wins[g].k_pad / 32) * 512;
+                int64_t width = wins[g].parts * wins[g].k_pad;
+                sg[1 + g] = (segment){next, wins[g].b + s * width * n_pad, width};
+                next += 2 * width / 32 * 512;
             }
             for (int32_t n0 = 0; n0 < n_pad; n0 += 32) {
                 __m512 n_lo = _mm512_loadu_ps(nrm + n0), n_hi = _mm512_loadu_ps(nrm + n0 + 16);
