@@ -50,9 +50,10 @@ BACKENDS = {
     ),
 }
 FLAGS = BACKENDS["amx"][2]
-# coarse window values in two bf16 parts (16 bits) or one (8 bits: half the coarse products, a wider bound);
-# on AVX512-BF16 one part took the WRN50x2 kernel from 1.37 to 0.59 s with 10% more candidates (docs/speed.md)
-COARSE_PARTS = {"amx": 2, "avx512bf16": 1}
+# coarse window values in two bf16 parts (16 bits) or one (8 bits: half the coarse products, a wider bound).
+# One part halved the WRN50x2 kernel on uniform random features but left 1533 of 3136 rows unsettled on
+# ELPV through WRN50x2 (end to end 6.3 s against 1.3 s): two on both back-ends (docs/speed.md)
+COARSE_PARTS = {"amx": 2, "avx512bf16": 2}
 LABELS = {"avx512bf16": "AVX512-BF16 screen: bf16 products, selection (threads)"}  # the kernel's part of the time
 
 
