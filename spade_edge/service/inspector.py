@@ -491,7 +491,7 @@ class InspectionService:
                 job.error = exc
             finally:
                 self._busy_since = None
-                self._m_busy.observe(time.perf_counter() - job.started)
+                self.busy_seconds.observe(time.perf_counter() - job.started)
                 job.ticket.release()  # before done.set(): a client that answers at once finds the slot free
                 job.loaded.done()
                 job.finish()
@@ -546,7 +546,7 @@ class InspectionService:
     def _init_metrics(self) -> None:
         """The service's own metrics; adapters add theirs to the same :attr:`registry`."""
         r = self.registry = m.Registry()
-        self._m_busy = r.add(
+        self.busy_seconds = r.add(
             m.Histogram("spade_edge_worker_busy_seconds", "Worker time per image: model, scoring, heat map (seconds).")
         )
         r.add(

@@ -230,7 +230,7 @@ class _Handler(BaseHTTPRequestHandler):
         if explain or long:
             text = f"{text}: {explain or long}"
         try:
-            self._json(code, {"error": text, "status": code}, close=True)
+            self.send_json(code, {"error": text, "status": code}, close=True)
         except OSError:
             self.close_connection = True
 
@@ -254,7 +254,8 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, fmt, *args):  # access log through logging, quiet by default
         log.debug("%s %s", self.address_string(), fmt % args)
 
-    def _send(self, status: int, body: bytes, ctype: str, headers: dict | None = None, close: bool = False) -> None:
+    def send_body(self, status: int, body: bytes, ctype: str, headers: dict | None = None, close: bool = False) -> None:
+        """Answer with ``body`` (also for the operator's page, station.py); ``close``: end the connection."""
         self.send_response(status)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
@@ -272,8 +273,9 @@ class _Handler(BaseHTTPRequestHandler):
         if close:
             self._linger()
 
-    def _json(self, status: int, obj: dict, headers: dict | None = None, close: bool = False) -> None:
-        self._send(status, (json.dumps(obj) + "\n").encode(), "application/json", headers, close)
+    def send_json(self, status: int, obj: dict, headers: dict | None = None, close: bool = False) -> None:
+        """Answer with ``obj`` as JSON."""
+        self.send_body(status, (json.dumps(obj) + "\n").encode(), "application/json", headers, close)
 
     def _error(self, e: HttpError, unread: int | None = None) -> None:
         """Answer ``e``. ``unread``: bytes of body still on the wire; they are read and dropped
@@ -287,7 +289,7 @@ class _Handler(BaseHTTPRequestHandler):
             log.info("%s %s: %d %s", self.command, self.path, e.status, e.message)
         close = e.close or (unread is not None and unread > self.service.config.max_bytes)
         try:
-            self._json(e.status, body, headers, close=close)  # lingers before closing
+            self.send_json(e.status, body, headers, close=close)  # lingers before closing
             if not close and unread:
                 self._discard(unread)
         except OSError:  # the client left
@@ -321,7 +323,8 @@ class _Handler(BaseHTTPRequestHandler):
         except OSError:
             pass
 
-    def _content_length(self) -> int:
+    def content_length(self) -> int:
+        """The request's declared body size; chunked bodies and bad values are HTTP errors."""
         if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
             raise HttpError(411, "chunked bodies are not accepted; send Content-Length", close=True)
         raw = self.headers.get("Content-Length")
@@ -335,7 +338,7 @@ class _Handler(BaseHTTPRequestHandler):
             raise HttpError(400, f"bad Content-Length {raw!r}", close=True)
         return n
 
-    def _read_body(self, n: int) -> bytes:
+    def read_body(self, n: int) -> bytes:
         """The body, within the request's deadline, its bytes counted in the server's
         :class:`ByteBudget` as they arrive (given back when this request ends)."""
         chunks, left = [], n
@@ -372,7 +375,7 @@ class _Handler(BaseHTTPRequestHandler):
         """Refuse before the client sends its body (curl sends 'Expect: 100-continue' for large files)."""
         if urlsplit(self.path).path == "/inspect" and self.command == "POST":
             try:
-                if self._content_length() > self.service.config.max_bytes:
+                if self.content_length() > self.service.config.max_bytes:
                     raise HttpError(413, self._too_large_message(), "too_large", close=True)
                 refusal = self.service.refusal()
                 if refusal is not None:
@@ -395,18 +398,18 @@ class _Handler(BaseHTTPRequestHandler):
             if url.path == "/health":
                 return self._health()
             if url.path == "/metrics":
-                return self._send(200, self.service.registry.render().encode(), m.CONTENT_TYPE)
+                return self.send_body(200, self.service.registry.render().encode(), m.CONTENT_TYPE)
             if url.path.startswith("/heatmaps/") and url.path.endswith(".png"):
                 png = self.service.heatmap(url.path[len("/heatmaps/") : -len(".png")])
                 if png is None:
                     raise HttpError(404, "no such heat map (only the most recent ones are kept)")
-                return self._send(200, png, "image/png")
+                return self.send_body(200, png, "image/png")
             if url.path in ("/inspect", "/reload"):
                 raise HttpError(405, f"{url.path} takes POST", close=True)
             if self.server.station is not None and (url.path == "/ui" or url.path.startswith("/ui/")):
                 return self.server.station.handle_get(self, url)  # the operator's page (serve --ui)
             if url.path == "/":
-                return self._json(
+                return self.send_json(
                     200,
                     {
                         "service": "spade-edge",
@@ -449,10 +452,10 @@ class _Handler(BaseHTTPRequestHandler):
         """POST /frames: an image for the next line trigger (an 'upload' image source)."""
         from ..runtime.errors import SpadeError
 
-        n = self._content_length()
+        n = self.content_length()
         if n > self.service.config.max_bytes:
             raise HttpError(413, self._too_large_message(), "too_large", close=True)
-        data = self._read_body(n)
+        data = self.read_body(n)
         name = {k: v[-1] for k, v in parse_qs(url.query).items()}.get("name") or self.headers.get("X-Image-Name")
         try:
             probe_image(data, self.service.config, name or "<frame>")
@@ -462,7 +465,7 @@ class _Handler(BaseHTTPRequestHandler):
             waiting = self.service.frames.put(data, name)
         except SpadeError as exc:
             raise HttpError(503, str(exc), "queue_full", retry_after=self.service.config.retry_after) from None
-        self._json(202, {"waiting": waiting})
+        self.send_json(202, {"waiting": waiting})
 
     def _method_not_allowed(self):
         self._error(HttpError(405, f"{self.command} is not supported here", close=True))
@@ -475,14 +478,14 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _health(self):
         status, body, headers = health(self.service)
-        return self._json(status, body, headers)
+        return self.send_json(status, body, headers)
 
     def _reload(self):
         svc, cfg = self.service, self.service.config
         n = (
             0
             if self.headers.get("Content-Length") is None and not self.headers.get("Transfer-Encoding")
-            else self._content_length()
+            else self.content_length()
         )  # a bare 'curl -X POST .../reload' sends no body and no length
         if cfg.reload == "off":
             raise HttpError(403, "reload is disabled on this service (--reload off)", close=True)
@@ -494,7 +497,7 @@ class _Handler(BaseHTTPRequestHandler):
             raise HttpError(401, "reload needs the service's token: 'Authorization: Bearer <token>'", close=True)
         if n > 1 << 16:
             raise HttpError(413, 'reload body too large: send JSON {"model": ..., "gallery": ...}', close=True)
-        raw = self._read_body(n)
+        raw = self.read_body(n)
         try:
             req = json.loads(raw) if raw.strip() else {}
         except ValueError as exc:
@@ -518,7 +521,7 @@ class _Handler(BaseHTTPRequestHandler):
                 f"{svc.current.generation if svc.current else '-'}: {_public_error(exc, req)}",
                 "unprocessable",
             ) from exc
-        self._json(200, result)
+        self.send_json(200, result)
 
     def _token_ok(self, token: str) -> bool:
         given = self.headers.get("X-Reload-Token")
@@ -554,7 +557,7 @@ class _Handler(BaseHTTPRequestHandler):
         ticket, body_read, n = None, False, None
         try:
             q = {k: v[-1] for k, v in parse_qs(url.query).items()}
-            n = self._content_length()
+            n = self.content_length()
             if n > cfg.max_bytes:
                 raise HttpError(413, self._too_large_message(), "too_large")  # closed: too much to read
             refusal = svc.refusal()  # Busy, NotReady: answered before the body is read
@@ -568,7 +571,7 @@ class _Handler(BaseHTTPRequestHandler):
                 except ValueError:
                     raise HttpError(400, f"bad deadline_ms {wanted!r}") from None
             deadline = t0 + deadline_s
-            body = self._read_body(n)  # within read_timeout, before any slot is taken
+            body = self.read_body(n)  # within read_timeout, before any slot is taken
             body_read = True
             ticket = svc.admit()  # a slot only for a body that is in
             t_recv = time.perf_counter()
@@ -598,7 +601,7 @@ class _Handler(BaseHTTPRequestHandler):
             out["latency_ms"]["total"] = _round_ms(total)
             self.server.requests.inc(outcome=outcome)  # before the answer leaves: /metrics next sees it
             self.server.latency.observe(total)
-            self._json(200, out)
+            self.send_json(200, out)
         except (HttpError, Outcome) as e:
             if isinstance(e, Outcome):
                 e = http_error(e)

@@ -177,20 +177,20 @@ class Station:
 
         path = url.path
         if path == "/ui":
-            return h._send(302, b"", "text/plain", {"Location": "/ui/"})
+            return h.send_body(302, b"", "text/plain", {"Location": "/ui/"})
         if path in ASSETS:
             name, ctype = ASSETS[path]
             body = resources.files("spade_edge.service.ui").joinpath(name).read_bytes()
-            return h._send(200, body, ctype, PAGE_HEADERS)
+            return h.send_body(200, body, ctype, PAGE_HEADERS)
         q = {k: v[-1] for k, v in parse_qs(url.query).items()}
         if path == "/ui/api/state":
-            return h._json(200, self.state(int(q.get("after") or 0)))
+            return h.send_json(200, self.state(int(q.get("after") or 0)))
         if path == "/ui/api/health":
-            return h._json(200, self.health(h.server))
+            return h.send_json(200, self.health(h.server))
         if path == "/ui/api/thresholds":
-            return h._json(200, self.thresholds())
+            return h.send_json(200, self.thresholds())
         if path == "/ui/api/history":
-            return h._json(200, self.history())
+            return h.send_json(200, self.history())
         parts = path.split("/")  # '', 'ui', 'api', 'results', ID, what[, n]
         if len(parts) in (6, 7) and parts[:4] == ["", "ui", "api", "results"] and _ID.match(parts[4]):
             e = self.ring.get(parts[4])
@@ -198,24 +198,24 @@ class Station:
                 raise HttpError(404, "no such result (only the most recent ones are kept)")
             what = parts[5]
             if len(parts) == 6 and what == "input.png":
-                return h._send(200, self._cached(e, "input", lambda: _png(e.input_image)), "image/png")
+                return h.send_body(200, self._cached(e, "input", lambda: _png(e.input_image)), "image/png")
             if len(parts) == 6 and what == "heat.png":
-                return h._send(200, self._cached(e, "heat", lambda: self._heat(e)), "image/png")
+                return h.send_body(200, self._cached(e, "heat", lambda: self._heat(e)), "image/png")
             if len(parts) == 6 and what == "pixel":
-                return h._json(200, self.pixel(e, q.get("row"), q.get("col")))
+                return h.send_json(200, self.pixel(e, q.get("row"), q.get("col")))
             if len(parts) == 7 and what == "gallery" and re.fullmatch(r"\d{1,9}\.png", parts[6]):
                 j = int(parts[6][:-4])
-                return h._send(200, self._cached(e, f"g{j}", lambda: self._thumb(e, j)), "image/png")
+                return h.send_body(200, self._cached(e, f"g{j}", lambda: self._thumb(e, j)), "image/png")
         raise HttpError(404, f"no such endpoint: GET {path}")
 
     def handle_post(self, h, url) -> None:
         from .server import HttpError
 
         self._check_write(h)
-        n = h._content_length()
+        n = h.content_length()
         if n > MAX_BODY:
             raise HttpError(413, "body too large", close=True)
-        raw = h._read_body(n)
+        raw = h.read_body(n)
         try:
             req = json.loads(raw or b"{}")
         except ValueError as exc:
@@ -228,11 +228,11 @@ class Station:
         if len(parts) == 6 and parts[:4] == ["", "ui", "api", "results"] and parts[5] == "review":
             if not _ID.match(parts[4]):
                 raise HttpError(404, "no such result")
-            return h._json(200, self.review(parts[4], req, client))
+            return h.send_json(200, self.review(parts[4], req, client))
         if path == "/ui/api/threshold":
-            return h._json(200, self.set_threshold(req, client))
+            return h.send_json(200, self.set_threshold(req, client))
         if path == "/ui/api/rollback":
-            return h._json(200, self.rollback(req, client))
+            return h.send_json(200, self.rollback(req, client))
         raise HttpError(404, f"no such endpoint: POST {path}")
 
     def _check_write(self, h) -> None:
@@ -334,7 +334,7 @@ class Station:
         body = dict(body, http_status=status)
         body["gallery_generation"] = generations.current(cur.gallery) if cur else None
         body["latency_ms"] = server.latency.quantiles()
-        body["worker_busy_ms"] = self.service._m_busy.quantiles()
+        body["worker_busy_ms"] = self.service.busy_seconds.quantiles()
         body["results_kept"] = len(self.ring.entries())
         body["results_kept_mib"] = round(self.ring.nbytes / (1 << 20), 2)
         body["writable"] = self.config.token is not None
