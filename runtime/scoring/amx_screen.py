@@ -99,6 +99,7 @@ class Window(ctypes.Structure):
         ("b", ctypes.c_void_p),
         ("rowmax", ctypes.c_void_p),
         ("parts", ctypes.c_int64),
+        ("widths", ctypes.c_void_p),
     ]
 
 
@@ -363,6 +364,7 @@ class PyramidScreen(Screen):
                     "at": np.ascontiguousarray(at, np.int64),
                     "w": np.ascontiguousarray(wt, np.float32),
                     "starts": np.array([start for start, _, _ in windows], np.int64),
+                    "widths": np.array([end - start for start, end, _ in windows], np.int64),
                     "k_pad": k_pad,
                     "b": b,
                     "rowmax": np.zeros(self.rows, np.float32),
@@ -383,6 +385,7 @@ class PyramidScreen(Screen):
                 ptr(lv["b"]),
                 ptr(lv["rowmax"]),
                 coarse_parts,
+                ptr(lv["widths"]),
             )
         self.sqnorms: list[np.ndarray] = []  # per gallery image: |Ug|^2
         self.images = 0

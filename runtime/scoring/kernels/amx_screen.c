@@ -29,7 +29,8 @@
 typedef struct {
     const uint16_t *a; /* the row block's A tiles */
     const uint16_t *b; /* the slab's B, k_pad x n_pad */
-    int64_t k_pad;
+    int64_t k_pad;     /* AMX: width, a multiple of 32; AVX-512: the pairs to multiply */
+    int64_t stride;    /* AVX-512: tiles from one 16-row tile row of A to the next */
 } segment;
 
 typedef struct {
@@ -102,6 +103,7 @@ typedef struct {
     const uint16_t *b;     /* per slab, parts k_pad x n_pad: the interpolation weights, for hi (then for lo) */
     float *rowmax;         /* raised to max |window value| per query row, for the caller's bound */
     int64_t parts;         /* 2: the values as hi and lo (16 bits); 1: hi alone (8 bits, a wider bound) */
+    const int64_t *widths; /* per slab: the window's own width (<= k_pad; B is zero past it) */
 } window;
 
 /* The A tiles of one window for query rows [r, r + 32): row i is sum_t w[i, t] m[at[i, t], start + c],
@@ -239,25 +241,60 @@ void se_screen(int64_t r0, int64_t r1, int64_t p, int32_t n_slab, int32_t n_pad,
     free(sg);
 }
 #else
-/* One register tile: RT query rows (from row i0 of the block's A, tile row stride `stride`) by 32
-   columns (two B tiles) over one segment's k-pairs, added to acc. */
+/* One register tile: RT query rows (A at row i0 of its tile row) by NT B tiles of 16 columns, over one
+   segment's pairs, added to acc. Each pair: NT loads of B, RT broadcasts of A, RT x NT VDPBF16PS; 8 x 3
+   keeps 24 accumulators in the 32 zmm registers (8 x 2 ran 30% slower per product, 4 x 2 60%). */
 #ifndef RT
-#define RT 8 /* query rows per register tile: 2 RT accumulators of the 32 zmm registers */
+#define RT 8
 #endif
-static inline void block_products(const uint16_t *a, const uint16_t *b, int64_t steps, int64_t b_step,
-                                  __m512 acc[RT][2]) {
-    for (int64_t k = 0; k < steps; k++, a += 512, b += b_step) {
-        for (int kp = 0; kp < 16; kp++) {
-            __m512bh b0 = (__m512bh)_mm512_load_si512((const void *)(b + kp * 32));
-            __m512bh b1 = (__m512bh)_mm512_load_si512((const void *)(b + 512 + kp * 32));
+#define NT_MAX 3
+static inline __attribute__((always_inline)) void block_products(const uint16_t *a, const uint16_t *b, int64_t pairs,
+                                                                 int64_t b_step, int nt, __m512 acc[RT][NT_MAX]) {
+    for (int64_t k = 0; k < pairs; k += 16, a += 512, b += b_step) {
+        int n = pairs - k < 16 ? (int)(pairs - k) : 16; /* a window's last tile: the pairs B has */
+        for (int kp = 0; kp < n; kp++) {
+            __m512bh bt[NT_MAX];
+            for (int t = 0; t < nt; t++) bt[t] = (__m512bh)_mm512_load_si512((const void *)(b + t * 512 + kp * 32));
             for (int i = 0; i < RT; i++) {
                 int32_t pair;
                 memcpy(&pair, a + i * 32 + 2 * kp, 4);
                 __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
-                acc[i][0] = _mm512_dpbf16_ps(acc[i][0], av, b0);
-                acc[i][1] = _mm512_dpbf16_ps(acc[i][1], av, b1);
+                for (int t = 0; t < nt; t++) acc[i][t] = _mm512_dpbf16_ps(acc[i][t], av, bt[t]);
             }
         }
+    }
+}
+
+/* Rows [i0, i0 + RT) of the row block at r against columns [n0, n0 + 16 nt) of slab s: products, then the
+   ranked values into the running lists (as in the AMX se_screen above). */
+static inline __attribute__((always_inline)) void register_tile(const segment *sg, int64_t n_seg, int64_t r, int i0,
+                                                                int32_t n0, int nt, int32_t n_pad, const float *nrm,
+                                                                const float *cn, const float *rowscale, int64_t first,
+                                                                int32_t m, float *vals, int64_t *idx, float *thr) {
+    __m512 acc[RT][NT_MAX];
+    for (int i = 0; i < RT; i++)
+        for (int t = 0; t < NT_MAX; t++) acc[i][t] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < n_seg; g++)
+        block_products(sg[g].a + (i0 / 16) * sg[g].stride * 512 + (i0 % 16) * 32, sg[g].b + (n0 / 16) * 512,
+                       sg[g].k_pad, (int64_t)(n_pad / 16) * 512, nt, acc);
+    for (int i = 0; i < RT; i++) {
+        int64_t row = r + i0 + i;
+        float t = thr[row];
+        __m512 tv = _mm512_set1_ps(t), e = _mm512_set1_ps(-rowscale[row]);
+        float v[16 * NT_MAX] __attribute__((aligned(64)));
+        uint64_t mask = 0;
+        for (int u = 0; u < nt; u++) {
+            __m512 x = _mm512_fmadd_ps(e, _mm512_loadu_ps(cn + n0 + 16 * u),
+                                       _mm512_add_ps(acc[i][u], _mm512_loadu_ps(nrm + n0 + 16 * u)));
+            mask |= (uint64_t)_mm512_cmp_ps_mask(x, tv, _CMP_LT_OQ) << (16 * u);
+            _mm512_store_ps(v + 16 * u, x);
+        }
+        while (mask) {
+            int b = __builtin_ctzll(mask);
+            mask &= mask - 1;
+            if (v[b] < t) insert(v[b], first + n0 + b, vals + row * m, idx + row * m, m, &t);
+        }
+        thr[row] = t;
     }
 }
 
@@ -268,50 +305,35 @@ void se_screen(int64_t r0, int64_t r1, int64_t p, int32_t n_slab, int32_t n_pad,
     int64_t room = 0;
     for (int32_t g = 0; g < n_win; g++) room += 2 * wins[g].parts * (wins[g].k_pad / 32) * 512;
     uint16_t *wbuf = (uint16_t *)aligned_alloc(64, sizeof(uint16_t) * (room ? room : 1));
-    segment *sg = (segment *)malloc(sizeof(segment) * (1 + n_win));
+    segment *sg = (segment *)malloc(sizeof(segment) * (1 + 2 * n_win));
     for (int32_t s = 0; s < n_slab; s++) {
         const float *nrm = norms + (int64_t)s * n_pad, *cn = colnorm + (int64_t)s * n_pad;
-        int64_t first = base + s * cells_per_slab, n_seg = 1 + n_win;
+        int64_t first = base + s * cells_per_slab;
         for (int64_t r = r0; r < r1; r += 32) {
-            sg[0] = (segment){fine_a + (r / 16) * (k_fine / 32) * 512, fine_b + s * k_fine * n_pad, k_fine};
+            /* segments of pairs: the fine one, then each window's parts (hi, lo), each only as wide as the
+               slab's window (B is zero past it); A's tile rows are `stride` tiles apart */
+            sg[0] = (segment){fine_a + (r / 16) * (k_fine / 32) * 512, fine_b + s * k_fine * n_pad, k_fine / 2, k_fine / 32};
             uint16_t *next = wbuf;
+            int64_t n_seg = 1;
             for (int32_t g = 0; g < n_win; g++) {
                 window_tiles(&wins[g], wins[g].starts[s], r, p, next);
-                int64_t width = wins[g].parts * wins[g].k_pad;
-                sg[1 + g] = (segment){next, wins[g].b + s * width * n_pad, width};
+                int64_t k_pad = wins[g].k_pad, width = wins[g].parts * k_pad;
+                for (int64_t part = 0; part < wins[g].parts; part++)
+                    sg[n_seg++] = (segment){next + part * (k_pad / 32) * 512, wins[g].b + (s * width + part * k_pad) * n_pad,
+                                            (wins[g].widths[s] + 1) / 2, width / 32};
                 next += 2 * width / 32 * 512;
             }
-            for (int32_t n0 = 0; n0 < n_pad; n0 += 32) {
-                __m512 n_lo = _mm512_loadu_ps(nrm + n0), n_hi = _mm512_loadu_ps(nrm + n0 + 16);
-                __m512 c_lo = _mm512_loadu_ps(cn + n0), c_hi = _mm512_loadu_ps(cn + n0 + 16);
+            for (int32_t n0 = 0; n0 < n_pad;) { /* 48 columns at a time, then what is left (16 or 32) */
+                int nt = n_pad - n0 >= 48 ? 3 : (n_pad - n0) / 16;
                 for (int i0 = 0; i0 < 32 && r + i0 < p; i0 += RT) { /* rows past p: padding, never read */
-                    __m512 acc[RT][2];
-                    for (int i = 0; i < RT; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
-                    for (int32_t g = 0; g < n_seg; g++) {
-                        int64_t steps = sg[g].k_pad / 32;
-                        block_products(sg[g].a + (i0 / 16) * steps * 512 + (i0 % 16) * 32, sg[g].b + (n0 / 16) * 512,
-                                       steps, (int64_t)(n_pad / 16) * 512, acc);
-                    }
-                    for (int i = 0; i < RT; i++) {
-                        int64_t row = r + i0 + i;
-                        float t = thr[row];
-                        __m512 tv = _mm512_set1_ps(t), e = _mm512_set1_ps(-rowscale[row]);
-                        __m512 lo = _mm512_fmadd_ps(e, c_lo, _mm512_add_ps(acc[i][0], n_lo));
-                        __m512 hi = _mm512_fmadd_ps(e, c_hi, _mm512_add_ps(acc[i][1], n_hi));
-                        uint32_t mask = (uint32_t)_mm512_cmp_ps_mask(lo, tv, _CMP_LT_OQ) |
-                                        ((uint32_t)_mm512_cmp_ps_mask(hi, tv, _CMP_LT_OQ) << 16);
-                        if (!mask) continue;
-                        float v[32] __attribute__((aligned(64)));
-                        _mm512_store_ps(v, lo);
-                        _mm512_store_ps(v + 16, hi);
-                        while (mask) {
-                            int b = __builtin_ctz(mask);
-                            mask &= mask - 1;
-                            if (v[b] < t) insert(v[b], first + n0 + b, vals + row * m, idx + row * m, m, &t);
-                        }
-                        thr[row] = t;
-                    }
+                    if (nt == 3)
+                        register_tile(sg, n_seg, r, i0, n0, 3, n_pad, nrm, cn, rowscale, first, m, vals, idx, thr);
+                    else if (nt == 2)
+                        register_tile(sg, n_seg, r, i0, n0, 2, n_pad, nrm, cn, rowscale, first, m, vals, idx, thr);
+                    else
+                        register_tile(sg, n_seg, r, i0, n0, 1, n_pad, nrm, cn, rowscale, first, m, vals, idx, thr);
                 }
+                n0 += 16 * nt;
             }
         }
     }
