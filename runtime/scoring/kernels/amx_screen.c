@@ -243,7 +243,7 @@ void se_screen(int64_t r0, int64_t r1, int64_t p, int32_t n_slab, int32_t n_pad,
 #else
 /* One register tile: RT query rows (A at row i0 of its tile row) by NT B tiles of 16 columns, over one
    segment's pairs, added to acc. Each pair: NT loads of B, RT broadcasts of A, RT x NT VDPBF16PS; 8 x 3
-   keeps 24 accumulators in the 32 zmm registers (8 x 2 ran 30% slower per product, 4 x 2 60%). */
+   keeps 24 accumulators in the 32 zmm registers (8 x 2 and 4 x 2 ran slower: docs/speed.md). */
 #ifndef RT
 #define RT 8
 #endif
@@ -256,7 +256,7 @@ static inline __attribute__((always_inline)) void block_products(const uint16_t 
             __m512bh bt[NT_MAX];
             for (int t = 0; t < nt; t++) bt[t] = (__m512bh)_mm512_load_si512((const void *)(b + t * 512 + kp * 32));
             for (int i = 0; i < RT; i++) {
-                int32_t pair;
+                int32_t pair; /* an asm broadcast operand ({1to16}) ran 2.4x slower: GCC spilled the accumulators */
                 memcpy(&pair, a + i * 32 + 2 * kp, 4);
                 __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
                 for (int t = 0; t < nt; t++) acc[i][t] = _mm512_dpbf16_ps(acc[i][t], av, bt[t]);
