@@ -25,7 +25,7 @@ def test_scoring_peers_agree_and_the_table_reports_them(monkeypatch):
     # that its path ran: the screen for 'amx', the per-level-cost products for 'numpy' and the fused
     # scorers (these shapes are wide enough for them)
     assert r["scorer"] in ("amx", "numpy") or r["scorer"].startswith("fused ")
-    assert r["ours_stats"]["path"] == ("amx" if r["scorer"] == "amx" else "fp32 levels")
+    assert r["ours_stats"]["path"] == _wide_pyramid_path(cpu_scorer())
     assert r["scorer"] == cpu_scorer().name
     assert r["same_neighbours_as_faiss"] == 1.0 and r["same_neighbours_as_fp32"] == 1.0
     assert r["gflop"] == pytest.approx(2 * 144 * 144 * 3 * 280 / 1e9)
@@ -152,7 +152,7 @@ def test_concat_profile_accounts_for_the_whole_run(amx, monkeypatch):
 
     monkeypatch.setenv("SPADE_EDGE_AMX", amx)
     r = speed.profile_concat(k=3)
-    assert r["path"] == ("amx" if r["scorer"] == "amx" else "fp32 levels")  # WRN50x2's shapes: the per-level path
+    assert r["path"] == _wide_pyramid_path(cpu_scorer())  # WRN50x2's shapes: the per-level path
     assert r["scorer"] == cpu_scorer().name
     if amx == "0":
         assert r["scorer"] != "amx"
@@ -211,3 +211,12 @@ def test_per_level_rows_agree_with_faiss_and_name_the_paths(monkeypatch):
     )
     row = next(line for line in table.splitlines() if line.startswith("| tiny per-level"))
     assert r["scorer"] in row and f"{r['faiss_s'] / r['ours_s']:.2f}x" in row
+
+
+def _wide_pyramid_path(scorer) -> str:
+    """The path a wide pyramid (WRN50x2-like) takes with ``scorer``: the AMX screen, the bf16 pyramid
+    screen of a fused scorer at level avx512bf16, else the fp32 per-level products."""
+    if scorer.name == "amx":
+        return "amx"
+    screen = getattr(scorer, "pyramid_screen", lambda: None)()
+    return "fp32 levels" if screen is None else screen.name

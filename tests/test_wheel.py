@@ -42,12 +42,15 @@ class CpuScorer:
     cpu_flags: tuple[str, ...]  # runtime.cpu flags it needs, besides a C compiler
     feature: str  # what ``why`` names when the CPU lacks them
     kernel: str  # its source in kernels/
-    path: str  # its ``stats["path"]`` when the kernel ran (and not a fallback to fp32)
+    paths: tuple[str, ...]  # its ``stats["path"]`` for a small pyramid when its kernels ran
 
 
-# a scorer added later (an AVX2 or AVX-512 kernel, say) is one more line here
+# a scorer added later is one more line here
 CPU_SCORERS = (
-    CpuScorer("amx", "AmxScorer", ("amx_tile", "amx_bf16", "avx512f", "avx512_bf16"), "AMX", "amx_screen.c", "amx"),
+    CpuScorer("amx", "AmxScorer", ("amx_tile", "amx_bf16", "avx512f", "avx512_bf16"), "AMX", "amx_screen.c", ("amx",)),
+    # the fused kernels: a portable level everywhere; small pyramids take the per-level products, screened
+    # in bf16 where the CPU has AVX512-BF16
+    CpuScorer("fused", "FusedScorer", (), "fused", "fused.c", ("avx512bf16 screen", "fp32 levels")),
 )
 
 # Run by the clean environment's python, in an empty folder: reports where spade_edge came from,
@@ -216,7 +219,7 @@ def test_installed_wheel_ships_and_runs_the_kernels() -> None:
             if got["available"]:
                 available.append(entry.scorer)
                 assert got["so"], f"no {entry.kernel} library compiled into {cache}"
-                assert got["path"] == entry.path, f"{entry.scorer} fell back to {got['path']}"
+                assert got["path"] in entry.paths, f"{entry.scorer} took path {got['path']}"
             else:
                 assert (entry.feature if not has_cpu else "compiler") in got["why"], got["why"]
         # cpu_scorer() takes one of the available scorers, numpy where there is none

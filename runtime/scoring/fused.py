@@ -136,6 +136,16 @@ def best() -> tuple[str | None, str]:
     return None, "; ".join(why) or f"{LEVEL_ENV}=numpy"
 
 
+def available() -> tuple[bool, str]:
+    """Whether a fused kernel runs here, and at which level or why not (as the AMX module says)."""
+    level, why = best()
+    return level is not None, (f"fused kernel, level {level}" if level else why)
+
+
+# flags every C compiler takes for this source: the check that an installed copy compiles anywhere
+FLAGS = LEVELS["portable"][1]
+
+
 def _agrees(lib) -> bool:
     """A small search against numpy's expanded distances: each row's list is numpy's m smallest."""
     rng = np.random.default_rng(0)

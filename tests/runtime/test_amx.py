@@ -167,8 +167,8 @@ def test_real_features_match_the_fp32_path(lite0_onnx, elpv_normal, tmp_path):
 
 def test_cpu_scorer_takes_the_screen_unless_told_not_to(monkeypatch):
     assert cpu_scorer().name == "amx"
-    monkeypatch.setenv("SPADE_EDGE_AMX", "0")
-    assert cpu_scorer().name == "numpy"
+    monkeypatch.setenv("SPADE_EDGE_AMX", "0")  # the best fused kernel of this CPU instead
+    assert cpu_scorer().name != "amx" and cpu_scorer().name.startswith("fused ")
 
 
 @pytest.mark.parametrize("kappa", [1, 3, 8])
