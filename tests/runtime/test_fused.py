@@ -246,3 +246,45 @@ def test_the_screen_serves_big_searches_only(screen, level):
     big = np.zeros((3136, 24), np.float32)
     assert s.screen_for(big, fused.GalleryRows.of([np.zeros((3136 * 50, 24), np.float32)])) == screen
     assert scorer("avx512").screen_for(big, fused.GalleryRows.of([np.zeros((3136 * 50, 24), np.float32)])) is None
+
+
+@pytest.mark.parametrize("screen, level", [s for s in SCREENS if s.values[0] == "bf16"])
+@pytest.mark.parametrize("dim", [1, 15, 16, 17, 40, 177])
+def test_bf16_operands_are_the_rounded_centred_rows(screen, level, dim):
+    """sf_prep_bf16 (16 channels at a time) packs bf16(fp32(g - mu)) of every row, bit for bit, into its
+    lane, zero past the rows and channels, and |g - mu| (float64 sums) beside it."""
+    from spade_edge.runtime.scoring.amx_screen import bf16
+
+    lib, rng = fused.kernel(level)[0], np.random.default_rng(dim)
+    n, w, d2 = 37, 16, (dim + 1) // 2
+    g = (rng.standard_t(3, size=(n, dim)) * 10.0 ** rng.integers(-30, 5, (n, 1))).astype(np.float32)
+    g[0] = -0.0
+    mu = np.where(rng.random(dim) < 0.3, 0.0, rng.standard_normal(dim))
+    npan = -(-n // (2 * w)) * 2
+    panels = np.full(npan * d2 * w, 7, np.uint32)
+    pnorms, pgn = np.zeros(npan * w, np.float32), np.zeros(npan * w, np.float32)
+    lib.sf_prep_bf16(g.ctypes.data, n, dim, mu.ctypes.data, d2, 0, npan, 0.0, panels.ctypes.data,
+                     pnorms.ctypes.data, pgn.ctypes.data)  # fmt: skip
+    b = g.astype(np.float64) - mu
+    want = np.zeros((npan * w, 2 * d2), np.uint16)
+    want[:n, :dim] = bf16(b.astype(np.float32))
+    got = panels.reshape(npan, d2, w).transpose(0, 2, 1).reshape(npan * w, d2).copy().view(np.uint16)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_allclose(pgn[:n], np.sqrt((b * b).sum(1)), rtol=1e-6)
+    assert (pnorms[n:] == np.inf).all() and (pgn[n:] == 0).all()
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("dim", [1, 7, 8, 9, 176])
+def test_exact_recomputation_is_the_float64_distance_rounded_once(level, dim):
+    """sf_exact (8 float64 sums side by side): each listed candidate of the block gets its float64
+    squared distance rounded to fp32; candidates of other blocks are left as they were."""
+    lib, rng = fused.kernel(level)[0], np.random.default_rng(dim)
+    q, g = rng.standard_normal((9, dim)).astype(np.float32), rng.standard_normal((50, dim)).astype(np.float32)
+    idx = rng.integers(0, 80, (9, 6)).astype(np.int64)
+    ex = np.full((9, 6), -1.0, np.float32)
+    lib.sf_exact(0, 9, q.ctypes.data, dim, g.ctypes.data, 50, 10, 6, idx.ctypes.data, ex.ctypes.data)
+    inside = (idx >= 10) & (idx < 60)
+    ref = ((q[:, None].astype(np.float64) - g[np.clip(idx - 10, 0, 49)].astype(np.float64)) ** 2).sum(-1)
+    np.testing.assert_array_equal(ex[inside], ref.astype(np.float32)[inside])
+    assert (ex[~inside] == -1.0).all()

@@ -155,22 +155,48 @@ static inline uint16_t to_bf16(float x) { /* round to nearest even, as runtime/s
    and pgn = |b| (squares summed in float64), +inf and 0 on padded lanes (runtime/scoring/screens.py). */
 void sf_prep_bf16(const float *g, int64_t n, int64_t d, const double *mu, int64_t d2, int64_t p0, int64_t p1, double t,
                   uint32_t *panels, float *pnorms, float *pgn) { /* panels [p0, p1): one part per thread */
-    uint16_t *half = (uint16_t *)panels;
+    /* 16 channels at a time: the same values and bits as to_bf16((float)((double)g - mu)) channel by channel
+       (the squares go to 16 float64 sums side by side: their order moves |b|^2 by far less than the 2^-20
+       margin); each 16 channels give 8 pairs, stored to their lane of the panel */
     for (int64_t p = p0; p < p1; p++)
         for (int l = 0; l < VW; l++) {
             int64_t row = p * VW + l;
-            double sq = 0.0;
-            for (int64_t k = 0; k < 2 * d2; k++) {
-                uint16_t bits = 0;
-                if (row < n && k < d) {
-                    double b = (double)g[row * d + k] - mu[k];
-                    sq += b * b;
-                    bits = to_bf16((float)b);
-                }
-                half[((p * d2 + k / 2) * VW + l) * 2 + (k & 1)] = bits;
+            uint32_t *out = panels + p * d2 * VW + l;
+            if (row >= n) {
+                for (int64_t kk = 0; kk < d2; kk++) out[kk * VW] = 0;
+                pnorms[p * VW + l] = INFINITY;
+                pgn[p * VW + l] = 0.0f;
+                continue;
             }
-            pnorms[p * VW + l] = row < n ? (float)(sq * (1.0 - 0x1p-20) - t) : INFINITY;
-            pgn[p * VW + l] = row < n ? (float)sqrt(sq) : 0.0f;
+            const float *src = g + row * d;
+            __m512d sq0 = _mm512_setzero_pd(), sq1 = _mm512_setzero_pd();
+            for (int64_t k = 0; k < 2 * d2; k += 16) {
+                int64_t left = d - k;
+                __mmask16 in = left >= 16 ? 0xffff : left > 0 ? (__mmask16)((1u << left) - 1) : 0;
+                __m512 x = _mm512_maskz_loadu_ps(in, src + k);
+                __m512d b0 = _mm512_sub_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(x)),
+                                           _mm512_maskz_loadu_pd((__mmask8)in, mu + k));
+                __m512d b1 = _mm512_sub_pd(
+                    _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1))),
+                    _mm512_maskz_loadu_pd((__mmask8)(in >> 8), mu + k + 8));
+                sq0 = _mm512_fmadd_pd(b0, b0, sq0);
+                sq1 = _mm512_fmadd_pd(b1, b1, sq1);
+                __m512 f = _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(_mm512_cvtpd_ps(b0))),
+                                                               _mm256_castps_pd(_mm512_cvtpd_ps(b1)), 1));
+                __m512i u = _mm512_castps_si512(f);
+                __m512i r = _mm512_srli_epi32(
+                    _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)),
+                                     _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))),
+                    16);
+                __m256i h = _mm512_cvtepi32_epi16(r);
+                uint32_t pair[8];
+                memcpy(pair, &h, 32);
+                int64_t np = d2 - k / 2 < 8 ? d2 - k / 2 : 8;
+                for (int64_t j = 0; j < np; j++) out[(k / 2 + j) * VW] = pair[j];
+            }
+            double sq = _mm512_reduce_add_pd(_mm512_add_pd(sq0, sq1));
+            pnorms[p * VW + l] = (float)(sq * (1.0 - 0x1p-20) - t);
+            pgn[p * VW + l] = (float)sqrt(sq);
         }
 }
 
@@ -218,20 +244,42 @@ int32_t sf_has_bf16(void) { return 0; }
 
 /* Exact squared distances of the candidates from gallery rows [0, n) (indices base..) in the lists of
    query rows [r0, r1): differences and squares in float64 (exact for fp32 operands but for the last
-   rounding of each square), rounded to fp32 once: the decision of runtime/scoring/base.py's merge. */
+   rounding of each square), rounded to fp32 once: the decision of runtime/scoring/base.py's merge.
+   The squares go to 8 float64 sums side by side (one sequential sum waited on its adds' latency: most of
+   this step's time at K = 5); the order of float64 additions moves the sum by far less than fp32's step. */
+typedef double vd __attribute__((vector_size(32)));
+typedef float vf4 __attribute__((vector_size(16)));
+
+static inline double exact_row(const float *a, const float *b, int64_t d) {
+    vd s0 = {0}, s1 = {0};
+    int64_t k = 0;
+    for (; k + 8 <= d; k += 8) {
+        vf4 a0, a1, b0, b1;
+        memcpy(&a0, a + k, 16);
+        memcpy(&a1, a + k + 4, 16);
+        memcpy(&b0, b + k, 16);
+        memcpy(&b1, b + k + 4, 16);
+        vd t0 = __builtin_convertvector(a0, vd) - __builtin_convertvector(b0, vd);
+        vd t1 = __builtin_convertvector(a1, vd) - __builtin_convertvector(b1, vd);
+        s0 += t0 * t0;
+        s1 += t1 * t1;
+    }
+    vd s = s0 + s1;
+    double acc = (s[0] + s[1]) + (s[2] + s[3]);
+    for (; k < d; k++) {
+        double t = (double)a[k] - (double)b[k];
+        acc += t * t;
+    }
+    return acc;
+}
+
 void sf_exact(int64_t r0, int64_t r1, const float *q, int64_t d, const float *g, int64_t n, int64_t base, int32_t m,
               const int64_t *idx, float *ex) {
     for (int64_t r = r0; r < r1; r++)
         for (int32_t s = 0; s < m; s++) {
             int64_t id = idx[r * m + s] - base;
             if (id < 0 || id >= n) continue;
-            const float *a = q + r * d, *b = g + id * d;
-            double acc = 0.0;
-            for (int64_t k = 0; k < d; k++) {
-                double t = (double)a[k] - (double)b[k];
-                acc += t * t;
-            }
-            ex[r * m + s] = (float)acc;
+            ex[r * m + s] = (float)exact_row(q + r * d, g + id * d, d);
         }
 }
 
