@@ -18,7 +18,7 @@ from .base import (
     concat_upsampled,
     smallest,
 )
-from .pyramid import PyramidSlabs, exact_distances, upsampled_sqnorms
+from .pyramid import PyramidSlabs, contraction, exact_distances, upsampled_sqnorms
 
 # the per-level path pays when its product's contraction (fine channels plus the coarse native
 # cells each slab reads) is below this share of the concatenated channels: WRN50x2 (~410 of 1792)
@@ -112,7 +112,10 @@ class NumpyScorer(PixelScorer):
 def uses_levels(query: list[np.ndarray], grid: tuple[int, int], slabs: PyramidSlabs | None = None) -> bool:
     """Whether the concatenated pyramid of ``query`` (level maps) on ``grid`` takes the per-level-cost
     path (PER_LEVEL_SHARE) rather than the plain search of upsampled rows."""
-    slabs = slabs or PyramidSlabs(query, grid, rows=4)
+    if slabs is None:  # the width alone: no slab weights made for a search that may not use them
+        query = [np.asarray(q) for q in query]
+        c_fine = sum(q.shape[2] for q in query if tuple(q.shape[:2]) == tuple(grid))
+        return bool(c_fine) and contraction(query, grid, 4) < PER_LEVEL_SHARE * sum(q.shape[2] for q in query)
     return bool(slabs.c_fine) and slabs.contraction < PER_LEVEL_SHARE * sum(q.shape[2] for q in query)
 
 

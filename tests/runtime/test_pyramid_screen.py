@@ -13,7 +13,7 @@ from spade_edge.runtime import cpu
 from spade_edge.runtime.scoring import amx, fused
 from spade_edge.runtime.scoring.amx_screen import PyramidScreen
 from spade_edge.runtime.scoring.numpy import uses_levels
-from spade_edge.runtime.scoring.pyramid import PyramidSlabs
+from spade_edge.runtime.scoring.pyramid import PyramidSlabs, contraction
 
 from .test_amx import _brute_force, _concat, _pyramid
 
@@ -144,3 +144,21 @@ def test_a_backend_the_cpu_lacks_says_why():
             assert not ok and why == lacking
     with pytest.raises(ValueError, match="back-end"):
         amx.AmxScorer(backend="sse")
+
+
+@pytest.mark.parametrize(
+    "shapes",
+    [
+        [(56, 56, 24), (28, 28, 40), (14, 14, 112)],
+        [(56, 56, 256), (28, 28, 512), (14, 14, 1024)],
+        [(16, 16, 8), (8, 8, 4), (4, 4, 3)],
+        [(7, 5, 3), (3, 2, 2)],
+        [(9, 9, 2), (9, 9, 3), (2, 2, 1)],
+    ],
+)
+def test_the_path_choice_reads_the_slabs_width_without_making_them(shapes):
+    """pyramid.contraction (what uses_levels asks) is PyramidSlabs' contraction at every slab height."""
+    q = [np.zeros(s, np.float32) for s in shapes]
+    grid = shapes[0][:2]
+    for rows in (1, 2, 3, 4):
+        assert contraction(q, grid, rows) == PyramidSlabs(q, grid, rows).contraction
