@@ -66,11 +66,16 @@ class CappedConnections:
         super().process_request(request, client_address)
 
     def process_request_thread(self, request, client_address):
+        # ThreadingMixIn's, with the slot given back before the socket is closed: a client that
+        # reconnects as soon as it sees the close (a PLC) must find the slot free
         try:
-            super().process_request_thread(request, client_address)
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
         finally:
             with self._open_lock:
                 self._open -= 1
+            self.shutdown_request(request)
 
     def server_close(self):
         super().server_close()
