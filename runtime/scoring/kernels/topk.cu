@@ -655,29 +655,7 @@ extern "C" __global__ void finish_rows(const float* __restrict__ cand_a, const f
                 const long long at = ((long long)s * n_keep + i) * n_query + p;
                 const long long c = cand_c[at];
                 if (c < 0) break;
-                const float a = cand_a[at], e = cand_e[at];
-                if (n == n_keep && !(a < sa[n_keep - 1])) {
-                    const float lb = a - e;
-                    drop = lb < drop ? lb : drop;
-                    continue;
-                }
-                int j;
-                if (n < n_keep) {
-                    j = n++;
-                } else {
-                    const float lb = sa[n_keep - 1] - se[n_keep - 1];
-                    drop = lb < drop ? lb : drop;
-                    j = n_keep - 1;
-                }
-                while (j > 0 && sa[j - 1] > a) {
-                    sa[j] = sa[j - 1];
-                    se[j] = se[j - 1];
-                    sc[j] = sc[j - 1];
-                    --j;
-                }
-                sa[j] = a;
-                se[j] = e;
-                sc[j] = c;
+                keep_candidate(cand_a[at], cand_e[at], c, sa, se, sc, n, drop, n_keep);  // finite: kept by a split
             }
         }
         count = n;
