@@ -885,6 +885,16 @@ def bench_gallery(out, cell_types, pixel_images, limit, settings, threads, **sco
     click.echo(table)
 
 
+# the benches' feature shapes (bench speed, bench gpu)
+_shapes_option = click.option(
+    "--shapes",
+    type=click.Choice(["real", "tiny"]),
+    default="real",
+    show_default=True,
+    help="tiny: made-up small feature shapes instead of the backbones', to check the bench itself in seconds.",
+)
+
+
 @bench.command("speed")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default="bench-results", show_default=True)
 @click.option("--repeats", type=click.IntRange(1), default=5, show_default=True, help="Runs per measurement (median).")
@@ -894,13 +904,7 @@ def bench_gallery(out, cell_types, pixel_images, limit, settings, threads, **sco
     help="Threads for BLAS, OpenMP (faiss, torch) and ONNX Runtime alike, set in each measuring process.",
 )
 @click.option("--quick", is_flag=True, help="K = 5 only, no backbones, no end to end (a smoke run).")
-@click.option(
-    "--shapes",
-    type=click.Choice(["real", "tiny"]),
-    default="real",
-    show_default=True,
-    help="tiny: made-up small feature shapes instead of the backbones', to check the bench itself in seconds.",
-)
+@_shapes_option
 @_friendly_errors
 def bench_speed(out, repeats, threads, quick, shapes):
     """Pixel scoring against faiss-cpu IndexFlatL2, torch.cdist + topk and plain numpy at SPADE's
@@ -957,13 +961,7 @@ def bench_speed(out, repeats, threads, quick, shapes):
     "--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Also write the results here."
 )
 @click.option("--repeats", type=click.IntRange(1), default=5, show_default=True, help="Timed runs per figure (median).")
-@click.option(
-    "--shapes",
-    type=click.Choice(["real", "tiny"]),
-    default="real",
-    show_default=True,
-    help="tiny: made-up small feature shapes instead of the backbones', to check the bench itself in seconds.",
-)
+@_shapes_option
 @click.option("--end-to-end/--no-end-to-end", "e2e", default=True, show_default=True, help="One image end to end.")
 @click.option("--paper", is_flag=True, help="Print the on-paper estimate for Jetson Orin (no GPU needed) and stop.")
 def bench_gpu(quick, device_id, json_path, repeats, shapes, e2e, paper):
