@@ -968,11 +968,11 @@ def bench_gpu(quick, device_id, json_path, repeats, shapes, e2e, paper):
     """Pixel scoring on the GPU: the CUDA scorer against torch matmul + topk (fp32 and fp16) on the
     same device and data, with the device's fp16 GEMM rate, launches per image and a check against a
     float64 search; one image end to end. Exits 3, measuring nothing, where no GPU is usable."""
-    from .bench import gpu
+    from .bench import gpu, gpu_paper
 
     if paper:
-        r = gpu.paper_estimate()
-        table = gpu.paper_markdown(r)
+        r = gpu_paper.paper_estimate()
+        table = gpu_paper.paper_markdown(r)
     else:
         try:
             r = gpu.run(device_id, quick=quick, shapes=shapes, repeats=repeats, e2e=e2e, echo=click.echo)

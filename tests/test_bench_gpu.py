@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from spade_edge.bench import gpu
+from spade_edge.bench import gpu, gpu_paper
 
 from .standins import STANDINS, standins_env
 
@@ -123,11 +123,11 @@ def test_the_quick_plan_and_the_full_plan():
 
 
 def test_paper_estimate_counts():
-    bb = gpu.wrn50x2_backbone()
+    bb = gpu_paper.wrn50x2_backbone()
     assert bb["macs"] == pytest.approx(11.40e9, rel=0.005)  # torchvision's published 11.40 GMAC for WRN50x2
     assert bb["weights"] == pytest.approx(66.77e6, rel=0.001)  # its 68.88M parameters less fc (2.05M) and BN
     p, k, cells = 3136, 50, (3136, 784, 196)
-    steps = {s["step"].split(":")[0]: s for s in gpu.paper_steps(k, "concat")}
+    steps = {s["step"].split(":")[0]: s for s in gpu_paper.paper_steps(k, "concat")}
     fine, coarse, select = steps["products, fine level"], steps["products, coarse levels"], steps["selection"]
     # docs/speed.md, the GPU scorer: 0.44 TFLOP per image; 2.6 GB of fp32 products written and read
     # back with every product through memory, of which the fused fine level keeps 2.0 GB on chip
@@ -142,15 +142,15 @@ def test_paper_estimate_counts():
     assert select["memory_bytes"] == through and select["bytes"] == 4.0 * p * k * (784 + 196)
     assert select["all_fused_bytes"] == 0
     products = fine
-    agx = gpu.GPUS[0]
+    agx = gpu_paper.GPUS[0]
     assert agx.fp16_tflops == pytest.approx(170 / 4, rel=0.01)  # the technical brief's GPU: 170 sparse INT8 TOPS
     assert agx.fp32_tflops == pytest.approx(5.3, rel=0.01)
     roofline = max(
-        products["tensor"] / (agx.fp16_tflops * 1e12 * gpu.COMPUTE_EFFICIENCY),
-        products["bytes"] / (agx.bandwidth_gbs * 1e9 * gpu.MEMORY_EFFICIENCY),
+        products["tensor"] / (agx.fp16_tflops * 1e12 * gpu_paper.COMPUTE_EFFICIENCY),
+        products["bytes"] / (agx.bandwidth_gbs * 1e9 * gpu_paper.MEMORY_EFFICIENCY),
     )
-    assert gpu.step_seconds(products, agx) == pytest.approx(roofline)
-    r = gpu.paper_estimate()
+    assert gpu_paper.step_seconds(products, agx) == pytest.approx(roofline)
+    r = gpu_paper.paper_estimate()
     concat50 = next(c for c in r["cases"] if c["mode"] == "concat" and c["k"] == 50)["estimates"][agx.name]
     assert concat50["pixel_all_fused_s"] <= concat50["pixel_s"] < concat50["pixel_memory_s"]
     assert concat50["pixel_s"] < concat50["total_s"]
