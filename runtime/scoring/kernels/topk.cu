@@ -125,6 +125,38 @@ __device__ __forceinline__ float load_g(const unsigned char* __restrict__ blob, 
     return (float)((const signed char*)base)[at] * scales[d[LV_SCALE_OFF] + ch];
 }
 
+// The bilinear taps of fine cell r on a coarse level (descriptor d): its four native cells (row-major,
+// from the image's first row) and their weights, in fp64.
+struct Taps {
+    long long c00, c10, c01, c11;
+    double wy0, wy1, wx0, wx1;
+};
+
+__device__ __forceinline__ Taps taps_of(const long long* __restrict__ d, const long long* __restrict__ taps,
+                                        const float* __restrict__ tapw, long long r, long long big_w)
+{
+    const long long y = r / big_w, x = r % big_w, w = d[LV_W], big_h = d[LV_BIG_H];
+    const long long* t = taps + d[LV_TAP_OFF];
+    const float* tw = tapw + d[LV_TAP_OFF];
+    const long long y0 = t[y], y1 = t[big_h + y], x0 = t[2 * big_h + x], x1 = t[2 * big_h + big_w + x];
+    Taps k;
+    k.c00 = y0 * w + x0;
+    k.c10 = y1 * w + x0;
+    k.c01 = y0 * w + x1;
+    k.c11 = y1 * w + x1;
+    k.wy0 = tw[y];
+    k.wy1 = tw[big_h + y];
+    k.wx0 = tw[2 * big_h + x];
+    k.wx1 = tw[2 * big_h + big_w + x];
+    return k;
+}
+
+// the interpolated value from the four taps' values, rows first, then columns (the CPU reference's order)
+__device__ __forceinline__ double blend(const Taps& k, double g00, double g10, double g01, double g11)
+{
+    return k.wx0 * (k.wy0 * g00 + k.wy1 * g10) + k.wx1 * (k.wy0 * g01 + k.wy1 * g11);
+}
+
 // the slot k of column c: colstart[k] <= c < colstart[k + 1]
 __device__ __forceinline__ int slot_of(const long long* __restrict__ colstart, int k_count, long long c)
 {
@@ -163,18 +195,10 @@ __device__ double exact_part(const double* __restrict__ q64, long long d_total, 
             }
             continue;
         }
-        const long long y = r / big_w, x = r % big_w, w = d[LV_W];
-        const long long* t = taps + d[LV_TAP_OFF];
-        const float* tw = tapw + d[LV_TAP_OFF];
-        const long long big_h = d[LV_BIG_H];
-        const long long y0 = t[y], y1 = t[big_h + y], x0 = t[2 * big_h + x], x1 = t[2 * big_h + big_w + x];
-        const double wy0 = tw[y], wy1 = tw[big_h + y], wx0 = tw[2 * big_h + x], wx1 = tw[2 * big_h + big_w + x];
+        const Taps k = taps_of(d, taps, tapw, r, big_w);
         for (long long ch = first; ch < ch_n; ch += step) {
-            const double g00 = load_g(blob, scales, d, row0 + y0 * w + x0, ch);
-            const double g10 = load_g(blob, scales, d, row0 + y1 * w + x0, ch);
-            const double g01 = load_g(blob, scales, d, row0 + y0 * w + x1, ch);
-            const double g11 = load_g(blob, scales, d, row0 + y1 * w + x1, ch);
-            const double g = wx0 * (wy0 * g00 + wy1 * g10) + wx1 * (wy0 * g01 + wy1 * g11);
+            const double g = blend(k, load_g(blob, scales, d, row0 + k.c00, ch), load_g(blob, scales, d, row0 + k.c10, ch),
+                                   load_g(blob, scales, d, row0 + k.c01, ch), load_g(blob, scales, d, row0 + k.c11, ch));
             const double diff = ql[ch] - g;
             sum += diff * diff;
         }
@@ -216,15 +240,10 @@ extern "C" __global__ void prepare_query(const float* __restrict__ qin, const lo
             acc += gamma * gamma * lsq;
             continue;
         }
-        const long long y = p / big_w, x = p % big_w, w = d[LV_W];
-        const long long* t = taps + d[LV_TAP_OFF];
-        const float* tw = tapw + d[LV_TAP_OFF];
-        const long long big_h = d[LV_BIG_H];
-        const long long y0 = t[y], y1 = t[big_h + y], x0 = t[2 * big_h + x], x1 = t[2 * big_h + big_w + x];
-        const double wy0 = tw[y], wy1 = tw[big_h + y], wx0 = tw[2 * big_h + x], wx1 = tw[2 * big_h + big_w + x];
+        const Taps k = taps_of(d, taps, tapw, p, big_w);
         for (long long ch = 0; ch < ch_n; ++ch) {
-            const double v = wx0 * (wy0 * src[(y0 * w + x0) * ch_n + ch] + wy1 * src[(y1 * w + x0) * ch_n + ch]) +
-                             wx1 * (wy0 * src[(y0 * w + x1) * ch_n + ch] + wy1 * src[(y1 * w + x1) * ch_n + ch]);
+            const double v = blend(k, src[k.c00 * ch_n + ch], src[k.c10 * ch_n + ch], src[k.c01 * ch_n + ch],
+                                   src[k.c11 * ch_n + ch]);
             out[ch] = v;
             out16[ch] = float_to_half((float)v);
             lsq += v * v;
@@ -297,17 +316,10 @@ extern "C" __global__ void gallery_sqnorms(const unsigned char* __restrict__ blo
             }
             continue;
         }
-        const long long y = r / big_w, x = r % big_w, w = d[LV_W];
-        const long long* t = taps + d[LV_TAP_OFF];
-        const float* tw = tapw + d[LV_TAP_OFF];
-        const long long big_h = d[LV_BIG_H];
-        const long long y0 = t[y], y1 = t[big_h + y], x0 = t[2 * big_h + x], x1 = t[2 * big_h + big_w + x];
-        const double wy0 = tw[y], wy1 = tw[big_h + y], wx0 = tw[2 * big_h + x], wx1 = tw[2 * big_h + big_w + x];
+        const Taps k = taps_of(d, taps, tapw, r, big_w);
         for (long long ch = 0; ch < ch_n; ++ch) {
-            const double v = wx0 * (wy0 * load_g(blob, scales, d, row0 + y0 * w + x0, ch) +
-                                    wy1 * load_g(blob, scales, d, row0 + y1 * w + x0, ch)) +
-                             wx1 * (wy0 * load_g(blob, scales, d, row0 + y0 * w + x1, ch) +
-                                    wy1 * load_g(blob, scales, d, row0 + y1 * w + x1, ch));
+            const double v = blend(k, load_g(blob, scales, d, row0 + k.c00, ch), load_g(blob, scales, d, row0 + k.c10, ch),
+                                   load_g(blob, scales, d, row0 + k.c01, ch), load_g(blob, scales, d, row0 + k.c11, ch));
             sum += v * v;
         }
     }
