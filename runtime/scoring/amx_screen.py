@@ -99,8 +99,33 @@ class Window(ctypes.Structure):
         ("b", ctypes.c_void_p),
         ("rowmax", ctypes.c_void_p),
         ("parts", ctypes.c_int64),
-        ("widths", ctypes.c_void_p),
+        ("runs", ctypes.c_void_p),
+        ("run_at", ctypes.c_void_p),
     ]
+
+
+GAP = 1  # runs of pairs closer than this many zero pairs are read as one (a run's start costs about a pair)
+
+
+def tile_runs(weights: np.ndarray, n_pad: int) -> tuple[np.ndarray, np.ndarray]:
+    """The runs of window pairs (cells 2k, 2k + 1) that each 16-column B tile of one slab reads: ``weights``
+    (window cells, slab columns) is B before packing. (runs as [k0, k1) pairs, each tile's first run and,
+    last, the end): pairs outside a tile's runs are zero in all its columns, so the kernel skips them
+    without changing a sum (docs/speed.md)."""
+    cells, cols = weights.shape
+    nz = np.zeros((up(cells, 2), n_pad), bool)
+    nz[:cells, :cols] = weights != 0
+    used = np.asarray(nz.reshape(-1, 2, n_pad // 16, 16).any(axis=(1, 3)))  # (pairs, tiles)
+    runs: list[int] = []
+    at = [0]
+    for t in range(n_pad // 16):
+        k = np.flatnonzero(used[:, t])
+        if k.size:
+            cut = np.flatnonzero(np.diff(k) > GAP + 1)  # a gap of more than GAP zero pairs starts a new run
+            for a, b in zip(np.r_[k[0], k[cut + 1]], np.r_[k[cut], k[-1]]):
+                runs += [int(a), int(b) + 1]
+        at.append(len(runs) // 2)
+    return np.array(runs, np.int32).reshape(-1, 2), np.array(at, np.int64)
 
 
 class Screen:
@@ -330,6 +355,12 @@ class PyramidScreen(Screen):
             windows = [coarse[li] for _, _, coarse in slabs.slabs]
             k_pad = int(max(up(end - start) for start, end, _ in windows))
             b = aligned((n_slab, coarse_parts * k_pad * self.n_pad), np.uint16)
+            # per slab and B tile, the runs of pairs its columns read (se_screen's run_at[s * n_pad / 16 + t])
+            runs, run_at = [np.zeros((0, 2), np.int32)], [np.zeros(1, np.int64)]
+            for _, _, weights in windows:
+                r, a = tile_runs(weights, self.n_pad)
+                run_at.append(a[1:] + run_at[-1][-1])
+                runs.append(r)
             for s, (start, end, weights) in enumerate(windows):
                 for half in range(
                     0, coarse_parts * k_pad * self.n_pad, k_pad * self.n_pad
@@ -364,7 +395,8 @@ class PyramidScreen(Screen):
                     "at": np.ascontiguousarray(at, np.int64),
                     "w": np.ascontiguousarray(wt, np.float32),
                     "starts": np.array([start for start, _, _ in windows], np.int64),
-                    "widths": np.array([end - start for start, end, _ in windows], np.int64),
+                    "runs": np.ascontiguousarray(np.concatenate(runs), np.int32),
+                    "run_at": np.concatenate(run_at),
                     "k_pad": k_pad,
                     "b": b,
                     "rowmax": np.zeros(self.rows, np.float32),
@@ -385,7 +417,8 @@ class PyramidScreen(Screen):
                 ptr(lv["b"]),
                 ptr(lv["rowmax"]),
                 coarse_parts,
-                ptr(lv["widths"]),
+                ptr(lv["runs"]),
+                ptr(lv["run_at"]),
             )
         self.sqnorms: list[np.ndarray] = []  # per gallery image: |Ug|^2
         self.images = 0

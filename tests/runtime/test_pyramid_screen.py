@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from spade_edge.runtime import cpu
-from spade_edge.runtime.scoring import amx, fused
-from spade_edge.runtime.scoring.amx_screen import PyramidScreen
+from spade_edge.runtime.scoring import amx, amx_screen, fused
+from spade_edge.runtime.scoring.amx_screen import PyramidScreen, tile_runs, up
 from spade_edge.runtime.scoring.numpy import uses_levels
 from spade_edge.runtime.scoring.pyramid import PyramidSlabs, contraction
 
@@ -40,6 +40,7 @@ def _reference(q, gallery, grid, kappa):
         (3, (20, 20), [(20, 20, 40), (10, 10, 70), (5, 5, 130)], 5, 0.0),  # 400 rows: a padded row block
         (2, (12, 12), [(12, 12, 4), (12, 12, 3), (6, 6, 8)], 4, 0.0),  # two levels at the fine grid
         (1, (32, 32), [(32, 32, 64), (16, 16, 128), (8, 8, 256)], 6, 20.0),  # several slabs, far from the origin
+        (2, (56, 56), [(56, 56, 8), (28, 28, 16), (14, 14, 32)], 2, 1.0),  # WRN50x2's grids: tiles across rows
     ],
 )
 def test_each_backend_finds_the_exact_neighbours(backend, kappa, grid, shapes, n, offset):
@@ -134,6 +135,70 @@ def test_the_fused_scorer_screens_wide_pyramids_on_avx512bf16(monkeypatch):
     assert capped.pyramid_screen() is None
     capped.topk_pyramid(q, gallery, (16, 16), 2)
     assert capped.stats["path"] == "fp32 levels"
+
+
+RUN_GRIDS = [
+    [(56, 56, 1), (28, 28, 1), (14, 14, 1)],  # WRN50x2
+    [(20, 20, 1), (10, 10, 1), (5, 5, 1)],
+    [(12, 12, 1), (6, 6, 1)],
+    [(32, 32, 1), (16, 16, 1), (8, 8, 1)],
+    [(7, 9, 1), (3, 4, 1)],  # uneven: weights that are not multiples of 1/4, a slab of 3 rows
+]
+
+
+@pytest.mark.parametrize("shapes", RUN_GRIDS)
+def test_each_tile_reads_every_pair_its_weights_need(shapes):
+    """tile_runs: every nonzero weight of a 16-column B tile lies in one of that tile's runs of pairs; the
+    runs are ascending, disjoint and inside the window; on WRN50x2's grids they are under a third of it."""
+    q = [np.zeros(s, np.float32) for s in shapes]
+    slabs = PyramidSlabs(q, shapes[0][:2], rows=4)
+    n_pad = up(slabs.rows * shapes[0][1])
+    read = total = 0
+    for _, _, coarse in slabs.slabs:
+        for _, _, weights in coarse:
+            runs, at = tile_runs(weights, n_pad)
+            pairs = up(weights.shape[0], 2) // 2
+            assert at[0] == 0 and at[-1] == len(runs) and np.all(np.diff(at) >= 0) and len(at) == n_pad // 16 + 1
+            for t in range(n_pad // 16):
+                mine = runs[at[t] : at[t + 1]]
+                assert np.all(mine[:, 0] < mine[:, 1]) and np.all(mine[1:, 0] > mine[:-1, 1])
+                assert mine.size == 0 or (mine.min() >= 0 and mine.max() <= pairs)
+                covered = np.zeros(2 * pairs, bool)
+                for k0, k1 in mine:
+                    covered[2 * k0 : 2 * k1] = True
+                needed = (weights[:, 16 * t : 16 * t + 16] != 0).any(axis=1)
+                assert np.all(covered[: len(needed)] | ~needed)
+                read += int((mine[:, 1] - mine[:, 0]).sum())
+            total += pairs * (n_pad // 16)
+    if shapes[0][:2] == (56, 56):
+        assert read < total / 3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_runs_change_no_screened_value(backend, monkeypatch):
+    """The windows cut to each tile's runs skip only products with zero weights: every value the screen
+    keeps is bit for bit what the whole window gives (AMX reads the whole window either way)."""
+    rng = np.random.default_rng(3)
+    grid, shapes = (20, 20), [(20, 20, 24), (10, 10, 40), (5, 5, 72)]
+    q, gallery = _pyramid(rng, shapes, 2, offset=1.0)
+    lib = amx._kernel(backend)[0]
+
+    def screened():
+        screen = PyramidScreen(lib, PyramidSlabs(q, grid), m=24)
+        for g in gallery:
+            screen.add(g, None)
+        screen.close()
+        return screen.vals, screen.idx, screen.thr
+
+    cut = screened()
+
+    def whole(weights, n_pad):  # one run over the whole window for every tile
+        pairs = up(weights.shape[0], 2) // 2
+        return np.array([[0, pairs]] * (n_pad // 16), np.int32), np.arange(n_pad // 16 + 1, dtype=np.int64)
+
+    monkeypatch.setattr(amx_screen, "tile_runs", whole)
+    for a, b in zip(cut, screened()):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_a_backend_the_cpu_lacks_says_why():

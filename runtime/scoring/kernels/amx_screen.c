@@ -103,7 +103,12 @@ typedef struct {
     const uint16_t *b;     /* per slab, parts k_pad x n_pad: the interpolation weights, for hi (then for lo) */
     float *rowmax;         /* raised to max |window value| per query row, for the caller's bound */
     int64_t parts;         /* 2: the values as hi and lo (16 bits); 1: hi alone (8 bits, a wider bound) */
-    const int64_t *widths; /* per slab: the window's own width (<= k_pad; B is zero past it) */
+    /* AVX-512: what each 16-column B tile reads. The 16 fine cells of a tile interpolate from a few native
+       columns of 2 or 3 native rows: B is zero in every other row of the window. Tile t of slab s (t < n_pad / 16)
+       has the runs of pairs [runs[2 u], runs[2 u + 1]) for u in [run_at[s * n_pad / 16 + t], run_at[... + 1]);
+       pairs outside them are zero in all 16 columns (AMX multiplies the whole k_pad) */
+    const int32_t *runs;
+    const int64_t *run_at;
 } window;
 
 /* The A tiles of one window for query rows [r, r + 32): row i is sum_t w[i, t] m[at[i, t], start + c],
@@ -265,18 +270,63 @@ static inline __attribute__((always_inline)) void block_products(const uint16_t 
     }
 }
 
-/* Rows [i0, i0 + RT) of the row block at r against columns [n0, n0 + 16 nt) of slab s: products, then the
-   ranked values into the running lists (as in the AMX se_screen above). */
-static inline __attribute__((always_inline)) void register_tile(const segment *sg, int64_t n_seg, int64_t r, int i0,
-                                                                int32_t n0, int nt, int32_t n_pad, const float *nrm,
-                                                                const float *cn, const float *rowscale, int64_t first,
-                                                                int32_t m, float *vals, int64_t *idx, float *thr) {
+/* A window's part of one register tile, as the AVX-512 kernel reads it: A's hi (and lo) tiles at the tile's
+   block's first row, the slab's B (hi: lo's weights are the same) and the runs of its B tiles. */
+typedef struct {
+    const uint16_t *hi, *lo; /* lo: NULL with one part */
+    const uint16_t *b;
+    const int32_t *runs;
+    const int64_t *run_at; /* the slab's first B tile */
+    int64_t stride;        /* A tiles from one 16-row tile row to the next */
+} coarse;
+
+/* The products of one window for column tile t (16 columns) over its runs of pairs, into acc[.][t]. Each pair:
+   one B load, the hi and lo broadcasts against it (both parts multiply the same weights). */
+static inline __attribute__((always_inline)) void coarse_products(const coarse *cw, int64_t i_off, int64_t tile,
+                                                                  int t, int64_t b_step, __m512 acc[RT][NT_MAX]) {
+    const uint16_t *b = cw->b + (tile + t) * 512, *hi = cw->hi + i_off, *lo = cw->lo ? cw->lo + i_off : NULL;
+    for (int64_t u = cw->run_at[tile + t]; u < cw->run_at[tile + t + 1]; u++) {
+        for (int64_t k = cw->runs[2 * u]; k < cw->runs[2 * u + 1]; k++) {
+            int64_t step = k >> 4, kp = k & 15;
+            __m512bh bt = (__m512bh)_mm512_load_si512((const void *)(b + step * b_step + kp * 32));
+            const uint16_t *ah = hi + step * 512 + 2 * kp;
+            for (int i = 0; i < RT; i++) {
+                int32_t pair;
+                memcpy(&pair, ah + i * 32, 4);
+                acc[i][t] = _mm512_dpbf16_ps(acc[i][t], (__m512bh)_mm512_set1_epi32(pair), bt);
+            }
+            if (lo) {
+                const uint16_t *al = lo + step * 512 + 2 * kp;
+                for (int i = 0; i < RT; i++) {
+                    int32_t pair;
+                    memcpy(&pair, al + i * 32, 4);
+                    acc[i][t] = _mm512_dpbf16_ps(acc[i][t], (__m512bh)_mm512_set1_epi32(pair), bt);
+                }
+            }
+        }
+    }
+}
+
+/* Rows [i0, i0 + RT) of the row block at r against columns [n0, n0 + 16 nt) of slab s: the fine products, each
+   window's over the runs its column tiles read, then the ranked values into the running lists (as in the AMX
+   se_screen above). */
+static inline __attribute__((always_inline)) void register_tile(const segment *fine, const coarse *cw, int32_t n_win,
+                                                                int64_t r, int i0, int32_t n0, int nt, int32_t n_pad,
+                                                                const float *nrm, const float *cn,
+                                                                const float *rowscale, int64_t first, int32_t m,
+                                                                float *vals, int64_t *idx, float *thr) {
     __m512 acc[RT][NT_MAX];
     for (int i = 0; i < RT; i++)
         for (int t = 0; t < NT_MAX; t++) acc[i][t] = _mm512_setzero_ps();
-    for (int64_t g = 0; g < n_seg; g++)
-        block_products(sg[g].a + (i0 / 16) * sg[g].stride * 512 + (i0 % 16) * 32, sg[g].b + (n0 / 16) * 512,
-                       sg[g].k_pad, (int64_t)(n_pad / 16) * 512, nt, acc);
+    int64_t b_step = (int64_t)(n_pad / 16) * 512;
+    block_products(fine->a + (i0 / 16) * fine->stride * 512 + (i0 % 16) * 32, fine->b + (n0 / 16) * 512, fine->k_pad,
+                   b_step, nt, acc);
+    for (int32_t g = 0; g < n_win; g++) { /* t constant in each call: acc stays in registers */
+        int64_t i_off = (i0 / 16) * cw[g].stride * 512 + (i0 % 16) * 32;
+        coarse_products(&cw[g], i_off, n0 / 16, 0, b_step, acc);
+        if (nt > 1) coarse_products(&cw[g], i_off, n0 / 16, 1, b_step, acc);
+        if (nt > 2) coarse_products(&cw[g], i_off, n0 / 16, 2, b_step, acc);
+    }
     for (int i = 0; i < RT; i++) {
         int64_t row = r + i0 + i;
         float t = thr[row];
@@ -305,39 +355,38 @@ void se_screen(int64_t r0, int64_t r1, int64_t p, int32_t n_slab, int32_t n_pad,
     int64_t room = 0;
     for (int32_t g = 0; g < n_win; g++) room += 2 * wins[g].parts * (wins[g].k_pad / 32) * 512;
     uint16_t *wbuf = (uint16_t *)aligned_alloc(64, sizeof(uint16_t) * (room ? room : 1));
-    segment *sg = (segment *)malloc(sizeof(segment) * (1 + 2 * n_win));
+    coarse *cw = (coarse *)malloc(sizeof(coarse) * (n_win ? n_win : 1));
+    int64_t tiles = n_pad / 16;
     for (int32_t s = 0; s < n_slab; s++) {
         const float *nrm = norms + (int64_t)s * n_pad, *cn = colnorm + (int64_t)s * n_pad;
         int64_t first = base + s * cells_per_slab;
         for (int64_t r = r0; r < r1; r += 32) {
-            /* segments of pairs: the fine one, then each window's parts (hi, lo), each only as wide as the
-               slab's window (B is zero past it); A's tile rows are `stride` tiles apart */
-            sg[0] = (segment){fine_a + (r / 16) * (k_fine / 32) * 512, fine_b + s * k_fine * n_pad, k_fine / 2, k_fine / 32};
+            /* the fine segment; each window's A tiles (hi then lo per 16-row tile row), the slab's B and runs */
+            segment fine = {fine_a + (r / 16) * (k_fine / 32) * 512, fine_b + s * k_fine * n_pad, k_fine / 2, k_fine / 32};
             uint16_t *next = wbuf;
-            int64_t n_seg = 1;
             for (int32_t g = 0; g < n_win; g++) {
                 window_tiles(&wins[g], wins[g].starts[s], r, p, next);
-                int64_t k_pad = wins[g].k_pad, width = wins[g].parts * k_pad;
-                for (int64_t part = 0; part < wins[g].parts; part++)
-                    sg[n_seg++] = (segment){next + part * (k_pad / 32) * 512, wins[g].b + (s * width + part * k_pad) * n_pad,
-                                            (wins[g].widths[s] + 1) / 2, width / 32};
+                int64_t steps = wins[g].k_pad / 32, width = wins[g].parts * wins[g].k_pad;
+                cw[g] = (coarse){next,        wins[g].parts == 2 ? next + steps * 512 : NULL,
+                                 wins[g].b + s * width * n_pad, wins[g].runs, wins[g].run_at + s * tiles,
+                                 wins[g].parts * steps};
                 next += 2 * width / 32 * 512;
             }
             for (int32_t n0 = 0; n0 < n_pad;) { /* 48 columns at a time, then what is left (16 or 32) */
                 int nt = n_pad - n0 >= 48 ? 3 : (n_pad - n0) / 16;
                 for (int i0 = 0; i0 < 32 && r + i0 < p; i0 += RT) { /* rows past p: padding, never read */
                     if (nt == 3)
-                        register_tile(sg, n_seg, r, i0, n0, 3, n_pad, nrm, cn, rowscale, first, m, vals, idx, thr);
+                        register_tile(&fine, cw, n_win, r, i0, n0, 3, n_pad, nrm, cn, rowscale, first, m, vals, idx, thr);
                     else if (nt == 2)
-                        register_tile(sg, n_seg, r, i0, n0, 2, n_pad, nrm, cn, rowscale, first, m, vals, idx, thr);
+                        register_tile(&fine, cw, n_win, r, i0, n0, 2, n_pad, nrm, cn, rowscale, first, m, vals, idx, thr);
                     else
-                        register_tile(sg, n_seg, r, i0, n0, 1, n_pad, nrm, cn, rowscale, first, m, vals, idx, thr);
+                        register_tile(&fine, cw, n_win, r, i0, n0, 1, n_pad, nrm, cn, rowscale, first, m, vals, idx, thr);
                 }
                 n0 += 16 * nt;
             }
         }
     }
     free(wbuf);
-    free(sg);
+    free(cw);
 }
 #endif
