@@ -11,8 +11,9 @@ that traffic, not the arithmetic, is what NumpyScorer's BLAS path pays).
 The kernel is compiled on first use for the best level this CPU has (:data:`LEVELS`: AVX-512,
 AVX2+FMA, NEON, portable C), checked against numpy once, and chosen at run time;
 ``SPADE_EDGE_CPU_LEVEL`` caps the level (e.g. ``avx2`` on an AVX-512 machine measures the AVX2
-kernels; ``numpy``: no fused kernel). The concatenated pyramid keeps NumpyScorer's per-level-cost
-path where it pays (wide pyramids, PER_LEVEL_SHARE) and otherwise searches the upsampled rows here.
+kernels; ``numpy``: no fused kernel). The concatenated pyramid: wide ones (WRN50x2, PER_LEVEL_SHARE)
+keep NumpyScorer's per-level-cost path or its bf16 screen; narrow ones take the per-level cost inside
+the fused kernel (:mod:`.fused_levels`), the coarse levels never upsampled to the fine grid.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ import numpy as np
 
 from .. import cpu
 from ..threads import blas_single_threaded, compute_threads
-from . import ccompile
-from .base import GalleryRows, PixelScorer, TopK, keep, merge
+from . import ccompile, fused_levels, pyramid
+from .base import GalleryPyramids, GalleryRows, PixelScorer, TopK, keep, merge
 from .numpy import NumpyScorer, uses_levels
 
 LEVEL_ENV = "SPADE_EDGE_CPU_LEVEL"
@@ -120,6 +121,7 @@ def kernel(level: str) -> tuple[ctypes.CDLL | None, str]:
         lib.sf_prep_bf16.restype = None
         lib.sf_screen_bf16.argtypes = [i64, i64, p, i64, p, p, p, p, i64, i64, i32, p, p, p]
         lib.sf_screen_bf16.restype = None
+    fused_levels.declare(lib)
     if not _agrees(lib):
         return None, f"the compiled {level} kernel disagreed with numpy on its first use"
     return lib, ""
@@ -421,18 +423,52 @@ class FusedScorer(NumpyScorer):
         return TopK(d, i)
 
     def topk_pyramid(self, query, gallery, grid, kappa):
-        """NumpyScorer's choice (the per-level cost where it pays, PER_LEVEL_SHARE), the per-level cost
-        screened in bf16 where this level has AVX512-BF16 (:meth:`pyramid_screen`); the plain path's
-        upsampling then runs with BLAS on this thread (see :meth:`topk`)."""
-        if self.lib is None or uses_levels(query, grid):
-            screen = self.pyramid_screen()
-            if screen is not None:
-                top = screen.topk_pyramid(query, gallery, grid, kappa)
-                self.stats = screen.stats
-                return top
+        """Wide pyramids (WRN50x2, :func:`.numpy.uses_levels`): the per-level cost screened in bf16 where
+        this level has AVX512-BF16 (:meth:`pyramid_screen`), else NumpyScorer's per-level BLAS products.
+        Narrow ones (EfficientNet-Lite0) with a level at the fine grid: the per-level cost inside this
+        level's fused kernel (:mod:`.fused_levels`; for wide ones its fine products are the BLAS path's
+        work again, docs/speed.md)."""
+        if self.lib is None:
             return super().topk_pyramid(query, gallery, grid, kappa)
+        if uses_levels(query, grid):
+            screen = self.pyramid_screen()
+            if screen is None:
+                return super().topk_pyramid(query, gallery, grid, kappa)
+            top = screen.topk_pyramid(query, gallery, grid, kappa)
+            self.stats = screen.stats
+            return top
+        # our threads split the work; BLAS runs on each of them alone (see topk)
         with blas_single_threaded():
+            if any(tuple(np.shape(x)[:2]) == tuple(grid) for x in query):
+                return self.topk_levels(query, gallery, grid, kappa)
             return PixelScorer.topk_pyramid(self, query, gallery, grid, kappa)
+
+    def topk_levels(self, query, gallery, grid, kappa: int) -> TopK:
+        """The concatenated pyramid at per-level cost inside this level's fused kernel (:mod:`.fused_levels`),
+        whatever its width; ``query`` needs a level at the fine ``grid``. :meth:`topk_pyramid` takes it for
+        narrow pyramids."""
+        if kappa < 1:
+            raise ValueError(f"kappa must be >= 1, got {kappa}")
+        view = GalleryPyramids.of(gallery, grid)
+        p = grid[0] * grid[1]
+        if len(view) * p < kappa:
+            raise ValueError(f"gallery has {len(view) * p} features, fewer than kappa = {kappa}")
+        clock = Clock()
+        run = fused_levels.LevelsSearch(self.lib, query, grid, kappa, clock)
+        kept, reach = [], np.empty(len(view))
+        try:
+            for j in range(len(view)):
+                levels = view[j]
+                norms = np.asarray(view.sqnorms(j, levels), np.float64)
+                run.add(levels, norms, j * p)
+                kept.append(norms)
+                reach[j] = pyramid.reach([np.asarray(x, np.float32) for x in levels])
+        finally:
+            run.close()
+        top = run.result(view, kept, reach)
+        clock.lap("set-up and merge")
+        self.stats = {"path": f"fused {self.level} levels", "seconds": clock.seconds}
+        return top
 
     def pyramid_screen(self) -> PixelScorer | None:
         """The AMX screen's method with its products on AVX512-BF16 (:mod:`.amx`, back-end "avx512bf16")

@@ -19,6 +19,7 @@ from .base import (
     smallest,
 )
 from .pyramid import PyramidSlabs, contraction, exact_distances, upsampled_sqnorms
+from .pyramid import reach as pyramid_reach
 
 # the per-level path pays when its product's contraction (fine channels plus the coarse native
 # cells each slab reads) is below this share of the concatenated channels: WRN50x2 (~410 of 1792)
@@ -88,12 +89,7 @@ class NumpyScorer(PixelScorer):
                 np.concatenate([idx + (j * p + start) for idx, _, start in found], axis=1),
             )
             kept.append(np.asarray(norms, np.float64))
-            reach[j] = np.sqrt(
-                sum(
-                    float(np.einsum("ijc,ijc->ij", x, x, dtype=np.float64).max())
-                    for x in (np.asarray(x, np.float32) for x in levels)
-                )
-            )
+            reach[j] = pyramid_reach([np.asarray(x, np.float32) for x in levels])
         if len(view) * p < kappa:
             raise ValueError(f"gallery has {len(view) * p} features, fewer than kappa = {kappa}")
         # re-compute exactly the candidates that may belong: the expanded distance's rounding is at most

@@ -137,6 +137,14 @@ def _x_upsampled_sqnorms(t: np.ndarray, big_w: int) -> np.ndarray:
     return sq[:, j0] * (v0 * v0) + sq[:, j1] * (v1 * v1) + cross[:, j0] * (2 * v0 * v1)
 
 
+def reach(levels: list[np.ndarray]) -> float:
+    """sqrt(sum_l max_cell |g_l|^2): at least the norm of any upsampled, concatenated row of ``levels`` (its
+    taps are convex combinations), the gallery's factor in the expanded distance's rounding bound."""
+    return float(
+        np.sqrt(sum(float(np.einsum("ijc,ijc->ij", x, x, dtype=np.float64).max()) for x in map(np.asarray, levels)))
+    )
+
+
 def upsampled_rows(levels: list[np.ndarray], grid: tuple[int, int], cells: np.ndarray) -> np.ndarray:
     """Rows ``cells`` (flat fine-grid indices) of the concatenated, upsampled pyramid: (len, D)."""
     big_h, big_w = grid

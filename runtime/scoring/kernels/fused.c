@@ -36,6 +36,11 @@ static inline vf ld(const float *p) {
     return v;
 }
 
+/* an unaligned store typed as floats: memcpy's would alias everything, and GCC then re-reads every
+   pointer and count of a loop after each store */
+typedef float vf_unaligned __attribute__((vector_size(VW * 4), aligned(4)));
+static inline void st(float *p, vf v) { *(vf_unaligned *)p = v; }
+
 int32_t sf_width(void) { return VW; }
 int32_t sf_rows(void) { return RB; }
 
@@ -129,6 +134,115 @@ void sf_search(int64_t r0, int64_t r1, const float *q, int64_t d, const float *p
                 }
             }
         }
+    }
+}
+
+/* ---- the concatenated pyramid at per-level cost -------------------------------------------------
+
+   sf_levels: query rows (qy, 0..W) of the fine grid, qy in [qy0, qy1), against one gallery image,
+   without upsampling its coarse levels to the fine grid (runtime/scoring/fused_levels.py, docs/speed.md
+   "The fused kernel at per-level cost"). A coarse level enters through Nx, its native query cells'
+   products with the gallery's level upsampled along x only: Nx[y][(a, b)][X] = Q[a, b] . Gx[y, X].
+   For a gallery row Y, the gallery's y taps on Nx give Ng (once for every query row of the part); for a
+   query row qy, the query's y taps on Ng give the level's block with the query still at native x;
+   its x taps, summed over the levels, give the (W x wpad) block of <Uq, Ug> that starts the fine
+   level's register tiles: a few multiply-adds per pair and coarse level where the upsampled
+   concatenation took C_l. */
+typedef struct {
+    int64_t h, w, row0, rows, ld; /* Nx: h blocks of ld = rows * w * wpad floats, one per gallery native row y,
+                                     each the native query cells of rows [row0, row0 + rows) by wpad */
+    const float *nx;
+    const int32_t *ya0, *ya1, *xb0, *xb1; /* taps along the fine grid's y (H) and x (W) */
+    const float *yw0, *yw1, *xw0, *xw1;
+} sf_level;
+
+/* qf: fine query rows (H*W x cf); panels: per fine gallery row Y, wpad/VW panels of cf x VW; pnorms:
+   H x wpad (+inf past W); scratch: (sum_l (rows_l + 1) w_l + W) wpad floats. Lists as sf_search's; gallery cell (Y, X)
+   is index base + Y*W + X. */
+void sf_levels(int64_t qy0, int64_t qy1, int64_t H, int64_t W, int64_t wpad, const float *qf, int64_t cf,
+               const float *panels, const float *pnorms, int32_t nlev, const sf_level *lev, int64_t base, int32_t m,
+               float *vals, int64_t *idx, float *ex, float *scratch) {
+    int64_t npr = wpad / VW; /* panels per gallery row, a multiple of NP */
+    float *ng[8], *bx[8];    /* per coarse level: Nx with the gallery's y taps, rows x w x wpad; then with the
+                                query's too, w x wpad (its block with the query still at native x) */
+    int32_t nl = nlev < 8 ? nlev : 8;
+    float *at = scratch;
+    for (int32_t l = 0; l < nl; l++) {
+        ng[l] = at;
+        at += lev[l].rows * lev[l].w * wpad;
+        bx[l] = at;
+        at += lev[l].w * wpad;
+    }
+    float *blk = at; /* W x wpad: the coarse levels' <Uq, Ug> for a pair of fine rows */
+    for (int64_t Y = 0; Y < H; Y++) {
+        for (int32_t l = 0; l < nl; l++) { /* the gallery row's y taps, once for every query row of this part */
+            const sf_level *L = lev + l;
+            vf v0 = (vf){0} + L->yw0[Y], v1 = (vf){0} + L->yw1[Y];
+            const float *n0 = L->nx + L->ya0[Y] * L->ld, *n1 = L->nx + L->ya1[Y] * L->ld;
+            float *o = ng[l];
+            for (int64_t x = 0; x < L->ld; x += VW) st(o + x, v0 * ld(n0 + x) + v1 * ld(n1 + x));
+        }
+        for (int64_t qy = qy0; qy < qy1; qy++) {
+            for (int32_t l = 0; l < nl; l++) { /* the query row's y taps */
+                const sf_level *L = lev + l;
+                vf u0 = (vf){0} + L->yw0[qy], u1 = (vf){0} + L->yw1[qy];
+                int64_t size = L->w * wpad;
+                const float *n0 = ng[l] + (L->ya0[qy] - L->row0) * size, *n1 = ng[l] + (L->ya1[qy] - L->row0) * size;
+                float *o = bx[l];
+                for (int64_t x = 0; x < size; x += VW) st(o + x, u0 * ld(n0 + x) + u1 * ld(n1 + x));
+            }
+            for (int64_t x = 0; x < W; x++) { /* the query's x taps, every level summed: the (W x wpad) block */
+                const float *p0[8], *p1[8];
+                vf w0[8], w1[8];
+                for (int32_t l = 0; l < nl; l++) {
+                    p0[l] = bx[l] + lev[l].xb0[x] * wpad;
+                    p1[l] = bx[l] + lev[l].xb1[x] * wpad;
+                    w0[l] = (vf){0} + lev[l].xw0[x];
+                    w1[l] = (vf){0} + lev[l].xw1[x];
+                }
+                float *o = blk + x * wpad;
+                for (int64_t c = 0; c < wpad; c += VW) {
+                    vf v = (vf){0};
+                    for (int32_t l = 0; l < nl; l++) v += w0[l] * ld(p0[l] + c) + w1[l] * ld(p1[l] + c);
+                    st(o + c, v);
+                }
+            }
+            const float *prow = panels + Y * npr * cf * VW;
+                const float *nrow = pnorms + Y * wpad;
+                for (int64_t r = 0; r < W; r += RB) {
+                    int nr = W - r < RB ? (int)(W - r) : RB;
+                    const float *qr[RB];
+                    int64_t xq[RB];
+                    for (int i = 0; i < RB; i++) {
+                        xq[i] = r + (i < nr ? i : nr - 1);
+                        qr[i] = qf + (qy * W + xq[i]) * cf;
+                    }
+                    for (int64_t pn = 0; pn < npr; pn += NP) {
+                        vf acc[RB][NP];
+                        for (int i = 0; i < RB; i++)
+                            for (int j = 0; j < NP; j++) acc[i][j] = (vf){0};
+                        for (int i = 0; i < RB; i++)
+                        for (int j = 0; j < NP; j++) acc[i][j] = ld(blk + xq[i] * wpad + (pn + j) * VW);
+                    const float *pa = prow + pn * cf * VW;
+                        for (int64_t k = 0; k < cf; k++) {
+                            vf b[NP];
+                            for (int j = 0; j < NP; j++) b[j] = ld(pa + (j * cf + k) * VW);
+                            for (int i = 0; i < RB; i++) {
+                                vf a = (vf){0} + qr[i][k];
+                                for (int j = 0; j < NP; j++) acc[i][j] += a * b[j];
+                            }
+                        }
+                        for (int j = 0; j < NP; j++) {
+                            vf nrm = ld(nrow + (pn + j) * VW);
+                            int64_t first = base + Y * W + (pn + j) * VW;
+                            for (int i = 0; i < nr; i++) {
+                                int64_t row = qy * W + r + i;
+                                offer(nrm - 2.0f * acc[i][j], first, vals + row * m, idx + row * m, ex + row * m, m);
+                            }
+                        }
+                    }
+                }
+            }
     }
 }
 

@@ -1,0 +1,198 @@
+"""The concatenated pyramid at per-level cost inside the fused kernel (``kernels/fused.c`` ``sf_levels``;
+docs/speed.md, "The fused kernel at per-level cost").
+
+The concatenated, upsampled pyramid costs sum_l C_l multiply-adds per pair of fine cells (176 for
+EfficientNet-Lite0, 1792 for WRN50x2). Here only the fine level is multiplied per pair; a coarse level
+enters through Nx = Q_l G_l,x^T, its native query cells against its gallery map upsampled along x only
+(one BLAS product per gallery image and part of the query), and the kernel blends Nx's rows with both
+sides' y taps and the query's x taps into the block that starts the fine level's register tiles: about
+3 multiply-adds per pair and coarse level. Selection is sf_search's: each query row keeps
+:func:`.base.keep` (kappa) candidates by the expanded distance in place, the distance matrix is never
+written; the kept candidates that may belong (a rounding bound, as NumpyScorer's per-level path has)
+are re-computed exactly from the upsampled rows, and :func:`.base.merge` decides.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from ..resample import interp_matrix, taps, upsample_map
+from ..threads import compute_threads
+from .base import Candidates, GalleryPyramids, TopK, concat_upsampled
+from .pyramid import exact_distances
+
+NP = 2  # panels per register tile in kernels/fused.c
+PARTS = 2  # parts of the fine rows per thread
+
+
+class Level(ctypes.Structure):
+    """kernels/fused.c's ``sf_level``: one coarse level's Nx rows and its taps on the fine grid."""
+
+    _fields_ = [
+        ("h", ctypes.c_int64),
+        ("w", ctypes.c_int64),
+        ("row0", ctypes.c_int64),
+        ("rows", ctypes.c_int64),
+        ("ld", ctypes.c_int64),
+        ("nx", ctypes.c_void_p),
+        *[(name, ctypes.c_void_p) for name in ("ya0", "ya1", "xb0", "xb1", "yw0", "yw1", "xw0", "xw1")],
+    ]
+
+
+def declare(lib: ctypes.CDLL) -> None:
+    """The argument types of ``sf_levels`` (kernels/fused.c)."""
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
+    lib.sf_levels.argtypes = [i64, i64, i64, i64, i64, p, i64, p, p, i32, p, i64, i32, p, p, p, p]
+    lib.sf_levels.restype = None
+
+
+class _Coarse:
+    """A coarse level of the query: its native rows, its taps along both axes of the fine grid, and the
+    x upsampling (zero past the fine width) that makes a gallery map's Gx."""
+
+    def __init__(self, q: np.ndarray, grid: tuple[int, int], wpad: int):
+        big_h, big_w = grid
+        self.h, self.w, self.c = q.shape
+        self.q = np.ascontiguousarray(q, np.float32).reshape(self.h * self.w, self.c)
+        y0, y1, yw0, yw1 = taps(big_h, self.h)
+        x0, x1, xw0, xw1 = taps(big_w, self.w)
+        self.taps = [np.ascontiguousarray(a, np.int32) for a in (y0, y1, x0, x1)] + [
+            np.ascontiguousarray(a, np.float32) for a in (yw0, yw1, xw0, xw1)
+        ]
+        self.x_up = np.zeros((wpad, self.w), np.float32)
+        self.x_up[:big_w] = interp_matrix(big_w, self.w)
+        self.wpad = wpad
+
+    def rows(self, qy0: int, qy1: int) -> tuple[int, int]:
+        """The native query rows that fine rows [qy0, qy1) read."""
+        return int(self.taps[0][qy0:qy1].min()), int(self.taps[1][qy0:qy1].max()) + 1
+
+    def scratch_rows(self, qy0: int, qy1: int) -> int:
+        """Rows of wpad floats the kernel works in for fine rows [qy0, qy1): Nx with the gallery's y taps
+        (the native query cells they read), and the block with the query's y taps (w)."""
+        r0, r1 = self.rows(qy0, qy1)
+        return (r1 - r0 + 1) * self.w
+
+    def level(self, nx: np.ndarray, row0: int) -> Level:
+        cells = nx.shape[1]
+        return Level(
+            self.h,
+            self.w,
+            row0,
+            cells // self.w,
+            cells * self.wpad,
+            nx.ctypes.data,
+            *[a.ctypes.data for a in self.taps],
+        )
+
+
+class LevelsSearch:
+    """One query pyramid's search over gallery images by ``sf_levels``, the fine rows split among threads."""
+
+    def __init__(self, lib: ctypes.CDLL, query: list[np.ndarray], grid: tuple[int, int], kappa: int, clock):
+        self.lib, self.grid, self.kappa, self.clock = lib, (int(grid[0]), int(grid[1])), kappa, clock
+        big_h, big_w = self.grid
+        step = NP * int(lib.sf_width())
+        self.wpad = -(-big_w // step) * step
+        query = [np.asarray(x, np.float32) for x in query]
+        self.query = query
+        self.fine = [x.shape[:2] == self.grid for x in query]
+        self.qf = np.ascontiguousarray(
+            np.concatenate([x for x, f in zip(query, self.fine) if f], axis=2).reshape(big_h * big_w, -1)
+        )
+        self.cf = self.qf.shape[1]
+        self.coarse = [_Coarse(x, self.grid, self.wpad) for x, f in zip(query, self.fine) if not f]
+        if len(self.coarse) > 8:
+            raise ValueError(f"the fused kernel takes at most 8 coarse levels, this pyramid has {len(self.coarse)}")
+        self.top = Candidates(big_h * big_w, kappa)  # keep(kappa) slots a row, filled in place by the kernel
+        threads = max(1, min(compute_threads(), big_h))
+        n = min(big_h, PARTS * threads) if threads > 1 else 1
+        cuts = [big_h * t // n for t in range(n + 1)]
+        self.parts = [(a, b) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+        self.scratch = [
+            np.empty((big_w + sum(c.scratch_rows(a, b) for c in self.coarse)) * self.wpad, np.float32)
+            for a, b in self.parts
+        ]
+        self.pool = ThreadPoolExecutor(threads) if threads > 1 else None
+
+    def add(self, levels: list[np.ndarray], norms: np.ndarray, base: int) -> None:
+        """Offer one gallery image's cells (indices base..) to every query row's list."""
+        big_h, big_w = self.grid
+        wpad, cf, vw = self.wpad, self.cf, int(self.lib.sf_width())
+        levels = [np.asarray(x, np.float32) for x in levels]
+        shapes = [x.shape for x in self.query]
+        if [x.shape for x in levels] != shapes:
+            raise ValueError(f"gallery image has levels {[x.shape for x in levels]}, expected {shapes}")
+        fine = [x for x, f in zip(levels, self.fine) if f]
+        gf = np.zeros((big_h, wpad, cf), np.float32)
+        gf[:, :big_w] = fine[0] if len(fine) == 1 else np.concatenate(fine, axis=2)
+        panels = np.ascontiguousarray(gf.reshape(big_h, wpad // vw, vw, cf).transpose(0, 1, 3, 2))
+        pnorms = np.full((big_h, wpad), np.inf, np.float32)
+        pnorms[:, :big_w] = np.asarray(norms, np.float64).reshape(big_h, big_w)
+        gx = [  # (h, C, wpad): the level upsampled along x, channels first for Nx's product
+            np.ascontiguousarray(np.matmul(c.x_up, g).transpose(0, 2, 1))
+            for c, g in zip(self.coarse, (x for x, f in zip(levels, self.fine) if not f))
+        ]
+        self.clock.lap("gallery image read and packed (fine panels, coarse levels upsampled along x)")
+        top, lib = self.top, self.lib
+
+        def part(t: int) -> None:
+            qy0, qy1 = self.parts[t]
+            held, descs = [], []
+            for c, g in zip(self.coarse, gx):
+                r0, r1 = c.rows(qy0, qy1)
+                nx = np.matmul(c.q[r0 * c.w : r1 * c.w], g)  # (h, native query cells, wpad): per y a block read whole
+                held.append(nx)
+                descs.append(c.level(nx, r0))
+            arr = (Level * max(1, len(descs)))(*descs)
+            lib.sf_levels(
+                qy0, qy1, big_h, big_w, wpad, self.qf.ctypes.data, cf, panels.ctypes.data, pnorms.ctypes.data,
+                len(descs), arr, base, top.approx.shape[1], top.approx.ctypes.data, top.index.ctypes.data,
+                top.exact.ctypes.data, self.scratch[t].ctypes.data,
+            )  # fmt: skip
+
+        if self.pool is None:
+            for t in range(len(self.parts)):
+                part(t)
+        else:
+            for f in [self.pool.submit(part, t) for t in range(len(self.parts))]:
+                f.result()
+        self.clock.lap("kernel: coarse products (BLAS), blends, fine level and selection (threads)")
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+
+    def bound(self, kept: list[np.ndarray], reach: np.ndarray) -> np.ndarray:
+        """Per kept candidate, a bound on |kept value - exact expanded distance| (float32, like ``approx``).
+        ``kept``: each image's squared norms (float64), ``reach``: each image's :func:`.pyramid.reach`.
+
+        gamma_n (|Ug|^2 + 2 A_i R): n bounds every sum's terms (the coarse products, their y and x blends,
+        the fine channels on top, the levels), A_i >= sqrt(sum_l (sum_taps w |q_l|)^2) (the query's taps
+        are blended after the products), R >= sqrt(sum_l max |g_l|^2) (Cauchy-Schwarz over the levels)."""
+        top, grid = self.top, self.grid
+        p = grid[0] * grid[1]
+        n = max([c.c for c in self.coarse], default=0) + self.cf + len(self.coarse) + 16
+        gamma = n * 2.0**-24 / (1 - n * 2.0**-24) + 2.0**-23
+        a_sq = np.einsum("ij,ij->i", self.qf, self.qf, dtype=np.float64)
+        for c in self.coarse:
+            native = np.sqrt(np.einsum("ij,ij->i", c.q, c.q, dtype=np.float64)).reshape(c.h, c.w)
+            a_sq += upsample_map(native.astype(np.float32), *grid).astype(np.float64).ravel() ** 2
+        safe = np.where(top.index >= 0, top.index, 0)
+        image, cell = np.divmod(safe, p)
+        g_sq = np.stack(kept).reshape(-1)[image * p + cell]
+        # 1 + 2^-20: the fp32 upsampling of the native norms, a convex blend, rounds them by far less
+        error = gamma * (g_sq + 2 * np.sqrt(a_sq)[:, None] * (1 + 2.0**-20) * reach[image])
+        return error.astype(np.float32)
+
+    def result(self, view: GalleryPyramids, kept: list[np.ndarray], reach: np.ndarray) -> TopK:
+        """The kappa nearest: the kept candidates that may belong (:meth:`bound`) re-computed exactly from
+        upsampled rows, then :func:`.base.merge`."""
+        top = self.top
+        which = top.may_belong(self.bound(kept, reach))
+        top.exact = exact_distances(concat_upsampled(self.query, self.grid), view, self.grid, top.index, which)
+        self.clock.lap("exact re-computation of the candidates that may belong")
+        return top.result()

@@ -1,0 +1,118 @@
+"""The concatenated pyramid at per-level cost inside the fused kernel (runtime/scoring/fused_levels.py,
+``sf_levels`` in kernels/fused.c): at every level this CPU runs, the float64 search of the upsampled,
+concatenated rows finds the same neighbours, ties to the lower index; the bound brackets every kept
+candidate's expanded distance; bad galleries are refused. (Which pyramids take it: test_fused.py.)"""
+
+import numpy as np
+import pytest
+
+from spade_edge.runtime.scoring import fused, fused_levels, pyramid
+from spade_edge.runtime.scoring.base import GalleryPyramids, concat_upsampled
+from spade_edge.runtime.scoring.fused import Clock
+from spade_edge.runtime.threads import blas_single_threaded
+
+from .test_fused import LEVELS, brute_force, scorer
+
+# (grid, level shapes): Lite0-like; widths that are no multiple of a register tile's lanes; odd native sizes
+# and three coarse levels; two levels at the fine grid; a coarse level as wide as the grid in x only
+PYRAMIDS = [
+    ((16, 16), [(16, 16, 24), (8, 8, 40), (4, 4, 112)]),
+    ((9, 23), [(9, 23, 5), (5, 12, 7), (3, 6, 9)]),
+    ((14, 10), [(14, 10, 8), (7, 5, 16), (4, 3, 12), (2, 2, 20)]),
+    ((12, 12), [(12, 12, 6), (12, 12, 3), (6, 6, 10)]),
+    ((8, 20), [(8, 20, 4), (4, 20, 6)]),
+]
+
+
+def search(level, q, gal, grid, kappa, keep_norms=True):
+    s = scorer(level)
+    top = s.topk_levels(q, GalleryPyramids.of(gal, grid, keep_norms=keep_norms), grid, kappa)
+    return s, top
+
+
+def reference(q, gal, grid, kappa):
+    return brute_force(concat_upsampled(q, grid), np.concatenate([concat_upsampled(x, grid) for x in gal]), kappa)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("case", range(len(PYRAMIDS)))
+@pytest.mark.parametrize("kappa", [1, 3, 20])
+def test_every_level_finds_the_float64_neighbours_of_the_upsampled_concatenation(level, case, kappa):
+    grid, shapes = PYRAMIDS[case]
+    rng = np.random.default_rng(100 * case + kappa)
+    q = [rng.normal(size=s).astype(np.float32) for s in shapes]
+    gal = [[rng.normal(size=s).astype(np.float32) for s in shapes] for _ in range(3)]
+    s, top = search(level, q, gal, grid, kappa, keep_norms=case % 2 == 0)
+    assert s.stats["path"] == f"fused {level} levels"
+    ref_d, ref_i = reference(q, gal, grid, kappa)
+    np.testing.assert_array_equal(top.indices, ref_i)
+    np.testing.assert_allclose(top.distances, ref_d, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_near_neighbours_are_decided_by_the_exact_distance_and_ties_go_to_the_lower_index(level):
+    """Gallery images that are the query plus noise below fp32's resolution of the expanded distance (their
+    expanded distances tie or misorder), and an exact copy of one of them later: the float64 order wins,
+    the copy's cells never displace the first one's."""
+    grid, shapes = PYRAMIDS[0]
+    rng = np.random.default_rng(7)
+    q = [(rng.normal(size=s) * 30).astype(np.float32) for s in shapes]
+    near = [[(x + rng.normal(size=x.shape) * 1e-3 * (1 + j)).astype(np.float32) for x in q] for j in range(3)]
+    gal = [near[0], near[1], near[2], [x.copy() for x in near[1]]]
+    s, top = search(level, q, gal, grid, 2)
+    ref_d, ref_i = reference(q, gal, grid, 2)
+    np.testing.assert_array_equal(top.indices, ref_i)
+    p = grid[0] * grid[1]
+    assert (top.indices < 3 * p).all()  # the copy (image 3) ties with image 1 and loses on its index
+    # the upsampled rows are fp32 (values ~30, steps ~2e-6): the distances of 1e-3 noise are known to ~1e-7
+    np.testing.assert_allclose(top.distances, ref_d, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 1e3])
+def test_the_bound_brackets_every_kept_candidates_expanded_distance(level, scale):
+    """|kept value - float64 expanded distance| <= bound for every candidate kept, at small and large scales,
+    heavy-tailed features (the bound is what decides which candidates are re-computed)."""
+    grid, shapes = PYRAMIDS[1]
+    rng = np.random.default_rng(int(scale * 1000) + 3)
+    q = [(rng.standard_t(3, size=s) * scale).astype(np.float32) for s in shapes]
+    gal = [[(rng.standard_t(3, size=s) * scale).astype(np.float32) for s in shapes] for _ in range(4)]
+    lib = fused.kernel(level)[0]
+    view = GalleryPyramids.of(gal, grid, keep_norms=True)
+    run = fused_levels.LevelsSearch(lib, q, grid, 5, Clock())
+    kept, reach = [], np.empty(len(gal))
+    p = grid[0] * grid[1]
+    with blas_single_threaded():
+        for j in range(len(gal)):
+            norms = np.asarray(view.sqnorms(j), np.float64)
+            run.add(gal[j], norms, j * p)
+            kept.append(norms)
+            reach[j] = pyramid.reach(gal[j])
+    run.close()
+    bound = run.bound(kept, reach).astype(np.float64)
+    top = run.top
+    assert (top.index >= 0).all()
+    q_up = concat_upsampled(q, grid).astype(np.float64)
+    g_up = np.concatenate([concat_upsampled(x, grid) for x in gal]).astype(np.float64)
+    rows = np.arange(p)[:, None]
+    g = g_up[top.index]
+    expanded = (g * g).sum(-1) - 2 * (q_up[rows] * g).sum(-1)
+    slack = np.abs(top.approx.astype(np.float64) - expanded)
+    assert (slack <= bound).all(), float((slack / bound).max())
+    assert (slack > bound / 200).any()  # the data round for real: a bound 200x smaller fails here
+    assert (bound < 1e-3 * (np.abs(expanded) + (q_up * q_up).sum(-1)[:, None])).all()  # and tight enough to settle
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_bad_galleries_and_kappa_are_refused(level):
+    grid, shapes = PYRAMIDS[0]
+    rng = np.random.default_rng(0)
+    q = [rng.normal(size=s).astype(np.float32) for s in shapes]
+    good = [rng.normal(size=s).astype(np.float32) for s in shapes]
+    bad = [good[0], good[1], good[2][:, :, :-1]]
+    with pytest.raises(ValueError, match="levels"):
+        search(level, q, [good, bad], grid, 1, keep_norms=False)
+    with pytest.raises(ValueError, match="kappa"):
+        search(level, q, [good], grid, 0)
+    with pytest.raises(ValueError, match="fewer than kappa"):
+        search(level, q, [good], grid, grid[0] * grid[1] + 1)
