@@ -24,7 +24,6 @@ from ..threads import compute_threads
 from .base import Candidates, GalleryPyramids, TopK, concat_upsampled
 from .pyramid import exact_distances
 
-NP = 2  # panels per register tile in kernels/fused.c
 PARTS = 2  # parts of the fine rows per thread
 
 
@@ -45,7 +44,7 @@ class Level(ctypes.Structure):
 def declare(lib: ctypes.CDLL) -> None:
     """The argument types of ``sf_levels`` (kernels/fused.c)."""
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
-    lib.sf_levels.argtypes = [i64, i64, i64, i64, i64, p, i64, p, p, i32, p, i64, i32, p, p, p, p]
+    lib.sf_levels.argtypes = [i64, i64, i64, i64, i64, p, i64, p, p, i32, p, i64, i32, p, p, p]
     lib.sf_levels.restype = None
 
 
@@ -95,7 +94,7 @@ class LevelsSearch:
     def __init__(self, lib: ctypes.CDLL, query: list[np.ndarray], grid: tuple[int, int], kappa: int, clock):
         self.lib, self.grid, self.kappa, self.clock = lib, (int(grid[0]), int(grid[1])), kappa, clock
         big_h, big_w = self.grid
-        step = NP * int(lib.sf_width())
+        step = int(lib.sf_width())  # whole panels: the kernel takes an odd one at a row's end
         self.wpad = -(-big_w // step) * step
         query = [np.asarray(x, np.float32) for x in query]
         self.query = query
@@ -151,7 +150,7 @@ class LevelsSearch:
             lib.sf_levels(
                 qy0, qy1, big_h, big_w, wpad, self.qf.ctypes.data, cf, panels.ctypes.data, pnorms.ctypes.data,
                 len(descs), arr, base, top.approx.shape[1], top.approx.ctypes.data, top.index.ctypes.data,
-                top.exact.ctypes.data, self.scratch[t].ctypes.data,
+                self.scratch[t].ctypes.data,
             )  # fmt: skip
 
         if self.pool is None:

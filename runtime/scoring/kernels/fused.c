@@ -64,21 +64,24 @@ void sf_pack(const float *g, int64_t n, int64_t d, int64_t ldg, const float *nor
     }
 }
 
-/* d (< v[m-1]) into the sorted list v/ix/ex of m, after any equal value; its exact distance unset. */
-static inline void insert(float *v, int64_t *ix, float *ex, int32_t m, float d, int64_t id) {
+/* d (< v[m-1]) into the sorted list v/ix/ex of m, after any equal value; its exact distance unset.
+   ex NULL: a list without exact distances (always inlined, so that test is made once at compile time). */
+static inline __attribute__((always_inline)) void insert(float *v, int64_t *ix, float *ex, int32_t m, float d,
+                                                         int64_t id) {
     int32_t i = m - 1;
     while (i > 0 && v[i - 1] > d) {
         v[i] = v[i - 1];
         ix[i] = ix[i - 1];
-        ex[i] = ex[i - 1];
+        if (ex) ex[i] = ex[i - 1];
         i--;
     }
     v[i] = d;
     ix[i] = id;
-    ex[i] = INFINITY;
+    if (ex) ex[i] = INFINITY;
 }
 
-static inline void offer(vf dist, int64_t first, float *v, int64_t *ix, float *ex, int32_t m) {
+static inline __attribute__((always_inline)) void offer(vf dist, int64_t first, float *v, int64_t *ix, float *ex,
+                                                        int32_t m) {
     vi hit = dist < v[m - 1];
 #if VW == 16 && defined(__AVX512F__)
     if (!_mm512_test_epi32_mask((__m512i)hit, (__m512i)hit)) return;
@@ -156,13 +159,64 @@ typedef struct {
     const float *yw0, *yw1, *xw0, *xw1;
 } sf_level;
 
-/* qf: fine query rows (H*W x cf); panels: per fine gallery row Y, wpad/VW panels of cf x VW; pnorms:
-   H x wpad (+inf past W); scratch: (sum_l (rows_l + 1) w_l + W) wpad floats. Lists as sf_search's; gallery cell (Y, X)
-   is index base + Y*W + X. */
+/* offer() for lists without exact distances, the lanes that beat the list's last visited by their mask bits
+   (a list's first block sends most lanes of a vector in) */
+static inline __attribute__((always_inline)) void offer_lanes(vf dist, int64_t first, float *v, int64_t *ix, int32_t m) {
+    vi hit = dist < v[m - 1];
+    uint32_t mask = 0;
+#if VW == 16 && defined(__AVX512F__)
+    mask = _mm512_test_epi32_mask((__m512i)hit, (__m512i)hit);
+#elif VW == 8 && defined(__AVX2__)
+    mask = (uint32_t)_mm256_movemask_ps((__m256)hit);
+#else
+    for (int l = 0; l < VW; l++) mask |= (uint32_t)(hit[l] != 0) << l;
+#endif
+    while (mask) {
+        int l = __builtin_ctz(mask);
+        mask &= mask - 1;
+        if (dist[l] < v[m - 1]) insert(v, ix, NULL, m, dist[l], first + l);
+    }
+}
+
+/* The fine level's register tile of sf_levels: query cells (qy, r..r+nr) against np panels from pn of one
+   gallery row (index first + lane), started by the coarse levels' block blk (W x wpad). */
+static inline __attribute__((always_inline)) void levels_tile(int np, int64_t qy, int64_t r, int nr, int64_t pn,
+                                                              int64_t W, int64_t wpad, const float *qf, int64_t cf,
+                                                              const float *prow, const float *nrow, const float *blk,
+                                                              int64_t first, int32_t m, float *vals, int64_t *idx) {
+    const float *qr[RB];
+    vf acc[RB][NP];
+    for (int i = 0; i < RB; i++) {
+        int64_t x = r + (i < nr ? i : nr - 1);
+        qr[i] = qf + (qy * W + x) * cf;
+        for (int j = 0; j < np; j++) acc[i][j] = ld(blk + x * wpad + (pn + j) * VW);
+    }
+    const float *pa = prow + pn * cf * VW;
+    for (int64_t k = 0; k < cf; k++) {
+        vf b[NP];
+        for (int j = 0; j < np; j++) b[j] = ld(pa + (j * cf + k) * VW);
+        for (int i = 0; i < RB; i++) {
+            vf a = (vf){0} + qr[i][k];
+            for (int j = 0; j < np; j++) acc[i][j] += a * b[j];
+        }
+    }
+    for (int j = 0; j < np; j++) {
+        vf nrm = ld(nrow + (pn + j) * VW);
+        for (int i = 0; i < nr; i++) {
+            int64_t row = qy * W + r + i;
+            offer_lanes(nrm - 2.0f * acc[i][j], first + (pn + j) * VW, vals + row * m, idx + row * m, m);
+        }
+    }
+}
+
+/* qf: fine query rows (H*W x cf); panels: per fine gallery row Y, wpad/VW panels of cf x VW; pnorms: H x wpad
+   (+inf past W); scratch: (sum_l (rows_l + 1) w_l + W) wpad floats. Lists as sf_search's, without exact
+   distances (the caller re-computes those of the candidates that may belong); gallery cell (Y, X) is
+   index base + Y*W + X. */
 void sf_levels(int64_t qy0, int64_t qy1, int64_t H, int64_t W, int64_t wpad, const float *qf, int64_t cf,
                const float *panels, const float *pnorms, int32_t nlev, const sf_level *lev, int64_t base, int32_t m,
-               float *vals, int64_t *idx, float *ex, float *scratch) {
-    int64_t npr = wpad / VW; /* panels per gallery row, a multiple of NP */
+               float *vals, int64_t *idx, float *scratch) {
+    int64_t npr = wpad / VW; /* panels per gallery row */
     float *ng[8], *bx[8];    /* per coarse level: Nx with the gallery's y taps, rows x w x wpad; then with the
                                 query's too, w x wpad (its block with the query still at native x) */
     int32_t nl = nlev < 8 ? nlev : 8;
@@ -207,42 +261,16 @@ void sf_levels(int64_t qy0, int64_t qy1, int64_t H, int64_t W, int64_t wpad, con
                     st(o + c, v);
                 }
             }
-            const float *prow = panels + Y * npr * cf * VW;
-                const float *nrow = pnorms + Y * wpad;
-                for (int64_t r = 0; r < W; r += RB) {
-                    int nr = W - r < RB ? (int)(W - r) : RB;
-                    const float *qr[RB];
-                    int64_t xq[RB];
-                    for (int i = 0; i < RB; i++) {
-                        xq[i] = r + (i < nr ? i : nr - 1);
-                        qr[i] = qf + (qy * W + xq[i]) * cf;
-                    }
-                    for (int64_t pn = 0; pn < npr; pn += NP) {
-                        vf acc[RB][NP];
-                        for (int i = 0; i < RB; i++)
-                            for (int j = 0; j < NP; j++) acc[i][j] = (vf){0};
-                        for (int i = 0; i < RB; i++)
-                        for (int j = 0; j < NP; j++) acc[i][j] = ld(blk + xq[i] * wpad + (pn + j) * VW);
-                    const float *pa = prow + pn * cf * VW;
-                        for (int64_t k = 0; k < cf; k++) {
-                            vf b[NP];
-                            for (int j = 0; j < NP; j++) b[j] = ld(pa + (j * cf + k) * VW);
-                            for (int i = 0; i < RB; i++) {
-                                vf a = (vf){0} + qr[i][k];
-                                for (int j = 0; j < NP; j++) acc[i][j] += a * b[j];
-                            }
-                        }
-                        for (int j = 0; j < NP; j++) {
-                            vf nrm = ld(nrow + (pn + j) * VW);
-                            int64_t first = base + Y * W + (pn + j) * VW;
-                            for (int i = 0; i < nr; i++) {
-                                int64_t row = qy * W + r + i;
-                                offer(nrm - 2.0f * acc[i][j], first, vals + row * m, idx + row * m, ex + row * m, m);
-                            }
-                        }
-                    }
-                }
+            const float *prow = panels + Y * npr * cf * VW, *nrow = pnorms + Y * wpad;
+            for (int64_t r = 0; r < W; r += RB) {
+                int nr = W - r < RB ? (int)(W - r) : RB;
+                int64_t pn = 0;
+                for (; pn + NP <= npr; pn += NP)
+                    levels_tile(NP, qy, r, nr, pn, W, wpad, qf, cf, prow, nrow, blk, base + Y * W, m, vals, idx);
+                if (pn < npr) /* an odd panel at the row's end: W needs no padding to a pair of panels */
+                    levels_tile(1, qy, r, nr, pn, W, wpad, qf, cf, prow, nrow, blk, base + Y * W, m, vals, idx);
             }
+        }
     }
 }
 
