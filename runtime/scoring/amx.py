@@ -50,10 +50,12 @@ BACKENDS = {
     ),
 }
 FLAGS = BACKENDS["amx"][2]
-# coarse window values in two bf16 parts (16 bits) or one (8 bits: half the coarse products, a wider bound).
-# One part halved the WRN50x2 kernel on uniform random features but left 1533 of 3136 rows unsettled on
-# ELPV through WRN50x2 (end to end 6.3 s against 1.3 s): two on both back-ends (docs/speed.md)
-COARSE_PARTS = {"amx": 2, "avx512bf16": 2}
+# coarse window values in two bf16 parts (16 bits) or one (8 bits: half the coarse products, a wider bound),
+# or (0, AVX-512 only) as fp32 taps: each fine column's four native cells read and weighted in fp32, a few
+# multiply-adds where the parts took a product per window cell. One part halved the WRN50x2 kernel on uniform
+# random features but left 1533 of 3136 rows unsettled on ELPV through WRN50x2 (end to end 6.3 s against 1.3 s)
+# (docs/speed.md)
+COARSE_PARTS = {"amx": 2, "avx512bf16": 0}
 LABELS = {"avx512bf16": "AVX512-BF16 screen: bf16 products, selection (threads)"}  # the kernel's part of the time
 
 
@@ -74,6 +76,7 @@ def _kernel(backend: str = "amx") -> tuple[ctypes.CDLL | None, str]:
     p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
     lib.se_pack_b.argtypes = [p, i64, i64, i32, i32, p, f32, i32, i32, i32, p, p, p]
     lib.se_pack_b.restype = None
+    lib.se_taps.restype = ctypes.c_int
     lib.se_screen.argtypes = [i64, i64, i64, i32, i32, p, p, i64, i32, p, p, p, p, i64, i64, i32, p, p, p]
     lib.se_screen.restype = None
     if not _agrees(lib):

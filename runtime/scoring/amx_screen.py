@@ -101,6 +101,8 @@ class Window(ctypes.Structure):
         ("parts", ctypes.c_int64),
         ("runs", ctypes.c_void_p),
         ("run_at", ctypes.c_void_p),
+        ("tap_cell", ctypes.c_void_p),
+        ("tap_w", ctypes.c_void_p),
     ]
 
 
@@ -126,6 +128,21 @@ def tile_runs(weights: np.ndarray, n_pad: int) -> tuple[np.ndarray, np.ndarray]:
                 runs += [int(a), int(b) + 1]
         at.append(len(runs) // 2)
     return np.array(runs, np.int32).reshape(-1, 2), np.array(at, np.int64)
+
+
+def column_taps(weights: np.ndarray, n_pad: int) -> tuple[np.ndarray, np.ndarray]:
+    """The coarse window of one slab as taps (the AVX-512 kernel's parts = 0): ``weights`` (window cells, slab
+    columns) has at most four nonzero cells a column (bilinear). Per column of the n_pad: four window cells and
+    their weights, (n_pad, 4) each; weight 0 and cell 0 past a column's taps."""
+    cells, cols = weights.shape
+    col, cell = np.nonzero(weights.T)  # by column, then cell
+    count = np.bincount(col, minlength=n_pad)
+    if count.size and count.max() > 4:
+        raise ValueError(f"a column reads {count.max()} native cells: not bilinear taps")
+    tap = np.arange(col.size) - (np.cumsum(count) - count)[col]  # the rank of each cell in its column
+    at, wt = np.zeros((n_pad, 4), np.int32), np.zeros((n_pad, 4), np.float32)
+    at[col, tap], wt[col, tap] = cell, weights[cell, col]
+    return at, wt
 
 
 class Screen:
@@ -323,8 +340,8 @@ class PyramidScreen(Screen):
     value, in the bound)."""
 
     def __init__(self, lib, slabs: PyramidSlabs, m: int, coarse_parts: int = 2):
-        if coarse_parts not in (1, 2):
-            raise ValueError(f"coarse_parts is 1 or 2, got {coarse_parts}")
+        if coarse_parts not in (0, 1, 2) or (coarse_parts == 0 and not lib.se_taps()):
+            raise ValueError(f"coarse_parts is 0 (AVX-512 only), 1 or 2, got {coarse_parts}")
         self.coarse_parts = coarse_parts
         big_h, big_w = slabs.grid
         p = slabs.p
@@ -354,13 +371,18 @@ class PyramidScreen(Screen):
             wt = np.stack([u0[yy] * v0[xx], u0[yy] * v1[xx], u1[yy] * v0[xx], u1[yy] * v1[xx]], 1)
             windows = [coarse[li] for _, _, coarse in slabs.slabs]
             k_pad = int(max(up(end - start) for start, end, _ in windows))
-            b = aligned((n_slab, coarse_parts * k_pad * self.n_pad), np.uint16)
-            # per slab and B tile, the runs of pairs its columns read (se_screen's run_at[s * n_pad / 16 + t])
+            b = aligned((n_slab, max(1, coarse_parts * k_pad * self.n_pad)), np.uint16)
+            # per slab and B tile, the runs of pairs its columns read (se_screen's run_at[s * n_pad / 16 + t]), or
+            # (taps) each column's four cells and weights
             runs, run_at = [np.zeros((0, 2), np.int32)], [np.zeros(1, np.int64)]
-            for _, _, weights in windows:
-                r, a = tile_runs(weights, self.n_pad)
-                run_at.append(a[1:] + run_at[-1][-1])
-                runs.append(r)
+            tap = [np.zeros(0, np.int32), np.zeros(0, np.float32)]
+            if coarse_parts:
+                for _, _, weights in windows:
+                    r, a = tile_runs(weights, self.n_pad)
+                    run_at.append(a[1:] + run_at[-1][-1])
+                    runs.append(r)
+            else:
+                tap = [np.concatenate(x) for x in zip(*(column_taps(weights, self.n_pad) for _, _, weights in windows))]
             for s, (start, end, weights) in enumerate(windows):
                 for half in range(
                     0, coarse_parts * k_pad * self.n_pad, k_pad * self.n_pad
@@ -397,11 +419,15 @@ class PyramidScreen(Screen):
                     "starts": np.array([start for start, _, _ in windows], np.int64),
                     "runs": np.ascontiguousarray(np.concatenate(runs), np.int32),
                     "run_at": np.concatenate(run_at),
+                    "tap": tap,
                     "k_pad": k_pad,
                     "b": b,
                     "rowmax": np.zeros(self.rows, np.float32),
+                    # taps: the largest |q - mu| of each fine row's taps (its values' Cauchy-Schwarz bound, in add)
+                    "q_taps": np.linalg.norm(native.astype(np.float64), axis=1)[at].max(axis=1),
                 }
             )
+        # the terms of the bf16 sums (taps: the fine segment's; the taps' fp32 products are bounded apart, in add)
         self.terms = self.k_fine + sum(coarse_parts * lv["k_pad"] for lv in self.levels)
         self.set_error_scale(self.terms)
         self.windows = (Window * max(1, len(self.levels)))()
@@ -419,6 +445,7 @@ class PyramidScreen(Screen):
                 coarse_parts,
                 ptr(lv["runs"]),
                 ptr(lv["run_at"]),
+                *(ptr(x) for x in lv["tap"]),
             )
         self.sqnorms: list[np.ndarray] = []  # per gallery image: |Ug|^2
         self.images = 0
@@ -493,36 +520,41 @@ class PyramidScreen(Screen):
         )
         self.lap(self.label)
         self.gnorms.append(np.concatenate([self.colnorm[s, : r * big_w] for s, (_, r, _) in enumerate(slabs.slabs)]))
-        # c_i, per image: the coarse parts' rounding (weights' column sums are 1 per part; hi alone is off by
-        # 2^-8 of its value, hi + lo by 2^-16), the native products' own rounding, the fp32 steps of the
+        # c_i, per image: the coarse parts' rounding (hi alone is off by 2^-8 of its value, hi + lo by 2^-16; taps:
+        # fp32 steps), the native products' own rounding, the fp32 steps of the
         # norms (y-upsampling, <mu, Ug>, storing) and of the epilogue's sums
-        parts = self.coarse_parts
-        rowmax = sum(parts * lv["rowmax"][:p].astype(np.float64) for lv in self.levels)
-        coarse = self.hi_lo * rowmax + (U * rowmax if parts == 1 else 0.0)
-        native = sum(
-            2
-            * lv["channels"]
-            * (F32 if lv["native"] == np.float32 else 2.0**-53)
-            * lv["q_max"]
-            * (lv["mu_norm"] + float(np.sqrt(np.einsum("ij,ij->i", x, x).max())))
+        # the native products' own rounding, per level (the weights of a column sum to 2 in magnitude)
+        g_top = [float(np.sqrt(np.einsum("ij,ij->i", x, x).max())) for x in flat]
+        native = [
+            2 * lv["channels"] * (F32 if lv["native"] == np.float32 else 2.0**-53) * lv["q_max"] * (lv["mu_norm"] + top)
             + 4 * F32 * lv["q_max"] * lv["mu_norm"]
-            for lv, x in zip(self.levels, flat)
-        )
-        big = float(np.sqrt(max(float(n.max()), 0.0))) + np.sqrt(mu_sq)
-        sums = (
-            4
-            * F32
-            * (
-                big * big
-                + float(np.abs(norms).max())
-                + rowmax
-                + 2 * self.q_norm * (float(self.gnorms[-1].max()) + np.sqrt(mu_sq))
+            for lv, top in zip(self.levels, g_top)
+        ]
+        # spread: the largest coarse part of a value, sum over levels of |weights| (2 a column) x the row's largest
+        # window value (taps: |native product| <= |q - mu| |g - mu| + its rounding, Cauchy-Schwarz)
+        parts, n_levels = self.coarse_parts, len(self.levels)
+        if parts:
+            spread = sum(2 * lv["rowmax"][:p].astype(np.float64) for lv in self.levels)
+        else:
+            spread = sum(
+                2 * (lv["q_taps"] * (top + lv["mu_norm"]) * (1 + 1e-6) + err)
+                for lv, top, err in zip(self.levels, g_top, native)
             )
-        )
+        g_max = float(self.gnorms[-1].max())
+        if parts == 2:
+            coarse = self.hi_lo * spread
+        elif parts == 1:
+            coarse = (U + self.hi_lo) * spread
+        else:  # taps: each window value within 5 fp32 roundings (native to fp32, 4 products) of its taps' mean;
+            # 4 fp32 multiply-adds per level make the coarse part (partial sums <= spread); the fine sums start
+            # from it, so each of their k_fine roundings may also be 2^-24 of it
+            coarse = F32 * (5.1 + 4.1 * n_levels + 1.01 * self.k_fine) * spread
+        big = float(np.sqrt(max(float(n.max()), 0.0))) + np.sqrt(mu_sq)
+        sums = 4 * F32 * (big * big + float(np.abs(norms).max()) + spread + 2 * self.q_norm * (g_max + np.sqrt(mu_sq)))
         # subnormals: TDPBF16PS and VDPBF16PS take bf16 inputs below 2^-126 as zero and flush such products
         # and sums, each term then off by under 2^-126 (1 + |a| + |b|) (|b| <= 2 |g - mu| fine, weights <= 1)
-        flush = self.terms * 2.0**-125 * (1 + self.q_norm.max(initial=0.0) + 2 * float(self.gnorms[-1].max()) + rowmax)
-        np.maximum(self.slack, coarse + native + sums + flush, out=self.slack)
+        flush = (self.terms + 4 * n_levels) * 2.0**-125 * (1 + self.q_norm.max(initial=0.0) + 2 * g_max + spread)
+        np.maximum(self.slack, coarse + sum(native) + sums + flush, out=self.slack)
         self.images += 1
         self.lap("other (bounds, bookkeeping)")
 

@@ -17,7 +17,12 @@
    (TDPBF16PS); without it on AVX512-BF16 (VDPBF16PS, Zen 4/5, Cooper Lake), which reads the same
    packed operands: B's 16 k-pairs x 16 columns of a tile row are one zmm register per pair, A's pair
    of a row one broadcast dword. Both instructions multiply bf16 exactly into fp32 and add with
-   round-to-nearest-even, inputs and outputs' subnormals flushed: one bound covers both (amx_screen.py). */
+   round-to-nearest-even, inputs and outputs' subnormals flushed: one bound covers both (amx_screen.py).
+
+   The AVX-512 back-end also takes a coarse window as fp32 "taps" (window.parts 0): each fine column's value adds
+   its four native cells times their bilinear weights, made per row block in fp32 (the window's values by cell,
+   then the coarse part of every value, transposed 16 x 16 at a time), a few multiply-adds per value where the bf16
+   parts take a product per window cell; the fine sums start from that part. */
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
@@ -42,8 +47,10 @@ typedef struct {
 #ifdef SE_AMX
 /* Linux hands out AMX state only on request, once per process. */
 int se_enable(void) { return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0; }
+int se_taps(void) { return 0; } /* windows in bf16 parts only (window.parts 1 or 2) */
 #else
 int se_enable(void) { return 1; } /* AVX-512 state needs no request */
+int se_taps(void) { return 1; } /* also windows as fp32 taps (window.parts 0) */
 #endif
 
 static inline uint16_t to_bf16(float x) { /* round to nearest even; inputs are finite */
@@ -109,6 +116,11 @@ typedef struct {
        pairs outside them are zero in all 16 columns (AMX multiplies the whole k_pad) */
     const int32_t *runs;
     const int64_t *run_at;
+    /* AVX-512, parts = 0 ("taps"): the window's values stay fp32 and each fine column reads its (at most) four
+       native cells directly: tap_cell[(s * n_pad + n) * 4 + t] and tap_w[...] for column n of slab s (-2 x
+       bilinear; weight 0 and cell 0 past a column's taps) */
+    const int32_t *tap_cell;
+    const float *tap_w;
 } window;
 
 /* The A tiles of one window for query rows [r, r + 32): row i is sum_t w[i, t] m[at[i, t], start + c],
@@ -146,6 +158,93 @@ static void window_tiles(const window *wn, int64_t start, int64_t r, int64_t p, 
     }
 }
 
+#ifndef SE_AMX
+/* r[i][j] becomes r[j][i]: the 16 x 16 block of floats in 16 registers. */
+static inline __attribute__((always_inline)) void transpose16(__m512 r[16]) {
+    __m512 t[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+        r[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
+        r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xee);
+        r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+        r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xee);
+    }
+    for (int i = 0; i < 4; i++) {
+        t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
+        t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xdd);
+        t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
+        t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xdd);
+    }
+    for (int i = 0; i < 8; i++) {
+        r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+        r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
+    }
+}
+
+/* Taps mode: the window's values of query rows [r, r + 32) in fp32, by cell: cell c's 32 rows at dst + 32 c (zero in
+   rows past p). (The caller bounds their size by Cauchy-Schwarz: no rowmax here.) */
+static void window_columns(const window *wn, int64_t start, int64_t r, int64_t p, float *dst) {
+    for (int64_t c = 0; c < wn->k_pad; c += 16) {
+        int64_t left = wn->cols - start - c;
+        __mmask16 in = left >= 16 ? 0xffff : left > 0 ? (__mmask16)((1u << left) - 1) : 0;
+        const float *m = wn->m + start + c;
+        for (int h = 0; h < 2; h++) {
+            __m512 v[16];
+            for (int u = 0; u < 16; u++) {
+                int64_t i = r + 16 * h + u;
+                if (i >= p) {
+                    v[u] = _mm512_setzero_ps();
+                    continue;
+                }
+                const int64_t *at = wn->at + 4 * i;
+                const float *w = wn->w + 4 * i;
+                __m512 x = _mm512_mul_ps(_mm512_set1_ps(w[0]), _mm512_maskz_loadu_ps(in, m + at[0] * wn->lds));
+                x = _mm512_fmadd_ps(_mm512_set1_ps(w[1]), _mm512_maskz_loadu_ps(in, m + at[1] * wn->lds), x);
+                x = _mm512_fmadd_ps(_mm512_set1_ps(w[2]), _mm512_maskz_loadu_ps(in, m + at[2] * wn->lds), x);
+                v[u] = _mm512_fmadd_ps(_mm512_set1_ps(w[3]), _mm512_maskz_loadu_ps(in, m + at[3] * wn->lds), x);
+            }
+            transpose16(v);
+            for (int u = 0; u < 16; u++) _mm512_store_ps(dst + 32 * (c + u) + 16 * h, v[u]);
+        }
+    }
+}
+
+/* Taps mode: the coarse part of every value of the row block, rows [r, r + 32) by the slab's n_pad columns, into
+   dst (row-major, n_pad a row): column n is sum over the windows and their taps of weight x value, in fp32. */
+static void coarse_block(const window *wins, const float *const *cols, int32_t n_win, int64_t s, int32_t n_pad,
+                         float *dst) {
+    float buf[2][16][16] __attribute__((aligned(64))); /* 16 columns by 32 rows, a half at a time to transpose */
+    for (int32_t n0 = 0; n0 < n_pad; n0 += 16) {
+        for (int u = 0; u < 16; u++) {
+            __m512 lo = _mm512_setzero_ps(), hi = _mm512_setzero_ps();
+            for (int32_t g = 0; g < n_win; g++) {
+                if (!cols[g]) continue;
+                int64_t q = ((int64_t)s * n_pad + n0 + u) * 4;
+                const int32_t *cell = wins[g].tap_cell + q;
+                const float *w = wins[g].tap_w + q;
+                for (int t = 0; t < 4; t++) {
+                    const float *x = cols[g] + 32 * (int64_t)cell[t];
+                    __m512 wt = _mm512_set1_ps(w[t]);
+                    lo = _mm512_fmadd_ps(wt, _mm512_load_ps(x), lo);
+                    hi = _mm512_fmadd_ps(wt, _mm512_load_ps(x + 16), hi);
+                }
+            }
+            _mm512_store_ps(buf[0][u], lo);
+            _mm512_store_ps(buf[1][u], hi);
+        }
+        for (int h = 0; h < 2; h++) {
+            __m512 v[16];
+            for (int u = 0; u < 16; u++) v[u] = _mm512_load_ps(buf[h][u]);
+            transpose16(v);
+            for (int u = 0; u < 16; u++) _mm512_store_ps(dst + (16 * h + u) * (int64_t)n_pad + n0, v[u]);
+        }
+    }
+}
+#endif
+
 static inline void insert(float v, int64_t index, float *vals, int64_t *idx, int32_t m, float *thr) {
     int32_t worst = 0;
     for (int32_t t = 1; t < m; t++)
@@ -153,7 +252,7 @@ static inline void insert(float v, int64_t index, float *vals, int64_t *idx, int
     vals[worst] = v;
     idx[worst] = index;
     float top = vals[0];
-    for (int32_t t = 1; t < m; t++) top = fmaxf(top, vals[t]);
+    for (int32_t t = 1; t < m; t++) top = vals[t] > top ? vals[t] : top; /* no NaN here; fmaxf is a call */
     *thr = top;
 }
 
@@ -308,20 +407,24 @@ static inline __attribute__((always_inline)) void coarse_products(const coarse *
 }
 
 /* Rows [i0, i0 + RT) of the row block at r against columns [n0, n0 + 16 nt) of slab s: the fine products, each
-   window's over the runs its column tiles read, then the ranked values into the running lists (as in the AMX
-   se_screen above). */
-static inline __attribute__((always_inline)) void register_tile(const segment *fine, const coarse *cw, int32_t n_win,
+   window's over the runs its column tiles read (taps: the sums start from the row block's coarse part), then the
+   ranked values into the running lists (as in the AMX se_screen above). */
+static inline __attribute__((always_inline)) void register_tile(const segment *fine, const coarse *cw,
+                                                                const float *start, int32_t n_win,
                                                                 int64_t r, int i0, int32_t n0, int nt, int32_t n_pad,
                                                                 const float *nrm, const float *cn,
                                                                 const float *rowscale, int64_t first, int32_t m,
                                                                 float *vals, int64_t *idx, float *thr) {
-    __m512 acc[RT][NT_MAX];
+    __m512 acc[RT][NT_MAX]; /* the sums start from the taps' coarse part, if any (start: row-major, n_pad a row) */
     for (int i = 0; i < RT; i++)
-        for (int t = 0; t < NT_MAX; t++) acc[i][t] = _mm512_setzero_ps();
+        for (int t = 0; t < NT_MAX; t++)
+            acc[i][t] = start && t < nt ? _mm512_load_ps(start + (int64_t)(i0 + i) * n_pad + n0 + 16 * t)
+                                        : _mm512_setzero_ps();
     int64_t b_step = (int64_t)(n_pad / 16) * 512;
     block_products(fine->a + (i0 / 16) * fine->stride * 512 + (i0 % 16) * 32, fine->b + (n0 / 16) * 512, fine->k_pad,
                    b_step, nt, acc);
     for (int32_t g = 0; g < n_win; g++) { /* t constant in each call: acc stays in registers */
+        if (!cw[g].hi) continue; /* taps: in start */
         int64_t i_off = (i0 / 16) * cw[g].stride * 512 + (i0 % 16) * 32;
         coarse_products(&cw[g], i_off, n0 / 16, 0, b_step, acc);
         if (nt > 1) coarse_products(&cw[g], i_off, n0 / 16, 1, b_step, acc);
@@ -334,8 +437,9 @@ static inline __attribute__((always_inline)) void register_tile(const segment *f
         float v[16 * NT_MAX] __attribute__((aligned(64)));
         uint64_t mask = 0;
         for (int u = 0; u < nt; u++) {
+            __m512 sum = acc[i][u];
             __m512 x = _mm512_fmadd_ps(e, _mm512_loadu_ps(cn + n0 + 16 * u),
-                                       _mm512_add_ps(acc[i][u], _mm512_loadu_ps(nrm + n0 + 16 * u)));
+                                       _mm512_add_ps(sum, _mm512_loadu_ps(nrm + n0 + 16 * u)));
             mask |= (uint64_t)_mm512_cmp_ps_mask(x, tv, _CMP_LT_OQ) << (16 * u);
             _mm512_store_ps(v + 16 * u, x);
         }
@@ -352,19 +456,31 @@ void se_screen(int64_t r0, int64_t r1, int64_t p, int32_t n_slab, int32_t n_pad,
                const uint16_t *fine_b, int64_t k_fine, int32_t n_win, const window *wins, const float *norms,
                const float *colnorm, const float *rowscale, int64_t base, int64_t cells_per_slab, int32_t m,
                float *vals, int64_t *idx, float *thr) {
-    int64_t room = 0;
-    for (int32_t g = 0; g < n_win; g++) room += 2 * wins[g].parts * (wins[g].k_pad / 32) * 512;
+    int64_t room = 0, taps = 0; /* in uint16: bf16 tiles, or (taps) 32 rows of k_pad floats */
+    for (int32_t g = 0; g < n_win; g++) {
+        room += wins[g].parts ? 2 * wins[g].parts * (wins[g].k_pad / 32) * 512 : 2 * 32 * wins[g].k_pad;
+        taps |= !wins[g].parts;
+    }
     uint16_t *wbuf = (uint16_t *)aligned_alloc(64, sizeof(uint16_t) * (room ? room : 1));
-    coarse *cw = (coarse *)malloc(sizeof(coarse) * (n_win ? n_win : 1));
+    float *start = taps ? (float *)aligned_alloc(64, sizeof(float) * 32 * n_pad) : NULL; /* the taps' coarse part */
+    coarse *cw = (coarse *)calloc(n_win ? n_win : 1, sizeof(coarse));
+    const float **cols = (const float **)calloc(n_win ? n_win : 1, sizeof(float *));
     int64_t tiles = n_pad / 16;
     for (int32_t s = 0; s < n_slab; s++) {
         const float *nrm = norms + (int64_t)s * n_pad, *cn = colnorm + (int64_t)s * n_pad;
         int64_t first = base + s * cells_per_slab;
         for (int64_t r = r0; r < r1; r += 32) {
-            /* the fine segment; each window's A tiles (hi then lo per 16-row tile row), the slab's B and runs */
+            /* the fine segment; each window's A tiles (hi then lo per 16-row tile row), the slab's B and runs, or
+               (taps) its values by cell, then the coarse part of the whole row block */
             segment fine = {fine_a + (r / 16) * (k_fine / 32) * 512, fine_b + s * k_fine * n_pad, k_fine / 2, k_fine / 32};
             uint16_t *next = wbuf;
             for (int32_t g = 0; g < n_win; g++) {
+                if (!wins[g].parts) {
+                    window_columns(&wins[g], wins[g].starts[s], r, p, (float *)next);
+                    cols[g] = (const float *)next;
+                    next += 2 * 32 * wins[g].k_pad;
+                    continue;
+                }
                 window_tiles(&wins[g], wins[g].starts[s], r, p, next);
                 int64_t steps = wins[g].k_pad / 32, width = wins[g].parts * wins[g].k_pad;
                 cw[g] = (coarse){next,        wins[g].parts == 2 ? next + steps * 512 : NULL,
@@ -372,21 +488,24 @@ void se_screen(int64_t r0, int64_t r1, int64_t p, int32_t n_slab, int32_t n_pad,
                                  wins[g].parts * steps};
                 next += 2 * width / 32 * 512;
             }
+            if (taps) coarse_block(wins, cols, n_win, s, n_pad, start);
             for (int32_t n0 = 0; n0 < n_pad;) { /* 48 columns at a time, then what is left (16 or 32) */
                 int nt = n_pad - n0 >= 48 ? 3 : (n_pad - n0) / 16;
                 for (int i0 = 0; i0 < 32 && r + i0 < p; i0 += RT) { /* rows past p: padding, never read */
                     if (nt == 3)
-                        register_tile(&fine, cw, n_win, r, i0, n0, 3, n_pad, nrm, cn, rowscale, first, m, vals, idx, thr);
+                        register_tile(&fine, cw, start, n_win, r, i0, n0, 3, n_pad, nrm, cn, rowscale, first, m, vals, idx, thr);
                     else if (nt == 2)
-                        register_tile(&fine, cw, n_win, r, i0, n0, 2, n_pad, nrm, cn, rowscale, first, m, vals, idx, thr);
+                        register_tile(&fine, cw, start, n_win, r, i0, n0, 2, n_pad, nrm, cn, rowscale, first, m, vals, idx, thr);
                     else
-                        register_tile(&fine, cw, n_win, r, i0, n0, 1, n_pad, nrm, cn, rowscale, first, m, vals, idx, thr);
+                        register_tile(&fine, cw, start, n_win, r, i0, n0, 1, n_pad, nrm, cn, rowscale, first, m, vals, idx, thr);
                 }
                 n0 += 16 * nt;
             }
         }
     }
     free(wbuf);
+    free(start);
     free(cw);
+    free(cols);
 }
 #endif
