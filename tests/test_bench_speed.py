@@ -178,16 +178,17 @@ def test_concat_profile_accounts_for_the_whole_run(amx, monkeypatch):
 
 
 def test_fused_profile_accounts_for_the_whole_run():
-    """The fused scorer's own clock on a narrow pyramid (Lite0's proportions, small): the kernel and
-    the exact re-computation took time, and the parts leave little of the run to 'other'."""
+    """The fused scorer's own clock on a narrow pyramid (Lite0's proportions, small): the kernel at
+    per-level cost and the exact re-computation took time, and the parts leave little of the run to
+    'other'."""
     from spade_edge.bench import speed
     from spade_edge.runtime.scoring import cpu_scorer
-    from spade_edge.runtime.scoring.fused import EXACT, KERNEL
+    from spade_edge.runtime.scoring.fused_levels import EXACT, KERNEL
 
     if not cpu_scorer().name.startswith("fused "):
         pytest.skip(f"the CPU scorer here is {cpu_scorer().name}, not a fused kernel")
     r = speed.profile_concat(k=4, backbone="narrow", shapes=[(24, 24, 24), (12, 12, 40), (6, 6, 112)])
-    assert r["path"].startswith(r["scorer"])  # the plain path of the narrow pyramid, screened or not
+    assert r["path"] == f"{r['scorer']} levels"  # the narrow pyramid at per-level cost in the fused kernel
     parts = dict(r["parts_s"])
     other = parts.pop(speed.OTHER)
     assert parts[KERNEL] > 0 and parts[EXACT] > 0

@@ -27,6 +27,13 @@ from .pyramid import exact_distances
 PARTS = 2  # parts of the fine rows per thread
 
 
+READ, KERNEL, EXACT = (
+    "gallery image read and packed (fine panels, coarse levels upsampled along x)",
+    "kernel: coarse products (BLAS), blends, fine level and selection (threads)",
+    "exact re-computation of the candidates that may belong",
+)
+
+
 class Level(ctypes.Structure):
     """kernels/fused.c's ``sf_level``: one coarse level's Nx rows and its taps on the fine grid."""
 
@@ -135,7 +142,7 @@ class LevelsSearch:
             np.ascontiguousarray(np.matmul(c.x_up, g).transpose(0, 2, 1))
             for c, g in zip(self.coarse, (x for x, f in zip(levels, self.fine) if not f))
         ]
-        self.clock.lap("gallery image read and packed (fine panels, coarse levels upsampled along x)")
+        self.clock.lap(READ)
         top, lib = self.top, self.lib
 
         def part(t: int) -> None:
@@ -159,7 +166,7 @@ class LevelsSearch:
         else:
             for f in [self.pool.submit(part, t) for t in range(len(self.parts))]:
                 f.result()
-        self.clock.lap("kernel: coarse products (BLAS), blends, fine level and selection (threads)")
+        self.clock.lap(KERNEL)
 
     def close(self) -> None:
         if self.pool is not None:
@@ -193,5 +200,5 @@ class LevelsSearch:
         top = self.top
         which = top.may_belong(self.bound(kept, reach))
         top.exact = exact_distances(concat_upsampled(self.query, self.grid), view, self.grid, top.index, which)
-        self.clock.lap("exact re-computation of the candidates that may belong")
+        self.clock.lap(EXACT)
         return top.result()
