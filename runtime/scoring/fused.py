@@ -460,9 +460,10 @@ class FusedScorer(NumpyScorer):
             for j in range(len(view)):
                 levels = view[j]
                 norms = np.asarray(view.sqnorms(j, levels), np.float64)
-                run.add(levels, norms, j * p)
+                run.add(levels, norms, j * p)  # the next image is read and packed while this one's kernel runs
                 kept.append(norms)
                 reach[j] = pyramid.reach([np.asarray(x, np.float32) for x in levels])
+            run.wait()
         finally:
             run.close()
         top = run.result(view, kept, reach)

@@ -15,7 +15,7 @@ are re-computed exactly from the upsampled rows, and :func:`.base.merge` decides
 from __future__ import annotations
 
 import ctypes
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
@@ -123,9 +123,26 @@ class LevelsSearch:
             for a, b in self.parts
         ]
         self.pool = ThreadPoolExecutor(threads) if threads > 1 else None
+        self.pending: list[Future] = []
 
     def add(self, levels: list[np.ndarray], norms: np.ndarray, base: int) -> None:
-        """Offer one gallery image's cells (indices base..) to every query row's list."""
+        """Offer one gallery image's cells (indices base..) to every query row's list; returns once the
+        kernel has run on the image before it. The next image's packing, on the calling thread, overlaps this
+        one's kernel, on the pool's; :meth:`wait` for the last."""
+        operands = self._pack(levels, norms)
+        self.clock.lap(READ)
+        self.wait()  # the lists of a row are the previous image's until its part has run
+        self.pending = [self._launch(t, operands, base) for t in range(len(self.parts))]
+
+    def wait(self) -> None:
+        """Until the kernel has run on every image offered."""
+        for f in self.pending:
+            f.result()
+        self.pending = []
+        self.clock.lap(KERNEL)
+
+    def _pack(self, levels: list[np.ndarray], norms: np.ndarray) -> tuple:
+        """One gallery image's operands: fine panels, their squared norms, each coarse level upsampled along x."""
         big_h, big_w = self.grid
         wpad, cf, vw = self.wpad, self.cf, int(self.lib.sf_width())
         levels = [np.asarray(x, np.float32) for x in levels]
@@ -142,10 +159,15 @@ class LevelsSearch:
             np.ascontiguousarray(np.matmul(c.x_up, g).transpose(0, 2, 1))
             for c, g in zip(self.coarse, (x for x, f in zip(levels, self.fine) if not f))
         ]
-        self.clock.lap(READ)
+        return panels, pnorms, gx
+
+    def _launch(self, t: int, operands: tuple, base: int) -> Future:
+        """Part t of the fine rows against one image's ``operands``, on the pool (or here, done, without one)."""
+        panels, pnorms, gx = operands
+        big_h, big_w = self.grid
         top, lib = self.top, self.lib
 
-        def part(t: int) -> None:
+        def part() -> None:
             qy0, qy1 = self.parts[t]
             held, descs = [], []
             for c, g in zip(self.coarse, gx):
@@ -155,22 +177,27 @@ class LevelsSearch:
                 descs.append(c.level(nx, r0))
             arr = (Level * max(1, len(descs)))(*descs)
             lib.sf_levels(
-                qy0, qy1, big_h, big_w, wpad, self.qf.ctypes.data, cf, panels.ctypes.data, pnorms.ctypes.data,
-                len(descs), arr, base, top.approx.shape[1], top.approx.ctypes.data, top.index.ctypes.data,
-                self.scratch[t].ctypes.data,
+                qy0, qy1, big_h, big_w, self.wpad, self.qf.ctypes.data, self.cf, panels.ctypes.data,
+                pnorms.ctypes.data, len(descs), arr, base, top.approx.shape[1], top.approx.ctypes.data,
+                top.index.ctypes.data, self.scratch[t].ctypes.data,
             )  # fmt: skip
 
-        if self.pool is None:
-            for t in range(len(self.parts)):
-                part(t)
-        else:
-            for f in [self.pool.submit(part, t) for t in range(len(self.parts))]:
-                f.result()
-        self.clock.lap(KERNEL)
+        if self.pool is not None:
+            return self.pool.submit(part)
+        done: Future = Future()
+        part()
+        done.set_result(None)
+        return done
 
     def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown()
+        """Wait for the kernel and let the pool go (also after an error: no part left running)."""
+        try:
+            for f in self.pending:
+                f.result()
+        finally:
+            self.pending = []
+            if self.pool is not None:
+                self.pool.shutdown()
 
     def bound(self, kept: list[np.ndarray], reach: np.ndarray) -> np.ndarray:
         """Per kept candidate, a bound on |kept value - exact expanded distance| (float32, like ``approx``).
