@@ -21,8 +21,7 @@ import numpy as np
 
 from ..resample import interp_matrix, taps, upsample_map
 from ..threads import compute_threads
-from .base import Candidates, GalleryPyramids, TopK, concat_upsampled
-from .pyramid import exact_distances
+from .base import Candidates, GalleryPyramids, TopK
 
 PARTS = 2  # parts of the fine rows per thread
 
@@ -48,11 +47,25 @@ class Level(ctypes.Structure):
     ]
 
 
+class Source(ctypes.Structure):
+    """kernels/fused.c's ``sf_source``: a native level map and its taps on the fine grid (none at the fine grid)."""
+
+    _fields_ = [
+        ("g", ctypes.c_void_p),
+        ("h", ctypes.c_int64),
+        ("w", ctypes.c_int64),
+        ("c", ctypes.c_int64),
+        *[(name, ctypes.c_void_p) for name in ("ya0", "ya1", "xb0", "xb1", "yw0", "yw1", "xw0", "xw1")],
+    ]
+
+
 def declare(lib: ctypes.CDLL) -> None:
-    """The argument types of ``sf_levels`` (kernels/fused.c)."""
+    """The argument types of ``sf_levels`` and ``sf_exact_levels`` (kernels/fused.c)."""
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
     lib.sf_levels.argtypes = [i64, i64, i64, i64, i64, p, i64, p, p, i32, p, i64, i32, p, p, p]
     lib.sf_levels.restype = None
+    lib.sf_exact_levels.argtypes = [i64, p, p, i64, i32, p, p, p, p]
+    lib.sf_exact_levels.restype = None
 
 
 class _Coarse:
@@ -103,7 +116,7 @@ class LevelsSearch:
         big_h, big_w = self.grid
         step = int(lib.sf_width())  # whole panels: the kernel takes an odd one at a row's end
         self.wpad = -(-big_w // step) * step
-        query = [np.asarray(x, np.float32) for x in query]
+        query = [np.ascontiguousarray(x, np.float32) for x in query]  # sf_exact_levels reads them in place
         self.query = query
         self.fine = [x.shape[:2] == self.grid for x in query]
         self.qf = np.ascontiguousarray(
@@ -111,6 +124,10 @@ class LevelsSearch:
         )
         self.cf = self.qf.shape[1]
         self.coarse = [_Coarse(x, self.grid, self.wpad) for x, f in zip(query, self.fine) if not f]
+        # each level's taps on the fine grid for the exact distances (sf_exact_levels), None at the fine grid
+        coarse = iter(self.coarse)
+        self.taps = [None if f else next(coarse).taps for f in self.fine]
+        self.q_sources = self.sources(query)
         if len(self.coarse) > 8:
             raise ValueError(f"the fused kernel takes at most 8 coarse levels, this pyramid has {len(self.coarse)}")
         self.top = Candidates(big_h * big_w, kappa)  # keep(kappa) slots a row, filled in place by the kernel
@@ -221,11 +238,38 @@ class LevelsSearch:
         error = gamma * (g_sq + 2 * np.sqrt(a_sq)[:, None] * (1 + 2.0**-20) * reach[image])
         return error.astype(np.float32)
 
+    def sources(self, levels: list[np.ndarray]) -> ctypes.Array:
+        """``sf_source`` of each level map (float32, C order: the caller keeps them alive)."""
+        out = (Source * len(levels))()
+        for i, (x, tap) in enumerate(zip(levels, self.taps)):
+            h, w, c = x.shape
+            out[i] = Source(x.ctypes.data, h, w, c, *([None] * 8 if tap is None else [a.ctypes.data for a in tap]))
+        return out
+
+    def exact(self, view: GalleryPyramids, which: np.ndarray) -> np.ndarray:
+        """Exact squared distances of the candidates ``which`` (inf elsewhere), each image read once."""
+        top, (_, big_w) = self.top, self.grid
+        p = self.grid[0] * big_w
+        out = np.full(top.index.shape, np.inf, np.float32)
+        rows, slots = np.nonzero(which)
+        image, cell = np.divmod(top.index[rows, slots], p)
+        work = np.empty(2 * max(x.shape[2] for x in self.query), np.float64)
+        for j in np.unique(image):
+            mine = np.flatnonzero(image == j)
+            r, c = np.ascontiguousarray(rows[mine], np.int64), np.ascontiguousarray(cell[mine], np.int64)
+            levels = [np.ascontiguousarray(x, np.float32) for x in view[int(j)]]
+            d = np.empty(len(mine), np.float32)
+            self.lib.sf_exact_levels(
+                len(mine), r.ctypes.data, c.ctypes.data, big_w, len(levels), self.q_sources, self.sources(levels),
+                work.ctypes.data, d.ctypes.data,
+            )  # fmt: skip
+            out[rows[mine], slots[mine]] = d
+        return out
+
     def result(self, view: GalleryPyramids, kept: list[np.ndarray], reach: np.ndarray) -> TopK:
-        """The kappa nearest: the kept candidates that may belong (:meth:`bound`) re-computed exactly from
-        upsampled rows, then :func:`.base.merge`."""
+        """The kappa nearest: the kept candidates that may belong (:meth:`bound`) re-computed exactly
+        (:meth:`exact`), then :func:`.base.merge`."""
         top = self.top
-        which = top.may_belong(self.bound(kept, reach))
-        top.exact = exact_distances(concat_upsampled(self.query, self.grid), view, self.grid, top.index, which)
+        top.exact = self.exact(view, top.may_belong(self.bound(kept, reach)))
         self.clock.lap(EXACT)
         return top.result()

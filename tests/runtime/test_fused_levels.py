@@ -116,3 +116,17 @@ def test_bad_galleries_and_kappa_are_refused(level):
         search(level, q, [good], grid, 0)
     with pytest.raises(ValueError, match="fewer than kappa"):
         search(level, q, [good], grid, grid[0] * grid[1] + 1)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_a_copy_of_the_query_is_at_distance_zero_at_every_cell(level):
+    """The exact distances are the upsampled rows' without their fp32 rounding: both sides' taps are made
+    the same way, so a gallery image equal to the query matches every cell at 0, itself."""
+    grid, shapes = PYRAMIDS[1]
+    rng = np.random.default_rng(5)
+    q = [rng.normal(size=s).astype(np.float32) for s in shapes]
+    other = [rng.normal(size=s).astype(np.float32) for s in shapes]
+    s, top = search(level, q, [other, [x.copy() for x in q]], grid, 1)
+    p = grid[0] * grid[1]
+    np.testing.assert_array_equal(top.distances[:, 0], 0.0)
+    np.testing.assert_array_equal(top.indices[:, 0], p + np.arange(p))

@@ -274,6 +274,53 @@ void sf_levels(int64_t qy0, int64_t qy1, int64_t H, int64_t W, int64_t wpad, con
     }
 }
 
+/* The exact squared distances of candidates of sf_levels' search: candidate k is query cell rows[k] against
+   gallery cell cells[k] (both flat on the W-wide fine grid), each side's upsampled value of a level made
+   from its native map by its four taps (two along each axis; a level at the fine grid is read as is), the
+   taps' sums, the differences and the squares in float64, rounded to fp32 once: the distance of the
+   upsampled, concatenated rows without their fp32 rounding (an identical image is at 0). */
+typedef struct {
+    const float *g; /* h x w x c */
+    int64_t h, w, c;
+    const int32_t *ya0, *ya1, *xb0, *xb1; /* NULL: a level at the fine grid */
+    const float *yw0, *yw1, *xw0, *xw1;
+} sf_source;
+
+/* level S's upsampled value at fine cell (y, x), channel by channel into v (float64) */
+static void upsampled(const sf_source *S, int64_t y, int64_t x, double *v) {
+    int64_t c = S->c;
+    if (!S->ya0) {
+        const float *g = S->g + (y * S->w + x) * c;
+        for (int64_t ch = 0; ch < c; ch++) v[ch] = g[ch];
+        return;
+    }
+    const float *g00 = S->g + (S->ya0[y] * S->w + S->xb0[x]) * c, *g01 = S->g + (S->ya0[y] * S->w + S->xb1[x]) * c;
+    const float *g10 = S->g + (S->ya1[y] * S->w + S->xb0[x]) * c, *g11 = S->g + (S->ya1[y] * S->w + S->xb1[x]) * c;
+    double w00 = (double)S->yw0[y] * S->xw0[x], w01 = (double)S->yw0[y] * S->xw1[x];
+    double w10 = (double)S->yw1[y] * S->xw0[x], w11 = (double)S->yw1[y] * S->xw1[x];
+    for (int64_t ch = 0; ch < c; ch++) v[ch] = w00 * g00[ch] + w01 * g01[ch] + w10 * g10[ch] + w11 * g11[ch];
+}
+
+/* q, g: nlev sources each (the query's levels, one gallery image's); work: 2 x (largest c) doubles */
+void sf_exact_levels(int64_t n, const int64_t *rows, const int64_t *cells, int64_t W, int32_t nlev, const sf_source *q,
+                     const sf_source *g, double *work, float *out) {
+    int64_t cmax = 0;
+    for (int32_t l = 0; l < nlev; l++) cmax = q[l].c > cmax ? q[l].c : cmax;
+    double *a = work, *b = work + cmax;
+    for (int64_t k = 0; k < n; k++) {
+        double acc = 0.0;
+        for (int32_t l = 0; l < nlev; l++) {
+            upsampled(q + l, rows[k] / W, rows[k] % W, a);
+            upsampled(g + l, cells[k] / W, cells[k] % W, b);
+            for (int64_t ch = 0; ch < q[l].c; ch++) {
+                double t = a[ch] - b[ch];
+                acc += t * t;
+            }
+        }
+        out[k] = (float)acc;
+    }
+}
+
 /* ---- screens: each kept value is a lower bound of the expanded distance -------------------------
 
    sf_screen_bf16 ranks value = nb_j - 2 q_i.g_j - e_i gn_j with bf16 operands (AVX512-BF16 VDPBF16PS),
