@@ -26,6 +26,9 @@
 #define RB 4
 #endif
 #define NP 2
+#ifndef RBL
+#define RBL RB /* query rows per register tile of sf_levels */
+#endif
 
 typedef float vf __attribute__((vector_size(VW * 4)));
 typedef int32_t vi __attribute__((vector_size(VW * 4)));
@@ -184,9 +187,9 @@ static inline __attribute__((always_inline)) void levels_tile(int np, int64_t qy
                                                               int64_t W, int64_t wpad, const float *qf, int64_t cf,
                                                               const float *prow, const float *nrow, const float *blk,
                                                               int64_t first, int32_t m, float *vals, int64_t *idx) {
-    const float *qr[RB];
-    vf acc[RB][NP];
-    for (int i = 0; i < RB; i++) {
+    const float *qr[RBL];
+    vf acc[RBL][NP];
+    for (int i = 0; i < RBL; i++) {
         int64_t x = r + (i < nr ? i : nr - 1);
         qr[i] = qf + (qy * W + x) * cf;
         for (int j = 0; j < np; j++) acc[i][j] = ld(blk + x * wpad + (pn + j) * VW);
@@ -195,7 +198,7 @@ static inline __attribute__((always_inline)) void levels_tile(int np, int64_t qy
     for (int64_t k = 0; k < cf; k++) {
         vf b[NP];
         for (int j = 0; j < np; j++) b[j] = ld(pa + (j * cf + k) * VW);
-        for (int i = 0; i < RB; i++) {
+        for (int i = 0; i < RBL; i++) {
             vf a = (vf){0} + qr[i][k];
             for (int j = 0; j < np; j++) acc[i][j] += a * b[j];
         }
@@ -262,13 +265,16 @@ void sf_levels(int64_t qy0, int64_t qy1, int64_t H, int64_t W, int64_t wpad, con
                 }
             }
             const float *prow = panels + Y * npr * cf * VW, *nrow = pnorms + Y * wpad;
-            for (int64_t r = 0; r < W; r += RB) {
-                int nr = W - r < RB ? (int)(W - r) : RB;
-                int64_t pn = 0;
-                for (; pn + NP <= npr; pn += NP)
-                    levels_tile(NP, qy, r, nr, pn, W, wpad, qf, cf, prow, nrow, blk, base + Y * W, m, vals, idx);
-                if (pn < npr) /* an odd panel at the row's end: W needs no padding to a pair of panels */
-                    levels_tile(1, qy, r, nr, pn, W, wpad, qf, cf, prow, nrow, blk, base + Y * W, m, vals, idx);
+            /* panels outer: a pair (cf x 2 VW floats) stays in L1 while every row tile reads it */
+            for (int64_t pn = 0; pn < npr; pn += NP) {
+                int np = npr - pn < NP ? (int)(npr - pn) : NP; /* an odd panel at the row's end: no padding */
+                for (int64_t r = 0; r < W; r += RBL) {
+                    int nr = W - r < RBL ? (int)(W - r) : RBL;
+                    if (np == NP)
+                        levels_tile(NP, qy, r, nr, pn, W, wpad, qf, cf, prow, nrow, blk, base + Y * W, m, vals, idx);
+                    else
+                        levels_tile(1, qy, r, nr, pn, W, wpad, qf, cf, prow, nrow, blk, base + Y * W, m, vals, idx);
+                }
             }
         }
     }
