@@ -5,7 +5,7 @@ running lists it fills, and the bounds that settle which candidates may belong (
 Each screened value is the lower bound ``expanded - e_i |g_j|`` of an expanded distance |g|^2 - 2 q.g
 (query row i, gallery row or cell j): the fine operands are rounded to bf16 once, so the products
 move by at most e_i |g_j|, e_i = BF16 * 2 |q_i|; the rest of the error, c_i, does not depend on j
-(coarse operands in two bf16 parts, fp32 sums). Everything is centred on the query's mean first:
+(coarse operands in two bf16 parts or as fp32 taps, fp32 sums). Everything is centred on the query's mean first:
 distances do not move, products and their rounding shrink.
 """
 
@@ -337,7 +337,9 @@ class PyramidScreen(Screen):
     :class:`.pyramid.PyramidSlabs`: the fine level as one segment, each coarse level's native
     products read through a window per slab in two bf16 parts (the kernel's ``window``), or in one
     (``coarse_parts`` = 1: half the coarse products, their rounding, 2^-8 of each row's largest window
-    value, in the bound)."""
+    value, in the bound), or (0, the AVX-512 kernel's) as fp32 taps: each fine column's four native
+    cells times their bilinear weights, the fine sums starting from them (a few fp32 roundings of the
+    coarse part in the bound)."""
 
     def __init__(self, lib, slabs: PyramidSlabs, m: int, coarse_parts: int = 2):
         if coarse_parts not in (0, 1, 2) or (coarse_parts == 0 and not lib.se_taps()):
