@@ -166,7 +166,7 @@ def test_concat_profile_accounts_for_the_whole_run(amx, monkeypatch):
     work = (
         parts["BLAS products, fine and coarse (8.1 GFLOP per gallery image)"]
         if cprofiled
-        else next(v for k, v in parts.items() if " screen: " in k)  # the AMX or AVX512-BF16 kernel's part
+        else next(v for k, v in parts.items() if " screen: " in k or k.startswith("kernel: "))  # the kernel's part
     )
     if cprofiled:
         assert work == max(parts.values())  # the products are the work; everything else is overhead
@@ -216,8 +216,11 @@ def test_per_level_rows_agree_with_faiss_and_name_the_paths(monkeypatch):
 
 def _wide_pyramid_path(scorer) -> str:
     """The path a wide pyramid (WRN50x2-like) takes with ``scorer``: the AMX screen, the bf16 pyramid
-    screen of a fused scorer at level avx512bf16, else the fp32 per-level products."""
+    screen of a fused scorer at level avx512bf16, else the fused kernel's per-level cost, or NumpyScorer's
+    fp32 per-level products where no kernel runs."""
     if scorer.name == "amx":
         return "amx"
     screen = getattr(scorer, "pyramid_screen", lambda: None)()
-    return "fp32 levels" if screen is None else screen.name
+    if screen is not None:
+        return screen.name
+    return f"{scorer.name} levels" if scorer.name.startswith("fused ") else "fp32 levels"

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from spade_edge.runtime import cpu
+from spade_edge.runtime.scoring import fused
 
 try:
     import tomllib
@@ -48,9 +49,19 @@ class CpuScorer:
 # a scorer added later is one more line here
 CPU_SCORERS = (
     CpuScorer("amx", "AmxScorer", ("amx_tile", "amx_bf16", "avx512f", "avx512_bf16"), "AMX", "amx_screen.c", ("amx",)),
-    # the fused kernels: a portable level everywhere; small pyramids take the per-level products, screened
-    # in bf16 where the CPU has AVX512-BF16
-    CpuScorer("fused", "FusedScorer", (), "fused", "fused.c", ("avx512bf16 screen", "fp32 levels")),
+    # the fused kernels: a portable level everywhere; small pyramids take the kernel's per-level cost, or
+    # where the CPU has AVX512-BF16 and the pyramid is wide, the bf16 pyramid screen
+    CpuScorer(
+        "fused",
+        "FusedScorer",
+        (),
+        "fused",
+        "fused.c",
+        (
+            "avx512bf16 screen",
+            *(f"fused {level} levels" for level in fused.LEVELS),
+        ),
+    ),
 )
 
 # Run by the clean environment's python, in an empty folder: reports where spade_edge came from,

@@ -11,9 +11,9 @@ that traffic, not the arithmetic, is what NumpyScorer's BLAS path pays).
 The kernel is compiled on first use for the best level this CPU has (:data:`LEVELS`: AVX-512,
 AVX2+FMA, NEON, portable C), checked against numpy once, and chosen at run time;
 ``SPADE_EDGE_CPU_LEVEL`` caps the level (e.g. ``avx2`` on an AVX-512 machine measures the AVX2
-kernels; ``numpy``: no fused kernel). The concatenated pyramid: wide ones (WRN50x2, PER_LEVEL_SHARE)
-keep NumpyScorer's per-level-cost path or its bf16 screen; narrow ones take the per-level cost inside
-the fused kernel (:mod:`.fused_levels`), the coarse levels never upsampled to the fine grid.
+kernels; ``numpy``: no fused kernel). The concatenated pyramid takes the per-level cost inside the
+fused kernel (:mod:`.fused_levels`: the coarse levels are never upsampled to the fine grid), or for wide
+pyramids (WRN50x2, PER_LEVEL_SHARE) on AVX512-BF16 the pyramid screen.
 """
 
 from __future__ import annotations
@@ -424,20 +424,18 @@ class FusedScorer(NumpyScorer):
         return TopK(d, i)
 
     def topk_pyramid(self, query, gallery, grid, kappa):
-        """Wide pyramids (WRN50x2, :func:`.numpy.uses_levels`): the per-level cost screened in bf16 where
-        this level has AVX512-BF16 (:meth:`pyramid_screen`), else NumpyScorer's per-level BLAS products.
-        Narrow ones (EfficientNet-Lite0) with a level at the fine grid: the per-level cost inside this
-        level's fused kernel (:mod:`.fused_levels`; for wide ones its fine products are the BLAS path's
-        work again, docs/speed.md)."""
+        """The concatenated pyramid at per-level cost: for wide pyramids (WRN50x2, :func:`.numpy.uses_levels`)
+        screened in bf16 where this level has AVX512-BF16 (:meth:`pyramid_screen`); otherwise inside this
+        level's fused kernel (:meth:`topk_levels`), where the pyramid has a level at the fine grid. Else the
+        upsampled rows through the kernel."""
         if self.lib is None:
             return super().topk_pyramid(query, gallery, grid, kappa)
         if uses_levels(query, grid):
             screen = self.pyramid_screen()
-            if screen is None:
-                return super().topk_pyramid(query, gallery, grid, kappa)
-            top = screen.topk_pyramid(query, gallery, grid, kappa)
-            self.stats = screen.stats
-            return top
+            if screen is not None:
+                top = screen.topk_pyramid(query, gallery, grid, kappa)
+                self.stats = screen.stats
+                return top
         # our threads split the work; BLAS runs on each of them alone (see topk)
         with blas_single_threaded():
             if any(tuple(np.shape(x)[:2]) == tuple(grid) for x in query):

@@ -105,7 +105,7 @@ def test_owes_what_every_scorer_owes(level):
     check_reads_the_gallery_view(s)
 
 
-def test_narrow_pyramids_take_the_kernels_per_level_cost_and_wide_ones_the_blas_per_level_path():
+def test_pyramids_take_the_kernels_per_level_cost_and_wide_ones_the_bf16_screen_where_it_runs():
     level = fused.best()[0]
     if level is None:
         pytest.skip(f"no fused kernel runs here: {fused.best()[1]}")
@@ -114,8 +114,8 @@ def test_narrow_pyramids_take_the_kernels_per_level_cost_and_wide_ones_the_blas_
     wide_screened = fused.FusedScorer(level).pyramid_screen() is not None
     for shapes, path in (
         ([(8, 32, 8), (4, 16, 8), (2, 8, 8)], f"fused {level} levels"),  # narrow: the fused kernel's per-level cost
-        # wide: per-level cost wins, screened in bf16 where the level has AVX512-BF16 (test_pyramid_screen.py)
-        ([(8, 32, 16), (4, 16, 128), (2, 8, 256)], "avx512bf16 screen" if wide_screened else "fp32 levels"),
+        # wide: screened in bf16 where the level has AVX512-BF16 (test_pyramid_screen.py), else the kernel's too
+        ([(8, 32, 16), (4, 16, 128), (2, 8, 256)], "avx512bf16 screen" if wide_screened else f"fused {level} levels"),
     ):
         q = [rng.normal(size=s).astype(np.float32) for s in shapes]
         gal = [[rng.normal(size=s).astype(np.float32) for s in shapes] for _ in range(4)]

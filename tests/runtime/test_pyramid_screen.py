@@ -127,7 +127,7 @@ def test_ties_go_to_the_lower_index_and_near_ties_are_decided_exactly(backend, k
 def test_the_fused_scorer_screens_wide_pyramids_on_avx512bf16(monkeypatch):
     """Where this CPU's best fused level is avx512bf16, a wide pyramid (the per-level cost path) runs the
     screen's AVX512-BF16 back-end, and the neighbours are NumpyScorer's; capped below that level (or with
-    the screens off) it is NumpyScorer's per-level path."""
+    the screens off) it is the fused kernel's per-level cost (tests/runtime/test_fused_levels.py)."""
     if fused.best()[0] != "avx512bf16" or not amx.available("avx512bf16")[0]:
         pytest.skip(
             f"this CPU's fused level is {fused.best()[0]!r}; the avx512bf16 screen: {amx.available('avx512bf16')[1]}"
@@ -144,7 +144,7 @@ def test_the_fused_scorer_screens_wide_pyramids_on_avx512bf16(monkeypatch):
     capped = fused.FusedScorer()
     assert capped.pyramid_screen() is None
     capped.topk_pyramid(q, gallery, (16, 16), 2)
-    assert capped.stats["path"] == "fp32 levels"
+    assert capped.stats["path"] == "fused avx512 levels"
 
 
 RUN_GRIDS = [
