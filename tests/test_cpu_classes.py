@@ -13,6 +13,7 @@ SUBSET = [
     for name in (
         "test_scoring",
         "test_fused",
+        "test_fused_levels",
         "test_amx",
         "test_cpu",
         "test_cuda_kernel",
