@@ -60,12 +60,14 @@ class Source(ctypes.Structure):
 
 
 def declare(lib: ctypes.CDLL) -> None:
-    """The argument types of ``sf_levels`` and ``sf_exact_levels`` (kernels/fused.c)."""
+    """The argument types of ``sf_levels``, ``sf_exact_levels`` and ``sf_pack_rows`` (kernels/fused.c)."""
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
     lib.sf_levels.argtypes = [i64, i64, i64, i64, i64, p, i64, p, p, i32, p, i64, i32, p, p, p]
     lib.sf_levels.restype = None
     lib.sf_exact_levels.argtypes = [i64, p, p, i64, i32, p, p, p, p]
     lib.sf_exact_levels.restype = None
+    lib.sf_pack_rows.argtypes = [p, i64, i64, i64, p, i64, p, p]
+    lib.sf_pack_rows.restype = None
 
 
 class _Coarse:
@@ -141,6 +143,21 @@ class LevelsSearch:
         ]
         self.pool = ThreadPoolExecutor(threads) if threads > 1 else None
         self.pending: list[Future] = []
+        # buffers kept for the whole search: per part, each coarse level's Nx (h, its native query cells, wpad);
+        # two sets of packed operands (_pack)
+        self.nx = [
+            [np.empty((c.h, (c.rows(a, b)[1] - c.rows(a, b)[0]) * c.w, self.wpad), np.float32) for c in self.coarse]
+            for a, b in self.parts
+        ]
+        self.buffers = [
+            (
+                np.empty(big_h * self.wpad * self.cf, np.float32),
+                np.empty(big_h * self.wpad, np.float32),
+                [np.empty((c.h, self.wpad, c.c), np.float32) for c in self.coarse],
+            )
+            for _ in range(2)
+        ]
+        self.turn = 0
 
     def add(self, levels: list[np.ndarray], norms: np.ndarray, base: int) -> None:
         """Offer one gallery image's cells (indices base..) to every query row's list; returns once the
@@ -167,14 +184,19 @@ class LevelsSearch:
         if [x.shape for x in levels] != shapes:
             raise ValueError(f"gallery image has levels {[x.shape for x in levels]}, expected {shapes}")
         fine = [x for x, f in zip(levels, self.fine) if f]
-        gf = np.zeros((big_h, wpad, cf), np.float32)
-        gf[:, :big_w] = fine[0] if len(fine) == 1 else np.concatenate(fine, axis=2)
-        panels = np.ascontiguousarray(gf.reshape(big_h, wpad // vw, vw, cf).transpose(0, 1, 3, 2))
-        pnorms = np.full((big_h, wpad), np.inf, np.float32)
-        pnorms[:, :big_w] = np.asarray(norms, np.float64).reshape(big_h, big_w)
-        gx = [  # (h, C, wpad): the level upsampled along x, channels first for Nx's product
-            np.ascontiguousarray(np.matmul(c.x_up, g).transpose(0, 2, 1))
-            for c, g in zip(self.coarse, (x for x, f in zip(levels, self.fine) if not f))
+        gf = np.ascontiguousarray(fine[0] if len(fine) == 1 else np.concatenate(fine, axis=2))
+        fine_norms = np.ascontiguousarray(norms, np.float32)
+        # two sets of buffers, taken in turn: one image packed while the kernel reads the other, and no fresh
+        # pages to fault in per image (WRN50x2: 1-2 ms an image)
+        self.turn ^= 1
+        panels, pnorms, gx_out = self.buffers[self.turn]
+        self.lib.sf_pack_rows(
+            gf.ctypes.data, big_h, big_w, cf, fine_norms.ctypes.data, wpad // vw, panels.ctypes.data, pnorms.ctypes.data
+        )
+        gx = [  # (h, C, wpad): the level upsampled along x, channels first for Nx's product (a view: BLAS
+            # reads the transpose in place, a copy cost 4 ms an image at WRN50x2's widths)
+            np.matmul(c.x_up, g, out=out).transpose(0, 2, 1)
+            for c, g, out in zip(self.coarse, (x for x, f in zip(levels, self.fine) if not f), gx_out)
         ]
         return panels, pnorms, gx
 
@@ -186,11 +208,10 @@ class LevelsSearch:
 
         def part() -> None:
             qy0, qy1 = self.parts[t]
-            held, descs = [], []
-            for c, g in zip(self.coarse, gx):
-                r0, r1 = c.rows(qy0, qy1)
-                nx = np.matmul(c.q[r0 * c.w : r1 * c.w], g)  # (h, native query cells, wpad): per y a block read whole
-                held.append(nx)
+            descs = []
+            for c, g, nx in zip(self.coarse, gx, self.nx[t]):
+                r0, _ = c.rows(qy0, qy1)
+                np.matmul(c.q[r0 * c.w : r0 * c.w + nx.shape[1]], g, out=nx)  # per y a block read whole
                 descs.append(c.level(nx, r0))
             arr = (Level * max(1, len(descs)))(*descs)
             lib.sf_levels(

@@ -67,6 +67,13 @@ void sf_pack(const float *g, int64_t n, int64_t d, int64_t ldg, const float *nor
     }
 }
 
+/* sf_pack for each of H grid rows of W cells: row Y's cells into its npr panels (sf_levels' layout) */
+void sf_pack_rows(const float *g, int64_t H, int64_t W, int64_t d, const float *norms, int64_t npr, float *panels,
+                  float *pnorms) {
+    for (int64_t y = 0; y < H; y++)
+        sf_pack(g + y * W * d, W, d, d, norms + y * W, npr, panels + y * npr * d * VW, pnorms + y * npr * VW);
+}
+
 /* d (< v[m-1]) into the sorted list v/ix/ex of m, after any equal value; its exact distance unset.
    ex NULL: a list without exact distances (always inlined, so that test is made once at compile time). */
 static inline __attribute__((always_inline)) void insert(float *v, int64_t *ix, float *ex, int32_t m, float d,
