@@ -467,7 +467,11 @@ class FusedScorer(NumpyScorer):
             run.close()
         top = run.result(view, kept, reach)
         clock.lap("set-up and merge")
-        self.stats = {"path": f"fused {self.level} levels", "seconds": clock.seconds}
+        self.stats = {
+            "path": f"fused {self.level} levels",
+            "native_x": [c.groups is not None for c in run.coarse],  # coarse levels multiplied at native x
+            "seconds": clock.seconds,
+        }
         return top
 
     def pyramid_screen(self) -> PixelScorer | None:

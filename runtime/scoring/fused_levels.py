@@ -42,9 +42,17 @@ class Level(ctypes.Structure):
         ("row0", ctypes.c_int64),
         ("rows", ctypes.c_int64),
         ("ld", ctypes.c_int64),
+        ("wn", ctypes.c_int64),
         ("nx", ctypes.c_void_p),
         *[(name, ctypes.c_void_p) for name in ("ya0", "ya1", "xb0", "xb1", "yw0", "yw1", "xw0", "xw1")],
+        *[(name, ctypes.c_void_p) for name in ("gbase", "gidx", "gw")],
     ]
+
+
+# coarse levels of at least this many channels take their products with the gallery at native x (the kernel
+# makes the x taps): WRN50x2's 512 and 1024 (the product 1/2 and 1/4 the size, 12% of a search on AVX2), not
+# Lite0's 40 and 112 (there the permutations cost more than the smaller product saves)
+NATIVE_X = 256
 
 
 class Source(ctypes.Structure):
@@ -71,10 +79,12 @@ def declare(lib: ctypes.CDLL) -> None:
 
 
 class _Coarse:
-    """A coarse level of the query: its native rows, its taps along both axes of the fine grid, and the
-    x upsampling (zero past the fine width) that makes a gallery map's Gx."""
+    """A coarse level of the query: its native rows, its taps along both axes of the fine grid, and how the
+    gallery side of its products is made: upsampled along x before the product (Gx, ``x_up``), or for wide
+    levels (:data:`NATIVE_X` channels and more) taken at native resolution, the kernel making the x taps
+    by lane permutations (``groups``): the product is then w / W of the size."""
 
-    def __init__(self, q: np.ndarray, grid: tuple[int, int], wpad: int):
+    def __init__(self, q: np.ndarray, grid: tuple[int, int], wpad: int, vw: int):
         big_h, big_w = grid
         self.h, self.w, self.c = q.shape
         self.q = np.ascontiguousarray(q, np.float32).reshape(self.h * self.w, self.c)
@@ -86,6 +96,8 @@ class _Coarse:
         self.x_up = np.zeros((wpad, self.w), np.float32)
         self.x_up[:big_w] = interp_matrix(big_w, self.w)
         self.wpad = wpad
+        self.groups = _groups(x0, x1, xw0, xw1, big_w, wpad, vw) if self.c >= NATIVE_X and self.w <= 256 else None
+        self.wn = self.w if self.groups is not None else wpad  # gallery columns of a product row
 
     def rows(self, qy0: int, qy1: int) -> tuple[int, int]:
         """The native query rows that fine rows [qy0, qy1) read."""
@@ -97,17 +109,45 @@ class _Coarse:
         r0, r1 = self.rows(qy0, qy1)
         return (r1 - r0 + 1) * self.w
 
+    def gallery_side(self, g: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+        """(h, C, columns) of a gallery map for the product: the map itself (native x), or upsampled along x
+        into ``out``; transposed views, which BLAS reads in place (a copy cost 4 ms an image at WRN50x2)."""
+        return (g if self.groups is not None else np.matmul(self.x_up, g, out=out)).transpose(0, 2, 1)
+
     def level(self, nx: np.ndarray, row0: int) -> Level:
         cells = nx.shape[1]
+        tables = [None, None, None] if self.groups is None else [a.ctypes.data for a in self.groups]
         return Level(
             self.h,
             self.w,
             row0,
             cells // self.w,
-            cells * self.wpad,
+            cells * self.wn,
+            self.wn,
             nx.ctypes.data,
             *[a.ctypes.data for a in self.taps],
+            *tables,
         )
+
+
+def _groups(x0, x1, xw0, xw1, big_w: int, wpad: int, vw: int) -> tuple[np.ndarray, ...] | None:
+    """Per group of ``vw`` fine columns: the first native column its taps read, each lane's two taps from
+    there, and their weights (zero past the fine width); None where a group's taps span more than ``vw``
+    native columns (a lane permutation reaches ``vw``)."""
+    groups = wpad // vw
+    base = np.zeros(groups, np.int32)
+    idx = np.zeros((groups, 2, vw), np.int32)
+    weight = np.zeros((groups, 2, vw), np.float32)
+    for g in range(groups):
+        cols = np.arange(g * vw, min((g + 1) * vw, big_w))
+        if not len(cols):
+            continue
+        base[g] = x0[cols].min()
+        idx[g, 0, : len(cols)], idx[g, 1, : len(cols)] = x0[cols] - base[g], x1[cols] - base[g]
+        weight[g, 0, : len(cols)], weight[g, 1, : len(cols)] = xw0[cols], xw1[cols]
+    if idx.max() >= vw:
+        return None
+    return base, idx.reshape(-1), weight.reshape(-1)
 
 
 class LevelsSearch:
@@ -125,7 +165,7 @@ class LevelsSearch:
             np.concatenate([x for x, f in zip(query, self.fine) if f], axis=2).reshape(big_h * big_w, -1)
         )
         self.cf = self.qf.shape[1]
-        self.coarse = [_Coarse(x, self.grid, self.wpad) for x, f in zip(query, self.fine) if not f]
+        self.coarse = [_Coarse(x, self.grid, self.wpad, step) for x, f in zip(query, self.fine) if not f]
         # each level's taps on the fine grid for the exact distances (sf_exact_levels), None at the fine grid
         coarse = iter(self.coarse)
         self.taps = [None if f else next(coarse).taps for f in self.fine]
@@ -146,14 +186,14 @@ class LevelsSearch:
         # buffers kept for the whole search: per part, each coarse level's Nx (h, its native query cells, wpad);
         # two sets of packed operands (_pack)
         self.nx = [
-            [np.empty((c.h, (c.rows(a, b)[1] - c.rows(a, b)[0]) * c.w, self.wpad), np.float32) for c in self.coarse]
+            [np.empty((c.h, (c.rows(a, b)[1] - c.rows(a, b)[0]) * c.w, c.wn), np.float32) for c in self.coarse]
             for a, b in self.parts
         ]
         self.buffers = [
             (
                 np.empty(big_h * self.wpad * self.cf, np.float32),
                 np.empty(big_h * self.wpad, np.float32),
-                [np.empty((c.h, self.wpad, c.c), np.float32) for c in self.coarse],
+                [None if c.groups is not None else np.empty((c.h, self.wpad, c.c), np.float32) for c in self.coarse],
             )
             for _ in range(2)
         ]
@@ -193,9 +233,8 @@ class LevelsSearch:
         self.lib.sf_pack_rows(
             gf.ctypes.data, big_h, big_w, cf, fine_norms.ctypes.data, wpad // vw, panels.ctypes.data, pnorms.ctypes.data
         )
-        gx = [  # (h, C, wpad): the level upsampled along x, channels first for Nx's product (a view: BLAS
-            # reads the transpose in place, a copy cost 4 ms an image at WRN50x2's widths)
-            np.matmul(c.x_up, g, out=out).transpose(0, 2, 1)
+        gx = [
+            c.gallery_side(g, out)
             for c, g, out in zip(self.coarse, (x for x, f in zip(levels, self.fine) if not f), gx_out)
         ]
         return panels, pnorms, gx

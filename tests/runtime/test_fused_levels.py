@@ -6,6 +6,7 @@ candidate's expanded distance; bad galleries are refused. (Which pyramids take i
 import numpy as np
 import pytest
 
+from spade_edge.runtime.resample import taps
 from spade_edge.runtime.scoring import fused, fused_levels, pyramid
 from spade_edge.runtime.scoring.base import GalleryPyramids, concat_upsampled
 from spade_edge.runtime.scoring.fused import Clock
@@ -20,8 +21,10 @@ PYRAMIDS = [
     ((9, 23), [(9, 23, 5), (5, 12, 7), (3, 6, 9)]),
     ((14, 10), [(14, 10, 8), (7, 5, 16), (4, 3, 12), (2, 2, 20)]),
     ((12, 12), [(12, 12, 6), (12, 12, 3), (6, 6, 10)]),
-    ((8, 20), [(8, 20, 4), (4, 20, 6)]),
+    ((8, 20), [(8, 20, 4), (4, 20, 6)]),  # SPAN: VW columns' taps reach VW + 1 native columns
+    ((20, 21), [(20, 21, 6), (10, 19, 5), (5, 17, 3)]),
 ]
+SPAN = 4
 
 
 def search(level, q, gal, grid, kappa, keep_norms=True):
@@ -37,7 +40,13 @@ def reference(q, gal, grid, kappa):
 @pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("case", range(len(PYRAMIDS)))
 @pytest.mark.parametrize("kappa", [1, 3, 20])
-def test_every_level_finds_the_float64_neighbours_of_the_upsampled_concatenation(level, case, kappa):
+@pytest.mark.parametrize("native_x", [1, 10**9], ids=["native-x", "gx"])
+def test_every_level_finds_the_float64_neighbours_of_the_upsampled_concatenation(
+    level, case, kappa, native_x, monkeypatch
+):
+    """Both ways of a coarse level's products: native x (the kernel's lane permutations make the gallery's
+    x taps; WRN50x2's wide levels) and the gallery upsampled along x first (Gx; narrow levels)."""
+    monkeypatch.setattr(fused_levels, "NATIVE_X", native_x)
     grid, shapes = PYRAMIDS[case]
     rng = np.random.default_rng(100 * case + kappa)
     q = [rng.normal(size=s).astype(np.float32) for s in shapes]
@@ -45,6 +54,13 @@ def test_every_level_finds_the_float64_neighbours_of_the_upsampled_concatenation
     s, top = search(level, q, gal, grid, kappa, keep_norms=case % 2 == 0)
     assert s.stats["path"] == f"fused {level} levels"
     ref_d, ref_i = reference(q, gal, grid, kappa)
+    vw = int(fused.kernel(level)[0].sf_width())
+    wpad = -(-grid[1] // vw) * vw
+    spans_fit = [fused_levels._groups(*taps(grid[1], x[1]), grid[1], wpad, vw) is not None for x in shapes[1:]]
+    coarse = [x[2] for x in shapes if x[:2] != grid]
+    assert s.stats["native_x"] == [c >= native_x and fit for c, fit in zip(coarse, spans_fit[-len(coarse) :])]
+    if case == SPAN:
+        assert not any(spans_fit)  # no lane permutation reaches the taps: Gx, whatever the channels
     np.testing.assert_array_equal(top.indices, ref_i)
     np.testing.assert_allclose(top.distances, ref_d, rtol=1e-5, atol=1e-5)
 

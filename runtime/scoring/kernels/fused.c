@@ -162,12 +162,35 @@ void sf_search(int64_t r0, int64_t r1, const float *q, int64_t d, const float *p
    level's register tiles: a few multiply-adds per pair and coarse level where the upsampled
    concatenation took C_l. */
 typedef struct {
-    int64_t h, w, row0, rows, ld; /* Nx: h blocks of ld = rows * w * wpad floats, one per gallery native row y,
-                                     each the native query cells of rows [row0, row0 + rows) by wpad */
+    int64_t h, w, row0, rows, ld; /* Nx: h blocks of ld = rows * w * wn floats, one per gallery native row y,
+                                     each the native query cells of rows [row0, row0 + rows) by wn */
+    int64_t wn;                   /* wpad: Nx's gallery side upsampled along x (Gx); w: native (N), the x taps
+                                     made in the Ng pass by the group tables below */
     const float *nx;
     const int32_t *ya0, *ya1, *xb0, *xb1; /* taps along the fine grid's y (H) and x (W) */
     const float *yw0, *yw1, *xw0, *xw1;
+    const int32_t *gbase, *gidx; /* native N: per group of VW fine columns, the first native column its taps
+                                    read, and its lanes' two taps from there (2 VW); all within VW columns */
+    const float *gw;             /* ... and their weights (2 VW) */
 } sf_level;
+
+/* v[base + idx[l]] for each lane l, idx < VW: one register permutation where the ISA has one */
+static inline vf gather_lanes(const float *v, const int32_t *idx) {
+    vf x = ld(v);
+#if VW == 16 && defined(__AVX512F__)
+    __m512i i;
+    memcpy(&i, idx, sizeof i);
+    return (vf)_mm512_permutexvar_ps(i, (__m512)x);
+#elif VW == 8 && defined(__AVX2__)
+    __m256i i;
+    memcpy(&i, idx, sizeof i);
+    return (vf)_mm256_permutevar8x32_ps((__m256)x, i);
+#else
+    vf r;
+    for (int l = 0; l < VW; l++) r[l] = x[idx[l]];
+    return r;
+#endif
+}
 
 /* offer() for lists without exact distances, the lanes that beat the list's last visited by their mask bits
    (a list's first block sends most lanes of a vector in) */
@@ -244,7 +267,22 @@ void sf_levels(int64_t qy0, int64_t qy1, int64_t H, int64_t W, int64_t wpad, con
             vf v0 = (vf){0} + L->yw0[Y], v1 = (vf){0} + L->yw1[Y];
             const float *n0 = L->nx + L->ya0[Y] * L->ld, *n1 = L->nx + L->ya1[Y] * L->ld;
             float *o = ng[l];
-            for (int64_t x = 0; x < L->ld; x += VW) st(o + x, v0 * ld(n0 + x) + v1 * ld(n1 + x));
+            if (L->wn == wpad) {
+                for (int64_t x = 0; x < L->ld; x += VW) st(o + x, v0 * ld(n0 + x) + v1 * ld(n1 + x));
+                continue;
+            }
+            /* native N: the y taps on a cell's w columns, then the gallery's x taps by lane permutations */
+            float yb[256 + VW] = {0}; /* w <= 256 (fused_levels.NATIVE_X) */
+            int64_t w = L->w, groups = wpad / VW;
+            for (int64_t c = 0; c < L->rows * w; c++, n0 += w, n1 += w, o += wpad) {
+                for (int64_t b = 0; b < w; b++) yb[b] = L->yw0[Y] * n0[b] + L->yw1[Y] * n1[b];
+                for (int64_t g = 0; g < groups; g++) {
+                    const float *from = yb + L->gbase[g];
+                    const int32_t *ix = L->gidx + 2 * VW * g;
+                    const float *wt = L->gw + 2 * VW * g;
+                    st(o + g * VW, ld(wt) * gather_lanes(from, ix) + ld(wt + VW) * gather_lanes(from, ix + VW));
+                }
+            }
         }
         for (int64_t qy = qy0; qy < qy1; qy++) {
             for (int32_t l = 0; l < nl; l++) { /* the query row's y taps */
