@@ -4,12 +4,13 @@ docs/speed.md, "The fused kernel at per-level cost").
 The concatenated, upsampled pyramid costs sum_l C_l multiply-adds per pair of fine cells (176 for
 EfficientNet-Lite0, 1792 for WRN50x2). Here only the fine level is multiplied per pair; a coarse level
 enters through Nx = Q_l G_l,x^T, its native query cells against its gallery map upsampled along x only
-(one BLAS product per gallery image and part of the query), and the kernel blends Nx's rows with both
-sides' y taps and the query's x taps into the block that starts the fine level's register tiles: about
-3 multiply-adds per pair and coarse level. Selection is sf_search's: each query row keeps
-:func:`.base.keep` (kappa) candidates by the expanded distance in place, the distance matrix is never
-written; the kept candidates that may belong (a rounding bound, as NumpyScorer's per-level path has)
-are re-computed exactly from the upsampled rows, and :func:`.base.merge` decides.
+(one BLAS product per gallery image and part of the query; wide levels at native x, the kernel making
+the gallery's x taps), and the kernel blends Nx's rows with both sides' y taps and the query's x taps
+into the block that starts the fine level's register tiles: about 3 multiply-adds per pair and coarse
+level. Selection is sf_search's: each query row keeps :func:`.base.keep` (kappa) candidates by the
+expanded distance in place, the distance matrix is never written; the kept candidates that may belong
+(:meth:`LevelsSearch.bound`) are re-computed exactly from both sides' native levels
+(``sf_exact_levels``), and :func:`.base.merge` decides.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from ..resample import interp_matrix, taps, upsample_map
 from ..threads import compute_threads
 from .base import Candidates, GalleryPyramids, TopK
 
-PARTS = 2  # parts of the fine rows per thread
+PARTS = 2  # parts of the fine rows per thread: a core held a while by another process leaves less undone
 
 
 READ, KERNEL, EXACT = (
