@@ -50,10 +50,10 @@ class Level(ctypes.Structure):
     ]
 
 
-# coarse levels of at least this many channels take their products with the gallery at native x (the kernel
-# makes the x taps): WRN50x2's 512 and 1024 (the product 1/2 and 1/4 the size, 12% of a search on AVX2), not
-# Lite0's 40 and 112 (there the permutations cost more than the smaller product saves)
-NATIVE_X = 256
+# coarse levels of at least this many channels take their products with the gallery at native x, the kernel
+# making the x taps (the product w / W the size: WRN50x2 on AVX2 0.37 -> 0.33 s CPU at K = 5; Lite0 on
+# AVX-512 K = 5 median 46.7-47.2 -> 40.0-43.4 ms, AVX2 level); tests set it past every level for Gx
+NATIVE_X = 1
 
 
 class Source(ctypes.Structure):
@@ -81,9 +81,9 @@ def declare(lib: ctypes.CDLL) -> None:
 
 class _Coarse:
     """A coarse level of the query: its native rows, its taps along both axes of the fine grid, and how the
-    gallery side of its products is made: upsampled along x before the product (Gx, ``x_up``), or for wide
-    levels (:data:`NATIVE_X` channels and more) taken at native resolution, the kernel making the x taps
-    by lane permutations (``groups``): the product is then w / W of the size."""
+    gallery side of its products is made: at native resolution, the kernel making the x taps by lane
+    permutations (``groups``; the product w / W of the size), or where a lane group's taps span more
+    than a permutation reaches, upsampled along x before the product (Gx, ``x_up``)."""
 
     def __init__(self, q: np.ndarray, grid: tuple[int, int], wpad: int, vw: int):
         big_h, big_w = grid
