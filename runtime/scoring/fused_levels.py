@@ -293,10 +293,9 @@ class LevelsSearch:
             native = np.sqrt(np.einsum("ij,ij->i", c.q, c.q, dtype=np.float64)).reshape(c.h, c.w)
             a_sq += upsample_map(native.astype(np.float32), *grid).astype(np.float64).ravel() ** 2
         safe = np.where(top.index >= 0, top.index, 0)
-        image, cell = np.divmod(safe, p)
-        g_sq = np.stack(kept).reshape(-1)[image * p + cell]
+        g_sq = np.concatenate(kept)[safe]  # kept: each image's p norms, in image order
         # 1 + 2^-20: the fp32 upsampling of the native norms, a convex blend, rounds them by far less
-        error = gamma * (g_sq + 2 * np.sqrt(a_sq)[:, None] * (1 + 2.0**-20) * reach[image])
+        error = gamma * (g_sq + 2 * np.sqrt(a_sq)[:, None] * (1 + 2.0**-20) * reach[safe // p])
         return error.astype(np.float32)
 
     def sources(self, levels: list[np.ndarray]) -> ctypes.Array:
@@ -312,19 +311,22 @@ class LevelsSearch:
         top, (_, big_w) = self.top, self.grid
         p = self.grid[0] * big_w
         out = np.full(top.index.shape, np.inf, np.float32)
-        rows, slots = np.nonzero(which)
-        image, cell = np.divmod(top.index[rows, slots], p)
+        flat = np.flatnonzero(which)
+        order = np.argsort(top.index.ravel()[flat], kind="stable")  # image by image
+        flat = flat[order]
+        rows = (flat // which.shape[1]).astype(np.int64)
+        image, cell = np.divmod(top.index.ravel()[flat], p)
+        cuts = np.flatnonzero(np.diff(image)) + 1
         work = np.empty(2 * max(x.shape[2] for x in self.query), np.float64)
-        for j in np.unique(image):
-            mine = np.flatnonzero(image == j)
-            r, c = np.ascontiguousarray(rows[mine], np.int64), np.ascontiguousarray(cell[mine], np.int64)
-            levels = [np.ascontiguousarray(x, np.float32) for x in view[int(j)]]
-            d = np.empty(len(mine), np.float32)
+        d = np.empty(len(flat), np.float32)
+        for a, b in zip(np.r_[0, cuts], np.r_[cuts, len(flat)]):
+            levels = [np.ascontiguousarray(x, np.float32) for x in view[int(image[a])]]
+            r, c = rows[a:b], np.ascontiguousarray(cell[a:b])
             self.lib.sf_exact_levels(
-                len(mine), r.ctypes.data, c.ctypes.data, big_w, len(levels), self.q_sources, self.sources(levels),
-                work.ctypes.data, d.ctypes.data,
+                b - a, r.ctypes.data, c.ctypes.data, big_w, len(levels), self.q_sources, self.sources(levels),
+                work.ctypes.data, d[a:].ctypes.data,
             )  # fmt: skip
-            out[rows[mine], slots[mine]] = d
+        out.ravel()[flat] = d
         return out
 
     def result(self, view: GalleryPyramids, kept: list[np.ndarray], reach: np.ndarray) -> TopK:
