@@ -78,6 +78,51 @@ void sf_pack_rows(const float *g, int64_t H, int64_t W, int64_t d, const float *
    ex NULL: a list without exact distances (always inlined, so that test is made once at compile time). */
 static inline __attribute__((always_inline)) void insert(float *v, int64_t *ix, float *ex, int32_t m, float d,
                                                          int64_t id) {
+#if VW == 16 && defined(__AVX512F__)
+    if (!ex && m == 16) { /* kappa = 1: the list in one register, moved up a lane past d: no branch per slot */
+        __m512 vv = _mm512_loadu_ps(v);
+        __mmask16 le = _mm512_cmp_ps_mask(vv, _mm512_set1_ps(d), _CMP_LE_OQ); /* a prefix: the list is sorted */
+        int pos = __builtin_popcount((unsigned)le);
+        __mmask16 after = (__mmask16)(0xFFFFu << (pos + 1)), at = (__mmask16)(1u << pos);
+        const __m512i up = _mm512_set_epi32(14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 0);
+        vv = _mm512_mask_mov_ps(vv, after, _mm512_permutexvar_ps(up, vv));
+        _mm512_storeu_ps(v, _mm512_mask_mov_ps(vv, at, _mm512_set1_ps(d)));
+        __m512i lo = _mm512_loadu_si512(ix), hi = _mm512_loadu_si512(ix + 8);
+        __m512i lo_up = _mm512_permutexvar_epi64(_mm512_set_epi64(6, 5, 4, 3, 2, 1, 0, 0), lo);
+        __m512i hi_up = _mm512_permutex2var_epi64(lo, _mm512_set_epi64(14, 13, 12, 11, 10, 9, 8, 7), hi);
+        __m512i idv = _mm512_set1_epi64(id);
+        lo = _mm512_mask_mov_epi64(_mm512_mask_mov_epi64(lo, (__mmask8)after, lo_up), (__mmask8)at, idv);
+        hi = _mm512_mask_mov_epi64(_mm512_mask_mov_epi64(hi, (__mmask8)(after >> 8), hi_up), (__mmask8)(at >> 8), idv);
+        _mm512_storeu_si512(ix, lo);
+        _mm512_storeu_si512(ix + 8, hi);
+        return;
+    }
+#elif VW == 8 && defined(__AVX2__)
+    if (!ex && m == 16) { /* the same in two registers of values and four of indices */
+        __m256 d8 = _mm256_set1_ps(d), v0 = _mm256_loadu_ps(v), v1 = _mm256_loadu_ps(v + 8);
+        int pos = __builtin_popcount((unsigned)_mm256_movemask_ps(_mm256_cmp_ps(v0, d8, _CMP_LE_OQ))) +
+                  __builtin_popcount((unsigned)_mm256_movemask_ps(_mm256_cmp_ps(v1, d8, _CMP_LE_OQ)));
+        const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), up = _mm256_setr_epi32(0, 0, 1, 2, 3, 4, 5, 6);
+        __m256i p = _mm256_set1_epi32(pos), p8 = _mm256_set1_epi32(pos - 8);
+        __m256 u0 = _mm256_permutevar8x32_ps(v0, up);
+        __m256 u1 = _mm256_blend_ps(_mm256_permutevar8x32_ps(v1, up), _mm256_permutevar8x32_ps(v0, _mm256_set1_epi32(7)), 1);
+        __m256 a0 = _mm256_castsi256_ps(_mm256_cmpgt_epi32(lane, p)), a1 = _mm256_castsi256_ps(_mm256_cmpgt_epi32(lane, p8));
+        __m256 e0 = _mm256_castsi256_ps(_mm256_cmpeq_epi32(lane, p)), e1 = _mm256_castsi256_ps(_mm256_cmpeq_epi32(lane, p8));
+        _mm256_storeu_ps(v, _mm256_blendv_ps(_mm256_blendv_ps(v0, u0, a0), d8, e0));
+        _mm256_storeu_ps(v + 8, _mm256_blendv_ps(_mm256_blendv_ps(v1, u1, a1), d8, e1));
+        __m256i idv = _mm256_set1_epi64x(id), carry = _mm256_set1_epi64x(0);
+        for (int q = 0; q < 4; q++) { /* four indices a register, each moved up a lane, the last carried over */
+            __m256i x = _mm256_loadu_si256((const __m256i *)(ix + 4 * q));
+            __m256i moved = _mm256_blend_epi32(_mm256_permute4x64_epi64(x, _MM_SHUFFLE(2, 1, 0, 0)), carry, 0x03);
+            carry = _mm256_permute4x64_epi64(x, _MM_SHUFFLE(3, 3, 3, 3));
+            __m256i slot = _mm256_setr_epi64x(4 * q, 4 * q + 1, 4 * q + 2, 4 * q + 3), at = _mm256_set1_epi64x(pos);
+            __m256i after = _mm256_cmpgt_epi64(slot, at), here = _mm256_cmpeq_epi64(slot, at);
+            x = _mm256_blendv_epi8(_mm256_blendv_epi8(x, moved, after), idv, here);
+            _mm256_storeu_si256((__m256i *)(ix + 4 * q), x);
+        }
+        return;
+    }
+#endif
     int32_t i = m - 1;
     while (i > 0 && v[i - 1] > d) {
         v[i] = v[i - 1];
