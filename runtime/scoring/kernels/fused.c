@@ -199,9 +199,10 @@ void sf_search(int64_t r0, int64_t r1, const float *q, int64_t d, const float *p
 
    sf_levels: query rows (qy, 0..W) of the fine grid, qy in [qy0, qy1), against one gallery image,
    without upsampling its coarse levels to the fine grid (runtime/scoring/fused_levels.py, docs/speed.md
-   "The fused kernel at per-level cost"). A coarse level enters through Nx, its native query cells'
-   products with the gallery's level upsampled along x only: Nx[y][(a, b)][X] = Q[a, b] . Gx[y, X].
-   For a gallery row Y, the gallery's y taps on Nx give Ng (once for every query row of the part); for a
+   "The fused kernel at per-level cost"). A coarse level enters through its native query cells' products
+   with the gallery's level at native resolution, N[y][(a, b)][x] = Q[a, b] . G[y, x] (or, where a lane
+   permutation cannot reach a group's x taps, upsampled along x first: Nx[y][(a, b)][X] = Q[a, b] . Gx[y, X]).
+   For a gallery row Y, the gallery's y taps (and x taps, from N) give Ng (once for every query row of the part); for a
    query row qy, the query's y taps on Ng give the level's block with the query still at native x;
    its x taps, summed over the levels, give the (W x wpad) block of <Uq, Ug> that starts the fine
    level's register tiles: a few multiply-adds per pair and coarse level where the upsampled
@@ -312,12 +313,12 @@ void sf_levels(int64_t qy0, int64_t qy1, int64_t H, int64_t W, int64_t wpad, con
             vf v0 = (vf){0} + L->yw0[Y], v1 = (vf){0} + L->yw1[Y];
             const float *n0 = L->nx + L->ya0[Y] * L->ld, *n1 = L->nx + L->ya1[Y] * L->ld;
             float *o = ng[l];
-            if (L->wn == wpad) {
+            if (!L->gbase) { /* Nx: the gallery's x taps are in it */
                 for (int64_t x = 0; x < L->ld; x += VW) st(o + x, v0 * ld(n0 + x) + v1 * ld(n1 + x));
                 continue;
             }
             /* native N: the y taps on a cell's w columns, then the gallery's x taps by lane permutations */
-            float yb[256 + VW] = {0}; /* w <= 256 (fused_levels.NATIVE_X) */
+            float yb[256 + VW] = {0}; /* w <= 256 (fused_levels._Coarse), and a permutation's reach past it */
             int64_t w = L->w, groups = wpad / VW;
             for (int64_t c = 0; c < L->rows * w; c++, n0 += w, n1 += w, o += wpad) {
                 for (int64_t b = 0; b < w; b++) yb[b] = L->yw0[Y] * n0[b] + L->yw1[Y] * n1[b];
