@@ -74,12 +74,14 @@ void sf_pack_rows(const float *g, int64_t H, int64_t W, int64_t d, const float *
         sf_pack(g + y * W * d, W, d, d, norms + y * W, npr, panels + y * npr * d * VW, pnorms + y * npr * VW);
 }
 
-/* d (< v[m-1]) into the sorted list v/ix/ex of m, after any equal value; its exact distance unset.
-   ex NULL: a list without exact distances (always inlined, so that test is made once at compile time). */
-static inline __attribute__((always_inline)) void insert(float *v, int64_t *ix, float *ex, int32_t m, float d,
-                                                         int64_t id) {
-#if VW == 16 && defined(__AVX512F__)
-    if (!ex && m == 16) { /* kappa = 1: the list in one register, moved up a lane past d: no branch per slot */
+#if (VW == 16 && defined(__AVX512F__)) || (VW == 8 && defined(__AVX2__))
+#define SF_INSERT16 1
+/* insert() into a list of 16 without exact distances (kappa = 1) in registers, no branch per slot. Not inlined:
+   its constants, held in registers across the fine tile's loop, cost the accumulators theirs (AVX2 has 16:
+   WRN50x2's 256 channels ran 0.72 -> 1.15 s at K = 20 with it inlined; on AVX-512 the same either way) */
+static __attribute__((noinline)) void insert16(float *v, int64_t *ix, float d, int64_t id) {
+#if VW == 16
+    { /* the list in one register, moved up a lane past d */
         __m512 vv = _mm512_loadu_ps(v);
         __mmask16 le = _mm512_cmp_ps_mask(vv, _mm512_set1_ps(d), _CMP_LE_OQ); /* a prefix: the list is sorted */
         int pos = __builtin_popcount((unsigned)le);
@@ -95,10 +97,9 @@ static inline __attribute__((always_inline)) void insert(float *v, int64_t *ix, 
         hi = _mm512_mask_mov_epi64(_mm512_mask_mov_epi64(hi, (__mmask8)(after >> 8), hi_up), (__mmask8)(at >> 8), idv);
         _mm512_storeu_si512(ix, lo);
         _mm512_storeu_si512(ix + 8, hi);
-        return;
     }
-#elif VW == 8 && defined(__AVX2__)
-    if (!ex && m == 16) { /* the same in two registers of values and four of indices */
+#else
+    { /* the same in two registers of values and four of indices */
         __m256 d8 = _mm256_set1_ps(d), v0 = _mm256_loadu_ps(v), v1 = _mm256_loadu_ps(v + 8);
         int pos = __builtin_popcount((unsigned)_mm256_movemask_ps(_mm256_cmp_ps(v0, d8, _CMP_LE_OQ))) +
                   __builtin_popcount((unsigned)_mm256_movemask_ps(_mm256_cmp_ps(v1, d8, _CMP_LE_OQ)));
@@ -120,6 +121,18 @@ static inline __attribute__((always_inline)) void insert(float *v, int64_t *ix, 
             x = _mm256_blendv_epi8(_mm256_blendv_epi8(x, moved, after), idv, here);
             _mm256_storeu_si256((__m256i *)(ix + 4 * q), x);
         }
+    }
+#endif
+}
+#endif
+
+/* d (< v[m-1]) into the sorted list v/ix/ex of m, after any equal value; its exact distance unset.
+   ex NULL: a list without exact distances (always inlined, so that test is made once at compile time). */
+static inline __attribute__((always_inline)) void insert(float *v, int64_t *ix, float *ex, int32_t m, float d,
+                                                         int64_t id) {
+#ifdef SF_INSERT16
+    if (!ex && m == 16) {
+        insert16(v, ix, d, id);
         return;
     }
 #endif
