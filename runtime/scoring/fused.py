@@ -445,7 +445,7 @@ class FusedScorer(NumpyScorer):
     def topk_levels(self, query, gallery, grid, kappa: int) -> TopK:
         """The concatenated pyramid at per-level cost inside this level's fused kernel (:mod:`.fused_levels`),
         whatever its width; ``query`` needs a level at the fine ``grid``. :meth:`topk_pyramid` takes it for
-        narrow pyramids."""
+        every pyramid but a wide one that the bf16 pyramid screen takes."""
         if kappa < 1:
             raise ValueError(f"kappa must be >= 1, got {kappa}")
         view = GalleryPyramids.of(gallery, grid)
