@@ -457,11 +457,11 @@ class FusedScorer(NumpyScorer):
         kept, reach = [], np.empty(len(view))
         try:
             for j in range(len(view)):
-                levels = view[j]
+                levels = [np.asarray(x, np.float32) for x in view[j]]  # decoded once, for the kernel and the bound
                 norms = np.asarray(view.sqnorms(j, levels), np.float64)
                 run.add(levels, norms, j * p)  # the next image is read and packed while this one's kernel runs
                 kept.append(norms)
-                reach[j] = pyramid.reach([np.asarray(x, np.float32) for x in levels])
+                reach[j] = pyramid.reach(levels)
             run.wait()
         finally:
             run.close()

@@ -34,6 +34,10 @@ READ, KERNEL, EXACT = (
 )
 
 
+# the taps on the fine grid, as _Coarse.taps holds them: sf_level and sf_source both carry them in this order
+TAP_FIELDS = [(name, ctypes.c_void_p) for name in ("ya0", "ya1", "xb0", "xb1", "yw0", "yw1", "xw0", "xw1")]
+
+
 class Level(ctypes.Structure):
     """kernels/fused.c's ``sf_level``: one coarse level's Nx rows and its taps on the fine grid."""
 
@@ -45,7 +49,7 @@ class Level(ctypes.Structure):
         ("ld", ctypes.c_int64),
         ("wn", ctypes.c_int64),
         ("nx", ctypes.c_void_p),
-        *[(name, ctypes.c_void_p) for name in ("ya0", "ya1", "xb0", "xb1", "yw0", "yw1", "xw0", "xw1")],
+        *TAP_FIELDS,
         *[(name, ctypes.c_void_p) for name in ("gbase", "gidx", "gw")],
     ]
 
@@ -64,7 +68,7 @@ class Source(ctypes.Structure):
         ("h", ctypes.c_int64),
         ("w", ctypes.c_int64),
         ("c", ctypes.c_int64),
-        *[(name, ctypes.c_void_p) for name in ("ya0", "ya1", "xb0", "xb1", "yw0", "yw1", "xw0", "xw1")],
+        *TAP_FIELDS,
     ]
 
 
